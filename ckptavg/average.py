@@ -1,0 +1,295 @@
+"""`average`: the library function behind `ckptavg average`; returns the report the CLI prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ckptavg import __version__
+from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.errors import OutputError, UsageError
+from ckptavg.formats.base import Checkpoint, FILES, dtype_name
+from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, shard_file_names, split_shards, write_index, write_text
+from ckptavg.merge.engine import Engine, ProgressFn
+from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
+from ckptavg.merge.weights import parse_weights
+from ckptavg.ordering import order_inputs
+from ckptavg.output import check_destination, copy_model_files, staged
+
+RECIPE_FILE = "ckptavg.json"
+
+
+@dataclass
+class InputSummary:
+    path: str
+    format: str
+    step: int | None
+    epoch: int | None
+    weight: float
+    tensors: int
+    bytes: int
+    notes: list[str]
+
+
+@dataclass
+class AverageReport:
+    """What `average` did (or, with dry_run, would do); `to_dict()` is the --json document."""
+
+    inputs: list[InputSummary]
+    order: str
+    strategy: str
+    output: str | None
+    output_files: list[str]
+    copied_files: list[str]
+    tensors: int
+    parameters: int
+    input_dtypes: dict[str, int]
+    output_dtypes: dict[str, int]
+    accumulate: dict[str, int]
+    copied_from_newest: list[str]
+    tied: list[list[str]]
+    device: str
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    dry_run: bool = False
+    notes: list[str] = field(default_factory=list)
+    version: str = __version__
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["gb_per_s"] = round(self.gb_per_s, 3)
+        return data
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    try:
+        size = int(float(number) * units[value[len(number):]])
+    except (ValueError, KeyError) as e:
+        raise UsageError(None, f"size {text!r} is not like 5GB, 500MB or 2GiB") from e
+    if size <= 0:
+        raise UsageError(None, f"size {text!r} must be positive")
+    return size
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(None, f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(None, f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(None, f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def average(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None,
+    *,
+    weights: str | None = None,
+    ema: float | None = None,
+    order: str = "auto",
+    dtype: str | None = None,
+    accum: str = "auto",
+    device: str = "auto",
+    max_shard_size: str | int = "5GB",
+    key: str | None = None,
+    use_ema: bool = False,
+    strip_prefixes: Sequence[str] = (),
+    overwrite: bool = False,
+    dry_run: bool = False,
+    on_progress: ProgressFn | None = None,
+    on_plan: Callable[[AverageReport], None] | None = None,
+) -> AverageReport:
+    """Average checkpoints into one inference-only model.
+
+    Args:
+        paths: checkpoint files or folders, in any layout ckptavg reads.
+        out: a folder (sharded safetensors + index + model files) or a `.safetensors` file; None only with dry_run.
+        weights: None or "uniform" (mean), "linear" (1..N), or "1,2,3".
+        ema: decay of an exponential moving average over the ordered inputs (instead of weights).
+        order: "auto" (by step, else epoch, else as given) or "given".
+        dtype: output dtype of floating tensors ("bf16", "fp16", "fp32"); None keeps the input's.
+        accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64".
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        max_shard_size: shard the output above this size ("5GB").
+        key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
+        overwrite: replace an existing output.
+        dry_run: build and check the plan, write nothing.
+        on_progress: called with (bytes read, bytes to read, tensor name) as the work advances.
+        on_plan: called with the report of the plan before data is read.
+
+    Returns:
+        The AverageReport.
+
+    Raises:
+        CkptavgError: bad inputs (InputError...), bad options (UsageError), unwritable output (OutputError).
+    """
+    started = time.perf_counter()
+    if not paths:
+        raise UsageError(None, "no inputs given")
+    out_path = Path(out) if out is not None else None
+    if out_path is None and not dry_run:
+        raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise UsageError(None, f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    if accum not in ("auto", "fp32", "fp64"):
+        raise UsageError(None, f"--accum-dtype {accum!r}: expected auto, fp32 or fp64")
+    if order not in ("auto", "given"):
+        raise UsageError(None, f"--order {order!r}: expected auto or given")
+    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    torch_device = choose_device(device)
+    notes: list[str] = []
+    input_paths = [Path(p) for p in paths]
+    if out_path is not None:
+        if any(_same_path(p, out_path) for p in input_paths):
+            if not overwrite:
+                raise OutputError(out_path, "is one of the inputs; pass --overwrite to replace it (it is then not read)")
+            input_paths = [p for p in input_paths if not _same_path(p, out_path)]
+            notes.append(f"{out_path} is the output, so it was not read as an input")
+            if not input_paths:
+                raise UsageError(None, "no inputs left once the output is set aside")
+        if out_path.exists() and not overwrite:
+            raise OutputError(out_path, "already exists; pass --overwrite to replace it")
+
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
+    try:
+        checkpoints = [open_checkpoint(p, options) for p in input_paths]
+        checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
+        notes.extend(order_notes)
+        plan = build_plan(checkpoints, parse_weights(weights, ema, len(checkpoints)), OUTPUT_DTYPES[dtype] if dtype else None, accum)
+        report = _report(plan, ordered_by, out_path, torch_device, notes)
+        report.dry_run = dry_run
+        if on_plan:
+            on_plan(report)
+        if dry_run:
+            report.seconds = time.perf_counter() - started
+            report.peak_rss_bytes = peak_rss()
+            return report
+        assert out_path is not None
+        newest_folder = checkpoints[-1].folder
+        single_file = out_path.suffix == ".safetensors"
+        check_destination(out_path, overwrite, plan.output_bytes)
+        with staged(out_path, overwrite, is_dir=not single_file) as tmp:
+            engine = Engine(plan, torch_device)
+            specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+            recipe = _recipe(report)
+            if single_file:
+                shards, files = [specs], [tmp]
+                metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
+                report.output_files = [out_path.name]
+            else:
+                shards = split_shards(specs, shard_bytes)
+                names = shard_file_names(len(shards))
+                files = [tmp / name for name in names]
+                metadata = {"format": "pt"}
+                report.output_files = list(names)
+            writer = SafetensorsWriter(files, shards, metadata)
+            try:
+                engine.run(writer, on_progress)
+                writer.finish()
+            finally:
+                writer.abort()
+            report.bytes_written = writer.bytes_written
+            if not single_file:
+                if len(shards) > 1:
+                    write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
+                    report.output_files.append("model.safetensors.index.json")
+                if newest_folder is not None:
+                    report.copied_files = copy_model_files(newest_folder, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
+                else:
+                    report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
+                write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+                report.output_files.append(RECIPE_FILE)
+        report.bytes_read = engine.bytes_read
+        report.seconds = time.perf_counter() - started
+        report.peak_rss_bytes = peak_rss()
+        return report
+    finally:
+        FILES.close()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _count_dtypes(dtypes: list[torch.dtype]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in dtypes:
+        counts[dtype_name(d)] = counts.get(dtype_name(d), 0) + 1
+    return counts
+
+
+def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device, notes: list[str]) -> AverageReport:
+    inputs = [
+        InputSummary(str(c.path), c.format, c.step, c.epoch, w, len(c.tensors), c.nbytes, list(c.notes))
+        for c, w in zip(plan.inputs, plan.weights.normalized)
+    ]
+    report = AverageReport(
+        inputs=inputs,
+        order=ordered_by,
+        strategy=plan.weights.strategy,
+        output=str(out) if out else None,
+        output_files=[],
+        copied_files=[],
+        tensors=len(plan.entries),
+        parameters=plan.parameters,
+        input_dtypes=_count_dtypes([e.input_dtype for e in plan.entries]),
+        output_dtypes=_count_dtypes([e.dtype for e in plan.entries]),
+        accumulate=_count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
+        copied_from_newest=plan.copied,
+        tied=[list(pair) for pair in plan.tied],
+        device=str(device),
+        notes=list(notes),
+    )
+    if plan.copied:
+        report.notes.append(f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}")
+    if plan.tied:
+        report.notes.append(f"{len(plan.tied)} tied tensor(s) computed once and written under both names: {plan.tied[0][0]} = {plan.tied[0][1]}")
+    return report
+
+
+def _recipe(report: AverageReport) -> dict:
+    return {
+        "tool": "ckptavg",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "strategy": report.strategy,
+        "order": report.order,
+        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format} for i in report.inputs],
+        "input_dtypes": report.input_dtypes,
+        "output_dtypes": report.output_dtypes,
+        "accumulate": report.accumulate,
+        "copied_from_newest": report.copied_from_newest,
+        "tied": report.tied,
+    }

@@ -1,0 +1,276 @@
+"""Open one input, whatever its layout, as a `Checkpoint`: tensor sources plus step, epoch and notes.
+
+Nothing here reads tensor data; headers, zip directories and pickle structure only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptavg.errors import InputError, UsageError
+from ckptavg.formats.base import Checkpoint, TensorSource
+from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.safetensors_io import read_safetensors
+from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is_tensor_dict
+from ckptavg.formats.unpickle import Opaque, TensorRef
+
+WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params", "weights")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model")
+STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "iter")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to find the weights inside an input.
+
+    Attributes:
+        key: top-level entry (or `a/b` path) of a pickle that holds the state dict.
+        use_ema: take the EMA weights the checkpoint carries instead of the raw ones.
+        strip_prefixes: name prefixes to remove, each at most once, in the order given.
+    """
+
+    key: str | None = None
+    use_ema: bool = False
+    strip_prefixes: tuple[str, ...] = ()
+
+
+def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoint:
+    """Describe one input (file or folder) without reading tensor data.
+
+    Raises:
+        InputError: missing, unreadable, corrupt, or no weights found.
+        UnsupportedError: a layout ckptavg recognises but does not merge.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    folder = None
+    notes: list[str] = []
+    if path.is_dir():
+        folder = path
+        weights_file = _weights_file_of_folder(path)
+    else:
+        weights_file = path
+        if (path.parent / "config.json").is_file():
+            folder = path.parent
+    if weights_file.name.endswith(".index.json"):
+        ckpt = _open_index(path, weights_file, options)
+    else:
+        ckpt = _open_file(path, weights_file, options)
+    ckpt.folder = folder
+    ckpt.notes[:0] = notes
+    if not ckpt.tensors:
+        raise InputError(path, "no tensors found")
+    refuse_quantized_names(path, list(ckpt.tensors))
+    ckpt.tensors = _strip_prefixes(path, ckpt.tensors, options.strip_prefixes)
+    _read_step(ckpt)
+    return ckpt
+
+
+def _weights_file_of_folder(folder: Path) -> Path:
+    refuse_unsupported_folder(folder)
+    candidates = weight_files_in(folder)
+    if not candidates:
+        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name))
+        if runs:
+            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/checkpoint-*")
+        raise InputError(folder, "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates[:4])
+        raise InputError(folder, f"several weight files ({names}); name the one to use")
+    return candidates[0]
+
+
+def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoint:
+    kind = sniff(weights_file)
+    notes = []
+    if kind == "safetensors":
+        if options.key or options.use_ema:
+            raise UsageError(path, "--key and --use-ema apply to PyTorch pickles; a safetensors file holds one flat set of tensors")
+        tensors, _metadata = read_safetensors(weights_file)
+        return Checkpoint(path=path, format="safetensors", tensors=tensors, files=[weights_file])
+    if weights_file.suffix == ".safetensors":
+        notes.append(f"{weights_file.name} is a PyTorch pickle despite its name (recognised by its bytes)")
+    pickle_file = PickleFile(weights_file)
+    if pickle_file.legacy:
+        notes.append("legacy (pre-zip) PyTorch format: read with seeks instead of the zip index")
+    refs, where, meta = _locate_weights(pickle_file, options)
+    skipped = sorted(name for name, value in refs.items() if not isinstance(value, TensorRef))
+    tensors = {name: pickle_file.source(ref, name) for name, ref in refs.items() if isinstance(ref, TensorRef)}
+    if skipped:
+        notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:3])})")
+    if where:
+        notes.append(f"weights from {where!r}")
+    ckpt = Checkpoint(
+        path=path,
+        format="torch-legacy" if pickle_file.legacy else "torch",
+        tensors=tensors,
+        files=[weights_file],
+        notes=notes,
+        top_level_keys=list(meta),
+        skipped=skipped,
+    )
+    ckpt.step, ckpt.epoch = _scalar_step(meta)
+    if ckpt.step is not None or ckpt.epoch is not None:
+        ckpt.step_source = "checkpoint"
+    return ckpt
+
+
+def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict, str | None, dict]:
+    """(name -> TensorRef or other value, where they were found, the top-level dict)."""
+    path, obj = pickle_file.path, pickle_file.obj
+    top = as_dict(obj)
+    if top is None:
+        raise InputError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
+    if options.key:
+        found = _at_key(top, options.key)
+        if found is None:
+            raise InputError(path, f"has no entry {options.key!r}; top-level keys: {_key_list(top)}")
+        if not is_tensor_dict(found):
+            raise InputError(path, f"entry {options.key!r} holds no tensors")
+        check_no_quantized(path, found)
+        return found, options.key, top
+    if options.use_ema:
+        for key, value in _ema_candidates(top):
+            check_no_quantized(path, value)
+            return _unwrap_averaged_model(value), key, top
+        raise InputError(path, f"carries no EMA weights (looked for {', '.join(EMA_KEYS)}); drop --use-ema or name the entry with --key")
+    for key in WEIGHT_KEYS:
+        value = as_dict(top.get(key))
+        if value is not None and is_tensor_dict(value):
+            check_no_quantized(path, value)
+            return value, key, top
+    if is_tensor_dict(top):
+        check_no_quantized(path, top)
+        return top, None, {}
+    for key in WEIGHT_KEYS:
+        if isinstance(top.get(key), Opaque):
+            raise InputError(path, f"entry {key!r} is a pickled {top[key]._global} object, not a state dict; save model.state_dict() instead")
+    raise InputError(path, f"no weights found: no state dict among the top-level keys {_key_list(top)}; choose one with --key")
+
+
+def _at_key(top: dict, key: str) -> Any:
+    if key in top:
+        return as_dict(top[key])
+    node: Any = top
+    for part in key.replace("/", ".").split("."):
+        node = as_dict(node)
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return as_dict(node)
+
+
+def _ema_candidates(top: dict):
+    for key in EMA_KEYS:
+        value = as_dict(top.get(key))
+        if value is not None and is_tensor_dict(value):
+            yield key, value
+    callbacks = as_dict(top.get("callbacks")) or {}
+    for name, state in callbacks.items():
+        state = as_dict(state) or {}
+        for key in EMA_KEYS:
+            value = as_dict(state.get(key))
+            if value is not None and is_tensor_dict(value):
+                yield f"callbacks/{name}/{key}", value
+
+
+def _unwrap_averaged_model(weights: dict) -> dict:
+    """torch.optim.swa_utils.AveragedModel saves `module.`-prefixed weights plus an `n_averaged` counter."""
+    names = [n for n in weights if n != "n_averaged"]
+    if "n_averaged" in weights and names and all(n.startswith("module.") for n in names):
+        return {n.removeprefix("module."): weights[n] for n in names}
+    return weights
+
+
+def _key_list(top: dict) -> str:
+    keys = [str(k) for k in top][:8]
+    return "[" + ", ".join(keys) + (", ...]" if len(top) > 8 else "]")
+
+
+def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoint:
+    try:
+        index = json.loads(index_file.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise InputError(index_file, "corrupt index: expected JSON with a weight_map of tensor name -> shard file") from e
+    folder = index_file.parent.resolve()
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    tensors: dict[str, TensorSource] = {}
+    files, notes, formats = [], [], set()
+    for shard, names in by_shard.items():
+        shard_path = (folder / shard).resolve()
+        if shard_path.parent != folder:
+            raise InputError(index_file, f"shard {shard!r} is outside the checkpoint folder")
+        if not shard_path.is_file():
+            raise InputError(index_file, f"shard {shard} is missing")
+        part = _open_file(shard_path, shard_path, options)
+        formats.add(part.format)
+        notes.extend(n for n in part.notes if n not in notes)
+        files.append(shard_path)
+        for name in names:
+            if name not in part.tensors:
+                raise InputError(shard_path, f"index lists tensor {name!r} but the shard does not hold it")
+            tensors[name] = part.tensors[name]
+    kind = "safetensors" if formats == {"safetensors"} else "torch"
+    return Checkpoint(path=path, format=f"{kind}-sharded", tensors=tensors, files=files, notes=notes)
+
+
+def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]) -> dict[str, TensorSource]:
+    if not prefixes:
+        return tensors
+    renamed: dict[str, TensorSource] = {}
+    for name, src in tensors.items():
+        new = name
+        for prefix in prefixes:
+            new = new.removeprefix(prefix)
+        if new in renamed:
+            raise InputError(path, f"stripping {', '.join(prefixes)} makes two tensors named {new!r}")
+        renamed[new] = src
+    return renamed
+
+
+def _scalar_step(meta: dict) -> tuple[int | None, int | None]:
+    step = next((meta[k] for k in STEP_KEYS if isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)), None)
+    if step is None:
+        history = meta.get("optimizer_history")
+        if isinstance(history, list) and history and isinstance(history[-1], dict):
+            step = history[-1].get("num_updates") if isinstance(history[-1].get("num_updates"), int) else None
+    epoch = meta.get("epoch")
+    return step, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+NAME_PATTERNS = (
+    (re.compile(r"^checkpoint-(\d+)$"), "step", "folder name"),
+    (re.compile(r"step=(\d+)"), "step", "file name"),
+    (re.compile(r"^checkpoint_\d+_(\d+)\."), "step", "file name"),
+    (re.compile(r"(?:global_step|step|iter)[_-]?(\d+)"), "step", "name"),
+    (re.compile(r"epoch=(\d+)"), "epoch", "file name"),
+    (re.compile(r"^checkpoint(\d+)\.pt$"), "epoch", "file name"),
+)
+
+
+def _read_step(ckpt: Checkpoint) -> None:
+    """Fill step/epoch from trainer_state.json, then the checkpoint itself, then its name."""
+    if ckpt.folder is not None and ckpt.path.is_dir():
+        state = ckpt.folder / "trainer_state.json"
+        if state.is_file():
+            try:
+                data = json.loads(state.read_text())
+                ckpt.step = int(data["global_step"])
+                ckpt.step_source = "trainer_state.json"
+            except (OSError, ValueError, KeyError, TypeError):
+                ckpt.notes.append("trainer_state.json is unreadable; step taken from the name")
+    name = ckpt.path.name
+    for pattern, field, source in NAME_PATTERNS:
+        match = pattern.search(name)
+        if match and getattr(ckpt, field) is None:
+            setattr(ckpt, field, int(match.group(1)))
+            ckpt.step_source = ckpt.step_source or source

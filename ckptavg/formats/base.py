@@ -1,0 +1,163 @@
+"""What every reader produces: tensors known by name, dtype and shape, whose bytes are read on demand."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptavg.errors import InputError
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed)."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def is_floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+class OpenFiles:
+    """One read-only descriptor per file, shared by every tensor that lives in it.
+
+    Reads use os.pread, so threads can read different tensors of one file at once.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+FILES = OpenFiles()
+
+
+def read_exact(path: Path, offset: int, out: memoryview) -> None:
+    """Fill `out` with the bytes of `path` from `offset`, or fail naming the file."""
+    fd = FILES.fd(path)
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise InputError(path, f"truncated: expected {len(out)} bytes at offset {offset + done}, file ends early")
+        done += n
+
+
+@dataclass
+class TensorSource:
+    """Where one tensor's bytes are on disk.
+
+    `offset` is the byte offset of element 0 in `path`. A tensor whose `stride` is not the contiguous one
+    (a view saved by torch.save) is read whole and made contiguous on first use.
+    """
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None = None
+    storage: str | None = None  # identity of the storage it lives in, to find tied tensors
+    _strided_cache: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        if self.stride is None or self.numel <= 1:
+            return True
+        return all(st == want for st, want, size in zip(self.stride, contiguous_strides(self.shape), self.shape) if size != 1)
+
+    @property
+    def alias_key(self) -> tuple | None:
+        """Two sources with the same key hold the same values (tied weights)."""
+        if self.storage is None:
+            return None
+        return (self.storage, self.offset, self.shape, self.stride, self.dtype)
+
+    def read_into(self, start: int, out: torch.Tensor) -> None:
+        """Copy bytes [start, start + out.numel()) of the contiguous tensor into the uint8 tensor `out`."""
+        if self.contiguous:
+            read_exact(self.path, self.offset + start, tensor_buffer(out))
+            return
+        if self._strided_cache is None:
+            self._strided_cache = self._read_strided()
+        flat = self._strided_cache.view(torch.uint8)
+        out.copy_(flat[start : start + out.numel()])
+
+    def release(self) -> None:
+        self._strided_cache = None
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor, contiguous, in memory (one tensor, never a checkpoint)."""
+        raw = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.read_into(0, raw)
+        self.release()
+        return raw.view(self.dtype).reshape(self.shape)
+
+    def _read_strided(self) -> torch.Tensor:
+        assert self.stride is not None
+        span = 1 + sum((size - 1) * st for size, st in zip(self.shape, self.stride))
+        raw = torch.empty(span * self.dtype.itemsize, dtype=torch.uint8)
+        read_exact(self.path, self.offset, tensor_buffer(raw))
+        view = raw.view(self.dtype).as_strided(self.shape, self.stride)
+        return view.contiguous().reshape(-1)
+
+
+@dataclass
+class Checkpoint:
+    """One input as the user named it: its tensors, where they are, and what else it says about itself."""
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorSource]
+    files: list[Path]
+    folder: Path | None = None
+    step: int | None = None
+    epoch: int | None = None
+    step_source: str | None = None
+    notes: list[str] = field(default_factory=list)
+    top_level_keys: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(src.nbytes for src in self.tensors.values())

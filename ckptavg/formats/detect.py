@@ -1,0 +1,84 @@
+"""Recognise a file by its bytes and a folder by what it holds; refuse known layouts we do not merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ckptavg.errors import InputError, UnsupportedError
+
+TRAINING_STATE_FILES = {
+    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state.pth",
+    "trainer_state.json", "custom_checkpoint_0.pkl",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+QUANTIZED_NAME_MARKERS = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map", ".quant_state", ".weight_format")
+
+
+def sniff(path: Path) -> str:
+    """'safetensors', 'zip' or 'pickle' from the first bytes; a clear error for anything else."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"GGUF":
+        raise UnsupportedError(path, "GGUF file (llama.cpp); ckptavg reads safetensors and PyTorch checkpoints")
+    if head[:6] == b"\x93NUMPY":
+        raise UnsupportedError(path, "NumPy .npy file; ckptavg reads safetensors and PyTorch checkpoints")
+    raise InputError(path, f"not a checkpoint ckptavg can read: starts with {head[:8]!r}, neither safetensors nor a PyTorch pickle")
+
+
+def refuse_unsupported_folder(folder: Path) -> None:
+    """DeepSpeed, torch.distributed.checkpoint and quantized models, each with what to do instead."""
+    children = {child.name for child in folder.iterdir()}
+    if any(name.startswith("global_step") and (folder / name).is_dir() for name in children) or (
+        "latest" in children and "zero_to_fp32.py" in children
+    ):
+        raise UnsupportedError(folder, "DeepSpeed ZeRO checkpoint (global_step*/); convert it first with the zero_to_fp32.py script saved beside it, then average the result")
+    if any(name.endswith(".distcp") for name in children) or any(n.startswith(("pytorch_model_fsdp_", "model_fsdp_")) for n in children):
+        raise UnsupportedError(folder, "torch.distributed.checkpoint / FSDP sharded state (*.distcp); convert it with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
+    if "mp_rank_00_model_states.pt" in children:
+        raise UnsupportedError(folder, "DeepSpeed model-parallel checkpoint (mp_rank_*_model_states.pt); convert it with DeepSpeed's zero_to_fp32.py first")
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            data = {}
+        quant = data.get("quantization_config") if isinstance(data, dict) else None
+        if quant:
+            method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+            raise UnsupportedError(folder, f"{method} quantized model (config.json has quantization_config); average the unquantized checkpoints, then quantize the result")
+
+
+def refuse_quantized_names(path: Path, names: list[str]) -> None:
+    hits = [n for n in names if n.endswith(QUANTIZED_NAME_MARKERS)]
+    if hits:
+        raise UnsupportedError(path, f"quantized weights ({hits[0]}); average the unquantized checkpoints, then quantize the result")
+
+
+def weight_files_in(folder: Path) -> list[Path]:
+    """Candidate weight files of a folder, best layout first; index files stand for their shards."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return [folder / index]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    if indexes:
+        return indexes
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.name not in TRAINING_STATE_FILES and not p.name.startswith("rng_state")
+    )

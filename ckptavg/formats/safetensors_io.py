@@ -1,0 +1,103 @@
+"""safetensors: the header is parsed and checked here, the data is read tensor by tensor with pread."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from ckptavg.errors import InputError
+from ckptavg.formats.base import TensorSource
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensor entries, metadata, offset of the data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(path, f"truncated: a safetensors file starts with an 8-byte header length, file has {size} bytes")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER:
+            raise InputError(path, f"corrupt safetensors header: header length {length} is implausible")
+        if 8 + length > size:
+            raise InputError(path, f"truncated: header needs {8 + length} bytes, file has {size}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"corrupt safetensors header: not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise InputError(path, "corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(path, "corrupt safetensors header: __metadata__ is not an object")
+    data_start = 8 + length
+    _check_entries(path, header, size - data_start)
+    return header, metadata, data_start
+
+
+def _check_entries(path: Path, header: dict, data_size: int) -> None:
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise InputError(path, f"tensor {name!r} has dtype {entry['dtype']}, which ckptavg does not handle") from e
+            raise InputError(path, f"corrupt safetensors header: bad entry for tensor {name!r}") from e
+        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize:
+            raise InputError(path, f"corrupt safetensors header: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}")
+        spans.append((begin, end, name))
+    spans.sort()
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise InputError(path, f"corrupt safetensors header: tensor {name!r} starts at byte {begin}, expected {position}")
+        position = end
+    if position > data_size:
+        raise InputError(path, f"truncated: header says {position} bytes of tensor data, file has {data_size}")
+    if position < data_size:
+        raise InputError(path, f"corrupt safetensors file: {data_size - position} bytes after the last tensor")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """Tensors of one safetensors file, in the order they are stored, and its metadata."""
+    header, metadata, data_start = read_header(path)
+    ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    tensors = {
+        name: TensorSource(
+            path=path,
+            offset=data_start + entry["data_offsets"][0],
+            dtype=SAFETENSORS_DTYPES[entry["dtype"]],
+            shape=tuple(int(d) for d in entry["shape"]),
+        )
+        for name, entry in ordered
+    }
+    return tensors, metadata

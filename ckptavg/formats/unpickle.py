@@ -1,0 +1,172 @@
+"""A restricted unpickler: reads the structure of a PyTorch pickle and runs nothing from it.
+
+torch's own rebuild functions are replaced by ones that record where each tensor's bytes are
+(`TensorRef`), and every other global the file names becomes an inert `Opaque` placeholder that
+records its arguments and is never called. So a Lightning or fairseq checkpoint (omegaconf configs,
+argparse Namespaces, numpy RNG state) still gives up its tensors, and a hostile pickle does nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import pickle
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+}
+SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "complex", "slice", "bytearray", "int", "float", "str", "bytes", "bool"}
+TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+@dataclass(frozen=True)
+class StorageType:
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage record of the file: `key` names its bytes, `nbytes` is what the pickle says it holds."""
+
+    key: str
+    dtype: torch.dtype
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    storage: StorageRef
+    offset: int  # in elements of dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class QuantizedTensorRef:
+    """A torch.quantization tensor: recognised so it can be refused with a clear message."""
+
+
+class Opaque:
+    """Stands in for any class or function the pickle names that is not a plain container or a tensor.
+
+    It records the arguments and state it is given; it never runs code from the file.
+    """
+
+    _global = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_opaque_args", args)
+        object.__setattr__(obj, "_opaque_state", None)
+        object.__setattr__(obj, "_opaque_items", {})
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        object.__setattr__(self, "_opaque_state", state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._opaque_items[key] = value
+
+    def append(self, value: Any) -> None:
+        self._opaque_items[len(self._opaque_items)] = value
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+    def __repr__(self) -> str:
+        return f"<{self._global}>"
+
+    def as_mapping(self) -> dict:
+        """What the object would have held as a dict: its items, else its attribute state."""
+        if self._opaque_items:
+            return dict(self._opaque_items)
+        state = self._opaque_state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = state[0]
+        return state if isinstance(state, dict) else {}
+
+
+_OPAQUE_TYPES: dict[str, type[Opaque]] = {}
+
+
+def _opaque(module: str, name: str) -> type[Opaque]:
+    qualname = f"{module}.{name}"
+    if qualname not in _OPAQUE_TYPES:
+        _OPAQUE_TYPES[qualname] = type(name.replace(".", "_") or "Opaque", (Opaque,), {"_global": qualname})
+    return _OPAQUE_TYPES[qualname]
+
+
+def _rebuild_tensor(storage: StorageRef, offset: int, size: tuple, stride: tuple, *_: Any) -> TensorRef:
+    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), storage.dtype)
+
+
+def _rebuild_tensor_v3(storage: StorageRef, offset: int, size: tuple, stride: tuple, requires_grad: Any, hooks: Any, dtype: torch.dtype, *_: Any) -> TensorRef:
+    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), dtype)
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+def _rebuild_from_type(func: Callable, new_type: Any, args: tuple, state: Any) -> Any:
+    # func was itself resolved by find_class, so it is one of ours or an Opaque type.
+    return func(*args)
+
+
+def _rebuild_qtensor(*_: Any) -> QuantizedTensorRef:
+    return QuantizedTensorRef()
+
+
+_TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): tuple,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's structure; `storage_ref(key, dtype, numel)` describes each storage."""
+
+    def __init__(self, file: BinaryIO, storage_ref: Callable[[str, torch.dtype, int], StorageRef]) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._storage_ref = storage_ref
+        self.opaque_globals: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TORCH_FUNCTIONS:
+            return _TORCH_FUNCTIONS[(module, name)]
+        if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
+            return StorageType(STORAGE_DTYPES[name])
+        if module in ("torch", "torch.storage") and name in ("UntypedStorage", "_UntypedStorage"):
+            return StorageType(torch.uint8)
+        if module == "torch" and name in TORCH_DTYPES:
+            return getattr(torch, name)
+        if module in ("builtins", "__builtin__") and name in SAFE_BUILTINS:
+            return getattr(builtins, name)
+        self.opaque_globals.add(f"{module}.{name}")
+        return _opaque(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:60]}")
+        storage_type, key, _location, numel = pid[1:5]
+        if len(pid) > 5 and pid[5] is not None:
+            raise pickle.UnpicklingError("storage views of the pre-2018 format are not supported")
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        return self._storage_ref(key, storage_type.dtype, int(numel))

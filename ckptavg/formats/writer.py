@@ -1,0 +1,179 @@
+"""A streaming safetensors writer: headers are computed from the plan, then tensor bytes are appended in order.
+
+Unlike safetensors.torch.save_file it never holds a shard in memory: memory is one chunk, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckptavg.formats.safetensors_io import SAFETENSORS_NAMES
+
+COPY_PIECE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def split_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy shards of at most max_shard_bytes; a tensor larger than that gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(count: int, stem: str = "model") -> list[str]:
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def encode_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class SafetensorsWriter:
+    """Writes `shards` (lists of TensorSpec) to `paths`, tensor by tensor in that order.
+
+    `write(data)` appends bytes of the current tensor; a tensor may arrive in several pieces.
+    `repeat(name)` writes again the bytes of a tensor already written (tied weights).
+    """
+
+    def __init__(self, paths: list[Path], shards: list[list[TensorSpec]], metadata: dict[str, str]) -> None:
+        assert len(paths) == len(shards)
+        self.paths = paths
+        self.shards = shards
+        self.metadata = metadata
+        self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
+        self._position = 0  # index into _queue of the tensor being written
+        self._written = 0  # bytes of it written so far
+        self._fd: int | None = None
+        self._shard = -1
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        self.bytes_written = 0
+
+    @property
+    def current(self) -> TensorSpec:
+        return self._queue[self._position][1]
+
+    def _open_shard(self, index: int) -> None:
+        self._close_shard()
+        self._shard = index
+        self._fd = os.open(self.paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        header = encode_header(self.shards[index], self.metadata)
+        self._write_all(memoryview(header))
+        self._data_start = len(header)
+        self._data_offset = 0
+
+    def _close_shard(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_all(self, data: memoryview) -> None:
+        assert self._fd is not None
+        while data:
+            n = os.write(self._fd, data)
+            data = data[n:]
+            self.bytes_written += n
+
+    def _advance_if_full(self) -> None:
+        while self._position < len(self._queue) and self._written == self.current.nbytes:
+            spec = self.current
+            self._where[spec.name] = (self.paths[self._shard], self._data_start + self._data_offset, spec.nbytes)
+            self._data_offset += spec.nbytes
+            self._position += 1
+            self._written = 0
+            if self._position < len(self._queue):
+                self._start_tensor()
+
+    def _start_tensor(self) -> None:
+        shard = self._queue[self._position][0]
+        if shard != self._shard:
+            self._open_shard(shard)
+
+    def write(self, data: memoryview) -> None:
+        if self._fd is None:
+            self._start_tensor()
+        self._advance_if_full()
+        if self._written + len(data) > self.current.nbytes:
+            raise AssertionError(f"{self.current.name}: more bytes than its shape holds")
+        self._write_all(data)
+        self._written += len(data)
+        self._advance_if_full()
+
+    def repeat(self, name: str) -> None:
+        """Write the bytes of `name`, already written, as the current tensor."""
+        path, offset, nbytes = self._where[name]
+        assert nbytes == self.current.nbytes
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                piece = os.pread(fd, min(COPY_PIECE, nbytes - done), offset + done)
+                self.write(memoryview(piece))
+                done += len(piece)
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        """Write zero-byte tensors still pending and empty shards, then fsync and close."""
+        if self._fd is None and self._queue:
+            self._start_tensor()
+        self._advance_if_full()
+        if self._position != len(self._queue):
+            raise AssertionError(f"writer stopped at {self.current.name}")
+        self._close_shard()
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_index(path: Path, shards: list[list[TensorSpec]], names: list[str], metadata: dict[str, object]) -> None:
+    weight_map = {spec.name: file for shard, file in zip(shards, names) for spec in shard}
+    total = sum(spec.nbytes for shard in shards for spec in shard)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    write_text(path, json.dumps(index, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

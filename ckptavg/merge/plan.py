@@ -1,0 +1,155 @@
+"""The plan: every output tensor, the input tensors it is made of and their weights.
+
+Built and checked from headers alone (names, shapes, dtypes), so a mismatch fails before any data is read.
+The plan is plain data, so it could be split across processes by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ckptavg.errors import MismatchError, UnsupportedError
+from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.merge.weights import Weights
+
+
+@dataclass
+class PlanEntry:
+    """One output tensor: sum(weights[i] * sources[i]) / divisor.
+
+    `weights` is None for tensors copied unchanged from the newest input (integers, bools);
+    `alias_of` names an earlier entry whose bytes this one repeats (tied weights).
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sources: list[TensorSource]
+    weights: list[float] | None
+    divisor: float = 1.0
+    accum_dtype: torch.dtype | None = None
+    alias_of: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.sources[0].numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.sources[0].dtype
+
+
+@dataclass
+class Plan:
+    inputs: list[Checkpoint]
+    weights: Weights
+    entries: list[PlanEntry] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def read_bytes(self) -> int:
+        total = 0
+        for e in self.entries:
+            if e.alias_of is not None:
+                continue
+            if e.weights is None:
+                total += e.sources[-1].nbytes
+            else:
+                total += sum(s.nbytes for s, w in zip(e.sources, e.weights) if w != 0)
+        return total
+
+    @property
+    def copied(self) -> list[str]:
+        return [e.name for e in self.entries if e.weights is None]
+
+    @property
+    def tied(self) -> list[tuple[str, str]]:
+        return [(e.name, e.alias_of) for e in self.entries if e.alias_of]
+
+    @property
+    def parameters(self) -> int:
+        return sum(e.numel for e in self.entries if e.alias_of is None)
+
+
+ACCUM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def accumulator_for(dtype: torch.dtype, accum: str) -> torch.dtype:
+    """`auto` keeps at least twice the input's precision: FP32 for 8/16-bit floats, FP64 for FP32/FP64."""
+    if accum == "auto":
+        return torch.float64 if dtype.itemsize >= 4 else torch.float32
+    return ACCUM_DTYPES[accum]
+
+
+def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
+    """Every input has the tensors of the first, with the same shapes and dtypes; else one line naming up to `limit`."""
+    reference = inputs[0]
+    for ckpt in inputs[1:]:
+        missing = [n for n in reference.tensors if n not in ckpt.tensors]
+        if missing:
+            raise MismatchError(ckpt.path, f"missing {len(missing)} tensor(s) that {reference.path} has: {_names(missing, limit)}")
+        extra = [n for n in ckpt.tensors if n not in reference.tensors]
+        if extra:
+            raise MismatchError(ckpt.path, f"has {len(extra)} tensor(s) that {reference.path} lacks: {_names(extra, limit)}")
+        problems = []
+        for name, ref in reference.tensors.items():
+            src = ckpt.tensors[name]
+            if src.shape != ref.shape:
+                problems.append((src.path, f"{name} has shape {list(src.shape)}, expected {list(ref.shape)}"))
+            elif src.dtype != ref.dtype:
+                problems.append((src.path, f"{name} is {dtype_name(src.dtype)}, expected {dtype_name(ref.dtype)}"))
+        if problems:
+            more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+            text = "; ".join(p for _, p in problems[:limit])
+            raise MismatchError(problems[0][0], f"{text}{more} (compared with {reference.path})")
+
+
+def _names(names: list[str], limit: int) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtype | None = None, accum: str = "auto") -> Plan:
+    """The output of averaging `inputs` (ordered oldest first) with `weights`."""
+    check_compatible(inputs)
+    plan = Plan(inputs=inputs, weights=weights)
+    primary_of: dict[tuple, str] = {}
+    aliases: dict[str, list[PlanEntry]] = {}
+    for name, ref in inputs[0].tensors.items():
+        if ref.dtype.is_complex:
+            raise UnsupportedError(inputs[0].path, f"tensor {name} is complex ({dtype_name(ref.dtype)}); ckptavg averages real tensors only")
+        sources = [ckpt.tensors[name] for ckpt in inputs]
+        floating = is_floating(ref.dtype)
+        entry = PlanEntry(
+            name=name,
+            dtype=(out_dtype or ref.dtype) if floating else ref.dtype,
+            shape=ref.shape,
+            sources=sources,
+            weights=list(weights.scales) if floating else None,
+            divisor=weights.divisor,
+            accum_dtype=accumulator_for(ref.dtype, accum) if floating else None,
+        )
+        keys = tuple(src.alias_key for src in sources)
+        if all(k is not None for k in keys) and keys in primary_of:
+            entry.alias_of = primary_of[keys]
+            aliases[entry.alias_of].append(entry)
+            continue
+        if all(k is not None for k in keys):
+            primary_of[keys] = name
+        aliases[name] = []
+        plan.entries.append(entry)
+    ordered = []
+    for entry in plan.entries:
+        ordered.append(entry)
+        ordered.extend(aliases[entry.name])
+    plan.entries = ordered
+    return plan
