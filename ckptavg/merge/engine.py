@@ -33,6 +33,8 @@ def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: 
     """
     n = out.numel()
     block = acc.numel()
+    # float8 does not promote in mixed-dtype arithmetic; it goes through a widened copy.
+    scratch = torch.empty_like(acc) if inputs[0].dtype.itemsize == 1 else None
     for start in range(0, n, block):
         stop = min(n, start + block)
         a = acc[: stop - start]
@@ -40,10 +42,19 @@ def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: 
         if weights[0] != 1:
             a.mul_(weights[0])
         for x, w in zip(inputs[1:], weights[1:]):
-            a.add_(x[start:stop], alpha=w)
+            if scratch is None:
+                a.add_(x[start:stop], alpha=w)
+            else:
+                widened = scratch[: stop - start]
+                widened.copy_(x[start:stop])
+                a.add_(widened, alpha=w)
         if divisor != 1:
             a.div_(divisor)
         out[start:stop].copy_(a)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t.float() if t.dtype.itemsize == 1 else t)
 
 
 @dataclass
@@ -167,14 +178,14 @@ class Engine:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             fold(views, [w for _, w in active], entry.divisor, self._accumulator(entry.accum_dtype, chunk.count), out)
-        if not bool(torch.isfinite(out).all()):
+        if not bool(_finite(out).all()):
             self._explain_nonfinite(chunk, views, active)
         writer.write(tensor_buffer(self._out[:out_bytes]))
 
     def _explain_nonfinite(self, chunk: Chunk, views: list[torch.Tensor], active: list[tuple[int, float]]) -> None:
         entry = chunk.entry
         for view, (i, _) in zip(views, active):
-            bad = ~torch.isfinite(view)
+            bad = ~_finite(view)
             if bool(bad.any()):
                 first = chunk.start + int(bad.nonzero()[0, 0])
                 value = float(view[first - chunk.start].float())

@@ -1,0 +1,158 @@
+"""Fixtures that build small real checkpoints in every layout ckptavg reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptavg.cli import main
+
+
+class AttributeDict(dict):
+    """Stands for Lightning's AttributeDict: a class outside torch's weights-only allowlist."""
+
+
+def make_state(seed: int, dtype: torch.dtype = torch.float32, tied: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "embed.weight": torch.randn(64, 48, generator=g).to(dtype),
+        "layer.0.weight": torch.randn(48, 48, generator=g).to(dtype),
+        "layer.0.bias": torch.randn(48, generator=g).to(dtype),
+        "norm.running_mean": torch.randn(48, generator=g).to(dtype),
+        "norm.num_batches_tracked": torch.tensor(100 * (seed + 1)),
+        "mask": torch.rand(7, generator=g) > 0.5,
+    }
+    if tied:
+        state["head.weight"] = state["embed.weight"]
+    return state
+
+
+def reference_average(states: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The independent float64 reference: sum_i w_i x_i in float64, rounded once to the input dtype."""
+    weights = weights or [1.0] * len(states)
+    total = sum(weights)
+    out = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            acc = sum(w * s[name].double() for w, s in zip(weights, states)) / total
+            out[name] = acc.to(first.dtype)
+        else:
+            out[name] = states[-1][name]
+    return out
+
+
+def save_layout(state: dict[str, torch.Tensor], root: Path, layout: str, step: int | None = None) -> Path:
+    """Write `state` as `layout`; returns the path a user would pass to ckptavg."""
+    root.mkdir(parents=True, exist_ok=True)
+    untied = {k: v.clone() for k, v in state.items()}
+    if layout == "safetensors":
+        save_file(untied, root / "model.safetensors", metadata={"format": "pt"})
+        return root / "model.safetensors"
+    if layout == "safetensors-folder":
+        save_file(untied, root / "model.safetensors", metadata={"format": "pt"})
+        return root
+    if layout in ("safetensors-sharded", "bin-sharded"):
+        names = list(untied)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        suffix = "safetensors" if layout == "safetensors-sharded" else "bin"
+        stem = "model" if suffix == "safetensors" else "pytorch_model"
+        weight_map = {}
+        for i, part in enumerate(halves, 1):
+            shard = f"{stem}-{i:05d}-of-00002.{suffix}"
+            piece = {n: untied[n] for n in part}
+            if suffix == "safetensors":
+                save_file(piece, root / shard, metadata={"format": "pt"})
+            else:
+                torch.save(piece, root / shard)
+            weight_map.update({n: shard for n in part})
+        (root / f"{stem}.{suffix}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return root
+    if layout == "bin":
+        torch.save(state, root / "pytorch_model.bin")
+        return root
+    if layout == "pt":
+        path = root / "model.pt"
+        torch.save({"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1}]}, "step": step}, path)
+        return path
+    if layout == "pt-legacy":
+        path = root / "model.pt"
+        torch.save({"model": state, "epoch": step}, path, _use_new_zipfile_serialization=False)
+        return path
+    if layout == "lightning":
+        path = root / f"epoch=0-step={step or 0}.ckpt"
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in state.items()},
+                "hyper_parameters": AttributeDict(lr=0.1, layers=2),
+                "global_step": step or 0,
+                "epoch": 0,
+                "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}}],
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.5)}},
+            },
+            path,
+        )
+        return path
+    if layout == "fairseq":
+        import numpy as np
+
+        path = root / f"checkpoint_1_{step or 0}.pt"
+        torch.save(
+            {"model": state, "args": argparse.Namespace(arch="tiny", lr=[0.1]), "extra_state": {"rng": np.random.RandomState(0).get_state()}},
+            path,
+            pickle_protocol=2,
+        )
+        return path
+    if layout == "hf-trainer":
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(untied, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "float32"}))
+        (folder / "tokenizer_config.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+        torch.save({"state": {}}, folder / "optimizer.pt")
+        torch.save({"last_epoch": 1}, folder / "scheduler.pt")
+        torch.save({"python": 1}, folder / "rng_state.pth")
+        torch.save({"lr": 1}, folder / "training_args.bin")
+        return folder
+    raise ValueError(layout)
+
+
+def read_output(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder or file, loaded with the safetensors library itself."""
+    from safetensors.torch import load_file
+
+    if path.is_file():
+        return load_file(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        out = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(path / shard))
+        return out
+    return load_file(path / "model.safetensors")
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `ckptavg ARGS...` in-process through the real entry point; returns exit code, stdout, stderr."""
+
+    def run(*args: object) -> CliResult:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
