@@ -9,7 +9,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from ckptavg import __version__
@@ -98,18 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("CKPTAVG_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=args, prog_name="ckptavg", standalone_mode=False)
+        code = app(args=args, prog_name="ckptavg", standalone_mode=False)
+        if code == EXIT_SIGINT:  # typer turns KeyboardInterrupt into this return value
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CkptavgError as e:
         if debug:
             traceback.print_exc()
         print_error(e.message)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except typer.TyperException as e:  # usage errors from the argument parser
         e.show()
-        sys.exit(e.exit_code if e.exit_code else EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(getattr(e, "exit_code", EXIT_USAGE) or EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
         print_error("interrupted by SIGINT; nothing was written")
         sys.exit(EXIT_SIGINT)
     except OSError as e:
