@@ -19,7 +19,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 # Pin whatever torch works now, so no dependency resolution can swap it for another build.
-TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
+TORCH_VERSION=$("$PY" -W ignore -c "import torch; print(torch.__version__)")
 CONSTRAINTS="$VENV/ckptavg-constraints.txt"
 echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
 TARGET="."
