@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from ckptavg import __version__
-from ckptavg.average import average as average_checkpoints
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted
 from ckptavg.render import ProgressBar, print_error, print_json, print_summary
 
@@ -34,14 +33,18 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the outpu
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         print(f"ckptavg {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Merge the checkpoints of a training run into one better model."""
 
 
 @app.command()
@@ -73,6 +76,8 @@ def average(
 
         ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o merged.safetensors --json
     """
+    from ckptavg.averaging import average as average_checkpoints
+
     progress = ProgressBar(enabled=not quiet)
     with progress.running():
         report = average_checkpoints(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ckptavg.average import AverageReport
+if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
+    from ckptavg.averaging import AverageReport
+    from ckptavg.merge.engine import Progress
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -38,12 +40,13 @@ class ProgressBar:
         self._progress: Progress | None = None
         self._task = None
 
-    def start(self, report: AverageReport) -> None:
+    def start(self, report: "AverageReport") -> None:
         if not self.enabled or report.dry_run:
             return
         self._progress = Progress(
             TextColumn("[bold]averaging[/] {task.fields[tensor]}", justify="left"),
             BarColumn(),
+            TextColumn("{task.fields[tensors]} tensors"),
             DownloadColumn(binary_units=False),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
@@ -51,11 +54,17 @@ class ProgressBar:
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task("average", total=None, tensor="")
+        self._task = self._progress.add_task("average", total=None, tensor="", tensors="0")
 
-    def update(self, done: int, total: int, tensor: str) -> None:
+    def update(self, progress: "Progress") -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total, tensor=tensor[-40:])
+            self._progress.update(
+                self._task,
+                completed=progress.bytes_done,
+                total=progress.bytes_total,
+                tensor=progress.tensor[-40:],
+                tensors=f"{progress.tensors_done}/{progress.tensors_total}",
+            )
 
     @contextmanager
     def running(self) -> Iterator["ProgressBar"]:
@@ -66,7 +75,7 @@ class ProgressBar:
                 self._progress.stop()
 
 
-def inputs_table(report: AverageReport) -> Table:
+def inputs_table(report: "AverageReport") -> Table:
     table = Table(title=f"inputs, ordered by {report.order}", title_justify="left", show_edge=False)
     for column in ("#", "input", "format", "step", "epoch", "weight"):
         table.add_column(column, justify="right" if column in ("#", "step", "epoch", "weight") else "left")
@@ -80,7 +89,7 @@ def inputs_table(report: AverageReport) -> Table:
     return table
 
 
-def print_summary(report: AverageReport) -> None:
+def print_summary(report: "AverageReport") -> None:
     stdout.print(inputs_table(report))
     dtypes = ", ".join(f"{k} x{v}" for k, v in report.output_dtypes.items())
     accumulate = ", ".join(f"{k} x{v}" for k, v in report.accumulate.items()) or "-"
@@ -100,7 +109,7 @@ def print_summary(report: AverageReport) -> None:
     )
 
 
-def _all_notes(report: AverageReport) -> list[str]:
+def _all_notes(report: "AverageReport") -> list[str]:
     notes = list(report.notes)
     for item in report.inputs:
         notes.extend(f"{item.path}: {n}" for n in item.notes)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,27 @@ class OpenFiles:
 
 
 FILES = OpenFiles()
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def map_bytes(path: Path, offset: int, length: int) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """A zero-copy uint8 view of `length` bytes of `path` from `offset`, and the mapping to close after use.
+
+    The mapping is populated at once (MAP_POPULATE), so the page-ins happen in the calling thread.
+    """
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8), None
+    fd = FILES.fd(path)
+    if offset + length > os.fstat(fd).st_size:
+        raise InputError(path, f"truncated: expected {length} bytes at offset {offset}, file ends early")
+    base = offset - offset % PAGE
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mapping = mmap.mmap(fd, length + offset - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    with warnings.catch_warnings():
+        # read-only on purpose: torch warns that it could write through such a buffer, and it never does
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=offset - base)
+    return view, mapping
 
 
 def read_exact(path: Path, offset: int, out: memoryview) -> None:
@@ -122,6 +145,15 @@ class TensorSource:
             self._strided_cache = self._read_strided()
         flat = self._strided_cache.view(torch.uint8)
         out.copy_(flat[start : start + out.numel()])
+
+    def view_range(self, start: int, length: int) -> tuple[torch.Tensor, mmap.mmap | None]:
+        """Bytes [start, start + length) of the contiguous tensor without copying: a file mapping, or a
+        slice of the materialised tensor for a strided source. Close the mapping once the view is dropped."""
+        if self.contiguous:
+            return map_bytes(self.path, self.offset + start, length)
+        if self._strided_cache is None:
+            self._strided_cache = self._read_strided()
+        return self._strided_cache.view(torch.uint8)[start : start + length], None
 
     def release(self) -> None:
         self._strided_cache = None

@@ -15,6 +15,7 @@ import torch
 from ckptavg.formats.safetensors_io import SAFETENSORS_NAMES
 
 COPY_PIECE = 16 * 1024 * 1024
+SYNC_EVERY = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class SafetensorsWriter:
         self._shard = -1
         self._where: dict[str, tuple[Path, int, int]] = {}
         self.bytes_written = 0
+        self._unsynced = 0
 
     @property
     def current(self) -> TensorSpec:
@@ -110,6 +112,12 @@ class SafetensorsWriter:
             n = os.write(self._fd, data)
             data = data[n:]
             self.bytes_written += n
+            self._unsynced += n
+        if self._unsynced >= SYNC_EVERY:
+            # Flushing as we go keeps the kernel's dirty pages few, so the final fsync is short and
+            # writes are not throttled in bursts.
+            os.fdatasync(self._fd)
+            self._unsynced = 0
 
     def _advance_if_full(self) -> None:
         while self._position < len(self._queue) and self._written == self.current.nbytes:

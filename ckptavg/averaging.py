@@ -146,7 +146,7 @@ def average(
         key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
-        on_progress: called with (bytes read, bytes to read, tensor name) as the work advances.
+        on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
 
     Returns:
@@ -179,8 +179,7 @@ def average(
             notes.append(f"{out_path} is the output, so it was not read as an input")
             if not input_paths:
                 raise UsageError(None, "no inputs left once the output is set aside")
-        if out_path.exists() and not overwrite:
-            raise OutputError(out_path, "already exists; pass --overwrite to replace it")
+        check_destination(out_path, overwrite, needed_bytes=0)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
