@@ -6,6 +6,8 @@ It writes N synthetic bf16 checkpoints of a Llama-shaped model (sharded safetens
 page cache, then measures:
   read floor   `cat` of every input file to /dev/null (the bytes read once)
   fold floor   folding N in-memory bf16 chunks into an FP32 accumulator with ckptavg's own cache-blocked fold
+  write        `dd conv=fsync` of as many bytes as the output has (what a durable output costs on this disk)
+  startup      `python -c "import torch"` (every torch-based tool pays it once)
   ckptavg      `ckptavg average` end to end (wall time and peak RSS from /usr/bin/time -v)
   naive        a load-everything-then-average script (safetensors load_file, FP32 sum, save_file)
   mergekit     `mergekit-yaml` linear merge of the same inputs, when --mergekit is given
@@ -159,7 +161,17 @@ def main() -> None:
     read_s, _ = timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
     fold_s = fold_floor(args.models, total)
     floor = max(read_s, fold_s)
-    rows = [("read floor (cat)", read_s, None), ("fold floor (FP32, in memory)", fold_s, None)]
+    output_bytes = total // args.models
+    scratch = args.dir / "dd.tmp"
+    write_s, _ = timed(["dd", "if=/dev/zero", f"of={scratch}", "bs=16M", f"count={max(1, output_bytes >> 24)}", "conv=fsync"])
+    scratch.unlink()
+    startup_s, _ = timed([sys.executable, "-c", "import torch"])
+    rows = [
+        ("read floor (cat)", read_s, None),
+        ("fold floor (FP32, in memory)", fold_s, None),
+        ("output write (dd conv=fsync)", write_s, None),
+        ("startup (import torch)", startup_s, None),
+    ]
 
     def run(label: str, cmd: list[str], out: Path) -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
