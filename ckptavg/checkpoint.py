@@ -49,7 +49,6 @@ def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpo
     if not path.exists():
         raise InputError(path, "no such file or folder")
     folder = None
-    notes: list[str] = []
     if path.is_dir():
         folder = path
         weights_file = _weights_file_of_folder(path)
@@ -62,7 +61,6 @@ def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpo
     else:
         ckpt = _open_file(path, weights_file, options)
     ckpt.folder = folder
-    ckpt.notes[:0] = notes
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
     refuse_quantized_names(path, list(ckpt.tensors))

@@ -15,8 +15,12 @@ if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
     from ckptavg.merge.engine import Progress
 
-stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Console:
+    # Piped output keeps whole paths on one line, so scripts can grep it; a terminal gets its own width.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 
 
 def human_bytes(n: float) -> str:
@@ -90,6 +94,7 @@ def inputs_table(report: "AverageReport") -> Table:
 
 
 def print_summary(report: "AverageReport") -> None:
+    stdout = _stdout()
     stdout.print(inputs_table(report))
     dtypes = ", ".join(f"{k} x{v}" for k, v in report.output_dtypes.items())
     accumulate = ", ".join(f"{k} x{v}" for k, v in report.accumulate.items()) or "-"

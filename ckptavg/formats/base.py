@@ -41,6 +41,18 @@ def is_floating(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+def _raise_open_file_limit() -> None:
+    """Hundreds of sharded inputs hold thousands of files open; lift the soft limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 class OpenFiles:
     """One read-only descriptor per file, shared by every tensor that lives in it.
 
@@ -50,6 +62,7 @@ class OpenFiles:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        _raise_open_file_limit()
 
     def fd(self, path: Path) -> int:
         with self._lock:

@@ -28,7 +28,7 @@ from ckptavg.merge.plan import Plan, PlanEntry
 
 CACHE_BLOCK_BYTES = 1 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
-MIN_BUFFER_BYTES = 1 << 20
+MIN_BUFFER_BYTES = 256 << 10
 MAX_BUFFER_BYTES = 64 << 20
 
 
