@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptavg.discover import StepInfo, merge_steps, read_trainer_state, steps_from_entries, steps_from_name
 from ckptavg.errors import InputError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
@@ -20,7 +21,6 @@ from ckptavg.formats.unpickle import Opaque, TensorRef
 
 WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params", "weights")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model")
-STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "iter")
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,8 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
         top_level_keys=list(meta),
         skipped=skipped,
     )
-    ckpt.step, ckpt.epoch = _scalar_step(meta)
-    if ckpt.step is not None or ckpt.epoch is not None:
-        ckpt.step_source = "checkpoint"
+    found = steps_from_entries(meta)
+    ckpt.step, ckpt.epoch, ckpt.step_source = found.step, found.epoch, found.source
     return ckpt
 
 
@@ -235,40 +234,18 @@ def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tupl
     return renamed
 
 
-def _scalar_step(meta: dict) -> tuple[int | None, int | None]:
-    step = next((meta[k] for k in STEP_KEYS if isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)), None)
-    if step is None:
-        history = meta.get("optimizer_history")
-        if isinstance(history, list) and history and isinstance(history[-1], dict):
-            step = history[-1].get("num_updates") if isinstance(history[-1].get("num_updates"), int) else None
-    epoch = meta.get("epoch")
-    return step, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
-
-
-NAME_PATTERNS = (
-    (re.compile(r"^checkpoint-(\d+)$"), "step", "folder name"),
-    (re.compile(r"step=(\d+)"), "step", "file name"),
-    (re.compile(r"^checkpoint_\d+_(\d+)\."), "step", "file name"),
-    (re.compile(r"(?:global_step|step|iter)[_-]?(\d+)"), "step", "name"),
-    (re.compile(r"epoch=(\d+)"), "epoch", "file name"),
-    (re.compile(r"^checkpoint(\d+)\.pt$"), "epoch", "file name"),
-)
-
-
 def _read_step(ckpt: Checkpoint) -> None:
-    """Fill step/epoch from trainer_state.json, then the checkpoint itself, then its name."""
-    if ckpt.folder is not None and ckpt.path.is_dir():
-        state = ckpt.folder / "trainer_state.json"
-        if state.is_file():
-            try:
-                data = json.loads(state.read_text())
-                ckpt.step = int(data["global_step"])
-                ckpt.step_source = "trainer_state.json"
-            except (OSError, ValueError, KeyError, TypeError):
-                ckpt.notes.append("trainer_state.json is unreadable; step taken from the name")
-    name = ckpt.path.name
-    for pattern, field, source in NAME_PATTERNS:
-        match = pattern.search(name)
-        if match and getattr(ckpt, field) is None:
-            setattr(ckpt, field, int(match.group(1)))
-            ckpt.step_source = ckpt.step_source or source
+    """Step and epoch: the folder name and trainer_state.json, then the checkpoint's entries, then its file name."""
+    found = [StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)]
+    if ckpt.path.is_dir():
+        state = read_trainer_state(ckpt.path)
+        found.insert(0, StepInfo(step=_trainer_step(state), source="trainer_state.json"))
+        found.insert(0, steps_from_name(ckpt.path.name))
+    found.append(steps_from_name(ckpt.path.name))
+    merged = merge_steps(*found)
+    ckpt.step, ckpt.epoch, ckpt.step_source = merged.step, merged.epoch, merged.source
+
+
+def _trainer_step(state: dict | None) -> int | None:
+    step = (state or {}).get("global_step")
+    return step if isinstance(step, int) else None
