@@ -196,23 +196,38 @@ def average(
             report.peak_rss_bytes = peak_rss()
             return report
         assert out_path is not None
-        newest_folder = checkpoints[-1].folder
-        single_file = out_path.suffix == ".safetensors"
         check_destination(out_path, overwrite, plan.output_bytes)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress)
+        report.seconds = time.perf_counter() - started
+        report.peak_rss_bytes = peak_rss()
+        return report
+    finally:
+        FILES.close()
+
+
+def _write_output(
+    plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
+    device: torch.device, dtype: str | None, on_progress: ProgressFn | None,
+) -> int:
+    """Run the plan into `out_path` (a folder or one .safetensors file), staged and renamed into place.
+
+    Fills the report's output and copied files and bytes written; returns the bytes read.
+    """
+    single_file = out_path.suffix == ".safetensors"
+    recipe = _recipe(report)
+    specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    try:
         with staged(out_path, overwrite, is_dir=not single_file) as tmp:
-            engine = Engine(plan, torch_device)
-            specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
-            recipe = _recipe(report)
             if single_file:
-                shards, files = [specs], [tmp]
+                shards, names, files = [specs], [out_path.name], [tmp]
                 metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
-                report.output_files = [out_path.name]
             else:
                 shards = split_shards(specs, shard_bytes)
                 names = shard_file_names(len(shards))
                 files = [tmp / name for name in names]
                 metadata = {"format": "pt"}
-                report.output_files = list(names)
+            report.output_files = list(names)
+            engine = Engine(plan, device)
             writer = SafetensorsWriter(files, shards, metadata)
             try:
                 engine.run(writer, on_progress)
@@ -220,22 +235,21 @@ def average(
             finally:
                 writer.abort()
             report.bytes_written = writer.bytes_written
-            if not single_file:
-                if len(shards) > 1:
-                    write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
-                    report.output_files.append("model.safetensors.index.json")
-                if newest_folder is not None:
-                    report.copied_files = copy_model_files(newest_folder, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
-                else:
-                    report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
-                write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
-                report.output_files.append(RECIPE_FILE)
-        report.bytes_read = engine.bytes_read
-        report.seconds = time.perf_counter() - started
-        report.peak_rss_bytes = peak_rss()
-        return report
-    finally:
-        FILES.close()
+            if single_file:
+                return engine.bytes_read
+            if len(shards) > 1:
+                write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
+                report.output_files.append("model.safetensors.index.json")
+            newest_folder = plan.inputs[-1].folder
+            if newest_folder is not None:
+                report.copied_files = copy_model_files(newest_folder, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
+            else:
+                report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
+            write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+            report.output_files.append(RECIPE_FILE)
+            return engine.bytes_read
+    except OSError as e:
+        raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
 def peak_rss() -> int:

@@ -82,7 +82,7 @@ class ProgressBar:
 def inputs_table(report: "AverageReport") -> Table:
     table = Table(title=f"inputs, ordered by {report.order}", title_justify="left", show_edge=False)
     for column in ("#", "input", "format", "step", "epoch", "weight"):
-        table.add_column(column, justify="right" if column in ("#", "step", "epoch", "weight") else "left")
+        table.add_column(column, justify="right" if column in ("#", "step", "epoch", "weight") else "left", overflow="fold")
     for i, item in enumerate(report.inputs, 1):
         table.add_row(
             str(i), item.path, item.format,

@@ -264,3 +264,14 @@ def test_small_staging_buffers_split_tensors_into_chunks(tmp_path):
     engine.run(writer)
     writer.finish()
     assert_exact(read_output(tmp_path / "o.safetensors"), reference_average(states))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_bit_for_bit(tmp_path, dtype):
+    states = [make_state(seed, dtype) for seed in range(4)]
+    paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
+    for weights, ema in [(None, None), (None, 0.8), ("0.1,0.2,0.3,0.4", None)]:
+        ckptavg.average(paths, tmp_path / "cpu", weights=weights, ema=ema, device="cpu", overwrite=True)
+        ckptavg.average(paths, tmp_path / "cuda", weights=weights, ema=ema, device="cuda", overwrite=True)
+        assert_exact(read_output(tmp_path / "cuda"), read_output(tmp_path / "cpu"))

@@ -218,3 +218,26 @@ def test_usage_errors_exit_2(cli, tmp_path, good):
     assert cli("average", *good).code == 2
     assert cli("average", *good, "-o", tmp_path / "out", "--bogus").code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_not_enough_space_is_refused_before_writing(cli, tmp_path, good, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    result = cli("average", *good, "-o", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, 3, "not enough free space")
+
+
+def test_a_failing_model_file_copy_fails_the_run(cli, tmp_path, monkeypatch):
+    import shutil
+
+    paths = [save_layout(make_state(s), tmp_path, "hf-trainer", step=s + 1) for s in range(2)]
+
+    def broken_copy(src, dst, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", broken_copy)
+    result = cli("average", *paths, "-o", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, 3, "No space left on device")

@@ -88,12 +88,15 @@ def map_bytes(path: Path, offset: int, length: int) -> tuple[torch.Tensor, mmap.
     """
     if length == 0:
         return torch.empty(0, dtype=torch.uint8), None
-    fd = FILES.fd(path)
-    if offset + length > os.fstat(fd).st_size:
-        raise InputError(path, f"truncated: expected {length} bytes at offset {offset}, file ends early")
     base = offset - offset % PAGE
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mapping = mmap.mmap(fd, length + offset - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    try:
+        fd = FILES.fd(path)
+        if offset + length > os.fstat(fd).st_size:
+            raise InputError(path, f"truncated: expected {length} bytes at offset {offset}, file ends early")
+        mapping = mmap.mmap(fd, length + offset - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from e
     with warnings.catch_warnings():
         # read-only on purpose: torch warns that it could write through such a buffer, and it never does
         warnings.simplefilter("ignore", UserWarning)
@@ -103,10 +106,12 @@ def map_bytes(path: Path, offset: int, length: int) -> tuple[torch.Tensor, mmap.
 
 def read_exact(path: Path, offset: int, out: memoryview) -> None:
     """Fill `out` with the bytes of `path` from `offset`, or fail naming the file."""
-    fd = FILES.fd(path)
     done = 0
     while done < len(out):
-        n = os.preadv(fd, [out[done:]], offset + done)
+        try:
+            n = os.preadv(FILES.fd(path), [out[done:]], offset + done)
+        except OSError as e:
+            raise InputError(path, f"cannot read: {e.strerror or e}") from e
         if n == 0:
             raise InputError(path, f"truncated: expected {len(out)} bytes at offset {offset + done}, file ends early")
         done += n

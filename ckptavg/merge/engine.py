@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ckptavg.errors import CkptavgError, NonFiniteError
+from ckptavg.errors import CkptavgError, NonFiniteError, OutputError
 from ckptavg.formats.base import dtype_name, tensor_buffer
 from ckptavg.formats.writer import SafetensorsWriter
 from ckptavg.merge.plan import Plan, PlanEntry
@@ -206,7 +206,9 @@ class Engine:
                         writer.repeat(payload)
                     else:
                         writer.write(tensor_buffer(payload[:nbytes]))
-            except BaseException as e:  # the main thread raises it at its next chunk
+            except OSError as e:  # the main thread raises it at its next chunk
+                self._write_error = OutputError(e.filename or writer.paths[0].parent, f"cannot write: {e.strerror or e}")
+            except BaseException as e:
                 self._write_error = e
             if kind == "data":
                 self._out_free.put(payload)
