@@ -16,10 +16,11 @@ from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.formats.base import Checkpoint, FILES, dtype_name
+from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, shard_file_names, split_shards, write_index, write_text
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
-from ckptavg.merge.weights import parse_weights
+from ckptavg.merge.weights import Weights, parse_weights
 from ckptavg.ordering import order_inputs
 from ckptavg.output import check_destination, copy_model_files, staged
 
@@ -56,6 +57,8 @@ class AverageReport:
     copied_from_newest: list[str]
     tied: list[list[str]]
     device: str
+    input_disk_bytes: int = 0
+    output_disk_bytes: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -128,8 +131,10 @@ def average(
     strip_prefixes: Sequence[str] = (),
     overwrite: bool = False,
     dry_run: bool = False,
+    out_format: str = "auto",
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
+    make_weights: Callable[[int], Weights] | None = None,
 ) -> AverageReport:
     """Average checkpoints into one inference-only model.
 
@@ -146,8 +151,11 @@ def average(
         key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
+        out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
+            "safetensors" or "pt" (a folder then holds pytorch_model.bin).
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
+        make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
 
     Returns:
         The AverageReport.
@@ -172,6 +180,7 @@ def average(
     notes: list[str] = []
     input_paths = [Path(p) for p in paths]
     if out_path is not None:
+        output_layout(out_path, out_format)
         if any(_same_path(p, out_path) for p in input_paths):
             if not overwrite:
                 raise OutputError(out_path, "is one of the inputs; pass --overwrite to replace it (it is then not read)")
@@ -186,7 +195,8 @@ def average(
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
-        plan = build_plan(checkpoints, parse_weights(weights, ema, len(checkpoints)), OUTPUT_DTYPES[dtype] if dtype else None, accum)
+        strategy = make_weights(len(checkpoints)) if make_weights else parse_weights(weights, ema, len(checkpoints))
+        plan = build_plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
         report.dry_run = dry_run
         if on_plan:
@@ -197,7 +207,8 @@ def average(
             return report
         assert out_path is not None
         check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format)
+        report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
         return report
@@ -205,30 +216,55 @@ def average(
         FILES.close()
 
 
+PT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
+    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder."""
+    if out_format not in ("auto", "safetensors", "pt"):
+        raise UsageError(None, f"--format {out_format!r}: expected safetensors or pt")
+    if out.suffix == ".safetensors":
+        if out_format == "pt":
+            raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")
+        return "safetensors", True
+    if out.suffix in PT_SUFFIXES:
+        if out_format == "safetensors":
+            raise UsageError(None, f"--format safetensors with an output named {out.name}; name it .safetensors")
+        return "pt", True
+    return ("safetensors" if out_format == "auto" else out_format), False
+
+
 def _write_output(
     plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
-    device: torch.device, dtype: str | None, on_progress: ProgressFn | None,
+    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto",
 ) -> int:
-    """Run the plan into `out_path` (a folder or one .safetensors file), staged and renamed into place.
+    """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
     Fills the report's output and copied files and bytes written; returns the bytes read.
     """
-    single_file = out_path.suffix == ".safetensors"
+    kind, single_file = output_layout(out_path, out_format)
     recipe = _recipe(report)
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    if kind == "pt" and (problem := check_pt_dtypes(specs)):
+        raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
     try:
         with staged(out_path, overwrite, is_dir=not single_file) as tmp:
-            if single_file:
-                shards, names, files = [specs], [out_path.name], [tmp]
+            writer: SafetensorsWriter | TorchWriter
+            if kind == "pt":
+                names = [out_path.name] if single_file else ["pytorch_model.bin"]
+                writer = TorchWriter(tmp if single_file else tmp / names[0], specs)
+                if not single_file and len(specs) and plan.output_bytes > shard_bytes:
+                    report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
+            elif single_file:
+                names = [out_path.name]
                 metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
+                writer = SafetensorsWriter([tmp], [specs], metadata)
             else:
                 shards = split_shards(specs, shard_bytes)
                 names = shard_file_names(len(shards))
-                files = [tmp / name for name in names]
-                metadata = {"format": "pt"}
+                writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"})
             report.output_files = list(names)
             engine = Engine(plan, device)
-            writer = SafetensorsWriter(files, shards, metadata)
             try:
                 engine.run(writer, on_progress)
                 writer.finish()
@@ -237,7 +273,7 @@ def _write_output(
             report.bytes_written = writer.bytes_written
             if single_file:
                 return engine.bytes_read
-            if len(shards) > 1:
+            if kind == "safetensors" and len(names) > 1:
                 write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
                 report.output_files.append("model.safetensors.index.json")
             newest_folder = plan.inputs[-1].folder
@@ -250,6 +286,13 @@ def _write_output(
             return engine.bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
+
+
+def disk_size(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def peak_rss() -> int:
@@ -284,6 +327,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         tied=[list(pair) for pair in plan.tied],
         device=str(device),
         notes=list(notes),
+        input_disk_bytes=sum(disk_size(c.path) for c in plan.inputs),
     )
     if plan.copied:
         report.notes.append(f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}")

@@ -111,6 +111,8 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
         notes=notes,
         top_level_keys=list(meta),
         skipped=skipped,
+        weights_key=where,
+        pickle=pickle_file,
     )
     found = steps_from_entries(meta)
     ckpt.step, ckpt.epoch, ckpt.step_source = found.step, found.epoch, found.source

@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from ckptavg import __version__
-from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted
-from ckptavg.render import ProgressBar, print_error, print_json, print_summary
+from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
+from ckptavg.render import ProgressBar, print_diff, print_error, print_export, print_inspect, print_json, print_selection, print_summary
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -90,6 +90,137 @@ def average(
         print_json(report.to_dict())
     elif not quiet:
         print_summary(report)
+
+
+@app.command()
+def select(
+    inputs: Annotated[list[Path], typer.Argument(help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt.", show_default=False)],
+    last: Annotated[Optional[int], typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="min: lower is better (losses); max: higher is better (accuracy).")] = "min",
+    every: Annotated[Optional[int], typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
+    min_step: Annotated[Optional[int], typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
+    max_step: Annotated[Optional[str], typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,
+    after_warmup: Annotated[Optional[float], typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5.")] = None,
+    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")] = False,
+    skip_spikes: Annotated[bool, typer.Option("--skip-spikes", help="Drop checkpoints whose metric jumps beyond median + k*MAD of its neighbours.")] = False,
+    spike_k: Annotated[float, typer.Option("--spike-k", help="k for --skip-spikes.")] = 3.0,
+    metrics_file: Annotated[Optional[Path], typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
+    invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen (never those without a step), e.g. for deletion.")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Print the checkpoints to average or keep, one path per line, in step order.
+
+    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). Checkpoints without a step are reported and never printed. Nothing is ever deleted by ckptavg.
+
+    Example:
+
+        ckptavg average $(ckptavg select runs/*/checkpoint-* --last 8) -o merged
+
+        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert | xargs rm -r
+    """
+    from ckptavg.errors import InputError
+    from ckptavg.selection import Policy, gather
+    from ckptavg.selection import select as choose
+    from ckptavg.summary import first_nonfinite
+
+    if max_step is not None and max_step != "best" and not max_step.isdigit():
+        raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
+    policy = Policy(
+        last=last, top_k=top_k, metric=metric, mode=mode, every=every, min_step=min_step,
+        max_step=int(max_step) if max_step and max_step.isdigit() else max_step, after_warmup=after_warmup,
+        skip_nonfinite=skip_nonfinite, skip_spikes=skip_spikes, spike_k=spike_k,
+    )
+    policy.check()
+    selection = choose(gather(inputs, metrics_file), policy, has_nonfinite=lambda c: first_nonfinite(Path(c.path)))
+    print_selection(selection, quiet or json_output)
+    if json_output:
+        print_json(selection.to_dict())
+    else:
+        for c in selection.not_chosen if invert else selection.chosen:
+            print(c.path)
+    if not selection.chosen and not invert:
+        raise InputError(None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored)")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A checkpoint file or folder.", show_default=False)],
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
+    pattern: Annotated[Optional[str], typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
+    diff: Annotated[Optional[Path], typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|.")] = None,
+    key: KeyOpt = None,
+    use_ema: UseEmaOpt = False,
+    strip_prefix: StripOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Show what a checkpoint holds: layout, tensors, dtypes, step, metrics and training state.
+
+    Reads headers and pickle structure only (nothing in a pickle is run); --check and --diff stream the tensors.
+
+    Example:
+
+        ckptavg inspect runs/checkpoint-1000 --json
+
+        ckptavg inspect epoch=3-step=400.ckpt --tensors --filter 'attn'
+
+        ckptavg inspect merged --diff runs/checkpoint-1000
+    """
+    from ckptavg.checkpoint import LoadOptions
+    from ckptavg.errors import InputError
+    from ckptavg.summary import diff_checkpoints, inspect_checkpoint
+
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefix or ()))
+    if diff is not None:
+        report = diff_checkpoints(path, diff, options, pattern)
+        print_json(report.to_dict()) if json_output else print_diff(report)
+        return
+    report = inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check)
+    print_json(report.to_dict()) if json_output else print_inspect(report)
+    if report.issues:
+        raise InputError(path, f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder, or a .safetensors / .pt file.")] = None,
+    dtype: DtypeOpt = None,
+    out_format: Annotated[str, typer.Option("--format", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
+    key: KeyOpt = None,
+    use_ema: UseEmaOpt = False,
+    strip_prefix: StripOpt = None,
+    max_shard_size: ShardOpt = "5GB",
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and print what would be written.")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Turn a training checkpoint into an inference-only model: the weights alone, no optimizer, scheduler, scaler, RNG or trainer state.
+
+    Example:
+
+        ckptavg export runs/checkpoint-1000 -o model --dtype bf16
+
+        ckptavg export last.ckpt --use-ema --strip-prefix model. -o model.safetensors
+    """
+    from ckptavg.export import export as export_checkpoint
+
+    progress = ProgressBar(enabled=not quiet)
+    with progress.running():
+        report = export_checkpoint(
+            checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
+            max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
+            on_progress=progress.update, on_plan=progress.start,
+        )
+    if json_output:
+        print_json(report.to_dict())
+    elif not quiet:
+        print_export(report)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

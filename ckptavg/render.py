@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -98,7 +99,10 @@ def print_summary(report: "AverageReport") -> None:
     stdout.print(inputs_table(report))
     dtypes = ", ".join(f"{k} x{v}" for k, v in report.output_dtypes.items())
     accumulate = ", ".join(f"{k} x{v}" for k, v in report.accumulate.items()) or "-"
-    stdout.print(f"strategy     {report.strategy} of {len(report.inputs)} checkpoints on {report.device}")
+    if report.strategy == "export":
+        stdout.print(f"strategy     export of the weights alone, on {report.device}")
+    else:
+        stdout.print(f"strategy     {report.strategy} of {len(report.inputs)} checkpoints on {report.device}")
     stdout.print(f"tensors      {report.tensors} ({report.parameters:,} parameters); output {dtypes}; accumulated in {accumulate}")
     for note in _all_notes(report):
         stdout.print(f"note         {note}")
@@ -123,3 +127,115 @@ def _all_notes(report: "AverageReport") -> list[str]:
 
 def print_error(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True) if stderr.is_terminal else sys.stderr.write(f"error: {message}\n")
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def metric_chart(steps: list[int], values: list[float | None], chosen: list[bool], width: int = 72) -> list[str]:
+    """Two lines: the metric over steps as a sparkline (lower bar = lower value), and ▲ under chosen ones."""
+    if len(steps) > width:
+        keep = [round(i * (len(steps) - 1) / (width - 1)) for i in range(width)]
+        steps, values, chosen = [steps[i] for i in keep], [values[i] for i in keep], [chosen[i] for i in keep]
+    known = [v for v in values if v is not None]
+    low, high = (min(known), max(known)) if known else (0.0, 0.0)
+    bars = []
+    for value, pick in zip(values, chosen):
+        if value is None:
+            char = "·"
+        else:
+            level = 0 if high == low else round((value - low) / (high - low) * (len(SPARK) - 1))
+            char = SPARK[level]
+        bars.append(f"[bold green]{char}[/]" if pick else f"[dim]{char}[/]")
+    marks = "".join("▲" if pick else " " for pick in chosen)
+    return ["".join(bars) + f"  [dim]{low:.4g} .. {high:.4g}[/]", f"[green]{marks}[/]  [dim]steps {steps[0]} .. {steps[-1]}[/]" if steps else ""]
+
+
+def print_selection(selection, quiet: bool) -> None:
+    """Table and chart on stderr when it is a terminal; notes for ignored candidates or missing metrics."""
+    metric = selection.policy.metric
+    if not quiet:
+        for c in selection.ignored:
+            stderr.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
+        missing = [c.path for c in selection.candidates if metric and c.ignored is None and c.metric(metric) is None]
+        if missing:
+            stderr.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
+    if quiet or not stderr.is_terminal:
+        return
+    table = Table(show_edge=False, title=f"{len(selection.chosen)} of {len(selection.candidates)} chosen", title_justify="left")
+    for column in ("step", "checkpoint", metric or "metric", "chosen", "why"):
+        table.add_column(column, justify="right" if column in ("step", metric) else "left", overflow="fold")
+    for c in selection.candidates:
+        value = c.metric(metric)
+        table.add_row(
+            "-" if c.step is None else str(c.step), c.path, "-" if value is None else f"{value:.5g}",
+            "[bold green]yes[/]" if c.chosen else "no", "; ".join(c.why) or (c.ignored or ""),
+        )
+    stderr.print(table)
+    ranked = [c for c in selection.candidates if c.ignored is None]
+    if metric and any(c.metric(metric) is not None for c in ranked):
+        for line in metric_chart([c.step for c in ranked], [c.metric(metric) for c in ranked], [c.chosen for c in ranked]):
+            stderr.print(line)
+
+
+def print_inspect(report) -> None:
+    out = _stdout()
+    out.print(f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), {human_bytes(sum(f['bytes'] for f in report.files))}")
+    out.print(f"tensors      {report.tensors} ({report.parameters:,} parameters, {human_bytes(report.tensor_bytes)})")
+    out.print("dtypes       " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report.bytes_by_dtype.items()))
+    out.print(f"step         {report.step if report.step is not None else '-'}   epoch {report.epoch if report.epoch is not None else '-'}")
+    if report.metrics:
+        out.print("metrics      " + ", ".join(f"{k}={v:.5g}" for k, v in report.metrics.items()), markup=False)
+    state = ", ".join(f"{k} {human_bytes(v)}" for k, v in report.training_state.items()) or "none (weights only)"
+    out.print(f"training     {state}")
+    if report.prefix:
+        wrapper = next((w for w in ("module.", "_orig_mod.", "model.") if report.prefix.startswith(w)), None)
+        hint = f"  (a training wrapper's: --strip-prefix {wrapper} removes it)" if wrapper else ""
+        out.print(f"prefix       {report.prefix}{hint}", markup=False)
+    if report.weights_key:
+        out.print(f"weights      under {report.weights_key!r}", markup=False)
+    if report.top_level_keys:
+        out.print("keys         " + ", ".join(report.top_level_keys), markup=False)
+    if report.opaque_globals:
+        out.print("not run      " + ", ".join(report.opaque_globals[:6]) + (" ..." if len(report.opaque_globals) > 6 else ""), markup=False)
+    for note in report.notes:
+        out.print(f"note         {note}", markup=False)
+    if report.tensor_list is not None:
+        table = Table(show_edge=False)
+        for column in ("name", "dtype", "shape", "bytes"):
+            table.add_column(column, justify="right" if column == "bytes" else "left", overflow="fold")
+        for t in report.tensor_list:
+            table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", human_bytes(t.bytes))
+        out.print(table)
+    if report.issues is not None:
+        if not report.issues:
+            out.print("check        every tensor is finite and none is all zeros")
+        for issue in report.issues:
+            problems = [f"{issue.nan} NaN" if issue.nan else "", f"{issue.inf} Inf" if issue.inf else "", "all zeros" if issue.all_zero else ""]
+            out.print(f"check        {issue.name}: {', '.join(p for p in problems if p)}", markup=False)
+
+
+def print_diff(report, limit: int = 20) -> None:
+    out = _stdout()
+    table = Table(show_edge=False, title=escape(f"{report.a}  vs  {report.b}"), title_justify="left")
+    for column in ("tensor", "L2", "relative", "cosine", "max |a-b|"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    for t in sorted(report.tensors, key=lambda t: -t.relative)[:limit]:
+        table.add_row(t.name, f"{t.l2:.4g}", f"{t.relative:.4g}", f"{t.cosine:.6f}", f"{t.max_abs:.4g}")
+    out.print(table)
+    if len(report.tensors) > limit:
+        out.print(f"[dim]{len(report.tensors) - limit} more tensors (--json lists all)[/]")
+    for label, names in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
+        if names:
+            out.print(f"{label}    {len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}", markup=False)
+    for item in report.shape_mismatch:
+        out.print(f"shape        {item['name']}: {item['a']} vs {item['b']}", markup=False)
+    verdict = "identical" if report.identical else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
+    out.print(f"summary      {len(report.tensors)} tensors compared: {verdict}")
+
+
+def print_export(report) -> None:
+    print_summary(report)
+    before, after = report.input_disk_bytes, report.output_disk_bytes
+    if not report.dry_run and before:
+        _stdout().print(f"size         {human_bytes(before)} -> {human_bytes(after)} ({(1 - after / before) * 100:.0f}% smaller)")

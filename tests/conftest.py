@@ -156,3 +156,26 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    from runs import hf_trainer_run
+
+    return hf_trainer_run(tmp_path_factory.mktemp("hf") / "run")
+
+
+@pytest.fixture(scope="session")
+def lightning_ckpts(tmp_path_factory):
+    pytest.importorskip("lightning")
+    from runs import lightning_run
+
+    return lightning_run(tmp_path_factory.mktemp("lightning") / "ckpts")
+
+
+@pytest.fixture(scope="session")
+def torch_run(tmp_path_factory):
+    from runs import plain_torch_run
+
+    return plain_torch_run(tmp_path_factory.mktemp("torch") / "run")

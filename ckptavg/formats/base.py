@@ -10,6 +10,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,6 +208,8 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     top_level_keys: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    weights_key: str | None = None  # where in a pickle the weights were found
+    pickle: Any = None  # the PickleFile of a single-file PyTorch checkpoint: its structure, never run
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,23 @@
+"""`export`: a training checkpoint made deployable, with the same engine and writer as `average`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckptavg.averaging import AverageReport, average
+from ckptavg.merge.weights import Weights
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike | None, **options: Any) -> AverageReport:
+    """Write the weights of one checkpoint as an inference-only model: no optimizer, scheduler, scaler, RNG
+    or trainer state; config and tokenizer files copied beside it.
+
+    Takes the options of `average` that apply to one input: dtype, key, use_ema, strip_prefixes,
+    max_shard_size, overwrite, out_format, device, dry_run, on_progress, on_plan. The weights pass through
+    the accumulator unchanged (scale 1), so without --dtype the output is bit for bit the checkpoint's.
+
+    Returns:
+        The report; `input_disk_bytes` and `output_disk_bytes` give the size before and after.
+    """
+    return average([path], out, order="given", make_weights=lambda n: Weights("export", [1.0] * n), **options)

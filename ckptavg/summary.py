@@ -1,0 +1,334 @@
+"""`inspect`: what a checkpoint holds, a streaming health check of its tensors, and a streaming diff of two."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.discover import read_trainer_state, trainer_state_metrics
+from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.torch_io import as_dict
+from ckptavg.formats.unpickle import Opaque, TensorRef
+
+CHUNK_BYTES = 32 << 20
+TRAINING_STATE = {
+    "optimizer": ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizer_state", "last_optimizer_state"),
+    "scheduler": ("scheduler", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "lr_scheduler_state_dict"),
+    "scaler": ("scaler", "grad_scaler", "amp", "scaler_state_dict", "MixedPrecision"),
+    "rng": ("rng_state", "rng", "rng_states", "random_state", "cuda_rng_state", "torch_rng_state", "numpy_rng_state"),
+    "ema": ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model"),
+}
+TRAINING_FILES = {
+    "optimizer": ("optimizer.pt", "optimizer.bin"),
+    "scheduler": ("scheduler.pt",),
+    "scaler": ("scaler.pt",),
+    "rng": ("rng_state.pth",),
+}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+    bytes: int
+
+
+@dataclass
+class TensorIssue:
+    name: str
+    nan: int = 0
+    inf: int = 0
+    all_zero: bool = False
+
+
+@dataclass
+class InspectReport:
+    """What `ckptavg inspect --json` prints; see the README for the schema."""
+
+    path: str
+    format: str
+    files: list[dict[str, Any]]
+    tensors: int
+    parameters: int
+    tensor_bytes: int
+    bytes_by_dtype: dict[str, int]
+    step: int | None
+    epoch: int | None
+    metrics: dict[str, float]
+    training_state: dict[str, int]
+    prefix: str
+    weights_key: str | None
+    top_level_keys: list[str]
+    opaque_globals: list[str]
+    notes: list[str]
+    tensor_list: list[TensorInfo] | None = None
+    issues: list[TensorIssue] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def common_prefix(names: Iterable[str]) -> str:
+    """The dotted prefix every name shares, e.g. `model.` or `module._orig_mod.`; empty when there is none."""
+    names = list(names)
+    if not names:
+        return ""
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return "".join(p + "." for p in prefix)
+
+
+def _tensor_bytes(value: Any, seen: set) -> int:
+    """Bytes of every tensor reachable from an unpickled value, each storage counted once."""
+    if isinstance(value, TensorRef):
+        key = (value.storage.key,)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.storage.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    if isinstance(value, Opaque):
+        return _tensor_bytes(value.as_mapping(), seen) + _tensor_bytes(list(value._opaque_args), seen)
+    return 0
+
+
+def training_state(ckpt: Checkpoint) -> dict[str, int]:
+    """Which training state the checkpoint carries besides the weights, and its size in bytes."""
+    found: dict[str, int] = {}
+    if ckpt.pickle is not None:
+        top = as_dict(ckpt.pickle.obj) or {}
+        for kind, keys in TRAINING_STATE.items():
+            for key in keys:
+                if key in top and key != ckpt.weights_key:
+                    found[kind] = found.get(kind, 0) + _tensor_bytes(top[key], set())
+        callbacks = as_dict(top.get("callbacks")) or {}
+        for name, state in callbacks.items():
+            if "ema" in str(name).lower():
+                found["ema"] = found.get("ema", 0) + _tensor_bytes(state, set())
+    if ckpt.path.is_dir():
+        for kind, names in TRAINING_FILES.items():
+            for name in names:
+                if (ckpt.path / name).is_file():
+                    found[kind] = found.get(kind, 0) + (ckpt.path / name).stat().st_size
+        rng = [p for p in ckpt.path.glob("rng_state*.pth") if p.name != "rng_state.pth"]
+        if rng:
+            found["rng"] = found.get("rng", 0) + sum(p.stat().st_size for p in rng)
+    return found
+
+
+def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), tensors: bool = False, pattern: str | None = None, check: bool = False) -> InspectReport:
+    """Describe a checkpoint from its headers; with check=True also stream every tensor for NaN/Inf/all-zero."""
+    try:
+        ckpt = open_checkpoint(Path(path), options)
+        by_dtype: dict[str, int] = {}
+        for src in ckpt.tensors.values():
+            by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
+        metrics: dict[str, float] = {}
+        state = read_trainer_state(ckpt.path) if ckpt.path.is_dir() else None
+        if state is not None:
+            metrics.update(trainer_state_metrics(state, ckpt.step))
+        if ckpt.pickle is not None:
+            from ckptavg.metrics import checkpoint_metrics
+
+            for key, value in checkpoint_metrics(ckpt.pickle)[0].items():
+                metrics.setdefault(key, value)
+        files = [{"path": str(f), "bytes": f.stat().st_size} for f in ckpt.files]
+        report = InspectReport(
+            path=str(ckpt.path),
+            format=ckpt.format,
+            files=files,
+            tensors=len(ckpt.tensors),
+            parameters=_parameters(ckpt),
+            tensor_bytes=ckpt.nbytes,
+            bytes_by_dtype=by_dtype,
+            step=ckpt.step,
+            epoch=ckpt.epoch,
+            metrics=metrics,
+            training_state=training_state(ckpt),
+            prefix=common_prefix(ckpt.tensors),
+            weights_key=ckpt.weights_key,
+            top_level_keys=[str(k) for k in ckpt.top_level_keys],
+            opaque_globals=list(ckpt.pickle.opaque_globals) if ckpt.pickle is not None else [],
+            notes=list(ckpt.notes),
+        )
+        if tensors:
+            regex = re.compile(pattern) if pattern else None
+            report.tensor_list = [
+                TensorInfo(name, dtype_name(src.dtype), list(src.shape), src.nbytes)
+                for name, src in ckpt.tensors.items()
+                if regex is None or regex.search(name)
+            ]
+        if check:
+            report.issues = check_tensors(ckpt)
+        return report
+    finally:
+        FILES.close()
+
+
+def _parameters(ckpt: Checkpoint) -> int:
+    seen, total = set(), 0
+    for src in ckpt.tensors.values():
+        key = src.alias_key
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        total += src.numel
+    return total
+
+
+def for_each_chunk(src: TensorSource, fn: Callable[[int, torch.Tensor], None], chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Call fn(first element, flat chunk) over the tensor, mapped from the file a chunk at a time."""
+    itemsize = src.dtype.itemsize
+    step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+    for start in range(0, src.nbytes, step):
+        view, mapping = src.view_range(start, min(step, src.nbytes - start))
+        try:
+            fn(start // itemsize, view.view(src.dtype))
+        finally:
+            del view
+            if mapping is not None:
+                mapping.close()
+    src.release()
+
+
+def check_tensors(ckpt: Checkpoint, stop_at_first: bool = False) -> list[TensorIssue]:
+    """NaN, Inf and all-zero tensors, streamed chunk by chunk."""
+    issues = []
+    for name, src in ckpt.tensors.items():
+        issue = TensorIssue(name)
+        nonzero = False
+
+        def visit(first: int, chunk: torch.Tensor) -> None:
+            nonlocal nonzero
+            values = chunk.float() if chunk.dtype.itemsize == 1 and is_floating(chunk.dtype) else chunk
+            if is_floating(chunk.dtype):
+                issue.nan += int(torch.isnan(values).sum())
+                issue.inf += int(torch.isinf(values).sum())
+            nonzero = nonzero or bool((values != 0).any())
+
+        for_each_chunk(src, visit)
+        issue.all_zero = src.numel > 0 and not nonzero
+        if issue.nan or issue.inf or issue.all_zero:
+            issues.append(issue)
+            if stop_at_first and (issue.nan or issue.inf):
+                break
+    return issues
+
+
+def first_nonfinite(path: Path, options: LoadOptions = LoadOptions()) -> str | None:
+    """The first tensor of a checkpoint holding NaN or Inf, described in a few words; None when all finite."""
+    try:
+        ckpt = open_checkpoint(path, options)
+        for issue in check_tensors(ckpt, stop_at_first=True):
+            if issue.nan or issue.inf:
+                return f"{issue.name} has {issue.nan} NaN and {issue.inf} Inf"
+        return None
+    finally:
+        FILES.close()
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    l2: float
+    relative: float
+    cosine: float
+    max_abs: float
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    tensors: list[TensorDiff]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    shape_mismatch: list[dict[str, Any]]
+    l2: float = 0.0
+    relative: float = 0.0
+    min_cosine: float = 1.0
+    max_abs: float = 0.0
+    identical: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOptions(), pattern: str | None = None) -> DiffReport:
+    """Per-tensor distance between two checkpoints, streamed; figures are computed in float64."""
+    try:
+        left, right = open_checkpoint(Path(a), options), open_checkpoint(Path(b), options)
+        regex = re.compile(pattern) if pattern else None
+        names = [n for n in left.tensors if regex is None or regex.search(n)]
+        report = DiffReport(
+            a=str(a), b=str(b), tensors=[],
+            only_in_a=[n for n in names if n not in right.tensors],
+            only_in_b=[n for n in right.tensors if n not in left.tensors and (regex is None or regex.search(n))],
+            shape_mismatch=[],
+        )
+        total_aa = total_dd = 0.0
+        for name in names:
+            if name not in right.tensors:
+                continue
+            sa, sb = left.tensors[name], right.tensors[name]
+            if sa.shape != sb.shape:
+                report.shape_mismatch.append({"name": name, "a": list(sa.shape), "b": list(sb.shape)})
+                continue
+            sums = _diff_sums(sa, sb)
+            aa, bb, ab, dd, max_abs = sums
+            total_aa += aa
+            total_dd += dd
+            cosine = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else (1.0 if aa == bb == 0 else 0.0)
+            report.tensors.append(TensorDiff(name, math.sqrt(dd), math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf), cosine, max_abs))
+        report.l2 = math.sqrt(total_dd)
+        report.relative = math.sqrt(total_dd / total_aa) if total_aa > 0 else 0.0
+        report.min_cosine = min((t.cosine for t in report.tensors), default=1.0)
+        report.max_abs = max((t.max_abs for t in report.tensors), default=0.0)
+        report.identical = total_dd == 0 and not (report.only_in_a or report.only_in_b or report.shape_mismatch)
+        return report
+    finally:
+        FILES.close()
+
+
+def _diff_sums(sa: TensorSource, sb: TensorSource) -> tuple[float, float, float, float, float]:
+    """(sum a^2, sum b^2, sum ab, sum (a-b)^2, max |a-b|) in float64, reading both tensors chunk by chunk."""
+    itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
+    per_chunk = max(1, (8 << 20) // itemsize)
+    totals = [0.0, 0.0, 0.0, 0.0, 0.0]
+    for first in range(0, sa.numel, per_chunk):
+        count = min(per_chunk, sa.numel - first)
+        parts = []
+        mappings = []
+        for src in (sa, sb):
+            view, mapping = src.view_range(first * src.dtype.itemsize, count * src.dtype.itemsize)
+            parts.append(view.view(src.dtype).double())
+            del view
+            if mapping is not None:
+                mappings.append(mapping)
+        x, y = parts
+        d = x - y
+        totals[0] += float(torch.dot(x, x))
+        totals[1] += float(torch.dot(y, y))
+        totals[2] += float(torch.dot(x, y))
+        totals[3] += float(torch.dot(d, d))
+        totals[4] = max(totals[4], float(d.abs().max()) if count else 0.0)
+        del parts, x, y, d
+        for mapping in mappings:
+            mapping.close()
+    sa.release()
+    sb.release()
+    return tuple(totals)  # type: ignore[return-value]
