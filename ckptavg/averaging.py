@@ -329,7 +329,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         notes=list(notes),
         input_disk_bytes=sum(disk_size(c.path) for c in plan.inputs),
     )
-    if plan.copied:
+    if plan.copied and plan.weights.strategy != "export":
         report.notes.append(f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}")
     if plan.tied:
         report.notes.append(f"{len(plan.tied)} tied tensor(s) computed once and written under both names: {plan.tied[0][0]} = {plan.tied[0][1]}")

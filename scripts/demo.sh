@@ -12,8 +12,11 @@ echo "== 1. train a tiny character-level model (about 15 s), saving checkpoint-N
 "$VENV/bin/python" scripts/make_examples.py train "$EXAMPLES/run"
 ls "$EXAMPLES/run"
 
-echo "== 2. plan the average of the last 4 checkpoints (nothing written)"
-LAST4=$(ls -d "$EXAMPLES"/run/checkpoint-* | sort -t- -k2 -n | tail -4)
+echo "== 2. select: the last 4 checkpoints, and the 3 best by eval_loss (metrics from trainer_state.json)"
+LAST4=$("$CKPTAVG" select "$EXAMPLES"/run/checkpoint-* --last 4)
+echo "$LAST4"
+"$CKPTAVG" select "$EXAMPLES"/run/checkpoint-* --metric eval_loss --top-k 3 --json \
+  | "$VENV/bin/python" -c "import json, sys; [print(c['step'], c['metrics'].get('eval_loss'), 'chosen' if c['chosen'] else '', '; '.join(c['why'])) for c in json.load(sys.stdin)['candidates']]"
 "$CKPTAVG" average $LAST4 -o "$EXAMPLES/merged" --dry-run
 
 echo "== 3. average them"
@@ -24,5 +27,14 @@ echo "== 4. an EMA over all checkpoints into one bf16 file, summary as JSON"
 "$CKPTAVG" average "$EXAMPLES"/run/checkpoint-* --ema 0.5 --dtype bf16 -o "$EXAMPLES/ema.safetensors" --json \
   | "$VENV/bin/python" -c "import json, sys; r = json.load(sys.stdin); print({k: r[k] for k in ('strategy', 'order', 'tensors', 'parameters', 'output_dtypes', 'bytes_written')})"
 
-echo "== 5. validation loss: the newest checkpoint against the averages"
-"$VENV/bin/python" scripts/make_examples.py eval $(echo "$LAST4" | tail -1) "$EXAMPLES/merged" "$EXAMPLES/ema.safetensors"
+echo "== 5. inspect the newest checkpoint, and how far the average moved from it"
+NEWEST=$(echo "$LAST4" | tail -1)
+"$CKPTAVG" inspect "$NEWEST"
+"$CKPTAVG" inspect "$EXAMPLES/merged" --check
+"$CKPTAVG" inspect "$NEWEST" --diff "$EXAMPLES/merged" | tail -4
+
+echo "== 6. export the newest training checkpoint as a bf16 model (optimizer and RNG state left behind)"
+"$CKPTAVG" export "$NEWEST" --dtype bf16 -o "$EXAMPLES/exported"
+
+echo "== 7. validation loss: the newest checkpoint against the averages"
+"$VENV/bin/python" scripts/make_examples.py eval "$NEWEST" "$EXAMPLES/merged" "$EXAMPLES/ema.safetensors" "$EXAMPLES/exported"
