@@ -40,6 +40,7 @@ class Candidate:
     chosen: bool = False
     why: list[str] = field(default_factory=list)
     ignored: str | None = None
+    trainer_best: bool = False  # trainer_state.json's best_model_checkpoint names it
 
     def metric(self, name: str | None) -> float | None:
         return self.metrics.get(name) if name else None
@@ -158,10 +159,23 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None) 
                 if key not in c.metrics:
                     c.metrics[key] = value
                     c.metric_sources[key] = f"best_k_models in {Path(other.path).name}"
+    _mark_trainer_best(candidates)
     for c in candidates:
         if c.ignored is None and c.step is None:
             c.ignored = "no step (name, trainer_state.json or checkpoint entries)"
     return candidates
+
+
+def _mark_trainer_best(candidates: list[Candidate]) -> None:
+    """The newest Trainer folder's trainer_state.json names the run's best checkpoint so far."""
+    folders = [c for c in candidates if c.step is not None and Path(c.path).is_dir()]
+    if not folders:
+        return
+    state = read_trainer_state(Path(max(folders, key=lambda c: c.step).path)) or {}
+    best = state.get("best_model_checkpoint")
+    if isinstance(best, str):
+        for c in folders:
+            c.trainer_best = Path(c.path).name == Path(best).name
 
 
 def _better(policy: Policy) -> Callable[[float], float]:

@@ -118,3 +118,13 @@ def test_bad_inputs(cli, tmp_path):
     assert cli("export", tmp_path / "f8.pt", "--format", "pt", "-o", tmp_path / "out.pt").code == 2
     assert cli("export", tmp_path / "c.pt", "--format", "pt", "-o", tmp_path / "out.safetensors").code == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", "."))]
+
+
+def test_use_ema_from_a_lightning_ema_callback_state(cli, tmp_path):
+    model = _Tiny()
+    ema = {k: v * 2 for k, v in model.state_dict().items()}
+    torch.save({"state_dict": model.state_dict(), "callbacks": {"EMA": {"decay": 0.999, "ema_state_dict": ema}}}, tmp_path / "last.ckpt")
+    result = cli("export", tmp_path / "last.ckpt", "--use-ema", "-o", tmp_path / "m.safetensors")
+    assert result.code == 0, result.err
+    out = read_output(tmp_path / "m.safetensors")
+    assert all(torch.equal(out[k], ema[k]) for k in ema)

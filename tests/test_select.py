@@ -197,3 +197,11 @@ def test_usage_errors(cli, tmp_path):
     nothing = cli("select", *paths, "--min-step", "100")
     assert nothing.code == 1 and nothing.err.startswith("error: no checkpoint chosen")
     assert cli("select", tmp_path / "missing").code == 1
+
+
+def test_trainer_best_model_checkpoint_is_marked(tmp_path):
+    paths = fake_run(tmp_path, [1, 2, 3], losses={1: 2.0, 2: 1.0, 3: 1.5})
+    state = json.loads((paths[-1] / "trainer_state.json").read_text())
+    state["best_model_checkpoint"] = f"/elsewhere/{paths[1].name}"
+    (paths[-1] / "trainer_state.json").write_text(json.dumps(state))
+    assert [c.trainer_best for c in gather(paths)] == [False, True, False]
