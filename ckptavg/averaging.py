@@ -6,16 +6,16 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import OutputError, UsageError
-from ckptavg.formats.base import Checkpoint, FILES, dtype_name
+from ckptavg.formats.base import FILES, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, shard_file_names, split_shards, write_index, write_text
 from ckptavg.merge.engine import Engine, ProgressFn

@@ -13,7 +13,16 @@ import typer
 
 from ckptavg import __version__
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
-from ckptavg.render import ProgressBar, print_diff, print_error, print_export, print_inspect, print_json, print_selection, print_summary
+from ckptavg.render import (
+    ProgressBar,
+    print_diff,
+    print_error,
+    print_export,
+    print_inspect,
+    print_json,
+    print_selection,
+    print_summary,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -24,10 +33,10 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]
-KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Entry of a PyTorch checkpoint that holds the weights, e.g. state_dict or model (a/b for nested).")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry of a PyTorch checkpoint that holds the weights, e.g. state_dict or model (a/b for nested).")]
 UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")]
-StripOpt = Annotated[Optional[list[str]], typer.Option("--strip-prefix", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
+StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
@@ -50,9 +59,9 @@ def _root(
 @app.command()
 def average(
     inputs: Annotated[list[Path], typer.Argument(help="Checkpoint files or folders (safetensors, sharded, .pt/.bin/.ckpt, checkpoint-N/).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (sharded safetensors + index + config/tokenizer), or a .safetensors file.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
-    ema: Annotated[Optional[float], typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder (sharded safetensors + index + config/tokenizer), or a .safetensors file.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
+    ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
     order: Annotated[str, typer.Option("--order", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
     dtype: DtypeOpt = None,
     accum_dtype: Annotated[str, typer.Option("--accum-dtype", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
@@ -95,18 +104,18 @@ def average(
 @app.command()
 def select(
     inputs: Annotated[list[Path], typer.Argument(help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt.", show_default=False)],
-    last: Annotated[Optional[int], typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
-    metric: Annotated[Optional[str], typer.Option("--metric", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
+    last: Annotated[int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="min: lower is better (losses); max: higher is better (accuracy).")] = "min",
-    every: Annotated[Optional[int], typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
-    min_step: Annotated[Optional[int], typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
-    max_step: Annotated[Optional[str], typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,
-    after_warmup: Annotated[Optional[float], typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5.")] = None,
+    every: Annotated[int | None, typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
+    min_step: Annotated[int | None, typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
+    max_step: Annotated[str | None, typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,
+    after_warmup: Annotated[float | None, typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5.")] = None,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")] = False,
     skip_spikes: Annotated[bool, typer.Option("--skip-spikes", help="Drop checkpoints whose metric jumps beyond median + k*MAD of its neighbours.")] = False,
     spike_k: Annotated[float, typer.Option("--spike-k", help="k for --skip-spikes.")] = 3.0,
-    metrics_file: Annotated[Optional[Path], typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
+    metrics_file: Annotated[Path | None, typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
     invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen (never those without a step), e.g. for deletion.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -149,9 +158,9 @@ def select(
 def inspect(
     path: Annotated[Path, typer.Argument(help="A checkpoint file or folder.", show_default=False)],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
-    pattern: Annotated[Optional[str], typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
+    pattern: Annotated[str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
-    diff: Annotated[Optional[Path], typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|.")] = None,
+    diff: Annotated[Path | None, typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|.")] = None,
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
@@ -187,7 +196,7 @@ def inspect(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder, or a .safetensors / .pt file.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder, or a .safetensors / .pt file.")] = None,
     dtype: DtypeOpt = None,
     out_format: Annotated[str, typer.Option("--format", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
     key: KeyOpt = None,

@@ -9,7 +9,6 @@ checkpoint (`metrics`, `best_metric`, Lightning's ModelCheckpoint state), or fro
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +170,3 @@ def load_metrics_file(path: Path) -> MetricsTable:
             raise InputError(path, "metrics file: a record has neither a step nor a path")
     return table
 
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -45,7 +46,7 @@ class ProgressBar:
         self._progress: Progress | None = None
         self._task = None
 
-    def start(self, report: "AverageReport") -> None:
+    def start(self, report: AverageReport) -> None:
         if not self.enabled or report.dry_run:
             return
         self._progress = Progress(
@@ -61,7 +62,7 @@ class ProgressBar:
         self._progress.start()
         self._task = self._progress.add_task("average", total=None, tensor="", tensors="0")
 
-    def update(self, progress: "Progress") -> None:
+    def update(self, progress: Progress) -> None:
         if self._progress is not None:
             self._progress.update(
                 self._task,
@@ -72,7 +73,7 @@ class ProgressBar:
             )
 
     @contextmanager
-    def running(self) -> Iterator["ProgressBar"]:
+    def running(self) -> Iterator[ProgressBar]:
         try:
             yield self
         finally:
@@ -80,7 +81,7 @@ class ProgressBar:
                 self._progress.stop()
 
 
-def inputs_table(report: "AverageReport") -> Table:
+def inputs_table(report: AverageReport) -> Table:
     table = Table(title=f"inputs, ordered by {report.order}", title_justify="left", show_edge=False)
     for column in ("#", "input", "format", "step", "epoch", "weight"):
         table.add_column(column, justify="right" if column in ("#", "step", "epoch", "weight") else "left", overflow="fold")
@@ -94,7 +95,7 @@ def inputs_table(report: "AverageReport") -> Table:
     return table
 
 
-def print_summary(report: "AverageReport") -> None:
+def print_summary(report: AverageReport) -> None:
     stdout = _stdout()
     stdout.print(inputs_table(report))
     dtypes = ", ".join(f"{k} x{v}" for k, v in report.output_dtypes.items())
@@ -118,7 +119,7 @@ def print_summary(report: "AverageReport") -> None:
     )
 
 
-def _all_notes(report: "AverageReport") -> list[str]:
+def _all_notes(report: AverageReport) -> list[str]:
     notes = list(report.notes)
     for item in report.inputs:
         notes.extend(f"{item.path}: {n}" for n in item.notes)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ckptavg.discover import (
     MetricsTable,
@@ -150,8 +150,13 @@ def describe(path: Path, table: MetricsTable | None = None) -> tuple[Candidate, 
 
 def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None) -> list[Candidate]:
     """Describe every path; fill metrics that one checkpoint records for another (Lightning best_k_models)."""
+    from ckptavg.formats.base import FILES
+
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
-    described = [describe(Path(p), table) for p in paths]
+    try:
+        described = [describe(Path(p), table) for p in paths]
+    finally:
+        FILES.close()
     candidates = [c for c, _ in described]
     for c in candidates:
         for other, recorded in described:

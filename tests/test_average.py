@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_state, read_output, reference_average, save_layout
 
 import ckptavg
 from ckptavg.merge.engine import fold
-from conftest import make_state, read_output, reference_average, save_layout
 
 LAYOUTS = ["safetensors", "safetensors-folder", "safetensors-sharded", "bin", "bin-sharded", "pt", "pt-legacy", "lightning", "fairseq", "hf-trainer"]
 

@@ -9,9 +9,8 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import make_state, save_layout
+from safetensors.torch import save_file
 
 
 def assert_clean_failure(result, tmp_path, code: int, *needles: str) -> None:

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import torch
+from conftest import make_state, read_output, reference_average, save_layout
 
 import ckptavg
-from conftest import make_state, read_output, reference_average, save_layout
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -7,10 +7,9 @@ import zipfile
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import make_state, read_output
 from runs import _Tiny
+from torch import nn
 
 
 def test_hf_checkpoint_exports_and_loads(cli, hf_run, tmp_path):

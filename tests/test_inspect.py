@@ -6,9 +6,8 @@ import json
 import math
 
 import torch
-from safetensors.torch import save_file
-
 from conftest import make_state, save_layout
+from safetensors.torch import save_file
 
 SCHEMA = {
     "path": str, "format": str, "files": list, "tensors": int, "parameters": int, "tensor_bytes": int,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_state
+from runs import eval_losses
 from safetensors.torch import save_file
 
 from ckptavg.selection import Policy, find_spikes, gather, select
-from conftest import make_state
-from runs import eval_losses
 
 
 def fake_run(root: Path, steps: list[int], losses: dict[int, float] | None = None) -> list[Path]:

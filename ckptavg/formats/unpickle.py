@@ -11,8 +11,9 @@ from __future__ import annotations
 import builtins
 import collections
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -58,7 +59,7 @@ class Opaque:
 
     _global = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         obj = object.__new__(cls)
         object.__setattr__(obj, "_opaque_args", args)
         object.__setattr__(obj, "_opaque_state", None)
