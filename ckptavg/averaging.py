@@ -132,6 +132,7 @@ def average(
     overwrite: bool = False,
     dry_run: bool = False,
     out_format: str = "auto",
+    use_mmap: bool = True,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -153,6 +154,7 @@ def average(
         dry_run: build and check the plan, write nothing.
         out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
             "safetensors" or "pt" (a folder then holds pytorch_model.bin).
+        use_mmap: map input chunks (fastest); False reads them with pread (network filesystems).
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -207,7 +209,7 @@ def average(
             return report
         assert out_path is not None
         check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, use_mmap)
         report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
@@ -236,7 +238,7 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
 
 def _write_output(
     plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
-    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto",
+    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", use_mmap: bool = True,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
@@ -264,7 +266,7 @@ def _write_output(
                 names = shard_file_names(len(shards))
                 writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"})
             report.output_files = list(names)
-            engine = Engine(plan, device)
+            engine = Engine(plan, device, use_mmap=use_mmap)
             try:
                 engine.run(writer, on_progress)
                 writer.finish()

@@ -275,3 +275,15 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path, dtype):
         ckptavg.average(paths, tmp_path / "cpu", weights=weights, ema=ema, device="cpu", overwrite=True)
         ckptavg.average(paths, tmp_path / "cuda", weights=weights, ema=ema, device="cuda", overwrite=True)
         assert_exact(read_output(tmp_path / "cuda"), read_output(tmp_path / "cpu"))
+
+
+@pytest.mark.parametrize("layout", ["safetensors-sharded", "bin", "pt-legacy"])
+def test_pread_staging_matches_mapped(cli, tmp_path, layout):
+    """--no-mmap reads into staging buffers (the path CUDA uses, with pinned ones); same bytes out."""
+    states = [make_state(seed, tied=layout == "bin") for seed in range(3)]
+    paths = [save_layout(s, tmp_path / f"in{i}", layout) for i, s in enumerate(states)]
+    assert cli("average", *paths, "-o", tmp_path / "mapped", "--quiet").code == 0
+    result = cli("average", *paths, "-o", tmp_path / "read", "--no-mmap", "--quiet")
+    assert result.code == 0, result.err
+    assert_exact(read_output(tmp_path / "read"), read_output(tmp_path / "mapped"))
+    assert_exact(read_output(tmp_path / "read"), reference_average(states))

@@ -118,18 +118,21 @@ class Staged:
 class Engine:
     """Runs a plan into a writer on one device ('cpu' or a CUDA device)."""
 
-    def __init__(self, plan: Plan, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES) -> None:
+    def __init__(self, plan: Plan, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES, use_mmap: bool = True) -> None:
+        """`use_mmap=False` reads inputs with pread into staging buffers, as for CUDA: for filesystems where a
+        mapping is unwelcome (a network filesystem whose files may change underneath, which would SIGBUS)."""
         self.plan = plan
         self.device = device
         width = max(1, sum(1 for w in plan.weights.scales if w != 0))
         self.buffer_bytes = max(MIN_BUFFER_BYTES, min(MAX_BUFFER_BYTES, staging_bytes // (2 * width)))
         self.buffer_bytes -= self.buffer_bytes % 64
         pin = device.type == "cuda"
+        copy = pin or not use_mmap
         self._stop = threading.Event()
-        self._tokens: queue.Queue = queue.Queue()  # two staging slots; pinned buffers when copying for CUDA
+        self._tokens: queue.Queue = queue.Queue()  # two staging slots: buffers to read into, or () to map
         self._staged: queue.Queue = queue.Queue()
         for _ in range(2):
-            self._tokens.put([torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(width)] if pin else ())
+            self._tokens.put([torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(width)] if copy else ())
         out_bytes = max((min(e.numel, self._per_chunk(e)) * e.dtype.itemsize for e in plan.entries), default=0)
         self._out_free: queue.Queue = queue.Queue()
         for _ in range(2):
