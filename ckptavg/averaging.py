@@ -17,7 +17,7 @@ from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.formats.base import FILES, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
-from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, shard_file_names, split_shards, write_index, write_text
+from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, TensorWriter, shard_file_names, split_shards, write_index, write_text
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, parse_weights
@@ -251,7 +251,7 @@ def _write_output(
         raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
     try:
         with staged(out_path, overwrite, is_dir=not single_file) as tmp:
-            writer: SafetensorsWriter | TorchWriter
+            writer: TensorWriter
             if kind == "pt":
                 names = [out_path.name] if single_file else ["pytorch_model.bin"]
                 writer = TorchWriter(tmp if single_file else tmp / names[0], specs)

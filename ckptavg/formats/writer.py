@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,21 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n * self.dtype.itemsize
+
+
+class TensorWriter(Protocol):
+    """What the engine writes into: tensor bytes in plan order, and repeats of tied tensors."""
+
+    paths: list[Path]
+    bytes_written: int
+
+    def write(self, data: memoryview) -> None: ...
+
+    def repeat(self, name: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def split_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:

@@ -23,7 +23,7 @@ import torch
 
 from ckptavg.errors import CkptavgError, NonFiniteError, OutputError
 from ckptavg.formats.base import dtype_name, tensor_buffer
-from ckptavg.formats.writer import SafetensorsWriter
+from ckptavg.formats.writer import TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
 
 CACHE_BLOCK_BYTES = 1 << 20
@@ -197,7 +197,7 @@ class Engine:
         except BaseException as e:  # handed to the main thread, which raises it
             self._staged.put(_Failure(e))
 
-    def _write_behind(self, writer: SafetensorsWriter) -> None:
+    def _write_behind(self, writer: TensorWriter) -> None:
         while True:
             item = self._to_write.get()
             if item is None:
@@ -216,7 +216,7 @@ class Engine:
             if kind == "data":
                 self._out_free.put(payload)
 
-    def run(self, writer: SafetensorsWriter, on_progress: ProgressFn | None = None) -> None:
+    def run(self, writer: TensorWriter, on_progress: ProgressFn | None = None) -> None:
         """Execute the plan into `writer`; returns once every byte has been handed to it."""
         work = self.chunks()
         threads = [
