@@ -205,3 +205,14 @@ def test_trainer_best_model_checkpoint_is_marked(tmp_path):
     state["best_model_checkpoint"] = f"/elsewhere/{paths[1].name}"
     (paths[-1] / "trainer_state.json").write_text(json.dumps(state))
     assert [c.trainer_best for c in gather(paths)] == [False, True, False]
+
+
+def test_unreadable_checkpoint_is_ignored_not_chosen_nor_inverted(cli, torch_run, tmp_path):
+    good = sorted(torch_run.glob("*.pt"))
+    broken = tmp_path / "step_99.pt"
+    broken.write_bytes(good[0].read_bytes()[:200])
+    result = cli("select", *good, broken, "--last", "2", "--json")
+    data = json.loads(result.out)
+    assert str(broken) in data["ignored"] and str(broken) not in data["chosen"] + data["not_chosen"]
+    inverted = cli("select", *good, broken, "--last", "2", "--invert")
+    assert str(broken) not in inverted.out and "ignored" in inverted.err
