@@ -17,7 +17,15 @@ from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.formats.base import FILES, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
-from ckptavg.formats.writer import SafetensorsWriter, TensorSpec, TensorWriter, shard_file_names, split_shards, write_index, write_text
+from ckptavg.formats.writer import (
+    SafetensorsWriter,
+    TensorSpec,
+    TensorWriter,
+    shard_file_names,
+    split_shards,
+    write_index,
+    write_text,
+)
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, parse_weights

@@ -6,8 +6,9 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -89,18 +90,26 @@ def average(
     """
     from ckptavg.averaging import average as average_checkpoints
 
-    progress = ProgressBar(enabled=not quiet)
-    with progress.running():
-        report = average_checkpoints(
+    _run_and_render(
+        lambda **callbacks: average_checkpoints(
             inputs, output,
             weights=weights, ema=ema, order=order, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, use_mmap=not no_mmap, on_progress=progress.update, on_plan=progress.start,
-        )
+            overwrite=overwrite, dry_run=dry_run, use_mmap=not no_mmap, **callbacks,
+        ),
+        print_summary, json_output, quiet,
+    )
+
+
+def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json_output: bool, quiet: bool) -> None:
+    """Run a job with a progress bar wired to its callbacks, then print its report as JSON or for people."""
+    progress = ProgressBar(enabled=not quiet)
+    with progress.running():
+        report = run(on_progress=progress.update, on_plan=progress.start)
     if json_output:
         print_json(report.to_dict())
     elif not quiet:
-        print_summary(report)
+        render(report)
 
 
 @app.command()
@@ -222,17 +231,14 @@ def export(
     """
     from ckptavg.export import export as export_checkpoint
 
-    progress = ProgressBar(enabled=not quiet)
-    with progress.running():
-        report = export_checkpoint(
+    _run_and_render(
+        lambda **callbacks: export_checkpoint(
             checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format, use_mmap=not no_mmap,
-            on_progress=progress.update, on_plan=progress.start,
-        )
-    if json_output:
-        print_json(report.to_dict())
-    elif not quiet:
-        print_export(report)
+            max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
+            use_mmap=not no_mmap, **callbacks,
+        ),
+        print_export, json_output, quiet,
+    )
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
