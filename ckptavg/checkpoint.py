@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptavg.discover import StepInfo, merge_steps, read_trainer_state, steps_from_entries, steps_from_name
+from ckptavg.discover import (
+    StepInfo,
+    merge_steps,
+    read_trainer_state,
+    steps_from_entries,
+    steps_from_name,
+    steps_from_trainer_state,
+)
 from ckptavg.errors import InputError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
@@ -241,13 +248,9 @@ def _read_step(ckpt: Checkpoint) -> None:
     found = [StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)]
     if ckpt.path.is_dir():
         state = read_trainer_state(ckpt.path)
-        found.insert(0, StepInfo(step=_trainer_step(state), source="trainer_state.json"))
+        found.insert(0, steps_from_trainer_state(state))
         found.insert(0, steps_from_name(ckpt.path.name))
     found.append(steps_from_name(ckpt.path.name))
     merged = merge_steps(*found)
     ckpt.step, ckpt.epoch, ckpt.step_source = merged.step, merged.epoch, merged.source
 
-
-def _trainer_step(state: dict | None) -> int | None:
-    step = (state or {}).get("global_step")
-    return step if isinstance(step, int) else None

@@ -54,6 +54,11 @@ def read_trainer_state(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def steps_from_trainer_state(state: dict | None) -> StepInfo:
+    """The Trainer's global_step, when trainer_state.json has one."""
+    return StepInfo(step=_int((state or {}).get("global_step")), source="trainer_state.json")
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

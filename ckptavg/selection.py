@@ -16,12 +16,12 @@ from pathlib import Path
 
 from ckptavg.discover import (
     MetricsTable,
-    StepInfo,
     load_metrics_file,
     merge_steps,
     read_trainer_state,
     steps_from_entries,
     steps_from_name,
+    steps_from_trainer_state,
     trainer_state_metrics,
 )
 from ckptavg.errors import CkptavgError, InputError, UsageError
@@ -121,9 +121,8 @@ def describe(path: Path, table: MetricsTable | None = None) -> tuple[Candidate, 
     if path.is_dir():
         state = read_trainer_state(path)
         if state is not None:
-            step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
-            infos.append(StepInfo(step=step, source="trainer_state.json"))
-            sources.append(("trainer_state.json", trainer_state_metrics(state, infos[0].step or step)))
+            infos.append(steps_from_trainer_state(state))
+            sources.append(("trainer_state.json", trainer_state_metrics(state, infos[0].step or infos[1].step)))
     else:
         try:
             kind = sniff(path)
