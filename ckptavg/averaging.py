@@ -140,7 +140,7 @@ def average(
     overwrite: bool = False,
     dry_run: bool = False,
     out_format: str = "auto",
-    use_mmap: bool = True,
+    memory_budget: str | int | None = None,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -162,7 +162,8 @@ def average(
         dry_run: build and check the plan, write nothing.
         out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
             "safetensors" or "pt" (a folder then holds pytorch_model.bin).
-        use_mmap: map input chunks (fastest); False reads them with pread (network filesystems).
+        memory_budget: bytes (or "64MB") of buffers the engine may use; None: 64 MiB on a CPU, 512 MiB of
+            pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -186,6 +187,7 @@ def average(
     if order not in ("auto", "given"):
         raise UsageError(None, f"--order {order!r}: expected auto or given")
     shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     torch_device = choose_device(device)
     notes: list[str] = []
     input_paths = [Path(p) for p in paths]
@@ -217,7 +219,7 @@ def average(
             return report
         assert out_path is not None
         check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, use_mmap)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget)
         report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
@@ -246,7 +248,7 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
 
 def _write_output(
     plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
-    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", use_mmap: bool = True,
+    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", memory_budget: int | None = None,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
@@ -274,7 +276,7 @@ def _write_output(
                 names = shard_file_names(len(shards))
                 writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"})
             report.output_files = list(names)
-            engine = Engine(plan, device, use_mmap=use_mmap)
+            engine = Engine(plan, device, memory_budget)
             try:
                 engine.run(writer, on_progress)
                 writer.finish()

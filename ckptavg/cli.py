@@ -40,7 +40,7 @@ StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remo
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
-NoMmapOpt = Annotated[bool, typer.Option("--no-mmap", help="Read inputs with pread instead of mapping them (network filesystems whose files may change).")]
+BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB [default: 64MiB on CPU, 512MiB pinned with CUDA]. Memory does not grow with the model or the number of inputs.", show_default=False)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
 
 
@@ -74,7 +74,7 @@ def average(
     strip_prefix: StripOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
-    no_mmap: NoMmapOpt = False,
+    memory_budget: BudgetOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -95,7 +95,7 @@ def average(
             inputs, output,
             weights=weights, ema=ema, order=order, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, use_mmap=not no_mmap, **callbacks,
+            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, **callbacks,
         ),
         print_summary, json_output, quiet,
     )
@@ -217,7 +217,7 @@ def export(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and print what would be written.")] = False,
-    no_mmap: NoMmapOpt = False,
+    memory_budget: BudgetOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -235,7 +235,7 @@ def export(
         lambda **callbacks: export_checkpoint(
             checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            use_mmap=not no_mmap, **callbacks,
+            memory_budget=memory_budget, **callbacks,
         ),
         print_export, json_output, quiet,
     )

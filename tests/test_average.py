@@ -248,7 +248,10 @@ def test_fold_blocks_agree_with_one_pass():
     assert torch.equal(out_blocked, out_whole)
 
 
-def test_small_staging_buffers_split_tensors_into_chunks(tmp_path):
+@pytest.mark.parametrize("staged", [False, True])
+def test_small_budget_splits_tensors_into_chunks_and_blocks(tmp_path, staged):
+    """A 1 MiB budget: chunks of 64 KiB and 4096-element blocks, bit-exact all the same. staged=True runs the
+    CUDA pipeline's reader thread and staging buffers on the CPU."""
     from ckptavg.checkpoint import open_checkpoint
     from ckptavg.formats.writer import SafetensorsWriter, TensorSpec
     from ckptavg.merge.engine import Engine
@@ -258,8 +261,9 @@ def test_small_staging_buffers_split_tensors_into_chunks(tmp_path):
     states = [{"big": torch.randn(700_000, generator=torch.Generator().manual_seed(s)).bfloat16()} for s in range(3)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
     plan = build_plan([open_checkpoint(p) for p in paths], uniform(3))
-    engine = Engine(plan, torch.device("cpu"), staging_bytes=1 << 20)
+    engine = Engine(plan, torch.device("cpu"), memory_budget=1 << 20, staged=staged)
     assert len(engine.chunks()) > 1
+    assert staged or engine.sizes.block_elements < engine.sizes.chunk_bytes // 2
     writer = SafetensorsWriter([tmp_path / "o.safetensors"], [[TensorSpec("big", torch.bfloat16, (700_000,))]], {"format": "pt"})
     engine.run(writer)
     writer.finish()
@@ -278,12 +282,19 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("layout", ["safetensors-sharded", "bin", "pt-legacy"])
-def test_pread_staging_matches_mapped(cli, tmp_path, layout):
-    """--no-mmap reads into staging buffers (the path CUDA uses, with pinned ones); same bytes out."""
+def test_memory_budget_does_not_change_the_bytes(cli, tmp_path, layout):
     states = [make_state(seed, tied=layout == "bin") for seed in range(3)]
     paths = [save_layout(s, tmp_path / f"in{i}", layout) for i, s in enumerate(states)]
-    assert cli("average", *paths, "-o", tmp_path / "mapped", "--quiet").code == 0
-    result = cli("average", *paths, "-o", tmp_path / "read", "--no-mmap", "--quiet")
+    assert cli("average", *paths, "-o", tmp_path / "default", "--quiet").code == 0
+    result = cli("average", *paths, "-o", tmp_path / "small", "--memory-budget", "1MiB", "--quiet")
     assert result.code == 0, result.err
-    assert_exact(read_output(tmp_path / "read"), read_output(tmp_path / "mapped"))
-    assert_exact(read_output(tmp_path / "read"), reference_average(states))
+    assert_exact(read_output(tmp_path / "small"), read_output(tmp_path / "default"))
+    assert_exact(read_output(tmp_path / "small"), reference_average(states))
+
+
+def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path):
+    paths = [save_layout(make_state(seed), tmp_path / f"in{seed}", "safetensors") for seed in range(40)]
+    result = cli("average", *paths, "-o", tmp_path / "out", "--memory-budget", "1MiB")
+    assert result.code == 2
+    assert "--memory-budget 1MiB is too small for 40 inputs" in result.err
+    assert not (tmp_path / "out").exists()

@@ -105,12 +105,12 @@ def map_bytes(path: Path, offset: int, length: int) -> tuple[torch.Tensor, mmap.
     return view, mapping
 
 
-def read_exact(path: Path, offset: int, out: memoryview) -> None:
-    """Fill `out` with the bytes of `path` from `offset`, or fail naming the file."""
+def read_exact(path: Path, offset: int, out: memoryview, fd: int = -1) -> None:
+    """Fill `out` with the bytes of `path` (open as `fd`, if given) from `offset`, or fail naming the file."""
     done = 0
     while done < len(out):
         try:
-            n = os.preadv(FILES.fd(path), [out[done:]], offset + done)
+            n = os.preadv(fd if fd >= 0 else FILES.fd(path), [out[done:] if done else out], offset + done)
         except OSError as e:
             raise InputError(path, f"cannot read: {e.strerror or e}") from e
         if n == 0:
@@ -160,18 +160,23 @@ class TensorSource:
         if self.contiguous:
             read_exact(self.path, self.offset + start, tensor_buffer(out))
             return
-        if self._strided_cache is None:
+        self.prepare()
+        assert self._strided_cache is not None
+        out.copy_(self._strided_cache.view(torch.uint8)[start : start + out.numel()])
+
+    def prepare(self) -> None:
+        """Make a strided source readable by range: read it whole once and make it contiguous (a no-op for
+        the usual contiguous source). Call it from one thread before several threads read the source."""
+        if not self.contiguous and self._strided_cache is None:
             self._strided_cache = self._read_strided()
-        flat = self._strided_cache.view(torch.uint8)
-        out.copy_(flat[start : start + out.numel()])
 
     def view_range(self, start: int, length: int) -> tuple[torch.Tensor, mmap.mmap | None]:
         """Bytes [start, start + length) of the contiguous tensor without copying: a file mapping, or a
         slice of the materialised tensor for a strided source. Close the mapping once the view is dropped."""
         if self.contiguous:
             return map_bytes(self.path, self.offset + start, length)
-        if self._strided_cache is None:
-            self._strided_cache = self._read_strided()
+        self.prepare()
+        assert self._strided_cache is not None
         return self._strided_cache.view(torch.uint8)[start : start + length], None
 
     def release(self) -> None:

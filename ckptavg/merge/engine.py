@@ -1,35 +1,42 @@
-"""The streaming engine: executes a plan chunk by chunk, on three threads.
+"""The streaming engine: executes a plan chunk by chunk within a memory budget.
 
-A reader thread stages the next chunk of every input while the main thread folds the current one into the
-accumulator, and a writer thread appends finished chunks to the output. On the CPU a staged chunk is a
-read-only file mapping, populated by the reader thread and folded without a copy; for CUDA it is a pinned
-buffer filled with pread, ready for an asynchronous host-to-device copy. At most two chunks per input are
-staged at once, so memory is bounded whatever the model size or the number of inputs. Each chunk is folded
-block by block so that the accumulator stays in the CPU cache.
+On the CPU every chunk of an output tensor is split between fold workers (one per core). A worker walks its
+slice in cache-sized blocks: it preads the block of every input into small buffers of its own, folds them
+into one FP32 (or FP64) block while they are still in the CPU cache, rounds the block into the output chunk
+and checks it is finite. Each worker reads its files sequentially, so the kernel's readahead keeps a cold
+disk busy (asking for more with posix_fadvise WILLNEED measured slower: docs/benchmarks.md). A writer
+thread appends finished output chunks to the output file while the next chunks are folded. Memory is the
+budget's buffers, whatever the model size or the number of inputs.
+
+On a CUDA device a reader thread preads whole chunks into double-buffered pinned memory; they are copied
+to the device on a side stream while the previous chunk is folded, and the result is copied back on a
+third stream while the next chunk is folded. The per-element arithmetic is the same `fold` in the same
+input order, so both devices produce the same bits for the same accumulation dtype.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ckptavg.errors import CkptavgError, NonFiniteError, OutputError
-from ckptavg.formats.base import dtype_name, tensor_buffer
+from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError
+from ckptavg.formats.base import FILES, TensorSource, dtype_name, read_exact, tensor_buffer
 from ckptavg.formats.writer import TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
 
-CACHE_BLOCK_BYTES = 1 << 20
-DEFAULT_STAGING_BYTES = 256 << 20
-MIN_BUFFER_BYTES = 256 << 10
-MAX_BUFFER_BYTES = 32 << 20
+CPU_MEMORY_BUDGET = 64 << 20
+CUDA_MEMORY_BUDGET = 512 << 20
+CACHE_BLOCK_ELEMENTS = 1 << 18  # a 1 MiB FP32 accumulator block: it and the inputs' blocks stay in L2/L3
+MIN_BLOCK_ELEMENTS = 1 << 12
+MAX_CHUNK_BYTES = 64 << 20
+OUTPUT_SLOTS = 3
 
 
 @dataclass(frozen=True)
@@ -52,24 +59,26 @@ def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: 
     """
     n = out.numel()
     block = acc.numel()
-    # float8 does not promote in mixed-dtype arithmetic; it goes through a widened copy.
-    scratch = torch.empty_like(acc) if inputs[0].dtype.itemsize == 1 else None
     for start in range(0, n, block):
         stop = min(n, start + block)
-        a = acc[: stop - start]
-        a.copy_(inputs[0][start:stop])
-        if weights[0] != 1:
-            a.mul_(weights[0])
+        fold_block([x[start:stop] for x in inputs], weights, divisor, acc[: stop - start], out[start:stop])
+
+
+def fold_block(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: torch.Tensor, out: torch.Tensor) -> None:
+    """fold() for inputs, accumulator and output of the same length."""
+    acc.copy_(inputs[0])
+    if weights[0] != 1:
+        acc.mul_(weights[0])
+    if inputs[0].dtype.itemsize == 1:  # float8 does not promote in mixed-dtype arithmetic: widen a copy
+        scratch = torch.empty_like(acc)
         for x, w in zip(inputs[1:], weights[1:]):
-            if scratch is None:
-                a.add_(x[start:stop], alpha=w)
-            else:
-                widened = scratch[: stop - start]
-                widened.copy_(x[start:stop])
-                a.add_(widened, alpha=w)
-        if divisor != 1:
-            a.div_(divisor)
-        out[start:stop].copy_(a)
+            acc.add_(scratch.copy_(x), alpha=w)
+    else:
+        for x, w in zip(inputs[1:], weights[1:]):
+            acc.add_(x, alpha=w)
+    if divisor != 1:
+        acc.div_(divisor)
+    out.copy_(acc)
 
 
 def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
@@ -84,6 +93,13 @@ def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
     return True
 
 
+def active_inputs(entry: PlanEntry) -> list[tuple[int, float]]:
+    """(input index, weight) of the inputs an entry reads: all with a non-zero weight, or the newest for a copy."""
+    if entry.weights is None:
+        return [(len(entry.sources) - 1, 1.0)]
+    return [(i, w) for i, w in enumerate(entry.weights) if w != 0]
+
+
 @dataclass
 class Chunk:
     entry: PlanEntry
@@ -91,115 +107,167 @@ class Chunk:
     count: int  # elements
     last: bool
 
+    @property
+    def sources(self) -> list[TensorSource]:
+        return [self.entry.sources[i] for i, _ in active_inputs(self.entry)]
+
+    @property
+    def input_bytes(self) -> int:
+        return self.count * self.entry.input_dtype.itemsize * len(active_inputs(self.entry))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How a memory budget is spent: output chunks in flight, and per-worker input blocks (CPU) or
+    double-buffered pinned input chunks (CUDA)."""
+
+    chunk_bytes: int  # bytes of one output chunk (and, on CUDA, of one input's staging buffer)
+    block_elements: int  # elements folded at once by a CPU worker
+
+    @staticmethod
+    def for_plan(plan: Plan, budget: int, workers: int, cuda: bool) -> Sizes:
+        folded = [e for e in plan.entries if e.weights is not None and e.alias_of is None]
+        width = max([len(active_inputs(e)) for e in folded] or [1])
+        in_size = max([e.input_dtype.itemsize for e in plan.entries] or [1])
+        acc_size = max([e.accum_dtype.itemsize for e in folded if e.accum_dtype is not None] or [4])
+        if cuda:
+            chunk = budget // (OUTPUT_SLOTS + 2 * width)
+            if chunk < MIN_BLOCK_ELEMENTS * in_size:
+                raise _too_small(budget, (OUTPUT_SLOTS + 2 * width) * MIN_BLOCK_ELEMENTS * in_size, width)
+            return Sizes(_align(min(chunk, MAX_CHUNK_BYTES)), 0)
+        # Each worker's input blocks, accumulator and scratch come first (their size sets the fold's speed),
+        # up to a cache-sized block; output chunks in flight get the rest.
+        per_element = workers * (width * in_size + 2 * acc_size)
+        block = min(CACHE_BLOCK_ELEMENTS, budget // 2 // per_element)
+        chunk = (budget - block * per_element) // OUTPUT_SLOTS
+        if block < MIN_BLOCK_ELEMENTS or chunk < MIN_BLOCK_ELEMENTS * 8:
+            raise _too_small(budget, MIN_BLOCK_ELEMENTS * (per_element + 8 * OUTPUT_SLOTS) * 2, width)
+        chunk = _align(min(MAX_CHUNK_BYTES, chunk))
+        return Sizes(chunk, block - block % 64)
+
+
+def _align(n: int) -> int:
+    return max(64, n - n % 64)
+
+
+def _too_small(budget: int, needed: int, width: int) -> UsageError:
+    return UsageError(None, f"--memory-budget {budget / 2**20:.0f}MiB is too small for {width} inputs; it needs at least {math.ceil(needed / 2**20)}MiB")
+
 
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
 
-_STOP = object()
-
-
-@dataclass
-class Staged:
-    """One chunk's input bytes, one uint8 tensor per active input, and what to give back once folded."""
-
-    chunk: Chunk
-    inputs: list[torch.Tensor]
-    mappings: list[mmap.mmap]
-    token: object
-
-    def release(self) -> object:
-        self.inputs.clear()
-        for mapping in self.mappings:
-            try:
-                mapping.close()
-            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
-                pass
-        return self.token
-
-
 class Engine:
-    """Runs a plan into a writer on one device ('cpu' or a CUDA device)."""
+    """Runs a plan into a writer on one device ('cpu' or a CUDA device) within `memory_budget` bytes of buffers.
 
-    def __init__(self, plan: Plan, device: torch.device, staging_bytes: int = DEFAULT_STAGING_BYTES, use_mmap: bool = True) -> None:
-        """`use_mmap=False` reads inputs with pread into staging buffers, as for CUDA: for filesystems where a
-        mapping is unwelcome (a network filesystem whose files may change underneath, which would SIGBUS)."""
+    `staged=True` runs the CUDA pipeline's reader thread and staging buffers on the CPU too (tests use it to
+    cover that path on machines without a GPU).
+    """
+
+    def __init__(self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False) -> None:
         self.plan = plan
         self.device = device
-        width = max(1, sum(1 for w in plan.weights.scales if w != 0))
-        self.buffer_bytes = max(MIN_BUFFER_BYTES, min(MAX_BUFFER_BYTES, staging_bytes // (2 * width)))
-        self.buffer_bytes -= self.buffer_bytes % 64
-        pin = device.type == "cuda"
-        copy = pin or not use_mmap
+        self.cuda = device.type == "cuda"
+        self.staged = staged or self.cuda
+        self.workers = 1 if self.staged else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        budget = memory_budget or (CUDA_MEMORY_BUDGET if self.cuda else CPU_MEMORY_BUDGET)
+        self.sizes = Sizes.for_plan(plan, budget, self.workers, self.staged)
+        self.bytes_read = 0
         self._stop = threading.Event()
-        self._tokens: queue.Queue = queue.Queue()  # two staging slots: buffers to read into, or () to map
-        self._staged: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self._tokens.put([torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(width)] if copy else ())
-        out_bytes = max((min(e.numel, self._per_chunk(e)) * e.dtype.itemsize for e in plan.entries), default=0)
         self._out_free: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self._out_free.put(torch.empty(max(out_bytes, 64), dtype=torch.uint8, pin_memory=pin))
         self._to_write: queue.Queue = queue.Queue()
         self._write_error: BaseException | None = None
-        self._acc: dict[tuple[torch.dtype, int], torch.Tensor] = {}
-        # On the CPU each chunk is split between fold workers running single-threaded torch ops: with the
-        # reader and writer threads also busy, torch's own intra-op threads would wait on each other at
-        # every op, while independent workers only meet once per chunk.
-        self.workers = 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        self._local = threading.local()  # each CPU worker's input blocks and accumulator
+        self._acc: dict[torch.dtype, torch.Tensor] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self.bytes_read = 0
-
-    def _per_chunk(self, entry: PlanEntry) -> int:
-        return max(1, self.buffer_bytes // entry.input_dtype.itemsize)
+        self._slots: queue.Queue = queue.Queue()  # staged pipeline: free pinned chunk buffers, one per input
+        self._staged: queue.Queue = queue.Queue()
 
     def chunks(self) -> list[Chunk]:
         """The work, in output order; alias entries have no chunks (their bytes are repeated)."""
         work = []
         for entry in self.plan.entries:
-            if entry.alias_of is not None:
-                continue
-            per_chunk = self._per_chunk(entry)
-            starts = list(range(0, entry.numel, per_chunk)) or [0]
-            for i, start in enumerate(starts):
-                work.append(Chunk(entry, start, min(per_chunk, entry.numel - start), i == len(starts) - 1))
+            if entry.alias_of is None:
+                per_chunk = max(1, self.sizes.chunk_bytes // max(entry.dtype.itemsize, entry.input_dtype.itemsize))
+                starts = list(range(0, entry.numel, per_chunk)) or [0]
+                for i, start in enumerate(starts):
+                    work.append(Chunk(entry, start, min(per_chunk, entry.numel - start), i == len(starts) - 1))
         return work
 
-    @staticmethod
-    def _active(entry: PlanEntry) -> list[tuple[int, float]]:
-        if entry.weights is None:
-            return [(len(entry.sources) - 1, 1.0)]
-        return [(i, w) for i, w in enumerate(entry.weights) if w != 0]
-
-    def _stage(self, chunk: Chunk, token: object) -> Staged:
-        itemsize = chunk.entry.input_dtype.itemsize
-        start, length = chunk.start * itemsize, chunk.count * itemsize
-        staged = Staged(chunk, [], [], token)
-        for k, (i, _) in enumerate(self._active(chunk.entry)):
-            source = chunk.entry.sources[i]
-            if token:
-                buffer = token[k][:length]
-                source.read_into(start, buffer)
-                staged.inputs.append(buffer)
-            else:
-                view, mapping = source.view_range(start, length)
-                staged.inputs.append(view)
-                if mapping is not None:
-                    staged.mappings.append(mapping)
-            if chunk.last:
-                source.release()
-        return staged
-
-    def _read_ahead(self, work: list[Chunk]) -> None:
+    def run(self, writer: TensorWriter, on_progress: ProgressFn | None = None) -> None:
+        """Execute the plan into `writer`; returns once every byte has been handed to it."""
+        work = self.chunks()
+        for _ in range(OUTPUT_SLOTS):
+            self._out_free.put(torch.empty(self.sizes.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda))
+        writer_thread = threading.Thread(target=self._write_behind, args=(writer,), daemon=True, name="ckptavg-write")
+        reader_thread = threading.Thread(target=self._read_ahead, args=(work,), daemon=True, name="ckptavg-read")
+        torch_threads = torch.get_num_threads()
+        if self.workers > 1:
+            # Each worker runs single-threaded torch ops: with the reader and writer threads also
+            # busy, torch's intra-op threads would wait on each other at every op.
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ckptavg-fold")
+            torch.set_num_threads(1)
         try:
-            for chunk in work:
-                token = self._tokens.get()
-                if token is _STOP or self._stop.is_set():
-                    return
-                self._staged.put(self._stage(chunk, token))
-        except BaseException as e:  # handed to the main thread, which raises it
-            self._staged.put(_Failure(e))
+            writer_thread.start()
+            if self.staged:
+                self._start_staging(work)
+                reader_thread.start()
+            chunks = iter(work)
+            pending: tuple | None = None  # CUDA: the chunk whose result is still being copied back
+            for done, entry in enumerate(self.plan.entries, 1):
+                if entry.alias_of is not None:
+                    if pending is not None:
+                        self._hand_over(*pending)
+                        pending = None
+                    self._to_write.put(("repeat", entry.alias_of, 0))
+                    continue
+                last = False
+                while not last:
+                    chunk = next(chunks)
+                    out = self._out_free.get()
+                    if self._write_error is not None:
+                        raise self._write_error
+                    current = self._reduce_staged(chunk, out) if self.staged else self._submit_on_cpu(chunk, out)
+                    if pending is not None:
+                        self._hand_over(*pending)
+                    pending = current
+                    self.bytes_read += chunk.input_bytes
+                    last = chunk.last
+                    if on_progress:
+                        on_progress(Progress(self.bytes_read, self.plan.read_bytes, done - (not last), len(self.plan.entries), entry.name))
+            if pending is not None:
+                self._hand_over(*pending)
+            self._to_write.put(None)
+            writer_thread.join()
+            if self._write_error is not None:
+                raise self._write_error
+        finally:
+            self._stop.set()
+            self._slots.put(None)
+            self._to_write.put(None)
+            for thread in (writer_thread, reader_thread):
+                if thread.is_alive():
+                    thread.join(timeout=10)
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+                torch.set_num_threads(torch_threads)
+
+    def _hand_over(self, chunk: Chunk, out: torch.Tensor, finite: bool | torch.Tensor | list[Future], copied_back: object) -> None:
+        """Give a finished output chunk to the writer, once it is on the host and known to be finite."""
+        if copied_back is not None:
+            copied_back.synchronize()  # type: ignore[attr-defined]
+        if isinstance(finite, list):
+            finite = all([f.result() for f in finite])
+        if not bool(finite):
+            self._explain_nonfinite(chunk)
+        nbytes = chunk.count * chunk.entry.dtype.itemsize
+        self._to_write.put(("data", out, nbytes))
+        if chunk.last:
+            for source in chunk.sources:
+                source.release()
 
     def _write_behind(self, writer: TensorWriter) -> None:
         while True:
@@ -220,115 +288,180 @@ class Engine:
             if kind == "data":
                 self._out_free.put(payload)
 
-    def run(self, writer: TensorWriter, on_progress: ProgressFn | None = None) -> None:
-        """Execute the plan into `writer`; returns once every byte has been handed to it."""
-        work = self.chunks()
-        threads = [
-            threading.Thread(target=self._read_ahead, args=(work,), daemon=True, name="ckptavg-read"),
-            threading.Thread(target=self._write_behind, args=(writer,), daemon=True, name="ckptavg-write"),
-        ]
-        for thread in threads:
-            thread.start()
-        total_bytes, total_tensors = self.plan.read_bytes, len(self.plan.entries)
-        torch_threads = torch.get_num_threads()
-        if self.workers > 1:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ckptavg-fold")
-            torch.set_num_threads(1)
-        try:
-            for done, entry in enumerate(self.plan.entries, 1):
-                if entry.alias_of is not None:
-                    self._to_write.put(("repeat", entry.alias_of, 0))
-                    continue
-                last = False
-                while not last:
-                    staged = self._staged.get()
-                    if isinstance(staged, _Failure):
-                        raise staged.error
-                    chunk = staged.chunk
-                    assert chunk.entry is entry
-                    out = self._out_free.get()
-                    if self._write_error is not None:
-                        raise self._write_error
-                    nbytes = self._reduce(chunk, staged.inputs, out)
-                    self._to_write.put(("data", out, nbytes))
-                    self._tokens.put(staged.release())
-                    self.bytes_read += chunk.count * entry.input_dtype.itemsize * len(self._active(entry))
-                    last = chunk.last
-                    if on_progress:
-                        on_progress(Progress(self.bytes_read, total_bytes, done - (not last), total_tensors, entry.name))
-            self._to_write.put(None)
-            threads[1].join()
-            if self._write_error is not None:
-                raise self._write_error
-        finally:
-            self._stop.set()
-            self._tokens.put(_STOP)
-            self._to_write.put(None)
-            for thread in threads:
-                thread.join(timeout=10)
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-                torch.set_num_threads(torch_threads)
+    # The CPU pipeline: workers read and fold block by block.
 
-    def _accumulator(self, dtype: torch.dtype, count: int, worker: int = 0) -> torch.Tensor:
-        block = count if self.device.type == "cuda" else max(1024, CACHE_BLOCK_BYTES // dtype.itemsize)
-        acc = self._acc.get((dtype, worker))
-        if acc is None or acc.numel() < block:
-            acc = self._acc[(dtype, worker)] = torch.empty(block, dtype=dtype, device=self.device)
-        return acc[:block]
-
-    def _fold_part(self, views: list[torch.Tensor], entry: PlanEntry, weights: list[float], out: torch.Tensor, worker: int, lo: int, hi: int) -> bool:
-        assert entry.accum_dtype is not None
-        part = out[lo:hi]
-        fold([v[lo:hi] for v in views], weights, entry.divisor, self._accumulator(entry.accum_dtype, hi - lo, worker), part)
-        return all_finite(part)
-
-    def _fold_on_cpu(self, views: list[torch.Tensor], entry: PlanEntry, weights: list[float], out: torch.Tensor) -> bool:
-        """Fold into out, split between the workers; True when every output element is finite."""
-        count = out.numel()
-        if self._pool is None or count < (1 << 16):
-            return self._fold_part(views, entry, weights, out, 0, 0, count)
-        step = -(-count // self.workers)
+    def _submit_on_cpu(self, chunk: Chunk, out_buffer: torch.Tensor) -> tuple:
+        """Start folding one chunk into out_buffer: pieces of it go to the workers, a few per worker so that
+        one slowed down by the writer's thread does not leave the others idle. Returns what _hand_over needs."""
+        for source in chunk.sources:
+            source.prepare()  # a strided source is made contiguous once, here, not by two workers at once
+        count = chunk.count
+        if self._pool is None:
+            return chunk, out_buffer, self._fold_slice(chunk, out_buffer, 0, count), None
+        step = max(self.sizes.block_elements, -(-count // (4 * self.workers)))
         step += -step % 64
-        futures = [
-            self._pool.submit(self._fold_part, views, entry, weights, out, worker, lo, min(count, lo + step))
-            for worker, lo in enumerate(range(0, count, step))
-        ]
-        return all([f.result() for f in futures])
+        futures = [self._pool.submit(self._fold_slice, chunk, out_buffer, lo, min(count, lo + step)) for lo in range(0, count, step)]
+        return chunk, out_buffer, futures, None
 
-    def _reduce(self, chunk: Chunk, inputs: list[torch.Tensor], out_buffer: torch.Tensor) -> int:
-        """Fold one chunk (uint8 views of each active input) into out_buffer; returns its byte count."""
+    def _fold_slice(self, chunk: Chunk, out_buffer: torch.Tensor, lo: int, hi: int) -> bool:
+        """Read and fold elements [lo, hi) of a chunk, block by block; True when the result is finite.
+
+        This loop runs once per block and input, so it avoids per-call Python work: the descriptors, buffer
+        views and accumulator are looked up once per slice, and full blocks reuse the same tensor views."""
+        entry = chunk.entry
+        itemsize = entry.input_dtype.itemsize
+        if entry.weights is None:
+            raw = out_buffer[lo * itemsize : hi * itemsize]
+            chunk.sources[0].read_into((chunk.start + lo) * itemsize, raw)
+            return True
+        assert entry.accum_dtype is not None
+        weights = [w for _, w in active_inputs(entry)]
+        block = self.sizes.block_elements
+        buffers, views = self._worker_views(len(weights), entry.input_dtype)
+        acc = self._worker_accumulator(entry.accum_dtype)
+        out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+        readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in chunk.sources]
+        finite = True
+        for start in range(lo, hi, block):
+            count = min(block, hi - start)
+            at = (chunk.start + start) * itemsize
+            for (source, fd), buffer in zip(readers, buffers):
+                if fd >= 0:
+                    read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
+                else:
+                    source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
+            if count == block:
+                fold_block(views, weights, entry.divisor, acc, out[start : start + count])
+            else:
+                fold_block([v[:count] for v in views], weights, entry.divisor, acc[:count], out[start : start + count])
+            finite = finite and all_finite(out[start : start + count])
+        return finite
+
+    def _worker_views(self, width: int, dtype: torch.dtype) -> tuple[list[memoryview], list[torch.Tensor]]:
+        """This thread's input blocks, as byte views to read into and as tensors of `dtype` to fold: reused
+        from chunk to chunk, so they stay in its core's cache."""
+        local = self._local.__dict__
+        tensors = local.setdefault("buffers", [])
+        block_bytes = self.sizes.block_elements * max(e.input_dtype.itemsize for e in self.plan.entries)
+        while len(tensors) < width:
+            tensors.append(torch.empty(block_bytes, dtype=torch.uint8))
+        key = (width, dtype)
+        if key not in local.setdefault("views", {}):
+            nbytes = self.sizes.block_elements * dtype.itemsize
+            local["views"][key] = ([tensor_buffer(t[:nbytes]) for t in tensors[:width]], [t[:nbytes].view(dtype) for t in tensors[:width]])
+        return local["views"][key]
+
+    def _worker_accumulator(self, dtype: torch.dtype) -> torch.Tensor:
+        accumulators = self._local.__dict__.setdefault("accumulators", {})
+        if dtype not in accumulators:
+            accumulators[dtype] = torch.empty(self.sizes.block_elements, dtype=dtype)
+        return accumulators[dtype]
+
+    def _accumulator(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        acc = self._acc.get(dtype)
+        if acc is None or acc.numel() < count:
+            acc = self._acc[dtype] = torch.empty(count, dtype=dtype, device=self.device)
+        return acc[:count]
+
+    # The staged pipeline (CUDA): a reader thread fills pinned chunks; copies overlap the fold on side streams.
+
+    def _start_staging(self, work: list[Chunk]) -> None:
+        width = max([len(active_inputs(c.entry)) for c in work] or [1])
+        for _ in range(2):
+            self._slots.put([torch.empty(self.sizes.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(width)])
+        if self.cuda:
+            self._cuda = _CudaState(self.device, width, self.sizes.chunk_bytes)
+
+    def _read_ahead(self, work: list[Chunk]) -> None:
+        try:
+            for chunk in work:
+                slot = self._slots.get()
+                if slot is None or self._stop.is_set():
+                    return
+                itemsize = chunk.entry.input_dtype.itemsize
+                for source, buffer in zip(chunk.sources, slot):
+                    source.prepare()
+                    source.read_into(chunk.start * itemsize, buffer[: chunk.count * itemsize])
+                self._staged.put((chunk, slot))
+        except BaseException as e:  # handed to the main thread, which raises it
+            self._staged.put(_Failure(e))
+
+    def _reduce_staged(self, chunk: Chunk, out_buffer: torch.Tensor) -> tuple:
+        """Fold one staged chunk; returns what _hand_over needs once the result is back on the host."""
+        item = self._staged.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        staged_chunk, slot = item
+        assert staged_chunk is chunk
         entry = chunk.entry
         in_bytes = chunk.count * entry.input_dtype.itemsize
         if entry.weights is None:
-            out_buffer[:in_bytes].copy_(inputs[0])
-            return in_bytes
-        active = self._active(entry)
-        weights = [w for _, w in active]
-        views = [raw.view(entry.input_dtype) for raw in inputs]
-        out_bytes = chunk.count * entry.dtype.itemsize
-        out = out_buffer[:out_bytes].view(entry.dtype)
+            out_buffer[:in_bytes].copy_(slot[0][:in_bytes])
+            self._slots.put(slot)
+            return chunk, out_buffer, True, None
         assert entry.accum_dtype is not None
-        if self.device.type == "cuda":
-            gpu_inputs = [v.to(self.device, non_blocking=True) for v in views]
-            gpu_out = torch.empty(chunk.count, dtype=entry.dtype, device=self.device)
-            fold(gpu_inputs, weights, entry.divisor, self._accumulator(entry.accum_dtype, chunk.count), gpu_out)
-            out.copy_(gpu_out, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            finite = all_finite(out)
-        else:
-            finite = self._fold_on_cpu(views, entry, weights, out)
-        if not finite:
-            self._explain_nonfinite(chunk, views, active)
-        return out_bytes
+        weights = [w for _, w in active_inputs(entry)]
+        out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+        if not self.cuda:
+            views = [buffer[:in_bytes].view(entry.input_dtype) for buffer in slot[: len(weights)]]
+            fold(views, weights, entry.divisor, self._accumulator(entry.accum_dtype, CACHE_BLOCK_ELEMENTS), out)
+            self._slots.put(slot)
+            return chunk, out_buffer, all_finite(out), None
+        cuda = self._cuda
+        t = cuda.turn = cuda.turn ^ 1
+        with torch.cuda.stream(cuda.to_device):
+            if cuda.folded[t] is not None:
+                cuda.to_device.wait_event(cuda.folded[t])  # the fold two chunks back has done with these buffers
+            inputs = []
+            for buffer, device_buffer in zip(slot, cuda.inputs[t]):
+                device_buffer[:in_bytes].copy_(buffer[:in_bytes], non_blocking=True)
+                inputs.append(device_buffer[:in_bytes].view(entry.input_dtype))
+            arrived = torch.cuda.Event()
+            arrived.record(cuda.to_device)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(arrived)
+        if cuda.copied[t] is not None:
+            compute.wait_event(cuda.copied[t])  # this output buffer's previous copy-back has finished
+        device_out = cuda.outputs[t][: out.numel() * out.element_size()].view(entry.dtype)
+        fold(inputs, weights, entry.divisor, self._accumulator(entry.accum_dtype, chunk.count), device_out)
+        finite = torch.isfinite(device_out.float() if device_out.dtype.itemsize == 1 else device_out).all()
+        folded = cuda.folded[t] = torch.cuda.Event()
+        folded.record(compute)
+        with torch.cuda.stream(cuda.to_host):
+            cuda.to_host.wait_event(folded)
+            out.copy_(device_out, non_blocking=True)
+            cuda.finite[t].copy_(finite, non_blocking=True)
+            copied = cuda.copied[t] = torch.cuda.Event()
+            copied.record(cuda.to_host)
+        arrived.synchronize()  # the pinned slot is on the device: the reader may refill it
+        self._slots.put(slot)
+        return chunk, out_buffer, cuda.finite[t], copied
 
-    def _explain_nonfinite(self, chunk: Chunk, views: list[torch.Tensor], active: list[tuple[int, float]]) -> None:
+    def _explain_nonfinite(self, chunk: Chunk) -> None:
+        """Name the input holding a NaN/Inf in this chunk (re-read from its file), or report an overflow."""
         entry = chunk.entry
-        for view, (i, _) in zip(views, active):
+        itemsize = entry.input_dtype.itemsize
+        for i, _ in active_inputs(entry):
+            raw = torch.empty(chunk.count * itemsize, dtype=torch.uint8)
+            entry.sources[i].read_into(chunk.start * itemsize, raw)
+            view = raw.view(entry.input_dtype)
             bad = ~torch.isfinite(view.float() if view.dtype.itemsize == 1 else view)
             if bool(bad.any()):
                 first = chunk.start + int(bad.nonzero()[0, 0])
                 value = float(view[first - chunk.start].float())
                 raise NonFiniteError(entry.sources[i].path, f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged")
         raise CkptavgError(None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype")
+
+
+class _CudaState:
+    """Two sets of device buffers used in turn, the copy streams, and the events that order them."""
+
+    def __init__(self, device: torch.device, width: int, chunk_bytes: int) -> None:
+        self.to_device = torch.cuda.Stream(device)
+        self.to_host = torch.cuda.Stream(device)
+        self.inputs = [[torch.empty(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(width)] for _ in range(2)]
+        self.outputs = [torch.empty(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.finite = [torch.empty((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+        self.folded: list = [None, None]
+        self.copied: list = [None, None]
+        self.turn = 1
