@@ -141,6 +141,7 @@ def average(
     dry_run: bool = False,
     out_format: str = "auto",
     memory_budget: str | int | None = None,
+    fsync: bool = True,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -164,6 +165,8 @@ def average(
             "safetensors" or "pt" (a folder then holds pytorch_model.bin).
         memory_budget: bytes (or "64MB") of buffers the engine may use; None: 64 MiB on a CPU, 512 MiB of
             pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
+        fsync: make the output durable before it is renamed into place (the default). False leaves the
+            writeback to the kernel: faster on a slow disk, but a power loss soon after may leave it incomplete.
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -219,7 +222,7 @@ def average(
             return report
         assert out_path is not None
         check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget, fsync)
         report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
@@ -248,7 +251,7 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
 
 def _write_output(
     plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
-    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", memory_budget: int | None = None,
+    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", memory_budget: int | None = None, fsync: bool = True,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
@@ -264,17 +267,17 @@ def _write_output(
             writer: TensorWriter
             if kind == "pt":
                 names = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer = TorchWriter(tmp if single_file else tmp / names[0], specs)
+                writer = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=fsync)
                 if not single_file and len(specs) and plan.output_bytes > shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
             elif single_file:
                 names = [out_path.name]
                 metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
-                writer = SafetensorsWriter([tmp], [specs], metadata)
+                writer = SafetensorsWriter([tmp], [specs], metadata, durable=fsync)
             else:
                 shards = split_shards(specs, shard_bytes)
                 names = shard_file_names(len(shards))
-                writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"})
+                writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"}, durable=fsync)
             report.output_files = list(names)
             engine = Engine(plan, device, memory_budget)
             try:

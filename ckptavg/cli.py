@@ -41,6 +41,7 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype of f
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB [default: 64MiB on CPU, 512MiB pinned with CUDA]. Memory does not grow with the model or the number of inputs.", show_default=False)]
+NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
 
 
@@ -75,6 +76,7 @@ def average(
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
     memory_budget: BudgetOpt = None,
+    no_fsync: NoFsyncOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -95,7 +97,7 @@ def average(
             inputs, output,
             weights=weights, ema=ema, order=order, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, **callbacks,
+            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, **callbacks,
         ),
         print_summary, json_output, quiet,
     )
@@ -218,6 +220,7 @@ def export(
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and print what would be written.")] = False,
     memory_budget: BudgetOpt = None,
+    no_fsync: NoFsyncOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -235,7 +238,7 @@ def export(
         lambda **callbacks: export_checkpoint(
             checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, **callbacks,
+            memory_budget=memory_budget, fsync=not no_fsync, **callbacks,
         ),
         print_export, json_output, quiet,
     )

@@ -12,7 +12,10 @@ Rows, each run --repeat times (median, min-max), with a warm page cache and a co
 evicted with posix_fadvise DONTNEED after a sync; no root needed, other files stay cached):
   read floor   `cat` of every input file to /dev/null (the bytes ckptavg reads, once)
   fold floor   ckptavg's cache-blocked FP32 fold of in-memory inputs, one thread per core (no I/O)
-  ckptavg      `ckptavg average` end to end, output fsynced (wall time and peak RSS from /usr/bin/time -v)
+  durable write, startup   `dd conv=fsync` of the output's size and `import torch`: costs every durable,
+               torch-based tool pays on top of the floors (the peers below do not fsync)
+  ckptavg      `ckptavg average` end to end, output fsynced (wall time and peak RSS from /usr/bin/time -v),
+               and with --no-fsync as the peers write
   naive        a load-everything script: every checkpoint in memory, FP32 sum, save_file
   fairseq      fairseq's average_checkpoints.py recipe (written here): a running sum in the weights' own
                dtype (only fp16 is widened), so bf16 sums are rounded at every step
@@ -364,7 +367,7 @@ def print_table(title: str, rows: list[Row], total: int, floors: dict[str, float
             print(f"{r.label:28s} {r.cache:5s} {r.note}")
             continue
         err = f"{r.error['max_abs_error']:10.2e} {100 * r.error['wrongly_rounded_share']:7.2f}%" if r.error else f"{'-':>10s} {'-':>8s}"
-        print(f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} {r.median / floors.get(r.cache, floors['warm' if 'warm' in floors else r.cache]):8.2f} {rss:>9s} {err}")
+        print(f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} {r.median / floors[r.cache]:8.2f} {rss:>9s} {err}")
 
 
 def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> None:
@@ -415,11 +418,16 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
     in_dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     floor_row.walls = [fold_floor(args.models, in_dtype, total, os.cpu_count() or 1) for _ in range(args.repeat)]
     rows.append(floor_row)
+    scratch = args.dir / "dd.tmp"
+    dd = ["sh", "-c", f'dd if=/dev/zero of="{scratch}" bs=16M count={max(1, (total // args.models) >> 24)} conv=fsync 2>/dev/null; rm "{scratch}"']
+    rows.append(measure("durable write of the output", "-", dd, args.repeat, files, None))
+    rows.append(measure("startup (import torch)", "-", [sys.executable, "-c", "import torch"], args.repeat, files, None))
     ckptavg_cmd = [args.ckptavg, "average", *map(str, paths), "-o", str(out), "--quiet"]
     outputs = {}
     for cache in args.caches:
         rows.append(measure("ckptavg average", cache, ckptavg_cmd, args.repeat, files, out, kept / f"ckptavg-{kind}"))
     outputs["ckptavg average"] = kept / f"ckptavg-{kind}"
+    rows.append(measure("ckptavg average --no-fsync", "warm", [*ckptavg_cmd, "--no-fsync"], args.repeat, files, out))
     peers = [("naive load-all (FP32 sum)", [sys.executable, "-c", NAIVE, *map(str, paths), str(out)]),
              ("fairseq-style running sum", [sys.executable, "-c", FAIRSEQ, *map(str, paths), str(out)])]
     if kind != "pt" and mergekit:
@@ -449,10 +457,11 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
         if r.label in errors:
             r.error = errors[r.label]
     floors = {cache: max(r.median for r in rows if r.walls and r.cache in (cache, "-") and "floor" in r.label) for cache in args.caches}
+    floors["-"] = floors.get("warm", min(floors.values()))
     title = (f"{kind}: {args.models} x {args.size_gb:g} GB checkpoints, {total / 1e9:.2f} GB of weights read "
              f"({sum(Path(f).stat().st_size for f in files) / 1e9:.2f} GB of files), {os.cpu_count()} cores, "
              f"median of {args.repeat} ({args.peer_repeat} for peers); x floor = over the larger of the fold floor "
-             f"and the read floor with the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items())})")
+             f"and the read floor with the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items() if c != '-')})")
     print_table(title, rows, total, floors)
     results[kind] = {"title": title, "weight_bytes": total, "floors": floors, "rows": [r.to_dict() for r in rows]}
     for p in outputs.values():

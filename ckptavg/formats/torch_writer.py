@@ -61,8 +61,9 @@ def check_pt_dtypes(specs: list[TensorSpec]) -> str | None:
 class TorchWriter:
     """Same interface as SafetensorsWriter: write() appends bytes of the current tensor, repeat() ties."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec]) -> None:
+    def __init__(self, path: Path, specs: list[TensorSpec], durable: bool = True) -> None:
         self.paths = [path]
+        self.durable = durable
         self.specs = specs
         self.bytes_written = 0
         self._file = open(path, "wb")
@@ -136,7 +137,8 @@ class TorchWriter:
         self._record("version", b"3\n")
         self._zip.close()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.durable:
+            os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:

@@ -50,15 +50,17 @@ class WriteBehind:
     cache. Where sync_file_range is missing it falls back to fdatasync every window.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, durable: bool = True) -> None:
+        """durable=False (--no-fsync) leaves the bytes to the kernel: no flushing, no fsync, no dropping."""
         self.fd = fd
+        self.durable = durable
         self.written = 0
         self.started = 0  # writeback asked for [0, started)
         self.done = 0  # on disk and dropped: [0, done)
 
     def wrote(self, nbytes: int) -> None:
         self.written += nbytes
-        if self.written - self.started < FLUSH_EVERY:
+        if not self.durable or self.written - self.started < FLUSH_EVERY:
             return
         if SYNC_FILE_RANGE is None:
             os.fdatasync(self.fd)
@@ -73,6 +75,8 @@ class WriteBehind:
 
     def finish(self) -> None:
         """Make the whole file durable (fsync), then drop what is left of it from the page cache."""
+        if not self.durable:
+            return
         os.fsync(self.fd)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, self.done, 0, os.POSIX_FADV_DONTNEED)
@@ -154,8 +158,9 @@ class SafetensorsWriter:
     `repeat(name)` writes again the bytes of a tensor already written (tied weights).
     """
 
-    def __init__(self, paths: list[Path], shards: list[list[TensorSpec]], metadata: dict[str, str]) -> None:
+    def __init__(self, paths: list[Path], shards: list[list[TensorSpec]], metadata: dict[str, str], durable: bool = True) -> None:
         assert len(paths) == len(shards)
+        self.durable = durable
         self.paths = paths
         self.shards = shards
         self.metadata = metadata
@@ -175,7 +180,7 @@ class SafetensorsWriter:
         self._close_shard()
         self._shard = index
         self._fd = os.open(self.paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._flush = WriteBehind(self._fd)
+        self._flush = WriteBehind(self._fd, self.durable)
         header = encode_header(self.shards[index], self.metadata)
         self._write_all(memoryview(header))
         self._data_start = len(header)

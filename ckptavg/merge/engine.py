@@ -215,7 +215,7 @@ class Engine:
                 self._start_staging(work)
                 reader_thread.start()
             chunks = iter(work)
-            pending: tuple | None = None  # CUDA: the chunk whose result is still being copied back
+            pending: tuple | None = None  # the previous chunk, still being folded (CPU) or copied back (CUDA)
             for done, entry in enumerate(self.plan.entries, 1):
                 if entry.alias_of is not None:
                     if pending is not None:
@@ -431,6 +431,7 @@ class Engine:
             cuda.to_host.wait_event(folded)
             out.copy_(device_out, non_blocking=True)
             cuda.finite[t].copy_(finite, non_blocking=True)
+            finite.record_stream(cuda.to_host)  # not reused by the allocator before this copy is done
             copied = cuda.copied[t] = torch.cuda.Event()
             copied.record(cuda.to_host)
         arrived.synchronize()  # the pinned slot is on the device: the reader may refill it
