@@ -202,7 +202,7 @@ def weight_bytes(paths: list[Path]) -> int:
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of a command, from /usr/bin/time -v."""
     started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    result = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{result.stderr[-2000:]}")
@@ -391,6 +391,8 @@ def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> Non
             parts.append(f'<line x1="{x0}" y1="{y0 + h - h * i / 5}" x2="{x0 + w}" y2="{y0 + h - h * i / 5}" stroke="#ddd"/>')
         parts.append(f'<text x="{x0 + w / 2}" y="{height - 12}" text-anchor="middle">GB read</text>')
         for k, (label, pts) in enumerate(series.items()):
+            if not any(pt[col] for pt in pts):
+                continue
             coords = " ".join(f"{x0 + w * pt[0] / xmax:.1f},{y0 + h - h * pt[col] / ymax:.1f}" for pt in sorted(pts))
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{colors[k % 4]}" stroke-width="2"/>')
             for pt in pts:

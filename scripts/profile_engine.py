@@ -2,15 +2,15 @@
 
     python scripts/profile_engine.py /tmp/ckptavg-bench/inputs/* [--repeat 4] [--fsync]
 
-Without --fsync the output's fsync/fdatasync calls are skipped, so the figures show the CPU-side work
-rather than the disk. `wait:<thread>` is time a thread spent blocked on its queue.
+Without --fsync the output is written as with --no-fsync, so the figures show the CPU-side work rather
+than the disk. Each part shows wall seconds summed over its threads and, with (CPU), their CPU seconds;
+`wait:<thread>` is time a thread spent blocked on its queue.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
 import queue
 import shutil
 import sys
@@ -25,14 +25,16 @@ TIMES: collections.defaultdict[str, float] = collections.defaultdict(float)
 
 
 def timed(owner: object, name: str, label: str) -> None:
+    """Add the wall and CPU time of each call to owner.name to TIMES[label] and TIMES[label + " (CPU)"]."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
             TIMES[label] += time.perf_counter() - started
+            TIMES[label + " (CPU)"] += time.thread_time() - cpu
 
     setattr(owner, name, wrapper)
 
@@ -43,17 +45,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="name the inputs this many times (more inputs, same files)")
     parser.add_argument("--fsync", action="store_true", help="keep the output's fsync calls")
     args = parser.parse_args()
-    if not args.fsync:
-        os.fsync = os.fdatasync = lambda fd: None  # type: ignore[assignment]
 
     import ckptavg
     from ckptavg.formats import writer
     from ckptavg.merge import engine
 
-    timed(engine.Engine, "_reduce", "main: reduce (fold + finite check)")
-    timed(engine, "fold", "fold workers: fold")
+    timed(engine.Engine, "_hand_over", "main: wait for a chunk and hand it over")
+    timed(engine, "fold_block", "fold workers: fold")
     timed(engine, "all_finite", "fold workers: finite check")
-    timed(engine.Engine, "_stage", "reader: map/read a chunk")
+    timed(engine, "read_exact", "fold workers: pread")
     timed(writer.SafetensorsWriter, "write", "writer: write")
     original_get = queue.Queue.get
 
@@ -67,7 +67,7 @@ def main() -> None:
     queue.Queue.get = get  # type: ignore[method-assign]
     out = Path(tempfile.mkdtemp()) / "merged"
     try:
-        report = ckptavg.average(args.inputs * args.repeat, out, order="given")
+        report = ckptavg.average(args.inputs * args.repeat, out, order="given", fsync=args.fsync)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     print(f"{len(report.inputs)} inputs, {report.bytes_read / 1e9:.2f} GB read in {report.seconds:.2f} s; seconds per part:")
