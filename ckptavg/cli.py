@@ -40,7 +40,7 @@ StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remo
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
-BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB [default: 64MiB on CPU, 512MiB pinned with CUDA]. Memory does not grow with the model or the number of inputs.", show_default=False)]
+BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
 
