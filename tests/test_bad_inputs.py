@@ -95,16 +95,31 @@ class Hostile:
         return (os.system, (f"touch {self.target}",))
 
 
-def test_hostile_pickle_inside_a_checkpoint_runs_nothing(cli, tmp_path):
+def test_hostile_pickle_inside_a_checkpoint_is_refused_naming_the_callable(cli, tmp_path):
+    """os.system next to good weights: the file is refused as hostile (not merely ignored), and nothing ran."""
     marker = tmp_path / "pwned"
     paths = []
     for s in range(2):
         path = tmp_path / f"c{s}.pt"
-        torch.save({"state_dict": make_state(s), "payload": Hostile(str(marker)), "exec": Hostile(str(marker))}, path)
+        torch.save({"state_dict": make_state(s), "payload": Hostile(str(marker))}, path)
+        paths.append(path)
+    result = cli("average", *paths, "-o", tmp_path / "merged")
+    assert_clean_failure(result, tmp_path, 1, "c0.pt", f"hostile pickle: it calls {os.system.__module__}.system")
+    assert not marker.exists()
+
+
+class Unknown:
+    """A class the reader cannot import: it stays an inert placeholder, the weights are read."""
+
+
+def test_unknown_classes_stay_inert_placeholders(cli, tmp_path):
+    paths = []
+    for s in range(2):
+        path = tmp_path / f"c{s}.pt"
+        torch.save({"state_dict": make_state(s), "config": Unknown()}, path)
         paths.append(path)
     result = cli("average", *paths, "-o", tmp_path / "merged")
     assert result.code == 0, result.err
-    assert not marker.exists()
 
 
 def test_plain_hostile_pickle_is_refused(cli, tmp_path, good):
@@ -112,7 +127,7 @@ def test_plain_hostile_pickle_is_refused(cli, tmp_path, good):
     bad = tmp_path / "evil.pt"
     bad.write_bytes(pickle.dumps(Hostile(str(marker)), protocol=2))
     result = cli("average", good[0], bad, "-o", tmp_path / "out")
-    assert_clean_failure(result, tmp_path, 1, "evil.pt", "not a PyTorch checkpoint")
+    assert_clean_failure(result, tmp_path, 1, "evil.pt", "hostile pickle", "system")
     assert not marker.exists()
 
 
@@ -124,7 +139,7 @@ def test_hostile_data_pkl_in_zip_runs_nothing(cli, tmp_path, good):
     with zipfile.ZipFile(bad, "w") as archive:
         archive.writestr("archive/data.pkl", pickle.dumps({"w": Hostile(str(marker))}, protocol=2))
     result = cli("average", good[0], bad, "-o", tmp_path / "out")
-    assert_clean_failure(result, tmp_path, 1, "evil.bin", "no weights found")
+    assert_clean_failure(result, tmp_path, 1, "evil.bin", "hostile pickle", "system")
     assert not marker.exists()
 
 
@@ -240,3 +255,30 @@ def test_a_failing_model_file_copy_fails_the_run(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "copyfile", broken_copy)
     result = cli("average", *paths, "-o", tmp_path / "out")
     assert_clean_failure(result, tmp_path, 3, "No space left on device")
+
+
+class Calls:
+    """Pickles as a call of `func(*args)`: what an attacker writes into a checkpoint."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize("func, args", [
+    (eval, ("__import__('os').system('touch {marker}')",)),
+    (exec, ("open('{marker}', 'w')",)),
+    (__import__("subprocess").call, (["touch", "{marker}"],)),
+    (__import__("runpy").run_path, ("{marker}",)),
+    (getattr, (Calls(__import__, "os"), "system")),
+])
+def test_dangerous_callables_are_refused_by_name(cli, tmp_path, good, func, args):
+    marker = tmp_path / "pwned"
+    args = tuple(a.format(marker=marker) if isinstance(a, str) else a for a in args)
+    bad = tmp_path / "evil.pt"
+    torch.save({"state_dict": make_state(0), "extra": {"x": Calls(func, *args)}}, bad)
+    result = cli("average", good[0], bad, "-o", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, 1, "evil.pt", f"hostile pickle: it calls {func.__module__}.{func.__name__}")
+    assert not marker.exists()

@@ -16,7 +16,7 @@ import torch
 
 from ckptavg.errors import InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource
-from ckptavg.formats.unpickle import Opaque, QuantizedTensorRef, RestrictedUnpickler, StorageRef, TensorRef
+from ckptavg.formats.unpickle import HostilePickleError, Opaque, QuantizedTensorRef, RestrictedUnpickler, StorageRef, TensorRef
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -34,6 +34,8 @@ class PickleFile:
             self.obj = self._load_legacy() if self.legacy else self._load_zip()
         except InputError:
             raise
+        except HostilePickleError as e:
+            raise InputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
         except zipfile.BadZipFile as e:
             raise InputError(path, f"corrupt or truncated zip archive ({e})") from e
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError) as e:

@@ -1,13 +1,15 @@
 """A restricted unpickler: reads the structure of a PyTorch pickle and runs nothing from it.
 
 torch's own rebuild functions are replaced by ones that record where each tensor's bytes are
-(`TensorRef`), and every other global the file names becomes an inert `Opaque` placeholder that
-records its arguments and is never called. So a Lightning or fairseq checkpoint (omegaconf configs,
+(`TensorRef`), a global that can run code or touch the system (os.system, subprocess, eval, ...) makes
+the file refused as hostile, and every other global the file names becomes an inert `Opaque` placeholder
+that records its arguments and is never called. So a Lightning or fairseq checkpoint (omegaconf configs,
 argparse Namespaces, numpy RNG state) still gives up its tensors, and a hostile pickle does nothing.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import collections
 import pickle
@@ -139,6 +141,32 @@ _TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
 }
 
 
+# Callables a checkpoint has no reason to name: a pickle that does is an attack, refused outright even
+# where the object would be outside the weights. Any other unknown global stays an inert placeholder.
+DANGEROUS_MODULES = {
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "runpy", "importlib", "socket", "pty", "code", "codeop",
+    "ctypes", "multiprocessing", "webbrowser", "marshal", "commands", "pickle", "_pickle", "dill", "pdb", "timeit",
+}
+DANGEROUS_NAMES = {
+    "builtins": {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals", "locals",
+                 "vars", "input", "breakpoint", "execfile", "file", "apply", "exit", "quit", "help"},
+    "types": {"FunctionType", "CodeType", "LambdaType", "MethodType"},
+}
+DANGEROUS_NAMES["__builtin__"] = DANGEROUS_NAMES["builtins"]
+
+
+class HostilePickleError(pickle.UnpicklingError):
+    """The pickle names a callable that can run code or touch the system (`qualname`)."""
+
+    def __init__(self, qualname: str) -> None:
+        super().__init__(qualname)
+        self.qualname = qualname
+
+
+def dangerous(module: str, name: str) -> bool:
+    return module.split(".")[0] in DANGEROUS_MODULES or name in DANGEROUS_NAMES.get(module, ())
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a torch checkpoint's structure; `storage_ref(key, dtype, numel)` describes each storage."""
 
@@ -148,6 +176,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.opaque_globals: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 0-2 pickles name Python 2 modules (__builtin__, commands, copy_reg): read them as Python 3's.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         if (module, name) in _TORCH_FUNCTIONS:
             return _TORCH_FUNCTIONS[(module, name)]
         if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
@@ -158,6 +188,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module in ("builtins", "__builtin__") and name in SAFE_BUILTINS:
             return getattr(builtins, name)
+        if dangerous(module, name):
+            raise HostilePickleError(f"{module}.{name}")
         self.opaque_globals.add(f"{module}.{name}")
         return _opaque(module, name)
 
