@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from ckptavg.merge.engine import CACHE_BLOCK_ELEMENTS, fold_block
 
-NAIVE = r"""
+# What both peer scripts share: loading one checkpoint whole (a sharded folder or a .pt's "model"), the
+# argument list, and the output file.
+PEER_LOAD = r"""
 import json, sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
@@ -59,6 +61,13 @@ def load(path):
         return state
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 inputs, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+"""
+PEER_SAVE = r"""
+out.mkdir()
+save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
+"""
+
+NAIVE = PEER_LOAD + r"""
 states = [load(p) for p in inputs]
 merged = {}
 for name in states[0]:
@@ -66,22 +75,9 @@ for name in states[0]:
     for s in states[1:]:
         acc += s[name].float()
     merged[name] = (acc / len(states)).to(states[0][name].dtype)
-out.mkdir()
-save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
-"""
+""" + PEER_SAVE
 
-FAIRSEQ = r"""
-import json, sys, torch
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-def load(path):
-    if path.is_dir():
-        state = {}
-        for shard in sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
-        return state
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-inputs, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+FAIRSEQ = PEER_LOAD + r"""
 params = None
 for path in inputs:
     state = load(path)
@@ -92,9 +88,7 @@ for path in inputs:
             params[k] += p.float() if p.dtype == torch.float16 else p
     del state
 merged = {k: (p.div_(len(inputs)) if p.is_floating_point() else p // len(inputs)) for k, p in params.items()}
-out.mkdir()
-save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
-"""
+""" + PEER_SAVE
 
 
 # ---------------------------------------------------------------------------------------------- inputs

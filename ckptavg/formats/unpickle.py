@@ -152,7 +152,6 @@ DANGEROUS_NAMES = {
                  "vars", "input", "breakpoint", "execfile", "file", "apply", "exit", "quit", "help"},
     "types": {"FunctionType", "CodeType", "LambdaType", "MethodType"},
 }
-DANGEROUS_NAMES["__builtin__"] = DANGEROUS_NAMES["builtins"]
 
 
 class HostilePickleError(pickle.UnpicklingError):
@@ -186,7 +185,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType(torch.uint8)
         if module == "torch" and name in TORCH_DTYPES:
             return getattr(torch, name)
-        if module in ("builtins", "__builtin__") and name in SAFE_BUILTINS:
+        if module == "builtins" and name in SAFE_BUILTINS:
             return getattr(builtins, name)
         if dangerous(module, name):
             raise HostilePickleError(f"{module}.{name}")

@@ -174,6 +174,7 @@ class Engine:
         self.workers = 1 if self.staged else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         budget = memory_budget or (CUDA_MEMORY_BUDGET if self.cuda else CPU_MEMORY_BUDGET)
         self.sizes = Sizes.for_plan(plan, budget, self.workers, self.staged)
+        self._block_bytes = self.sizes.block_elements * max([e.input_dtype.itemsize for e in plan.entries] or [1])
         self.bytes_read = 0
         self._stop = threading.Event()
         self._out_free: queue.Queue = queue.Queue()
@@ -342,9 +343,8 @@ class Engine:
         from chunk to chunk, so they stay in its core's cache."""
         local = self._local.__dict__
         tensors = local.setdefault("buffers", [])
-        block_bytes = self.sizes.block_elements * max(e.input_dtype.itemsize for e in self.plan.entries)
         while len(tensors) < width:
-            tensors.append(torch.empty(block_bytes, dtype=torch.uint8))
+            tensors.append(torch.empty(self._block_bytes, dtype=torch.uint8))
         key = (width, dtype)
         if key not in local.setdefault("views", {}):
             nbytes = self.sizes.block_elements * dtype.itemsize
