@@ -14,6 +14,7 @@ import torch
 
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.formats.base import Checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.formats.base import FILES, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
@@ -208,6 +209,7 @@ def average(
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
+        refuse_overlaps(checkpoints, out_path)
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
         strategy = make_weights(len(checkpoints)) if make_weights else parse_weights(weights, ema, len(checkpoints))
@@ -229,6 +231,24 @@ def average(
         return report
     finally:
         FILES.close()
+
+
+def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
+    """The same weights given twice (a folder twice, a file and its folder, a symlink and its target), or an
+    output that would replace a folder holding an input: each is a mistake, refused before any work."""
+    seen: dict[Path, Path] = {}
+    for ckpt in checkpoints:
+        for file in {f.resolve() for f in ckpt.files}:
+            if file in seen:
+                same = "" if seen[file] == ckpt.path else f" (it reads {file}, as {seen[file]} does)"
+                raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
+            seen[file] = ckpt.path
+    if out is None:
+        return
+    target = out.resolve()
+    for file, given in seen.items():
+        if target in file.parents:
+            raise OutputError(out, f"holds the input {given}; writing there would replace it, choose another output")
 
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")

@@ -5,8 +5,11 @@ Nothing here reads tensor data; headers, zip directories and pickle structure on
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +56,31 @@ def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpo
         UnsupportedError: a layout ckptavg recognises but does not merge.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file or folder")
+    try:
+        return _open(path, options)
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else path
+        raise InputError(where, f"cannot read: {e.strerror or e}") from e
+
+
+def check_readable(path: Path) -> None:
+    """A regular file or folder that exists, else an error that says what it is instead."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(path, "symlink loop: the link points back to itself") from e
+        if path.is_symlink():
+            raise InputError(path, f"broken symlink to {os.readlink(path)}") from e
+        if e.errno == errno.ENOENT:
+            raise InputError(path, "no such file or folder") from e
+        raise InputError(path, f"cannot read: {e.strerror or e}") from e
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(path, "not a regular file or folder (a FIFO, socket or device)")
+
+
+def _open(path: Path, options: LoadOptions) -> Checkpoint:
+    check_readable(path)
     folder = None
     if path.is_dir():
         folder = path
@@ -87,6 +113,7 @@ def _weights_file_of_folder(folder: Path) -> Path:
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates[:4])
         raise InputError(folder, f"several weight files ({names}); name the one to use")
+    check_readable(candidates[0])
     return candidates[0]
 
 
@@ -212,11 +239,14 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
     tensors: dict[str, TensorSource] = {}
     files, notes, formats = [], [], set()
     for shard, names in by_shard.items():
+        if (folder / shard).is_symlink() and (folder / shard).resolve().parent != folder:
+            raise InputError(index_file, f"shard {shard!r} is a symlink that leads outside the checkpoint folder")
         shard_path = (folder / shard).resolve()
         if shard_path.parent != folder:
             raise InputError(index_file, f"shard {shard!r} is outside the checkpoint folder")
-        if not shard_path.is_file():
+        if not (folder / shard).exists():
             raise InputError(index_file, f"shard {shard} is missing")
+        check_readable(folder / shard)
         part = _open_file(shard_path, shard_path, options)
         formats.add(part.format)
         notes.extend(n for n in part.notes if n not in notes)

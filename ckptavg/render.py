@@ -126,8 +126,17 @@ def _all_notes(report: AverageReport) -> list[str]:
     return notes
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped (`\\n`): names from a file may hold them."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def print_error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True) if stderr.is_terminal else sys.stderr.write(f"error: {message}\n")
+    message = one_line(message)
+    if stderr.is_terminal:
+        stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(f"error: {message}\n")
 
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -166,7 +166,7 @@ def test_order_by_step_and_given(tmp_path):
 @pytest.mark.parametrize("layout,expected", [("lightning", 50), ("fairseq", 50), ("pt", 50)])
 def test_step_read_from_checkpoint_or_name(tmp_path, layout, expected):
     path = save_layout(make_state(0), tmp_path, layout, step=50)
-    report = ckptavg.average([path, path], None, dry_run=True, strip_prefixes=["model."])
+    report = ckptavg.average([path], None, dry_run=True, strip_prefixes=["model."])
     assert report.inputs[0].step == expected
 
 

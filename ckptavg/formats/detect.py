@@ -66,12 +66,9 @@ def refuse_quantized_names(path: Path, names: list[str]) -> None:
 
 def weight_files_in(folder: Path) -> list[Path]:
     """Candidate weight files of a folder, best layout first; index files stand for their shards."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            return [folder / index]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            return [folder / name]
     indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
     if indexes:
         return indexes

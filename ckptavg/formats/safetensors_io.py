@@ -48,8 +48,10 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
             raise InputError(path, f"truncated: header needs {8 + length} bytes, file has {size}")
         raw = f.read(length)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateName as e:
+        raise InputError(path, f"corrupt safetensors header: tensor {e.args[0]!r} is listed twice") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InputError(path, f"corrupt safetensors header: not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise InputError(path, "corrupt safetensors header: not a JSON object")
@@ -61,18 +63,43 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     return header, metadata, data_start
 
 
+class _DuplicateName(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a name given twice is an error, not "the last one wins"."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateName(key)
+        seen[key] = value
+    return seen
+
+
+def _naturals(value: object, length: int | None = None) -> list[int] | None:
+    """`value` as a list of non-negative JSON integers (of `length` items), else None."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        return None
+    return value
+
+
 def _check_entries(path: Path, header: dict, data_size: int) -> None:
     spans = []
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise InputError(path, f"tensor {name!r} has dtype {entry['dtype']}, which ckptavg does not handle") from e
-            raise InputError(path, f"corrupt safetensors header: bad entry for tensor {name!r}") from e
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize:
+        if not isinstance(entry, dict):
+            raise InputError(path, f"corrupt safetensors header: entry for tensor {name!r} is not an object")
+        kind = entry.get("dtype")
+        if isinstance(kind, str) and kind not in SAFETENSORS_DTYPES:
+            raise InputError(path, f"tensor {name!r} has dtype {kind}, which ckptavg does not handle")
+        shape, offsets = _naturals(entry.get("shape")), _naturals(entry.get("data_offsets"), 2)
+        if not isinstance(kind, str) or shape is None or offsets is None:
+            raise InputError(path, f"corrupt safetensors header: bad dtype, shape or data_offsets for tensor {name!r}")
+        dtype = SAFETENSORS_DTYPES[kind]
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise InputError(path, f"corrupt safetensors header: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}")
         spans.append((begin, end, name))
     spans.sort()

@@ -38,8 +38,12 @@ class PickleFile:
             raise InputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
         except zipfile.BadZipFile as e:
             raise InputError(path, f"corrupt or truncated zip archive ({e})") from e
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError) as e:
-            raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {e})") from e
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as e:
+            raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {str(e)[:200]})") from e
+        except MemoryError as e:
+            raise InputError(path, "corrupt PyTorch pickle: it claims an object larger than memory") from e
+        except RecursionError as e:
+            raise InputError(path, "corrupt PyTorch pickle: nested too deeply") from e
         self.opaque_globals = sorted(self._unpickler_globals)
 
     def _storage_ref(self, key: str, dtype: torch.dtype, numel: int) -> StorageRef:
@@ -53,6 +57,8 @@ class PickleFile:
             if not pkl:
                 raise InputError(self.path, "zip archive without data.pkl: not a PyTorch checkpoint")
             prefix = pkl[0][: -len("data.pkl")]
+            if archive.getinfo(pkl[0]).compress_type != zipfile.ZIP_STORED:
+                raise InputError(self.path, "data.pkl is compressed; torch.save never does this")
             byteorder = prefix + "byteorder"
             if byteorder in names and archive.read(byteorder).strip() != b"little":
                 raise UnsupportedError(self.path, "saved on a big-endian machine; ckptavg reads little-endian checkpoints only")

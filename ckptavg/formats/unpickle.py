@@ -22,7 +22,7 @@ import torch
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
 }
-SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "complex", "slice", "bytearray", "int", "float", "str", "bytes", "bool"}
+SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "complex", "slice", "int", "float", "str", "bool"}
 TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
@@ -124,6 +124,17 @@ def _rebuild_from_type(func: Callable, new_type: Any, args: tuple, state: Any) -
     return func(*args)
 
 
+def _sized_bytes(kind: type) -> Callable:
+    """bytes/bytearray from text (how protocol 2 pickles them), never `bytes(n)`: n could be a terabyte."""
+
+    def build(*args: Any) -> Any:
+        if args and not isinstance(args[0], (str, bytes, bytearray)):
+            raise pickle.UnpicklingError(f"{kind.__name__}() of a {type(args[0]).__name__}, not text")
+        return kind(*args)
+
+    return build
+
+
 def _rebuild_qtensor(*_: Any) -> QuantizedTensorRef:
     return QuantizedTensorRef()
 
@@ -138,6 +149,8 @@ _TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch", "Size"): tuple,
+    ("builtins", "bytes"): _sized_bytes(bytes),
+    ("builtins", "bytearray"): _sized_bytes(bytearray),
 }
 
 
@@ -146,11 +159,14 @@ _TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
 DANGEROUS_MODULES = {
     "os", "posix", "nt", "subprocess", "sys", "shutil", "runpy", "importlib", "socket", "pty", "code", "codeop",
     "ctypes", "multiprocessing", "webbrowser", "marshal", "commands", "pickle", "_pickle", "dill", "pdb", "timeit",
+    "torch.hub", "urllib", "http", "ftplib", "tempfile", "glob", "pathlib", "zipimport",
 }
 DANGEROUS_NAMES = {
     "builtins": {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals", "locals",
                  "vars", "input", "breakpoint", "execfile", "file", "apply", "exit", "quit", "help"},
     "types": {"FunctionType", "CodeType", "LambdaType", "MethodType"},
+    "io": {"open", "open_code", "FileIO"},
+    "_io": {"open", "open_code", "FileIO"},
 }
 
 
@@ -163,7 +179,9 @@ class HostilePickleError(pickle.UnpicklingError):
 
 
 def dangerous(module: str, name: str) -> bool:
-    return module.split(".")[0] in DANGEROUS_MODULES or name in DANGEROUS_NAMES.get(module, ())
+    parts = module.split(".")
+    packages = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return bool(packages & DANGEROUS_MODULES) or name in DANGEROUS_NAMES.get(module, ())
 
 
 class RestrictedUnpickler(pickle.Unpickler):
