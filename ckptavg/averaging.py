@@ -14,9 +14,8 @@ import torch
 
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
-from ckptavg.formats.base import Checkpoint
 from ckptavg.errors import OutputError, UsageError
-from ckptavg.formats.base import FILES, dtype_name
+from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
     SafetensorsWriter,
