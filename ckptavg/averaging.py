@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ckptavg import __version__
-from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
@@ -117,10 +117,7 @@ def choose_device(name: str) -> torch.device:
 
 
 def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
+    return real_path(a) == real_path(b)
 
 
 def average(
@@ -237,14 +234,14 @@ def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     output that would replace a folder holding an input: each is a mistake, refused before any work."""
     seen: dict[Path, Path] = {}
     for ckpt in checkpoints:
-        for file in {f.resolve() for f in ckpt.files}:
+        for file in {real_path(f) for f in ckpt.files}:
             if file in seen:
-                same = "" if seen[file] == ckpt.path else f" (it reads {file}, as {seen[file]} does)"
+                same = "" if seen[file] == ckpt.path else f" (the same weights as {seen[file]})"
                 raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
             seen[file] = ckpt.path
     if out is None:
         return
-    target = out.resolve()
+    target = real_path(out)
     for file, given in seen.items():
         if target in file.parents:
             raise OutputError(out, f"holds the input {given}; writing there would replace it, choose another output")

@@ -63,8 +63,13 @@ def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpo
         raise InputError(where, f"cannot read: {e.strerror or e}") from e
 
 
-def check_readable(path: Path) -> None:
-    """A regular file or folder that exists, else an error that says what it is instead."""
+def real_path(path: Path) -> Path:
+    """The path with every symlink followed; unlike Path.resolve it does not raise on a symlink loop."""
+    return Path(os.path.realpath(path))
+
+
+def check_readable(path: Path, folder_ok: bool = True) -> None:
+    """A regular file (or folder, if `folder_ok`) that exists, else an error that says what it is instead."""
     try:
         mode = path.stat().st_mode
     except OSError as e:
@@ -75,6 +80,8 @@ def check_readable(path: Path) -> None:
         if e.errno == errno.ENOENT:
             raise InputError(path, "no such file or folder") from e
         raise InputError(path, f"cannot read: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode) and not folder_ok:
+        raise InputError(path, "not a regular file: it is a folder")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(path, "not a regular file or folder (a FIFO, socket or device)")
 
@@ -232,21 +239,20 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise InputError(index_file, "corrupt index: expected JSON with a weight_map of tensor name -> shard file") from e
-    folder = index_file.parent.resolve()
+    folder = real_path(index_file.parent)
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
     tensors: dict[str, TensorSource] = {}
     files, notes, formats = [], [], set()
     for shard, names in by_shard.items():
-        if (folder / shard).is_symlink() and (folder / shard).resolve().parent != folder:
-            raise InputError(index_file, f"shard {shard!r} is a symlink that leads outside the checkpoint folder")
-        shard_path = (folder / shard).resolve()
+        shard_path = real_path(folder / shard)
         if shard_path.parent != folder:
-            raise InputError(index_file, f"shard {shard!r} is outside the checkpoint folder")
-        if not (folder / shard).exists():
+            link = (folder / shard).is_symlink() and real_path((folder / shard).parent) == folder
+            raise InputError(index_file, f"shard {shard!r} is {'a symlink that leads ' if link else ''}outside the checkpoint folder")
+        if not (folder / shard).exists() and not (folder / shard).is_symlink():
             raise InputError(index_file, f"shard {shard} is missing")
-        check_readable(folder / shard)
+        check_readable(folder / shard, folder_ok=False)
         part = _open_file(shard_path, shard_path, options)
         formats.add(part.format)
         notes.extend(n for n in part.notes if n not in notes)

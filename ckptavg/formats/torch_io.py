@@ -29,7 +29,8 @@ class PickleFile:
         self.storage_offsets: dict[str, int] = {}
         self.storage_sizes: dict[str, int] = {}
         self._itemsize: dict[str, int] = {}
-        self.legacy = not zipfile.is_zipfile(path)
+        with open(path, "rb") as f:
+            self.legacy = f.read(4) != b"PK\x03\x04"
         try:
             self.obj = self._load_legacy() if self.legacy else self._load_zip()
         except InputError:
