@@ -279,7 +279,7 @@ def _write_output(
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
         raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
     try:
-        with staged(out_path, overwrite, is_dir=not single_file) as tmp:
+        with staged(out_path, overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             writer: TensorWriter
             if kind == "pt":
                 names = [out_path.name] if single_file else ["pytorch_model.bin"]

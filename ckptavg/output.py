@@ -1,7 +1,13 @@
-"""The output: staged under a temporary name in the destination's folder, renamed into place when complete."""
+"""The output: staged under a temporary name in the destination's folder, renamed into place when complete.
+
+While a run writes OUT it holds a lock (`.OUT.ckptavg-lock`, flock) in the same folder, so a second run
+to the same OUT fails at once instead of racing it, and what a killed run left behind
+(`.OUT.ckptavg-partial`, `.OUT.ckptavg-old`) is known to be stale and removed by the next run.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,7 +31,60 @@ SPACE_MARGIN = 64 << 20
 
 
 def tmp_name(out: Path) -> Path:
-    return out.parent / f".{out.name}.ckptavg-tmp-{os.getpid()}"
+    return out.parent / f".{out.name}.ckptavg-partial"
+
+
+def old_name(out: Path) -> Path:
+    return out.parent / f".{out.name}.ckptavg-old"
+
+
+def lock_name(out: Path) -> Path:
+    return out.parent / f".{out.name}.ckptavg-lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of `out` for the block; another run holding it is an error naming its pid.
+
+    The lock file is removed on release. A run that finds the file but gets the lock owns it only if the
+    file is still the one it locked (the holder before it may have just removed it), else it tries again.
+    """
+    path = lock_name(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(out, f"cannot write in {path.parent}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(out, f"another ckptavg run (pid {holder}) is writing it; wait for it to finish or choose another output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Remove what a killed run to `out` left (call it holding the lock: then no live run owns them)."""
+    removed = []
+    for path in (tmp_name(out), old_name(out)):
+        if path.exists() or path.is_symlink():
+            _remove(path)
+            removed.append(path.name)
+    return removed
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -51,19 +110,25 @@ def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
 
 
 @contextmanager
-def staged(out: Path, overwrite: bool, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; on success fsync and rename it into place, on any error remove it."""
-    tmp = tmp_name(out)
-    _remove(tmp)
-    if is_dir:
-        tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp if is_dir else tmp.parent)
-        _replace(tmp, out, overwrite)
-    except BaseException:
-        _remove(tmp)
-        raise
+def staged(out: Path, overwrite: bool, is_dir: bool, notes: list[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `out`, holding its lock; on success fsync and rename it into place,
+    on any error remove it. Leftovers of a killed run are removed first and reported in `notes`."""
+    with output_lock(out):
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise OutputError(out, "already exists (another run just wrote it); pass --overwrite to replace it")
+        removed = remove_leftovers(out)
+        if removed and notes is not None:
+            notes.append(f"removed what an interrupted run left: {', '.join(removed)}")
+        tmp = tmp_name(out)
+        if is_dir:
+            tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_dir(tmp if is_dir else tmp.parent)
+            _replace(tmp, out, overwrite)
+        except BaseException:
+            _remove(tmp)
+            raise
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -71,7 +136,7 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise OutputError(out, "appeared while ckptavg was writing; not replaced")
         if out.is_dir() and not out.is_symlink():
-            old = out.parent / f".{out.name}.ckptavg-old-{os.getpid()}"
+            old = old_name(out)
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

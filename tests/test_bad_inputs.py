@@ -22,7 +22,7 @@ def assert_clean_failure(result, tmp_path, code: int, *needles: str) -> None:
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if ".ckptavg-tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".ckptavg-partial" in p.name]
 
 
 @pytest.fixture
