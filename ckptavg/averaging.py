@@ -31,6 +31,7 @@ from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, parse_weights
 from ckptavg.ordering import order_inputs
 from ckptavg.output import check_destination, copy_model_files, staged
+from ckptavg.verify import ChecksumWriter, verify_output
 
 RECIPE_FILE = "ckptavg.json"
 
@@ -72,6 +73,9 @@ class AverageReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     dry_run: bool = False
+    verified: bool = False
+    verify_seconds: float = 0.0
+    sha256: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     version: str = __version__
 
@@ -139,6 +143,7 @@ def average(
     out_format: str = "auto",
     memory_budget: str | int | None = None,
     fsync: bool = True,
+    verify: bool = False,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -164,6 +169,9 @@ def average(
             pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
         fsync: make the output durable before it is renamed into place (the default). False leaves the
             writeback to the kernel: faster on a slow disk, but a power loss soon after may leave it incomplete.
+        verify: read the output back from the disk before it is renamed into place, check every tensor against
+            a CRC-32 kept while writing, and record each file's sha256 (in ckptavg.json for a folder, and in
+            the report's `sha256`).
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -220,7 +228,7 @@ def average(
             return report
         assert out_path is not None
         check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget, fsync)
+        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget, fsync, verify)
         report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
@@ -268,6 +276,7 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
 def _write_output(
     plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
     device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", memory_budget: int | None = None, fsync: bool = True,
+    verify: bool = False,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
@@ -295,6 +304,8 @@ def _write_output(
                 names = shard_file_names(len(shards))
                 writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"}, durable=fsync)
             report.output_files = list(names)
+            if verify:
+                writer = ChecksumWriter(writer, specs)
             engine = Engine(plan, device, memory_budget)
             try:
                 engine.run(writer, on_progress)
@@ -303,6 +314,8 @@ def _write_output(
                 writer.abort()
             report.bytes_written = writer.bytes_written
             if single_file:
+                if isinstance(writer, ChecksumWriter):
+                    _verify(tmp, out_path, specs, writer, report)
                 return engine.bytes_read
             if kind == "safetensors" and len(names) > 1:
                 write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
@@ -312,11 +325,22 @@ def _write_output(
                 report.copied_files = copy_model_files(newest_folder, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
+            if isinstance(writer, ChecksumWriter):
+                _verify(tmp, out_path, specs, writer, report)
+                recipe["verified"] = True
+                recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
             write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
             report.output_files.append(RECIPE_FILE)
             return engine.bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
+
+
+def _verify(tmp: Path, out: Path, specs: list[TensorSpec], writer: ChecksumWriter, report: AverageReport) -> None:
+    started = time.perf_counter()
+    report.sha256 = verify_output(tmp, out, specs, writer.crcs)
+    report.verified = True
+    report.verify_seconds = time.perf_counter() - started
 
 
 def disk_size(path: Path) -> int:

@@ -42,6 +42,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when presen
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
 
 
@@ -77,6 +78,7 @@ def average(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
+    verify: VerifyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -97,7 +99,7 @@ def average(
             inputs, output,
             weights=weights, ema=ema, order=order, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, **callbacks,
+            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),
         print_summary, json_output, quiet,
     )
@@ -221,6 +223,7 @@ def export(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and print what would be written.")] = False,
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
+    verify: VerifyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -238,7 +241,7 @@ def export(
         lambda **callbacks: export_checkpoint(
             checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, fsync=not no_fsync, **callbacks,
+            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),
         print_export, json_output, quiet,
     )

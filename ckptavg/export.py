@@ -14,7 +14,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None, **options: An
     or trainer state; config and tokenizer files copied beside it.
 
     Takes the options of `average` that apply to one input: dtype, key, use_ema, strip_prefixes,
-    max_shard_size, overwrite, out_format, device, memory_budget, fsync, dry_run, on_progress, on_plan. The weights pass through
+    max_shard_size, overwrite, out_format, device, memory_budget, fsync, verify, dry_run, on_progress, on_plan. The weights pass through
     the accumulator unchanged (scale 1), so without --dtype the output is bit for bit the checkpoint's.
 
     Returns:

@@ -113,6 +113,10 @@ def print_summary(report: AverageReport) -> None:
     stdout.print(f"output       {report.output}: {', '.join(report.output_files)}")
     if report.copied_files:
         stdout.print(f"copied       {', '.join(report.copied_files)}")
+    if report.verified:
+        stdout.print(f"verified     every tensor read back from the disk matches what was written ({report.verify_seconds:.2f} s)")
+        for name, sha in report.sha256.items():
+            stdout.print(f"sha256       {sha}  {name}")
     stdout.print(
         f"done         read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
         f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}"

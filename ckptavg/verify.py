@@ -1,0 +1,136 @@
+"""`--verify`: the output is read back from the disk and checked against what the engine handed the writer.
+
+While writing, `ChecksumWriter` keeps a CRC-32 of every tensor's bytes. After the writer has finished (and
+before the output is renamed into place), `verify_output` opens the staged output with ckptavg's own readers,
+drops its pages from the page cache (clean after the fsync, so the bytes come from the disk), reads every file
+once, and checks that each tensor has the name, dtype, shape and CRC-32 that were written. It returns the
+sha256 of every file, which the recipe records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from pathlib import Path
+
+from ckptavg.checkpoint import open_checkpoint
+from ckptavg.errors import InputError, OutputError
+from ckptavg.formats.base import TensorSource, dtype_name
+from ckptavg.formats.writer import TensorSpec, TensorWriter
+
+READ_PIECE = 16 << 20
+
+
+class ChecksumWriter:
+    """A TensorWriter that passes every call on to `writer` and keeps a CRC-32 of each tensor's bytes.
+
+    `specs` are the tensors in the order the engine writes them (the plan's order).
+    """
+
+    def __init__(self, writer: TensorWriter, specs: list[TensorSpec]) -> None:
+        self.writer = writer
+        self.specs = specs
+        self.crcs: dict[str, int] = {}
+        self._position = 0
+        self._written = 0
+        self._crc = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def _advance_if_full(self) -> None:
+        while self._position < len(self.specs) and self._written == self.specs[self._position].nbytes:
+            self.crcs[self.specs[self._position].name] = self._crc
+            self._position += 1
+            self._written, self._crc = 0, 0
+
+    def write(self, data: memoryview) -> None:
+        self._advance_if_full()
+        self._crc = zlib.crc32(data, self._crc)
+        self._written += len(data)
+        self.writer.write(data)
+        self._advance_if_full()
+
+    def repeat(self, name: str) -> None:
+        self._advance_if_full()
+        self.crcs[self.specs[self._position].name] = self.crcs[name]
+        self._position += 1
+        self.writer.repeat(name)
+        self._advance_if_full()
+
+    def finish(self) -> None:
+        self._advance_if_full()
+        self.writer.finish()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(READ_PIECE):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _read_back(path: Path, sources: list[tuple[str, TensorSource]]) -> tuple[str, dict[str, int]]:
+    """One pass over `path` from the disk: its sha256, and the CRC-32 of each tensor's span."""
+    digest = hashlib.sha256()
+    crcs = {name: 0 for name, _ in sources}
+    spans = sorted((src.offset, src.offset + src.nbytes, name) for name, src in sources)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        position = 0
+        while piece := os.pread(fd, READ_PIECE, position):
+            digest.update(piece)
+            end = position + len(piece)
+            for begin, stop, name in spans:
+                if begin < end and stop > position:
+                    view = memoryview(piece)[max(begin, position) - position : min(stop, end) - position]
+                    crcs[name] = zlib.crc32(view, crcs[name])
+            position = end
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), crcs
+
+
+def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int]) -> dict[str, str]:
+    """Check the staged output (a folder or one file) against the specs and CRCs of what was written.
+
+    Returns {file name: sha256} for every file of the output.
+
+    Raises:
+        OutputError: a tensor is missing, extra, or reads back different bytes, dtype or shape.
+    """
+    try:
+        written = open_checkpoint(staged)
+    except InputError as e:
+        raise OutputError(out, f"verification failed: the output does not read back ({e.problem})") from e
+    expected = {spec.name: spec for spec in specs}
+    if set(written.tensors) != set(expected):
+        missing = sorted(set(expected) - set(written.tensors)) or sorted(set(written.tensors) - set(expected))
+        raise OutputError(out, f"verification failed: tensor {missing[0]} is missing or unexpected in the output")
+    by_file: dict[Path, list[tuple[str, TensorSource]]] = {}
+    for name, src in written.tensors.items():
+        spec = expected[name]
+        if src.dtype != spec.dtype or tuple(src.shape) != tuple(spec.shape):
+            raise OutputError(out, f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as {dtype_name(spec.dtype)} {list(spec.shape)}")
+        by_file.setdefault(src.path, []).append((name, src))
+    hashes = {}
+    for path in sorted(by_file):
+        hashes[path.name], read_crcs = _read_back(path, by_file[path])
+        for name, crc in read_crcs.items():
+            if crc != crcs[name]:
+                raise OutputError(out, f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})")
+    files = [p for p in sorted(staged.iterdir())] if staged.is_dir() else [staged]
+    for path in files:
+        if path.is_file() and path.name not in hashes:
+            hashes[path.name] = sha256_of(path)
+    if not staged.is_dir():
+        hashes = {out.name: hashes[staged.name]}
+    return hashes
