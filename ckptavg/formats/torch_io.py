@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,15 @@ class PickleFile:
             raise
         except HostilePickleError as e:
             raise InputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
-        except zipfile.BadZipFile as e:
-            raise InputError(path, f"corrupt or truncated zip archive ({e})") from e
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as e:
-            raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {str(e)[:200]})") from e
-        except MemoryError as e:
-            raise InputError(path, "corrupt PyTorch pickle: it claims an object larger than memory") from e
         except RecursionError as e:
             raise InputError(path, "corrupt PyTorch pickle: nested too deeply") from e
+        except MemoryError as e:
+            raise InputError(path, "corrupt PyTorch pickle: it claims an object larger than memory") from e
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error) as e:
+            # NotImplementedError: an unknown zip version or compression; RuntimeError: "encrypted"
+            raise InputError(path, f"corrupt or truncated zip archive ({str(e)[:200]})") from e
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as e:
+            raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {str(e)[:200]})") from e
         self.opaque_globals = sorted(self._unpickler_globals)
 
     def _storage_ref(self, key: str, dtype: torch.dtype, numel: int) -> StorageRef:
