@@ -3,7 +3,8 @@
 # Usage: scripts/demo.sh [examples folder, default examples/]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh
+# the training loop saves with safetensors.torch, which needs numpy (the demo extra); ckptavg itself does not
+EXTRAS=demo source scripts/setup_env.sh
 EXAMPLES=${1:-examples}
 CKPTAVG="$VENV/bin/ckptavg"
 rm -rf "$EXAMPLES"
@@ -19,8 +20,8 @@ echo "$LAST4"
   | "$VENV/bin/python" -c "import json, sys; [print(c['step'], c['metrics'].get('eval_loss'), 'chosen' if c['chosen'] else '', '; '.join(c['why'])) for c in json.load(sys.stdin)['candidates']]"
 "$CKPTAVG" average $LAST4 -o "$EXAMPLES/merged" --dry-run
 
-echo "== 3. average them"
-"$CKPTAVG" average $LAST4 -o "$EXAMPLES/merged"
+echo "== 3. average them, reading the output back from the disk to check it (--verify)"
+"$CKPTAVG" average $LAST4 -o "$EXAMPLES/merged" --verify
 ls -l "$EXAMPLES/merged"
 
 echo "== 4. an EMA over all checkpoints into one bf16 file, summary as JSON"
