@@ -127,7 +127,7 @@ def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[s
         for name, crc in read_crcs.items():
             if crc != crcs[name]:
                 raise OutputError(out, f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})")
-    files = [p for p in sorted(staged.iterdir())] if staged.is_dir() else [staged]
+    files = sorted(staged.iterdir()) if staged.is_dir() else [staged]
     for path in files:
         if path.is_file() and path.name not in hashes:
             hashes[path.name] = sha256_of(path)

@@ -391,64 +391,37 @@ def gap_between_tensors(d, good, mp):
     return [raw_safetensors(d / "x.safetensors", header, b"\0" * 48)]
 
 
-@case("safetensors", "x.safetensors", "truncated: header says 4016 bytes")
-def offsets_outside_the_data(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape=[1004], data_offsets=[0, 4016]))]
+# One field of a valid one-tensor header changed: (case, what the error must say, the changed fields).
+HEADER_FIELD_CASES = [
+    ("offsets_outside_the_data", "truncated: header says 4016 bytes", dict(shape=[1004], data_offsets=[0, 4016])),
+    ("end_before_begin", "has -16 bytes for shape [2, 2]", dict(data_offsets=[16, 0])),
+    ("shape_does_not_match_the_span", "has 16 bytes for shape [3, 3] F32", dict(shape=[3, 3])),
+    ("dtype_does_not_match_the_span", "has 16 bytes for shape [2, 2] F64", dict(dtype="F64")),
+    ("huge_shape_small_span", "has 16 bytes for shape [1099511627776, 1099511627776]", dict(shape=[2**40, 2**40])),
+    ("unknown_dtype", "dtype F4, which ckptavg does not handle", dict(dtype="F4")),
+    ("dtype_not_a_string", "bad dtype, shape or data_offsets for tensor 'w'", dict(dtype=32)),
+    ("negative_dimension", "bad dtype, shape or data_offsets", dict(shape=[-2, -2])),
+    ("fractional_dimension", "bad dtype, shape or data_offsets", dict(shape=[2.0, 2.5])),
+    ("shape_is_a_string", "bad dtype, shape or data_offsets", dict(shape="2x2")),
+    ("three_offsets", "bad dtype, shape or data_offsets", dict(data_offsets=[0, 8, 16])),
+]
 
 
-@case("safetensors", "x.safetensors", "has -16 bytes for shape [2, 2]")
-def end_before_begin(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(data_offsets=[16, 0]))]
+def header_field_case(name: str, needle: str, fields: dict) -> None:
+    def build(d, good, mp):
+        return [raw_safetensors(d / "x.safetensors", one_tensor(**fields))]
+
+    build.__name__ = name
+    case("safetensors", "x.safetensors", needle)(build)
 
 
-@case("safetensors", "x.safetensors", "has 16 bytes for shape [3, 3] F32")
-def shape_does_not_match_the_span(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape=[3, 3]))]
-
-
-@case("safetensors", "x.safetensors", "has 16 bytes for shape [2, 2] F64")
-def dtype_does_not_match_the_span(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(dtype="F64"))]
-
-
-@case("safetensors", "x.safetensors", "has 16 bytes for shape [1099511627776, 1099511627776]")
-def huge_shape_small_span(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape=[2**40, 2**40]))]
-
-
-@case("safetensors", "x.safetensors", "dtype F4, which ckptavg does not handle")
-def unknown_dtype(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(dtype="F4"))]
-
-
-@case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets for tensor 'w'")
-def dtype_not_a_string(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(dtype=32))]
-
-
-@case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets")
-def negative_dimension(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape=[-2, -2]))]
-
-
-@case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets")
-def fractional_dimension(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape=[2.0, 2.5]))]
-
-
-@case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets")
-def shape_is_a_string(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(shape="2x2"))]
+for name, needle, fields in HEADER_FIELD_CASES:
+    header_field_case(name, needle, fields)
 
 
 @case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets")
 def offsets_missing(d, good, mp):
     return [raw_safetensors(d / "x.safetensors", {"w": {"dtype": "F32", "shape": [2, 2]}})]
-
-
-@case("safetensors", "x.safetensors", "bad dtype, shape or data_offsets")
-def three_offsets(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", one_tensor(data_offsets=[0, 8, 16]))]
 
 
 @case("safetensors", "x.safetensors", "entry for tensor 'w' is not an object")
