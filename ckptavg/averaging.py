@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -14,7 +15,7 @@ import torch
 
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
-from ckptavg.errors import OutputError, UsageError
+from ckptavg.errors import OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
@@ -28,12 +29,11 @@ from ckptavg.formats.writer import (
 )
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
-from ckptavg.merge.weights import Weights, parse_weights
-from ckptavg.ordering import order_inputs
-from ckptavg.output import check_destination, copy_model_files, staged
+from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
+from ckptavg.same_run import different_runs
+from ckptavg.ordering import order_inputs, order_note, require_order
+from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, copy_model_files, staged
 from ckptavg.verify import ChecksumWriter, verify_output
-
-RECIPE_FILE = "ckptavg.json"
 
 
 @dataclass
@@ -46,6 +46,7 @@ class InputSummary:
     tensors: int
     bytes: int
     notes: list[str]
+    weights_from: str = ""  # which weights were taken from the input and why (raw or EMA, key, prefixes)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class AverageReport:
     device: str
     input_disk_bytes: int = 0
     output_disk_bytes: int = 0
+    bytes_to_read: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -77,6 +79,7 @@ class AverageReport:
     verify_seconds: float = 0.0
     sha256: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # things that look wrong; --strict makes them errors
     version: str = __version__
 
     @property
@@ -130,6 +133,7 @@ def average(
     *,
     weights: str | None = None,
     ema: float | None = None,
+    ema_half_life: float | None = None,
     order: str = "auto",
     dtype: str | None = None,
     accum: str = "auto",
@@ -144,6 +148,8 @@ def average(
     memory_budget: str | int | None = None,
     fsync: bool = True,
     verify: bool = False,
+    strict: bool = False,
+    check_same_run: bool = True,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -155,6 +161,7 @@ def average(
         out: a folder (sharded safetensors + index + model files) or a `.safetensors` file; None only with dry_run.
         weights: None or "uniform" (mean), "linear" (1..N), or "1,2,3".
         ema: decay of an exponential moving average over the ordered inputs (instead of weights).
+        ema_half_life: an EMA in training steps with this half-life, honouring irregular spacing (instead of weights).
         order: "auto" (by step, else epoch, else as given) or "given".
         dtype: output dtype of floating tensors ("bf16", "fp16", "fp32"); None keeps the input's.
         accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64".
@@ -172,6 +179,8 @@ def average(
         verify: read the output back from the disk before it is renamed into place, check every tensor against
             a CRC-32 kept while writing, and record each file's sha256 (in ckptavg.json for a folder, and in
             the report's `sha256`).
+        strict: treat every warning (different runs, an EMA dominated by its oldest input, ...) as an error.
+        check_same_run: compare a small sample of every input to warn when they look like different runs.
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -201,25 +210,34 @@ def average(
     input_paths = [Path(p) for p in paths]
     if out_path is not None:
         output_layout(out_path, out_format)
+        check_output_name(out_path)
         if any(_same_path(p, out_path) for p in input_paths):
-            if not overwrite:
-                raise OutputError(out_path, "is one of the inputs; pass --overwrite to replace it (it is then not read)")
-            input_paths = [p for p in input_paths if not _same_path(p, out_path)]
-            notes.append(f"{out_path} is the output, so it was not read as an input")
-            if not input_paths:
-                raise UsageError(None, "no inputs left once the output is set aside")
+            raise OutputError(out_path, "is one of the inputs; ckptavg never replaces an input: choose another output (or leave it out of the inputs)")
+        for p in input_paths:
+            if real_path(out_path) in real_path(p).parents:
+                raise OutputError(out_path, f"holds the input {p}; writing there would replace it, choose another output")
         check_destination(out_path, overwrite, needed_bytes=0)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
         refuse_overlaps(checkpoints, out_path)
+        given = checkpoints
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
-        strategy = make_weights(len(checkpoints)) if make_weights else parse_weights(weights, ema, len(checkpoints))
+        if ema_half_life is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
+            raise UsageError(None, f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use --ema DECAY instead")
+        steps = [c.step for c in checkpoints]
+        strategy = make_weights(len(checkpoints)) if make_weights else parse_weights(weights, ema, len(checkpoints), ema_half_life, steps)
+        require_order(given, ordered_by, order, strategy.strategy)
+        if note := order_note(given, checkpoints, strategy.strategy):
+            notes.append(note)
         plan = build_plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
         report.dry_run = dry_run
+        report.warnings.extend(_warnings(plan, ema, ema_half_life, steps, check_same_run))
+        if strict and report.warnings:
+            raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
         if on_plan:
             on_plan(report)
         if dry_run:
@@ -237,25 +255,55 @@ def average(
         FILES.close()
 
 
+def _warnings(plan: Plan, decay: float | None, half_life: float | None, steps: list[int | None], check_same_run: bool) -> list[str]:
+    """What looks wrong about this run although it can be done: an EMA that is mostly its oldest input,
+    inputs that look like different training runs."""
+    found = []
+    if decay is not None:
+        n = len(plan.inputs)
+        advice = f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or use --ema-half-life STEPS"
+        found.append(oldest_weight_warning(plan.weights, advice))
+    if half_life is not None and steps[0] is not None and steps[-1] is not None:
+        found.append(oldest_weight_warning(plan.weights, f"a half-life under the {steps[-1] - steps[0]} steps the inputs span gives it less"))
+    if check_same_run and len(plan.inputs) > 1:
+        found.extend(different_runs(plan))
+    return [w for w in found if w]
+
+
 def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     """The same weights given twice (a folder twice, a file and its folder, a symlink and its target), or an
     output that would replace a folder holding an input: each is a mistake, refused before any work."""
-    seen: dict[Path, Path] = {}
+    seen: dict[tuple[int, int], Path] = {}
     for ckpt in checkpoints:
-        for file in {real_path(f) for f in ckpt.files}:
+        for file in {file_identity(f) for f in ckpt.files}:
             if file in seen:
-                same = "" if seen[file] == ckpt.path else f" (the same weights as {seen[file]})"
+                same = "" if seen[file] == ckpt.path else f" (the same weights as {seen[file]}{_hard_link(seen[file], ckpt.path)})"
                 raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
             seen[file] = ckpt.path
     if out is None:
         return
     target = real_path(out)
-    for file, given in seen.items():
-        if target in file.parents:
-            raise OutputError(out, f"holds the input {given}; writing there would replace it, choose another output")
+    for ckpt in checkpoints:
+        for file in ckpt.files:
+            if target == real_path(file) or (target.exists() and file_identity(target) == file_identity(file)):
+                raise OutputError(out, f"is one of the inputs ({ckpt.path}); ckptavg never replaces an input: choose another output")
+            if target in real_path(file).parents:
+                raise OutputError(out, f"holds the input {ckpt.path}; writing there would replace it, choose another output")
+        if ckpt.path.is_dir() and real_path(ckpt.path) in target.parents:
+            raise OutputError(out, f"is inside the input {ckpt.path}; ckptavg never writes into an input: choose another output")
 
 
-PT_SUFFIXES = (".pt", ".pth", ".bin")
+def file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode): the same file whatever path, symlink or hard link leads to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _hard_link(a: Path, b: Path) -> str:
+    return ", a hard link to the same file" if real_path(a) != real_path(b) and a.is_file() and b.is_file() else ""
+
+
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
 
 
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
@@ -266,7 +314,7 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
         if out_format == "pt":
             raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")
         return "safetensors", True
-    if out.suffix in PT_SUFFIXES:
+    if out.name.endswith(PT_SUFFIXES):
         if out_format == "safetensors":
             raise UsageError(None, f"--format safetensors with an output named {out.name}; name it .safetensors")
         return "pt", True
@@ -292,7 +340,7 @@ def _write_output(
             writer: TensorWriter
             if kind == "pt":
                 names = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=fsync)
+                writer = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=fsync, recipe=json.dumps(recipe) if single_file else None)
                 if not single_file and len(specs) and plan.output_bytes > shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
             elif single_file:
@@ -315,7 +363,7 @@ def _write_output(
             report.bytes_written = writer.bytes_written
             if single_file:
                 if isinstance(writer, ChecksumWriter):
-                    _verify(tmp, out_path, specs, writer, report)
+                    _verify(tmp, out_path, specs, writer, report, on_progress)
                 return engine.bytes_read
             if kind == "safetensors" and len(names) > 1:
                 write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
@@ -326,9 +374,10 @@ def _write_output(
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
             if isinstance(writer, ChecksumWriter):
-                _verify(tmp, out_path, specs, writer, report)
+                _verify(tmp, out_path, specs, writer, report, on_progress)
                 recipe["verified"] = True
                 recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
+            recipe["written"] = report.output_files + report.copied_files
             write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
             report.output_files.append(RECIPE_FILE)
             return engine.bytes_read
@@ -336,9 +385,9 @@ def _write_output(
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
-def _verify(tmp: Path, out: Path, specs: list[TensorSpec], writer: ChecksumWriter, report: AverageReport) -> None:
+def _verify(tmp: Path, out: Path, specs: list[TensorSpec], writer: ChecksumWriter, report: AverageReport, on_progress: ProgressFn | None = None) -> None:
     started = time.perf_counter()
-    report.sha256 = verify_output(tmp, out, specs, writer.crcs)
+    report.sha256 = verify_output(tmp, out, specs, writer.crcs, on_progress)  # VerifyProgress: bytes checked / to check
     report.verified = True
     report.verify_seconds = time.perf_counter() - started
 
@@ -363,7 +412,7 @@ def _count_dtypes(dtypes: list[torch.dtype]) -> dict[str, int]:
 
 def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device, notes: list[str]) -> AverageReport:
     inputs = [
-        InputSummary(str(c.path), c.format, c.step, c.epoch, w, len(c.tensors), c.nbytes, list(c.notes))
+        InputSummary(str(c.path), c.format, c.step, c.epoch, w, len(c.tensors), c.nbytes, list(c.notes), c.weights_from)
         for c, w in zip(plan.inputs, plan.weights.normalized)
     ]
     report = AverageReport(
@@ -383,6 +432,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         device=str(device),
         notes=list(notes),
         input_disk_bytes=sum(disk_size(c.path) for c in plan.inputs),
+        bytes_to_read=plan.read_bytes,
     )
     if plan.copied and plan.weights.strategy != "export":
         report.notes.append(f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}")

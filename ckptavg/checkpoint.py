@@ -14,15 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptavg.discover import (
-    StepInfo,
-    merge_steps,
-    read_trainer_state,
-    steps_from_entries,
-    steps_from_name,
-    steps_from_trainer_state,
-)
-from ckptavg.errors import InputError, UsageError
+from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_from_path
+from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
 from ckptavg.formats.safetensors_io import read_safetensors
@@ -104,7 +97,13 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
     refuse_quantized_names(path, list(ckpt.tensors))
-    ckpt.tensors = _strip_prefixes(path, ckpt.tensors, options.strip_prefixes)
+    ckpt.tensors, removed = _strip_prefixes(path, ckpt.tensors, options.strip_prefixes)
+    ckpt.tensors, compiled = _strip_compiled(path, ckpt.tensors)
+    unmatched = [p for p in options.strip_prefixes if not removed.get(p)]
+    if unmatched:
+        ckpt.notes.append(f"--strip-prefix {', '.join(unmatched)} matched no tensor name")
+    done = [f"{p} removed" for p in options.strip_prefixes if removed.get(p)] + ([f"_orig_mod. removed (torch.compile) from {compiled} names"] if compiled else [])
+    ckpt.weights_from = "; ".join(part for part in [ckpt.weights_from, *done] if part)
     _read_step(ckpt)
     return ckpt
 
@@ -140,11 +139,13 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     refs, where, meta = _locate_weights(pickle_file, options)
     skipped = sorted(name for name, value in refs.items() if not isinstance(value, TensorRef))
     tensors = {name: pickle_file.source(ref, name) for name, ref in refs.items() if isinstance(ref, TensorRef)}
+    _check_deepspeed(path, meta, tensors, notes)
     if skipped:
         notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:3])})")
     if where:
         notes.append(f"weights from {where!r}")
     ckpt = Checkpoint(
+        weights_from=_weights_reason(where, options),
         path=path,
         format="torch-legacy" if pickle_file.legacy else "torch",
         tensors=tensors,
@@ -158,6 +159,27 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     found = steps_from_entries(meta)
     ckpt.step, ckpt.epoch, ckpt.step_source = found.step, found.epoch, found.source
     return ckpt
+
+
+def _check_deepspeed(path: Path, top: dict, tensors: dict[str, TensorSource], notes: list[str]) -> None:
+    """A DeepSpeed `*model_states.pt`, known by its entries: ZeRO-3 keeps no weights in it (every parameter
+    has zero elements; they live in the optimizer partitions), ZeRO-1/2 keep the 16-bit module weights."""
+    deepspeed = "ds_version" in top or ("param_shapes" in top and "buffer_names" in top)
+    if not deepspeed:
+        return
+    if any(src.numel == 0 for src in tensors.values()):  # ZeRO-3 leaves every parameter empty here (buffers stay whole)
+        raise UnsupportedError(path, "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the *_optim_states.pt files; consolidate with the zero_to_fp32.py script saved beside the checkpoint first, then average the results")
+    notes.append("DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py extracts them)")
+
+
+def _weights_reason(where: str | None, options: LoadOptions) -> str:
+    if where is None:
+        return "the top-level tensors"
+    if options.key:
+        return f"{where!r} (--key)"
+    if options.use_ema:
+        return f"EMA weights {where!r} (--use-ema)"
+    return f"{where!r}"
 
 
 def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict, str | None, dict]:
@@ -265,28 +287,47 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
     return Checkpoint(path=path, format=f"{kind}-sharded", tensors=tensors, files=files, notes=notes)
 
 
-def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]) -> dict[str, TensorSource]:
+def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]) -> tuple[dict[str, TensorSource], dict[str, int]]:
+    """The tensors renamed without `prefixes` (each removed at most once, in order), and how many names lost each."""
+    removed = {p: 0 for p in prefixes}
     if not prefixes:
-        return tensors
+        return tensors, removed
     renamed: dict[str, TensorSource] = {}
     for name, src in tensors.items():
         new = name
         for prefix in prefixes:
-            new = new.removeprefix(prefix)
+            if new.startswith(prefix):
+                new = new.removeprefix(prefix)
+                removed[prefix] += 1
         if new in renamed:
             raise InputError(path, f"stripping {', '.join(prefixes)} makes two tensors named {new!r}")
         renamed[new] = src
-    return renamed
+    return renamed, removed
+
+
+COMPILED = re.compile(r"(^|\.)_orig_mod\.")
+
+
+def _strip_compiled(path: Path, tensors: dict[str, TensorSource]) -> tuple[dict[str, TensorSource], int]:
+    """torch.compile's wrapper adds `_orig_mod.` to the names of the module it wraps; it is never part of a
+    model's own names, so it is removed wherever it appears."""
+    count = sum(1 for name in tensors if COMPILED.search(name))
+    if not count:
+        return tensors, 0
+    renamed: dict[str, TensorSource] = {}
+    for name, src in tensors.items():
+        new = COMPILED.sub(r"\1", name)
+        if new in renamed:
+            raise InputError(path, f"removing torch.compile's _orig_mod. makes two tensors named {new!r}")
+        renamed[new] = src
+    return renamed, count
 
 
 def _read_step(ckpt: Checkpoint) -> None:
-    """Step and epoch: the folder name and trainer_state.json, then the checkpoint's entries, then its file name."""
-    found = [StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)]
-    if ckpt.path.is_dir():
-        state = read_trainer_state(ckpt.path)
-        found.insert(0, steps_from_trainer_state(state))
-        found.insert(0, steps_from_name(ckpt.path.name))
-    found.append(steps_from_name(ckpt.path.name))
+    """Step and epoch: a folder's name and trainer_state.json, then the checkpoint's entries, then a file's
+    name and its folder's."""
+    entries = StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)
+    found = [steps_from_path(ckpt.path), entries] if ckpt.path.is_dir() else [entries, steps_from_path(ckpt.path)]
     merged = merge_steps(*found)
     ckpt.step, ckpt.epoch, ckpt.step_source = merged.step, merged.epoch, merged.source
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ import typer
 from ckptavg import __version__
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
 from ckptavg.render import (
-    ProgressBar,
+    ProgressDisplay,
     print_diff,
     print_error,
     print_export,
@@ -28,19 +29,18 @@ from ckptavg.render import (
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
     help="Merge the checkpoints of a training run into one better model.",
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]
-KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry of a PyTorch checkpoint that holds the weights, e.g. state_dict or model (a/b for nested).")]
+KeyOpt = Annotated[str | None, typer.Option("--key", metavar="NAME", help="Entry of a PyTorch checkpoint that holds the weights, e.g. state_dict or model (a/b for nested).")]
 UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")]
-StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
-BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
+StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
+BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
@@ -62,13 +62,14 @@ def _root(
 
 @app.command()
 def average(
-    inputs: Annotated[list[Path], typer.Argument(help="Checkpoint files or folders (safetensors, sharded, .pt/.bin/.ckpt, checkpoint-N/).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder (sharded safetensors + index + config/tokenizer), or a .safetensors file.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
+    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders (safetensors, sharded, .pt/.bin/.ckpt, checkpoint-N/).", show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer), or a .safetensors file.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", metavar="uniform|linear|W1,W2,...", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
-    order: Annotated[str, typer.Option("--order", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
+    ema_half_life: Annotated[float | None, typer.Option("--ema-half-life", metavar="STEPS", help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).")] = None,
+    order: Annotated[str, typer.Option("--order", metavar="auto|given", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
     dtype: DtypeOpt = None,
-    accum_dtype: Annotated[str, typer.Option("--accum-dtype", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
+    accum_dtype: Annotated[str, typer.Option("--accum-dtype", metavar="auto|fp32|fp64", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = "5GB",
     key: KeyOpt = None,
@@ -79,6 +80,7 @@ def average(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -92,24 +94,36 @@ def average(
 
         ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o merged.safetensors --json
     """
-    from ckptavg.averaging import average as average_checkpoints
+    average_checkpoints = _deferred("ckptavg.averaging", "average")
 
     _run_and_render(
         lambda **callbacks: average_checkpoints(
             inputs, output,
-            weights=weights, ema=ema, order=order, dtype=dtype, accum=accum_dtype, device=device,
+            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),
-        print_summary, json_output, quiet,
+        print_summary, json_output, quiet, inputs=len(inputs),
     )
 
 
-def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json_output: bool, quiet: bool) -> None:
-    """Run a job with a progress bar wired to its callbacks, then print its report as JSON or for people."""
-    progress = ProgressBar(enabled=not quiet)
-    with progress.running():
-        report = run(on_progress=progress.update, on_plan=progress.start)
+def _deferred(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported when it is called: the progress display is up before torch is imported."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json_output: bool, quiet: bool, inputs: int = 0) -> None:
+    """Run a job with the progress display wired to its callbacks (a status line from the start, while torch
+    is imported and the `inputs` are opened), print its warnings on stderr (also with --json; not with --quiet),
+    then its report as JSON or for people."""
+    display = ProgressDisplay(enabled=not quiet, inputs=inputs)
+    with display.running():
+        report = run(on_progress=display.update, on_plan=display.on_plan)
+    display.warn(report)
     if json_output:
         print_json(report.to_dict())
     elif not quiet:
@@ -118,33 +132,35 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
 
 @app.command()
 def select(
-    inputs: Annotated[list[Path], typer.Argument(help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt.", show_default=False)],
     last: Annotated[int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="min: lower is better (losses); max: higher is better (accuracy).")] = "min",
+    metric: Annotated[str | None, typer.Option("--metric", metavar="NAME", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
+    mode: Annotated[str, typer.Option("--mode", metavar="min|max", help="min: lower is better (losses); max: higher is better (accuracy).")] = "min",
     every: Annotated[int | None, typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
     min_step: Annotated[int | None, typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
     max_step: Annotated[str | None, typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,
     after_warmup: Annotated[float | None, typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5.")] = None,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")] = False,
     skip_spikes: Annotated[bool, typer.Option("--skip-spikes", help="Drop checkpoints whose metric jumps beyond median + k*MAD of its neighbours.")] = False,
-    spike_k: Annotated[float, typer.Option("--spike-k", help="k for --skip-spikes.")] = 3.0,
+    spike_k: Annotated[float, typer.Option("--spike-k", metavar="K", help="k for --skip-spikes.")] = 3.0,
     metrics_file: Annotated[Path | None, typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
-    invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen (never those without a step), e.g. for deletion.")] = False,
+    key: KeyOpt = None,
+    invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable or incomplete one, or one without a step.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Print the checkpoints to average or keep, one path per line, in step order.
 
-    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). Checkpoints without a step are reported and never printed. Nothing is ever deleted by ckptavg.
+    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
 
     Example:
 
         ckptavg average $(ckptavg select runs/*/checkpoint-* --last 8) -o merged
 
-        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert | xargs rm -r
+        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert | xargs -r rm -r
     """
+    from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
@@ -158,20 +174,22 @@ def select(
         skip_nonfinite=skip_nonfinite, skip_spikes=skip_spikes, spike_k=spike_k,
     )
     policy.check()
-    selection = choose(gather(inputs, metrics_file), policy, has_nonfinite=lambda c: first_nonfinite(Path(c.path)))
-    print_selection(selection, quiet or json_output)
+    options = LoadOptions(key=key)
+    selection = choose(gather(inputs, metrics_file, options), policy, has_nonfinite=lambda c: first_nonfinite(Path(c.path), options))
+    print_selection(selection, quiet, json_output=json_output, invert=invert)
     if json_output:
         print_json(selection.to_dict())
     else:
-        for c in selection.not_chosen if invert else selection.chosen:
+        for c in selection.inverted if invert else selection.chosen:
             print(c.path)
     if not selection.chosen and not invert:
-        raise InputError(None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored)")
+        hint = f"; {selection.metric_hint}" if selection.metric_hint else ""
+        raise InputError(None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored){hint}")
 
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A checkpoint file or folder.", show_default=False)],
+    path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint file or folder.", show_default=False)],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
     pattern: Annotated[str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
@@ -210,10 +228,10 @@ def inspect(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder.", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder, or a .safetensors / .pt file.")] = None,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file.")] = None,
     dtype: DtypeOpt = None,
-    out_format: Annotated[str, typer.Option("--format", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
+    out_format: Annotated[str, typer.Option("--format", metavar="safetensors|pt", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
@@ -235,7 +253,7 @@ def export(
 
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o model.safetensors
     """
-    from ckptavg.export import export as export_checkpoint
+    export_checkpoint = _deferred("ckptavg.export", "export")
 
     _run_and_render(
         lambda **callbacks: export_checkpoint(
@@ -243,7 +261,7 @@ def export(
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
             memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),
-        print_export, json_output, quiet,
+        print_export, json_output, quiet, inputs=1,
     )
 
 
@@ -251,10 +269,28 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("SIGTERM", EXIT_SIGTERM)
 
 
+def _take_debug(args: list[str]) -> tuple[list[str], bool]:
+    """--debug wherever it is given (before or after the command, before a `--`): (the other args, given?)."""
+    end = args.index("--") if "--" in args else len(args)
+    head = [a for a in args[:end] if a != "--debug"]
+    return head + args[end:], len(head) < end
+
+
+def _flag_type_column(self: Any, ctx: Any) -> str | None:
+    # Typer shows a `<bool>` type beside every flag in --help; a flag takes no value, so show none.
+    return None if getattr(self, "is_flag", False) else _option_type_column(self, ctx)
+
+
+_option_type_column = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type_column  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]  # its metavar says it
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every error into one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("CKPTAVG_DEBUG") == "1"
+    args, debug = _take_debug(args)
+    debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(args=args, prog_name="ckptavg", standalone_mode=False)

@@ -16,13 +16,15 @@ from typing import Any
 
 NAME_PATTERNS = (
     (re.compile(r"^checkpoint-(\d+)$"), "step", "folder name"),
+    (re.compile(r"^checkpoint_(\d+)$"), "step", "accelerate folder name (save count)"),
     (re.compile(r"step=(\d+)"), "step", "file name"),
     (re.compile(r"^checkpoint_\d+_(\d+)\."), "step", "file name"),
     (re.compile(r"(?:global_step|step|iter)[_-]?(\d+)"), "step", "name"),
     (re.compile(r"epoch=(\d+)"), "epoch", "file name"),
     (re.compile(r"^checkpoint(\d+)\.pt$"), "epoch", "file name"),
+    (re.compile(r"^checkpoint-(\d+)\.pth\.tar$"), "epoch", "file name (timm)"),
 )
-STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "iter")
+STEP_KEYS = ("global_step", "global_steps", "step", "num_updates", "iteration", "iter")
 
 
 @dataclass
@@ -40,6 +42,20 @@ def steps_from_name(name: str) -> StepInfo:
             setattr(info, which, int(match.group(1)))
             info.source = info.source or source
     return info
+
+
+def steps_from_path(path: Path) -> StepInfo:
+    """Step and epoch from where a checkpoint is: a folder's name and trainer_state.json; for a file, its
+    name, then its folder's (`checkpoint-N/model.safetensors`, DeepSpeed `global_stepN/..._model_states.pt`)."""
+    infos = []
+    folders = [path] if path.is_dir() else [path.parent]
+    if not path.is_dir():
+        infos.append(steps_from_name(path.name))
+    for folder in folders:
+        infos.append(steps_from_name(folder.name))
+        if folder.name.startswith("checkpoint") or folder == path:
+            infos.append(steps_from_trainer_state(read_trainer_state(folder)))
+    return merge_steps(*infos)
 
 
 def read_trainer_state(folder: Path) -> dict | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ckptavg.errors import UsageError
 from ckptavg.formats.base import Checkpoint
 
 ORDERS = ("auto", "given")
+ORDER_DEPENDENT = {"linear": "--weights linear", "weighted": "explicit --weights", "ema": "--ema", "ema-half-life": "--ema-half-life"}
 
 
 def order_inputs(inputs: list[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str, list[str]]:
@@ -20,3 +22,23 @@ def order_inputs(inputs: list[Checkpoint], order: str = "auto") -> tuple[list[Ch
             return sorted(inputs, key=lambda c: getattr(c, field)), field, notes
     unknown = [str(c.path) for c in inputs if c.step is None]
     return list(inputs), "given", [f"no step known for {', '.join(unknown[:3])}: inputs kept in the order given"]
+
+
+def require_order(given: list[Checkpoint], ordered_by: str, order: str, strategy: str) -> None:
+    """A strategy that weights inputs by their place in training needs that order known, or asked for as given."""
+    if order == "given" or ordered_by != "given" or len(given) < 2 or strategy not in ORDER_DEPENDENT:
+        return
+    unknown = [c for c in given if c.step is None and c.epoch is None] or [c for c in given if c.step is None]
+    names = ", ".join(str(c.path) for c in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    raise UsageError(
+        None,
+        f"cannot tell the training order of the inputs: no step or epoch known for {names}; "
+        f"{ORDER_DEPENDENT[strategy]} weights inputs by that order: pass --order given to use the order of the command line",
+    )
+
+
+def order_note(given: list[Checkpoint], ordered: list[Checkpoint], strategy: str) -> str | None:
+    """Explicit weights follow training order: say so when it is not the order the paths were given in."""
+    if strategy != "weighted" or [c.path for c in given] == [c.path for c in ordered]:
+        return None
+    return "--weights apply in training order (oldest first), not in the order the paths were given: " + ", ".join(c.path.name for c in ordered)

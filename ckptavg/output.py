@@ -11,13 +11,16 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ckptavg.errors import OutputError
+from ckptavg.checkpoint import real_path
+from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.formats.base import dtype_name
 
 MODEL_FILES = (
@@ -95,18 +98,94 @@ def model_files(folder: Path) -> list[Path]:
     return found
 
 
+RECIPE_FILE = "ckptavg.json"
+TRAINING_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "rng_state.pth", "latest", "zero_to_fp32.py")
+
+
+def check_output_name(out: Path) -> None:
+    """`-o .`, `-o ..`, `-o /`, `-o ~`: a folder the user lives in, never a new output."""
+    if out.name in ("", ".", "..") or real_path(out) in (Path.cwd(), Path.home(), Path("/")) or real_path(out) in Path.cwd().parents:
+        raise UsageError(None, f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o {Path(out) / 'merged'}")
+
+
+def written_by_ckptavg(out: Path) -> bool:
+    """Whether `out` is what a previous ckptavg run wrote (its recipe says so), and nothing else was added since."""
+    if out.is_symlink():
+        return False
+    if out.is_dir():
+        return not foreign_files(out)
+    if not out.is_file():
+        return False
+    try:
+        if out.suffix == ".safetensors":
+            from ckptavg.formats.safetensors_io import read_header
+
+            _, metadata, _ = read_header(out)
+            return "ckptavg" in metadata
+        with zipfile.ZipFile(out) as archive:
+            return any(name.endswith("/" + RECIPE_FILE) for name in archive.namelist())
+    except (CkptavgError, OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of a folder that its ckptavg recipe does not list: all of them when it has no recipe."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        recipe = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return names
+    if not isinstance(recipe, dict) or recipe.get("tool") != "ckptavg":
+        return names
+    listed = recipe.get("written")
+    if isinstance(listed, list):
+        mine = {str(n) for n in listed} | {RECIPE_FILE}
+    else:  # written by a version that did not list its files: weights, index and model files only
+        mine = {n for n in names if n.endswith((".safetensors", ".safetensors.index.json")) or n == "pytorch_model.bin"}
+        mine |= {p.name for p in model_files(folder)} | {RECIPE_FILE}
+    return [n for n in names if n not in mine]
+
+
+def describe_foreign(out: Path) -> str:
+    """Why --overwrite will not replace `out`, and what to do."""
+    advice = "--overwrite replaces only an output ckptavg wrote; move it away yourself or choose another output"
+    if out.is_symlink():
+        return f"is a symlink to {os.readlink(out)}, not a ckptavg output; {advice}"
+    if out.is_dir():
+        names = foreign_files(out)
+        training = [n for n in names if n in TRAINING_FILES or n.startswith(("optimizer", "global_step", "rng_state"))]
+        kind = "a training checkpoint" if training else "not a ckptavg output"
+        if (out / RECIPE_FILE).is_file() and len(names) < len(list(out.iterdir())):
+            kind = "a ckptavg output with files added since"
+        shown = (training + [n for n in names if n not in training])[:4]
+        return f"is {kind} (it holds {', '.join(shown)}{', ...' if len(names) > 4 else ''}); {advice}"
+    return f"is a file ckptavg did not write (no ckptavg recipe in it); {advice}"
+
+
 def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
-    """Refuse before any work: an existing OUT without --overwrite, a missing parent, too little space."""
-    if out.exists() and not overwrite:
-        raise OutputError(out, "already exists; pass --overwrite to replace it")
+    """Refuse before any work: an existing OUT without --overwrite or that ckptavg did not write, a folder
+    that cannot be written, too little space."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(out, "already exists; pass --overwrite to replace it")
+        if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())) and not written_by_ckptavg(out):
+            raise OutputError(out, describe_foreign(out))
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(out, f"folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(out, f"folder {parent} is not writable")
-    free = shutil.disk_usage(parent).free
-    if free < needed_bytes + SPACE_MARGIN:
-        raise OutputError(out, f"not enough free space: the output needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+    try:
+        probe, name = tempfile.mkstemp(prefix=f".{out.name}.ckptavg-probe", dir=parent)
+        os.close(probe)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(out, f"cannot be written in {parent}: {e.strerror or e}") from e
+    usage = shutil.disk_usage(parent)
+    if usage.total == 0:
+        raise OutputError(out, f"cannot be written in {parent}: not a filesystem that holds files")
+    if usage.free < needed_bytes + SPACE_MARGIN:
+        raise OutputError(out, f"not enough free space: the output needs {needed_bytes / 1e9:.2f} GB, {usage.free / 1e9:.2f} GB free")
 
 
 @contextmanager

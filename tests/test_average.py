@@ -9,6 +9,7 @@ import torch
 from conftest import make_state, read_output, reference_average, save_layout
 
 import ckptavg
+from ckptavg.errors import OutputError
 from ckptavg.merge.engine import fold
 
 LAYOUTS = ["safetensors", "safetensors-folder", "safetensors-sharded", "bin", "bin-sharded", "pt", "pt-legacy", "lightning", "fairseq", "hf-trainer"]
@@ -48,16 +49,16 @@ def test_identical_inputs_come_back_bit_for_bit(tmp_path, dtype):
     paths = [save_layout(state, tmp_path / f"in{i}", "safetensors") for i in range(3)]
     for weights, ema in [(None, None), ("linear", None), ("0.2,0.3,0.5", None), (None, 0.9)]:
         out = tmp_path / f"out-{weights}-{ema}"
-        ckptavg.average(paths, out, weights=weights, ema=ema)
+        ckptavg.average(paths, out, weights=weights, ema=ema, order="given")
         assert_exact(read_output(out), state)
 
 
 def test_linear_and_explicit_weights(tmp_path):
     states = [make_state(seed, torch.bfloat16) for seed in range(4)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
-    ckptavg.average(paths, tmp_path / "lin", weights="linear")
+    ckptavg.average(paths, tmp_path / "lin", weights="linear", order="given")
     assert_exact(read_output(tmp_path / "lin"), reference_average(states, [1, 2, 3, 4]))
-    report = ckptavg.average(paths, tmp_path / "w", weights="3,0,1,4")
+    report = ckptavg.average(paths, tmp_path / "w", weights="3,0,1,4", order="given")
     assert_exact(read_output(tmp_path / "w"), reference_average(states, [3, 0, 1, 4]))
     assert [i.weight for i in report.inputs] == [3 / 8, 0, 1 / 8, 4 / 8]
 
@@ -65,7 +66,7 @@ def test_linear_and_explicit_weights(tmp_path):
 def test_ema_matches_the_recurrence(tmp_path):
     states = [make_state(seed) for seed in range(4)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
-    ckptavg.average(paths, tmp_path / "out", ema=0.7)
+    ckptavg.average(paths, tmp_path / "out", ema=0.7, order="given")
     out = read_output(tmp_path / "out")
     for name in ("embed.weight", "layer.0.bias"):
         e = states[0][name].double()
@@ -80,7 +81,7 @@ def test_ema_matches_the_recurrence(tmp_path):
 def test_fp32_accumulator_for_bf16_within_one_ulp(tmp_path):
     states = [make_state(seed, torch.bfloat16) for seed in range(5)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
-    ckptavg.average(paths, tmp_path / "out", ema=0.9)
+    ckptavg.average(paths, tmp_path / "out", ema=0.9, order="given")
     out = read_output(tmp_path / "out")
     w = [0.9**4] + [0.1 * 0.9 ** (5 - i) for i in range(2, 6)]
     ref = reference_average(states, w)
@@ -109,7 +110,7 @@ def test_output_dtype(tmp_path, target):
 def test_accum_fp64_with_ema_is_exact_to_reference(tmp_path):
     states = [make_state(seed, torch.bfloat16) for seed in range(4)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
-    ckptavg.average(paths, tmp_path / "out", ema=0.5, accum="fp64")
+    ckptavg.average(paths, tmp_path / "out", ema=0.5, accum="fp64", order="given")
     w = [0.5**3] + [0.5 * 0.5 ** (4 - i) for i in range(2, 5)]
     assert_exact(read_output(tmp_path / "out"), reference_average(states, w))
 
@@ -228,12 +229,14 @@ def test_dry_run_writes_nothing(tmp_path):
     assert report.dry_run and report.tensors == 6 and not (tmp_path / "out").exists()
 
 
-def test_overwrite_replaces_and_never_reads_output(tmp_path):
-    states = [make_state(s) for s in range(2)]
+def test_overwrite_replaces_a_previous_output_and_refuses_it_as_an_input(tmp_path):
+    states = [make_state(s) for s in range(3)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors-folder") for i, s in enumerate(states)]
-    ckptavg.average(paths, tmp_path / "out")
-    report = ckptavg.average([*paths, tmp_path / "out"], tmp_path / "out", overwrite=True)
-    assert len(report.inputs) == 2
+    ckptavg.average(paths[:2], tmp_path / "out")
+    with pytest.raises(OutputError, match="is one of the inputs"):
+        ckptavg.average([*paths, tmp_path / "out"], tmp_path / "out", overwrite=True)
+    report = ckptavg.average(paths, tmp_path / "out", overwrite=True)
+    assert len(report.inputs) == 3
     assert_exact(read_output(tmp_path / "out"), reference_average(states))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -276,8 +279,8 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path, dtype):
     states = [make_state(seed, dtype) for seed in range(4)]
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
     for weights, ema in [(None, None), (None, 0.8), ("0.1,0.2,0.3,0.4", None)]:
-        ckptavg.average(paths, tmp_path / "cpu", weights=weights, ema=ema, device="cpu", overwrite=True)
-        ckptavg.average(paths, tmp_path / "cuda", weights=weights, ema=ema, device="cuda", overwrite=True)
+        ckptavg.average(paths, tmp_path / "cpu", weights=weights, ema=ema, device="cpu", overwrite=True, order="given")
+        ckptavg.average(paths, tmp_path / "cuda", weights=weights, ema=ema, device="cuda", overwrite=True, order="given")
         assert_exact(read_output(tmp_path / "cuda"), read_output(tmp_path / "cpu"))
 
 

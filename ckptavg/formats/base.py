@@ -214,6 +214,7 @@ class Checkpoint:
     top_level_keys: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     weights_key: str | None = None  # where in a pickle the weights were found
+    weights_from: str = ""  # which weights were taken and why, for the report (raw or EMA, key, prefixes removed)
     pickle: Any = None  # the PickleFile of a single-file PyTorch checkpoint: its structure, never run
 
     @property

@@ -61,8 +61,9 @@ def check_pt_dtypes(specs: list[TensorSpec]) -> str | None:
 class TorchWriter:
     """Same interface as SafetensorsWriter: write() appends bytes of the current tensor, repeat() ties."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec], durable: bool = True) -> None:
+    def __init__(self, path: Path, specs: list[TensorSpec], durable: bool = True, recipe: str | None = None) -> None:
         self.paths = [path]
+        self.recipe = recipe  # ckptavg's recipe, kept as a record torch.load ignores: marks the file as ckptavg's
         self.durable = durable
         self.specs = specs
         self.bytes_written = 0
@@ -104,6 +105,8 @@ class TorchWriter:
 
     def write(self, data: memoryview) -> None:
         self._advance_if_full()
+        if not len(data):  # a zero-element tensor: finish() writes its empty record
+            return
         spec = self.current
         if self._stream is None:
             storage = _Storage(str(len(self._storages)), spec)
@@ -135,6 +138,8 @@ class TorchWriter:
         self._record(".storage_alignment", str(ALIGNMENT).encode())
         self._record("byteorder", b"little")
         self._record("version", b"3\n")
+        if self.recipe is not None:
+            self._record("ckptavg.json", self.recipe.encode())
         self._zip.close()
         self._file.flush()
         if self.durable:

@@ -219,6 +219,8 @@ class SafetensorsWriter:
         if self._fd is None:
             self._start_tensor()
         self._advance_if_full()
+        if not len(data):  # a zero-element tensor: nothing to write, and the tensors after it may be done too
+            return
         if self._written + len(data) > self.current.nbytes:
             raise AssertionError(f"{self.current.name}: more bytes than its shape holds")
         self._write_all(data)
