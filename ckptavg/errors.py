@@ -42,6 +42,10 @@ class NonFiniteError(InputError):
     """An input holds NaN or Inf."""
 
 
+class HostileInputError(InputError):
+    """A pickle names a callable that could run code: refused everywhere, never skipped as merely unreadable."""
+
+
 class UsageError(CkptavgError):
     exit_code = EXIT_USAGE
 

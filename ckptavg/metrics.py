@@ -1,4 +1,4 @@
-"""Metrics stored inside a PyTorch checkpoint: `metrics`, `best_metric`, Lightning's ModelCheckpoint state."""
+"""Metrics stored inside a PyTorch checkpoint: `metrics`, `best_metric`, timm's `metric`, Lightning's ModelCheckpoint state."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def checkpoint_metrics(pickle_file: PickleFile) -> tuple[dict[str, float], dict[
         number = scalar(pickle_file, value, f"metrics/{key}")
         if number is not None:
             metrics[str(key)] = number
-    best = scalar(pickle_file, top.get("best_metric"), "best_metric")
-    if best is not None:
-        metrics.setdefault("best_metric", best)
+    for key in ("best_metric", "metric"):  # metric: timm's CheckpointSaver stores the eval metric of the epoch
+        number = scalar(pickle_file, top.get(key), key)
+        if number is not None:
+            metrics.setdefault(key, number)
     others: dict[str, dict[str, float]] = {}
     callbacks = as_dict(top.get("callbacks")) or {}
     for key, state in callbacks.items():

@@ -147,43 +147,70 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def metric_chart(steps: list[int], values: list[float | None], chosen: list[bool], width: int = 72) -> list[str]:
-    """Two lines: the metric over steps as a sparkline (lower bar = lower value), and ▲ under chosen ones."""
-    if len(steps) > width:
-        keep = [round(i * (len(steps) - 1) / (width - 1)) for i in range(width)]
-        steps, values, chosen = [steps[i] for i in keep], [values[i] for i in keep], [chosen[i] for i in keep]
-    known = [v for v in values if v is not None]
-    low, high = (min(known), max(known)) if known else (0.0, 0.0)
-    bars = []
-    for value, pick in zip(values, chosen):
+    """Two lines: the metric over steps as a sparkline (lower bar = lower value), and ▲ under chosen ones.
+
+    With more checkpoints than columns, each column stands for a run of consecutive checkpoints: it is marked
+    when any of them is chosen (and shows the chosen one's value), else it shows their mean. Every chosen
+    checkpoint is marked, however many there are.
+    """
+    import math
+
+    def spark(value: float | None) -> str:
         if value is None:
-            char = "·"
-        else:
-            level = 0 if high == low else round((value - low) / (high - low) * (len(SPARK) - 1))
-            char = SPARK[level]
-        bars.append(f"[bold green]{char}[/]" if pick else f"[dim]{char}[/]")
-    marks = "".join("▲" if pick else " " for pick in chosen)
-    return ["".join(bars) + f"  [dim]{low:.4g} .. {high:.4g}[/]", f"[green]{marks}[/]  [dim]steps {steps[0]} .. {steps[-1]}[/]" if steps else ""]
+            return "·"
+        if math.isnan(value):
+            return "×"
+        level = 0 if high == low else round((min(max(value, low), high) - low) / (high - low) * (len(SPARK) - 1))
+        return SPARK[level]
+
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    columns = min(len(steps), width)
+    bars, marks = [], []
+    for col in range(columns):
+        members = range(col * len(steps) // columns, (col + 1) * len(steps) // columns)
+        pick = any(chosen[i] for i in members)
+        known = [values[i] for i in members if values[i] is not None and (chosen[i] or not pick)]
+        value = None if not known else known[0] if pick else sum(known) / len(known)
+        bars.append(f"[bold green]{spark(value)}[/]" if pick else f"[dim]{spark(value)}[/]")
+        marks.append("▲" if pick else " ")
+    return ["".join(bars) + f"  [dim]{low:.4g} .. {high:.4g}[/]", f"[green]{''.join(marks)}[/]  [dim]steps {steps[0]} .. {steps[-1]}[/]" if steps else ""]
 
 
-def print_selection(selection, quiet: bool) -> None:
-    """Table and chart on stderr when it is a terminal; notes for ignored candidates or missing metrics."""
+def print_selection(selection, quiet: bool, json_output: bool = False, invert: bool = False) -> None:
+    """Notes on stderr (ignored candidates, missing metrics, what the filters dropped, what --invert kept back)
+    unless quiet; the table and chart too when stderr is a terminal and stdout is not JSON."""
     metric = selection.policy.metric
-    if not quiet:
-        for c in selection.ignored:
-            stderr.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
-        missing = [c.path for c in selection.candidates if metric and c.ignored is None and c.metric(metric) is None]
-        if missing:
-            stderr.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
-    if quiet or not stderr.is_terminal:
+    if quiet:
+        return
+    for c in selection.ignored:
+        stderr.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
+    missing = [c.path for c in selection.candidates if metric and c.ignored is None and c.rank_value(metric) is None]
+    if missing and not selection.metric_hint:
+        stderr.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
+    for note in selection.notes:
+        if note != selection.metric_hint or invert or selection.chosen:  # else the error says it
+            stderr.print(f"note: {note}", markup=False)
+    if invert:
+        reasons: dict[str, list[str]] = {}
+        for c in selection.kept_back:
+            reasons.setdefault(c.kept_back, []).append(c.path)
+        for reason, paths in reasons.items():
+            shown = ", ".join(paths[:5]) + (f", ... ({len(paths)} in all)" if len(paths) > 5 else "")
+            stderr.print(f"note: --invert kept back ({reason}): {shown}", markup=False)
+    if json_output or not stderr.is_terminal:
         return
     table = Table(show_edge=False, title=f"{len(selection.chosen)} of {len(selection.candidates)} chosen", title_justify="left")
     for column in ("step", "checkpoint", metric or "metric", "chosen", "why"):
         table.add_column(column, justify="right" if column in ("step", metric) else "left", overflow="fold")
     for c in selection.candidates:
         value = c.metric(metric)
+        why = "; ".join(c.why) or (c.ignored or "")
+        if invert and c.kept_back:
+            why += f"; kept back: {c.kept_back}"
         table.add_row(
-            "-" if c.step is None else str(c.step), c.path, "-" if value is None else f"{value:.5g}",
-            "[bold green]yes[/]" if c.chosen else "no", "; ".join(c.why) or (c.ignored or ""),
+            "-" if c.step is None else str(c.step), escape(c.path), "-" if value is None else f"{value:.5g}",
+            "[bold green]yes[/]" if c.chosen else "no", escape(why),
         )
     stderr.print(table)
     ranked = [c for c in selection.candidates if c.ignored is None]

@@ -3,12 +3,17 @@
 Filters (`min_step`, `max_step`, `after_warmup`, `every`, `skip_nonfinite`, `skip_spikes`, `max_step="best"`)
 narrow the candidates; selectors (`last`, `top_k`) then choose among what is left, and when both are given
 the choice is their union: the K best by the metric plus the N newest. With no selector every candidate that
-passes the filters is chosen. Candidates without a step are ignored and reported, never chosen or inverted.
+passes the filters is chosen. Candidates without a step, and those that cannot be read or are incomplete (a
+save in progress: a truncated file, a missing shard, no weights yet), are ignored and reported, never chosen
+or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also keeps back the
+newest readable checkpoint and, with a metric, every checkpoint without a value for it.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,9 +29,14 @@ from ckptavg.discover import (
     steps_from_trainer_state,
     trainer_state_metrics,
 )
-from ckptavg.errors import CkptavgError, InputError, UsageError
+from ckptavg.checkpoint import LoadOptions
+from ckptavg.errors import HostileInputError, InputError, UsageError
 
 MODES = ("min", "max")
+EPOCH_AS_STEP = "epoch (no candidate has a step)"
+SPIKE_MIN_VALUES = 4  # a value, two neighbours, and a third value for the noise floor of the others
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
@@ -40,10 +50,16 @@ class Candidate:
     chosen: bool = False
     why: list[str] = field(default_factory=list)
     ignored: str | None = None
+    kept_back: str | None = None  # not chosen, yet never printed by --invert: why
     trainer_best: bool = False  # trainer_state.json's best_model_checkpoint names it
 
     def metric(self, name: str | None) -> float | None:
         return self.metrics.get(name) if name else None
+
+    def rank_value(self, name: str | None) -> float | None:
+        """The metric as a number to rank by: None when missing or NaN."""
+        value = self.metric(name)
+        return None if value is None or math.isnan(value) else value
 
 
 @dataclass
@@ -80,6 +96,8 @@ class Policy:
 class Selection:
     candidates: list[Candidate]
     policy: Policy
+    notes: list[str] = field(default_factory=list)  # for stderr: what the filters dropped, what could not be judged
+    metric_hint: str | None = None  # set when no checkpoint has the metric: the metrics found, the closest name
 
     @property
     def chosen(self) -> list[Candidate]:
@@ -90,6 +108,15 @@ class Selection:
         return [c for c in self.candidates if not c.chosen and c.ignored is None]
 
     @property
+    def inverted(self) -> list[Candidate]:
+        """What --invert prints (e.g. to delete): not chosen, readable, and not kept back."""
+        return [c for c in self.not_chosen if c.kept_back is None]
+
+    @property
+    def kept_back(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.kept_back is not None]
+
+    @property
     def ignored(self) -> list[Candidate]:
         return [c for c in self.candidates if c.ignored is not None]
 
@@ -98,23 +125,28 @@ class Selection:
             "policy": asdict(self.policy),
             "chosen": [c.path for c in self.chosen],
             "not_chosen": [c.path for c in self.not_chosen],
+            "inverted": [c.path for c in self.inverted],
+            "kept_back": {c.path: c.kept_back for c in self.kept_back},
             "ignored": [c.path for c in self.ignored],
+            "notes": list(self.notes),
             "candidates": [asdict(c) for c in self.candidates],
         }
 
 
-def describe(path: Path, table: MetricsTable | None = None) -> tuple[Candidate, dict[str, dict[str, float]]]:
+def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions | None = None) -> tuple[Candidate, dict[str, dict[str, float]]]:
     """Step, epoch and metrics of one checkpoint from its name, trainer_state.json and pickle entries.
 
-    Also returns the metrics it records for other checkpoint files, by file name (Lightning best_k_models).
+    The checkpoint is opened (headers and pickle structure only): one that is unreadable or incomplete is
+    marked ignored with the reason, a hostile pickle raises. Also returns the metrics it records for other
+    checkpoint files, by file name (Lightning best_k_models).
     """
-    from ckptavg.formats.detect import sniff
-    from ckptavg.formats.torch_io import PickleFile, as_dict
+    from ckptavg.formats.torch_io import as_dict
     from ckptavg.metrics import checkpoint_metrics
 
     candidate = Candidate(path=str(path))
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    refuse_run_folder(path)
     infos = [steps_from_name(path.name)]
     sources: list[tuple[str, dict[str, float]]] = []
     others: dict[str, dict[str, float]] = {}
@@ -123,18 +155,16 @@ def describe(path: Path, table: MetricsTable | None = None) -> tuple[Candidate, 
         if state is not None:
             infos.append(steps_from_trainer_state(state))
             sources.append(("trainer_state.json", trainer_state_metrics(state, infos[0].step or infos[1].step)))
-    else:
-        try:
-            kind = sniff(path)
-            if kind in ("zip", "pickle"):
-                pickle_file = PickleFile(path)
-                from ckptavg.formats.torch_io import as_dict
-
-                infos.append(steps_from_entries(as_dict(pickle_file.obj) or {}))
-                mine, others = checkpoint_metrics(pickle_file)
-                sources.append(("checkpoint", mine))
-        except CkptavgError as e:
-            candidate.ignored = e.problem
+    try:
+        ckpt = open_complete(path, options or LoadOptions())
+        if ckpt.pickle is not None and path.is_file():
+            infos.append(steps_from_entries(as_dict(ckpt.pickle.obj) or {}))
+            mine, others = checkpoint_metrics(ckpt.pickle)
+            sources.append(("checkpoint", mine))
+    except HostileInputError:
+        raise
+    except InputError as e:
+        candidate.ignored = unreadable(path, e)
     found = merge_steps(*infos)
     candidate.step, candidate.epoch, candidate.step_source = found.step, found.epoch, found.source
     if table is not None:
@@ -147,13 +177,50 @@ def describe(path: Path, table: MetricsTable | None = None) -> tuple[Candidate, 
     return candidate, others
 
 
-def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None) -> list[Candidate]:
+def open_complete(path: Path, options: LoadOptions):
+    """Open a checkpoint (headers only) and refuse what a save in progress leaves: shards without their index.
+
+    Every file is checked against the length its header gives by the readers themselves (safetensors header
+    offsets, zip records and legacy storages against the file size), an index against its shards.
+    """
+    from ckptavg.checkpoint import open_checkpoint
+    from ckptavg.formats.detect import weight_files_in
+
+    if path.is_dir():
+        files = weight_files_in(path)
+        if files and all(SHARD_NAME.search(f.name) for f in files):
+            raise InputError(path, f"incomplete: shard {files[0].name} without its index (a save in progress?)")
+    return open_checkpoint(path, options)
+
+
+def unreadable(path: Path, error: InputError) -> str:
+    """Why a candidate is ignored: the problem, with the file inside the candidate when it is not the candidate."""
+    where = ""
+    if error.path and Path(error.path) != path:
+        inside = Path(error.path)
+        where = f"{inside.relative_to(path) if inside.is_relative_to(path) else inside}: "
+    return f"unreadable or incomplete: {where}{error.problem}"
+
+
+def refuse_run_folder(path: Path) -> None:
+    """A run's output folder (it holds checkpoint-N folders, no weights) is not a checkpoint: say what to pass."""
+    from ckptavg.formats.detect import weight_files_in
+
+    if not path.is_dir() or steps_from_name(path.name).step is not None or weight_files_in(path):
+        return
+    runs = sorted((p.name for p in path.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name)), key=lambda n: int(n.split("-")[1]))
+    if runs:
+        shown = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+        raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/checkpoint-* instead")
+
+
+def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:
     """Describe every path; fill metrics that one checkpoint records for another (Lightning best_k_models)."""
     from ckptavg.formats.base import FILES
 
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
     try:
-        described = [describe(Path(p), table) for p in paths]
+        described = [describe(Path(p), table, options) for p in paths]
     finally:
         FILES.close()
     candidates = [c for c, _ in described]
@@ -164,10 +231,20 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None) 
                     c.metrics[key] = value
                     c.metric_sources[key] = f"best_k_models in {Path(other.path).name}"
     _mark_trainer_best(candidates)
+    _order_by_epoch_without_steps(candidates)
     for c in candidates:
         if c.ignored is None and c.step is None:
             c.ignored = "no step (name, trainer_state.json or checkpoint entries)"
     return candidates
+
+
+def _order_by_epoch_without_steps(candidates: list[Candidate]) -> None:
+    """timm and epoch-based loops store only an epoch: when no candidate has a step, the epoch stands for it."""
+    if any(c.step is not None for c in candidates):
+        return
+    for c in candidates:
+        if c.epoch is not None:
+            c.step, c.step_source = c.epoch, EPOCH_AS_STEP
 
 
 def _mark_trainer_best(candidates: list[Candidate]) -> None:
@@ -189,30 +266,34 @@ def _better(policy: Policy) -> Callable[[float], float]:
 def find_spikes(values: list[float | None], k: float, window: int, mode: str) -> list[tuple[float, float] | None]:
     """For each value, (value, threshold) when it is worse than its neighbours' median + k * scale, else None.
 
-    Neighbours are up to `window` values with a metric on each side. The scale is the neighbours' MAD
-    (x 1.4826, so k reads as standard deviations of normal noise), floored by the run's own noise level,
-    the MAD of consecutive differences / sqrt(2): a few neighbours that happen to agree do not make every
-    small wobble a spike, and a downward trend does not hide a real one.
+    Neighbours are up to `window` values with a metric on each side (at the ends, those that exist). The scale
+    is the neighbours' MAD (x 1.4826, so k reads as standard deviations of normal noise), floored by the run's
+    own noise level: the MAD of consecutive differences / sqrt(2) of the other values, so a spike does not
+    raise its own bar, a few neighbours that happen to agree do not make every small wobble a spike, and a
+    downward trend does not hide a real one. Infinite values are judged, never neighbours; with fewer than
+    SPIKE_MIN_VALUES finite values nothing can be judged.
     """
     sign = 1.0 if mode == "min" else -1.0
-    known = [sign * v for v in values if v is not None]
-    steps = [b - a for a, b in zip(known, known[1:])]
-    noise = _mad(steps) * 1.4826 / math.sqrt(2) if len(steps) >= 2 else 0.0
-    out: list[tuple[float, float] | None] = []
-    for i, value in enumerate(values):
-        if value is None:
-            out.append(None)
+    finite = [(i, sign * v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    out: list[tuple[float, float] | None] = [None] * len(values)
+    if len(finite) < SPIKE_MIN_VALUES:
+        return out
+    for i, v in enumerate(values):
+        if v is None or math.isnan(v):
             continue
-        left = [v for v in values[:i] if v is not None][-window:]
-        right = [v for v in values[i + 1 :] if v is not None][:window]
-        neighbours = [sign * v for v in left + right]
-        if len(neighbours) < 2:
-            out.append(None)
-            continue
+        others = [x for j, x in finite if j != i]
+        neighbours = [x for j, x in finite if j < i][-window:] + [x for j, x in finite if j > i][:window]
         median = statistics.median(neighbours)
-        threshold = median + k * max(_mad(neighbours) * 1.4826, noise, 1e-12)
-        out.append((value, sign * threshold) if sign * value > threshold else None)
+        threshold = median + k * max(_mad(neighbours) * 1.4826, _noise(others), 1e-12)
+        if sign * v > threshold:
+            out[i] = (v, sign * threshold)
     return out
+
+
+def _noise(values: list[float]) -> float:
+    """The noise level of a sequence: the MAD of its consecutive differences / sqrt(2)."""
+    steps = [b - a for a, b in zip(values, values[1:])]
+    return _mad(steps) * 1.4826 / math.sqrt(2) if len(steps) >= 2 else 0.0
 
 
 def _mad(values: list[float]) -> float:
@@ -220,18 +301,33 @@ def _mad(values: list[float]) -> float:
     return statistics.median(abs(v - median) for v in values)
 
 
+def metric_hint(candidates: list[Candidate], metric: str) -> str:
+    """No checkpoint has `metric`: the metrics they have, and the closest name (a typo?)."""
+    names = sorted({key for c in candidates for key in c.metrics})
+    close = difflib.get_close_matches(metric, names, n=1)
+    hint = f"no checkpoint has {metric}" + (f" (did you mean {close[0]}?)" if close else "")
+    if not names:
+        return hint + "; no metrics found (trainer_state.json, checkpoint entries or --metrics FILE)"
+    return hint + f"; metrics found: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+
+
 def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[[Candidate], str | None] | None = None) -> Selection:
-    """Mark each candidate chosen or not, with why; candidates are returned in step order."""
+    """Mark each candidate chosen or not, with why, and what --invert keeps back; returned in step order."""
     policy.check()
     ordered = sorted((c for c in candidates if c.ignored is None), key=lambda c: c.step)  # type: ignore[arg-type, return-value]
     ignored = [c for c in candidates if c.ignored is not None]
     pool = list(ordered)
+    notes: list[str] = []
+    if any(c.step_source == EPOCH_AS_STEP for c in ordered):
+        notes.append("ordered by epoch: no candidate has a step (--min-step, --max-step and --every count epochs)")
 
-    def drop(keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str]) -> None:
+    def drop(keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str], flag: str | None = None) -> None:
         nonlocal pool
         for c in pool:
             if not keep(c):
                 c.why.append(reason(c))
+                if flag:
+                    notes.append(f"{flag} dropped {c.path}: {reason(c)}")
         pool = [c for c in pool if keep(c)]
 
     if policy.min_step is not None:
@@ -246,22 +342,28 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
     metric = policy.metric
     if metric:
         for c in pool:
-            if c.metric(metric) is None:
-                c.why.append(f"no {metric}")
+            if c.rank_value(metric) is None:
+                c.why.append(f"no {metric}" + (" (NaN)" if c.metric(metric) is not None else ""))
     if policy.skip_nonfinite and has_nonfinite is not None:
-        problems = {id(c): has_nonfinite(c) for c in pool}
-        drop(lambda c: problems[id(c)] is None, lambda c: f"non-finite: {problems[id(c)]}")
+        problems = _nonfinite(pool, has_nonfinite)
+        pool = [c for c in pool if c.ignored is None]
+        drop(lambda c: problems[id(c)] is None, lambda c: f"non-finite: {problems[id(c)]}", "--skip-nonfinite")
     if policy.skip_spikes:
-        spikes = dict(zip(map(id, pool), find_spikes([c.metric(metric) for c in pool], policy.spike_k, policy.spike_window, policy.mode)))
-        drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {spikes[id(c)][1]:g} (neighbours' median + {policy.spike_k:g} x MAD)")
+        readable = [c for c in ordered if c.ignored is None]
+        judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
+        if len(judged) < SPIKE_MIN_VALUES:
+            notes.append(f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge spikes; none dropped")
+        found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
+        spikes = dict(zip(map(id, readable), found))
+        drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {spikes[id(c)][1]:g} (neighbours' median + {policy.spike_k:g} x MAD)", "--skip-spikes")
     if policy.max_step == "best":
-        scored = [c for c in pool if c.metric(metric) is not None]
+        scored = [c for c in pool if c.rank_value(metric) is not None]
         if scored:
-            best = min(scored, key=lambda c: _better(policy)(c.metric(metric)))
+            best = min(scored, key=lambda c: _better(policy)(c.rank_value(metric)))
             drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
     chosen: list[Candidate] = []
     if policy.top_k is not None:
-        scored = sorted((c for c in pool if c.metric(metric) is not None), key=lambda c: _better(policy)(c.metric(metric)))
+        scored = sorted((c for c in pool if c.rank_value(metric) is not None), key=lambda c: _better(policy)(c.rank_value(metric)))
         for rank, c in enumerate(scored[: policy.top_k], 1):
             c.why.append(f"top-{policy.top_k} by {metric} (#{rank})")
             chosen.append(c)
@@ -279,4 +381,33 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
     for c in pool:
         if not c.chosen:
             c.why.append("not among " + " or ".join(s for s in selectors if s))
-    return Selection(candidates=ordered + ignored, policy=policy)
+    _keep_back([c for c in ordered if c.ignored is None], metric)
+    hint = metric_hint(candidates, metric) if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None) else None
+    if hint:
+        notes.append(hint)
+    return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint)
+
+
+def _nonfinite(pool: list[Candidate], has_nonfinite: Callable[[Candidate], str | None]) -> dict[int, str | None]:
+    """The first NaN/Inf of each candidate; one that cannot be read now (changed since it was opened) is ignored."""
+    problems: dict[int, str | None] = {}
+    for c in pool:
+        try:
+            problems[id(c)] = has_nonfinite(c)
+        except HostileInputError:
+            raise
+        except InputError as e:
+            c.ignored = unreadable(Path(c.path), e)
+    return problems
+
+
+def _keep_back(readable: list[Candidate], metric: str | None) -> None:
+    """Mark what --invert must never print: the newest readable checkpoint, and with a metric the unranked ones."""
+    newest = max((c.step for c in readable), default=None)
+    for c in readable:
+        if c.chosen:
+            continue
+        if c.step == newest:
+            c.kept_back = "the newest checkpoint"
+        elif metric and c.rank_value(metric) is None:
+            c.kept_back = f"no {metric} to rank it by"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ckptavg.errors import InputError, UnsupportedError
+from ckptavg.errors import HostileInputError, InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource
 from ckptavg.formats.unpickle import HostilePickleError, Opaque, QuantizedTensorRef, RestrictedUnpickler, StorageRef, TensorRef
 
@@ -37,7 +37,7 @@ class PickleFile:
         except InputError:
             raise
         except HostilePickleError as e:
-            raise InputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
+            raise HostileInputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
         except RecursionError as e:
             raise InputError(path, "corrupt PyTorch pickle: nested too deeply") from e
         except MemoryError as e:
