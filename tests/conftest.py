@@ -179,3 +179,71 @@ def torch_run(tmp_path_factory):
     from runs import plain_torch_run
 
     return plain_torch_run(tmp_path_factory.mktemp("torch") / "run")
+
+
+# Real trainer runs (tests/trainer_runs.py): each library saves its checkpoints itself. A library that is not
+# installed skips the tests that use its run.
+
+
+def _require(module: str) -> None:
+    """Skip unless `module` is installed, without importing it here (timm fails to import without torchvision, and
+    DeepSpeed runs in a child process: neither is imported into the test session)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
+@pytest.fixture(scope="session")
+def timm_ckpts(tmp_path_factory):
+    _require("timm")
+    from trainer_runs import timm_run
+
+    return timm_run(tmp_path_factory.mktemp("timm") / "output")
+
+
+@pytest.fixture(scope="session")
+def accelerate_ckpts(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    from trainer_runs import accelerate_run
+
+    return accelerate_run(tmp_path_factory.mktemp("accelerate") / "project")
+
+
+@pytest.fixture(scope="session")
+def lightning_ema_ckpts(tmp_path_factory):
+    lightning = pytest.importorskip("lightning")
+    if not hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging"):
+        pytest.skip("lightning < 2.6 has no EMAWeightAveraging")
+    from trainer_runs import lightning_ema_run
+
+    return lightning_ema_run(tmp_path_factory.mktemp("lightning_ema") / "ckpts")
+
+
+@pytest.fixture(scope="session")
+def lightning_compiled_ckpts(tmp_path_factory):
+    pytest.importorskip("lightning")
+    from trainer_runs import lightning_compiled_run
+
+    return lightning_compiled_run(tmp_path_factory.mktemp("lightning_compiled") / "ckpts")
+
+
+@pytest.fixture(scope="session")
+def _deepspeed_runs(tmp_path_factory):
+    _require("deepspeed")
+    from trainer_runs import deepspeed_runs
+
+    base = tmp_path_factory.mktemp("deepspeed")
+    return deepspeed_runs({3: base / "zero3", 2: base / "zero2"})
+
+
+@pytest.fixture(scope="session")
+def deepspeed_zero3_ckpts(_deepspeed_runs):
+    """root/global_step{2,4,6}/zero_pp_rank_0_mp_rank_00_{model,optim}_states.pt, latest, zero_to_fp32.py."""
+    return _deepspeed_runs[3]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_zero2_ckpts(_deepspeed_runs):
+    """root/global_step{2,4,6}/mp_rank_00_model_states.pt + zero_pp_rank_0_mp_rank_00_optim_states.pt, latest, ..."""
+    return _deepspeed_runs[2]
