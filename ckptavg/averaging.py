@@ -30,9 +30,10 @@ from ckptavg.formats.writer import (
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
-from ckptavg.same_run import different_runs
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, copy_model_files, staged
+from ckptavg.same_run import different_runs
+from ckptavg.sizes import parse_size
 from ckptavg.verify import ChecksumWriter, verify_output
 
 
@@ -90,20 +91,6 @@ class AverageReport:
         data = asdict(self)
         data["gb_per_s"] = round(self.gb_per_s, 3)
         return data
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    value = text.strip().upper()
-    number = value.rstrip("KMGTIB")
-    try:
-        size = int(float(number) * units[value[len(number):]])
-    except (ValueError, KeyError) as e:
-        raise UsageError(None, f"size {text!r} is not like 5GB, 500MB or 2GiB") from e
-    if size <= 0:
-        raise UsageError(None, f"size {text!r} must be positive")
-    return size
 
 
 def choose_device(name: str) -> torch.device:

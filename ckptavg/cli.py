@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ckptavg import __version__
+from ckptavg import __version__, signals
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
 from ckptavg.render import (
     ProgressDisplay,
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     args, debug = _take_debug(args)
     debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.keep_ignored_after_commit = True
     try:
         code = app(args=args, prog_name="ckptavg", standalone_mode=False)
         if code == EXIT_SIGINT:  # typer turns KeyboardInterrupt into this return value

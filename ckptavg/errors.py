@@ -46,6 +46,10 @@ class HostileInputError(InputError):
     """A pickle names a callable that could run code: refused everywhere, never skipped as merely unreadable."""
 
 
+class StrictError(InputError):
+    """A warning turned into an error by --strict."""
+
+
 class UsageError(CkptavgError):
     exit_code = EXIT_USAGE
 

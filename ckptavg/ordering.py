@@ -33,7 +33,7 @@ def require_order(given: list[Checkpoint], ordered_by: str, order: str, strategy
     raise UsageError(
         None,
         f"cannot tell the training order of the inputs: no step or epoch known for {names}; "
-        f"{ORDER_DEPENDENT[strategy]} weights inputs by that order: pass --order given to use the order of the command line",
+        f"{ORDER_DEPENDENT[strategy]} depends on that order: pass --order given to use the order of the command line",
     )
 
 

@@ -22,6 +22,7 @@ import torch
 from ckptavg.checkpoint import real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.formats.base import dtype_name
+from ckptavg.signals import committing
 
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -204,7 +205,8 @@ def staged(out: Path, overwrite: bool, is_dir: bool, notes: list[str] | None = N
         try:
             yield tmp
             _fsync_dir(tmp if is_dir else tmp.parent)
-            _replace(tmp, out, overwrite)
+            with committing():
+                _replace(tmp, out, overwrite)
         except BaseException:
             _remove(tmp)
             raise

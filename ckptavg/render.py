@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
@@ -38,96 +40,315 @@ def print_json(data: dict) -> None:
     sys.stdout.flush()
 
 
-class ProgressBar:
-    """Bytes read, tensors, throughput and ETA on stderr; silent when stderr is not a terminal or with --quiet."""
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and stderr.is_terminal
-        self._progress: Progress | None = None
-        self._task = None
 
-    def start(self, report: AverageReport) -> None:
-        if not self.enabled or report.dry_run:
-            return
-        self._progress = Progress(
-            TextColumn("[bold]averaging[/] {task.fields[tensor]}", justify="left"),
-            BarColumn(),
-            TextColumn("{task.fields[tensors]} tensors"),
-            DownloadColumn(binary_units=False),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            transient=True,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("average", total=None, tensor="", tensors="0")
+def human_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def plan_line(report: AverageReport) -> str:
+    """One line for the plan: inputs (and their steps), strategy and weights, bytes to read. ASCII only: it
+    also goes to logs."""
+    n = len(report.inputs)
+    steps = [i.step for i in report.inputs if i.step is not None]
+    where = ""
+    if steps:
+        where = f" (step {steps[0]})" if len(set(steps)) == 1 else f" (steps {min(steps)}..{max(steps)})"
+    parts = [f"{n} input{'' if n == 1 else 's'}{where}", report.strategy]
+    weights = [i.weight for i in report.inputs]
+    if n > 1:
+        if max(weights) - min(weights) < 1e-9:
+            parts.append("equal weights")
+        elif n <= 4:
+            parts.append("weights " + ", ".join(f"{w:.3g}" for w in weights))
+        else:
+            parts.append(f"weights {weights[0]:.3g} .. {weights[-1]:.3g}")
+    if report.bytes_to_read:
+        parts.append(f"{human_bytes(report.bytes_to_read)} to read")
+    return ", ".join(parts)
+
+
+class Throttle:
+    """When a plain (off-terminal) progress line is due: each time the work crosses another `step` (10%), or
+    `interval` seconds (30 s) after the last line; never in the first `quiet_for` seconds, so a short run
+    prints nothing."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, step: float = 0.1, interval: float = 30.0, quiet_for: float = 1.0) -> None:
+        self.clock, self.step, self.interval, self.quiet_for = clock, step, interval, quiet_for
+        self.started = self.last_time = clock()
+        self.last_bucket = 0
+
+    def due(self, fraction: float) -> bool:
+        now = self.clock()
+        if now - self.started < self.quiet_for:
+            return False
+        bucket = int(min(max(fraction, 0.0), 1.0) / self.step + 1e-9)
+        if bucket > self.last_bucket or now - self.last_time >= self.interval:
+            self.last_bucket, self.last_time = max(bucket, self.last_bucket), now
+            return True
+        return False
+
+
+class ProgressDisplay:
+    """What a running command shows on stderr, and its warnings.
+
+    On a terminal: a status line at once ("opening N inputs…", while torch is imported and the inputs are
+    opened), then the plan, a bar while the engine runs and another while --verify reads the output back,
+    all fitted to the terminal's width and cleared at the end. Off a terminal (CI logs): a plain line about
+    every 10% or 30 s of a run that lasts over a second, never a bar. Warnings are `warning: ...` lines. With
+    `enabled` false (--quiet): nothing at all.
+    """
+
+    def __init__(self, enabled: bool, inputs: int = 0, console: Console | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console = console or stderr
+        self.enabled = enabled
+        self.terminal = self.console.is_terminal
+        self.inputs = inputs
+        self.clock = clock
+        self.started = clock()
+        self.phase = "opening"  # opening, then the verb (averaging / exporting), then verifying
+        self.verb = "averaging"
+        self.plan = ""
+        self.progress: Progress | None = None
+        self.phase_started = self.started
+        self.throttle: Throttle | None = None
+        self._plan_printed = False
+        self._warned = 0
+        self._live = None
+
+    # callbacks of average() / export()
+    def on_plan(self, report: AverageReport) -> None:
+        self.plan = plan_line(report)
+        self.verb = "exporting" if report.strategy == "export" else "averaging"
+        self.phase, self.phase_started, self.progress = self.verb, self.clock(), None
+        self.throttle = Throttle(self.clock)
+        self.warn(report)
 
     def update(self, progress: Progress) -> None:
-        if self._progress is not None:
-            self._progress.update(
-                self._task,
-                completed=progress.bytes_done,
-                total=progress.bytes_total,
-                tensor=progress.tensor[-40:],
-                tensors=f"{progress.tensors_done}/{progress.tensors_total}",
-            )
+        phase = getattr(progress, "phase", self.verb)
+        if phase != self.phase:
+            self.phase, self.phase_started = phase, self.clock()
+            self.throttle = Throttle(self.clock)
+        self.progress = progress
+        if self.enabled and not self.terminal and self.throttle is not None:
+            fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 1.0
+            if self.throttle.due(fraction):
+                if not self._plan_printed:
+                    self._plan_printed = True
+                    self._write(f"ckptavg: plan: {self.plan}")
+                self._write(f"ckptavg: {self.status_text()}")
+
+    def warn(self, report: AverageReport) -> None:
+        """Print the report's warnings not printed yet, one `warning: ...` line each."""
+        new, self._warned = report.warnings[self._warned :], len(report.warnings)
+        if not self.enabled:
+            return
+        for message in new:
+            if self.terminal:
+                self.console.print(Text.assemble(("warning:", "bold yellow"), " ", one_line(message)))
+            else:
+                self._write(f"warning: {one_line(message)}")
+
+    # what is shown
+    def _write(self, line: str) -> None:
+        self.console.file.write(line + "\n")
+        self.console.file.flush()
+
+    def _rate_and_eta(self) -> tuple[float, float | None]:
+        p = self.progress
+        elapsed = self.clock() - self.phase_started
+        if p is None or elapsed <= 0 or p.bytes_done <= 0:
+            return 0.0, None
+        rate = p.bytes_done / elapsed
+        return rate, max(p.bytes_total - p.bytes_done, 0) / rate
+
+    def status_text(self) -> str:
+        """The plain progress line: `averaging 40% 1.20 GB of 3.00 GB, 0.90 GB/s, 12 s left`."""
+        p = self.progress
+        if p is None:
+            return self.phase
+        fraction = p.bytes_done / p.bytes_total if p.bytes_total else 1.0
+        rate, eta = self._rate_and_eta()
+        text = f"{self.phase} {fraction:.0%} {human_bytes(p.bytes_done)} of {human_bytes(p.bytes_total)}"
+        if rate:
+            text += f", {human_bytes(rate)}/s"
+        if eta is not None:
+            text += f", {human_seconds(eta)} left"
+        return text
+
+    def lines(self, width: int) -> list[Text]:
+        """The terminal display at `width` columns: every line fits, none wraps."""
+        elapsed = self.clock() - self.started
+        if self.phase == "opening":
+            spin = SPINNER[int(elapsed * 10) % len(SPINNER)]
+            what = f"opening {self.inputs} input{'' if self.inputs == 1 else 's'}…" if self.inputs else "starting…"
+            return [_fit(Text.assemble((spin, "cyan"), " ", what, (f"  {elapsed:.0f} s", "dim")), width)]
+        out = [_fit(Text.assemble(("plan ", "dim"), self.plan), width)] if self.plan else []
+        p = self.progress
+        done, total = (p.bytes_done, p.bytes_total) if p else (0, 0)
+        fraction = done / total if total else 0.0
+        rate, eta = self._rate_and_eta()
+        tail = [f"{fraction:>4.0%}", f"{human_bytes(done)} of {human_bytes(total)}"]
+        if rate:
+            tail.append(f"{human_bytes(rate)}/s")
+        if eta is not None:
+            tail.append(f"{human_seconds(eta)} left")
+        label = f"{self.phase:<9} "
+        while True:
+            tail_text = " " + "  ".join(tail)
+            bar_width = width - len(label) - len(tail_text)
+            if bar_width >= 10 or len(tail) == 1:
+                break
+            tail.pop()
+        bar_width = max(bar_width, 1)
+        filled = int(bar_width * min(fraction, 1.0))
+        out.append(_fit(Text.assemble((label, "bold"), ("━" * filled, "magenta"), ("━" * (bar_width - filled), "grey23"), tail_text), width))
+        if p is not None and self.phase == "verifying":
+            detail = f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of {p.tensors_total})"
+        elif p is not None and done >= total:
+            detail = "writing the last chunks to the disk…"
+        elif p is not None:
+            detail = f"tensor {p.tensors_done}/{p.tensors_total} {p.tensor}"
+        else:
+            detail = "reading…"
+        out.append(_fit(Text(one_line(detail), style="dim"), width))
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in self.lines(options.max_width):
+            yield line
 
     @contextmanager
-    def running(self) -> Iterator[ProgressBar]:
+    def running(self) -> Iterator[ProgressDisplay]:
+        """Shows the terminal display (when enabled and on a terminal) for the duration of the block."""
+        if self.enabled and self.terminal:
+            self._live = Live(self, console=self.console, transient=True, refresh_per_second=10, redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
         try:
             yield self
         finally:
-            if self._progress is not None:
-                self._progress.stop()
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+
+
+def _fit(text: Text, width: int) -> Text:
+    text.no_wrap = True
+    text.overflow = "ellipsis"
+    text.truncate(width, overflow="ellipsis")
+    return text
+
+
+class _Rows:
+    """The label / value lines of a summary. A value wraps at spaces under its own column at a terminal's
+    width (a word longer than the line, such as a long path, is folded), never mid-word at the edge."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __call__(self, label: str, value: str | Text) -> None:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, min_width=12)
+        grid.add_column(overflow="fold")
+        grid.add_row(label, value if isinstance(value, Text) else Text(value))
+        self.console.print(grid)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "-"
+
+
+def _shared_weights_from(report: AverageReport) -> str | None:
+    """The weights_from every input shares, when they all share one."""
+    found = {i.weights_from for i in report.inputs}
+    return found.pop() if len(found) == 1 else None
 
 
 def inputs_table(report: AverageReport) -> Table:
+    """The inputs in the order used; a `weights from` column only when the inputs do not all share one."""
+    column_for_weights = _shared_weights_from(report) is None
     table = Table(title=f"inputs, ordered by {report.order}", title_justify="left", show_edge=False)
-    for column in ("#", "input", "format", "step", "epoch", "weight"):
-        table.add_column(column, justify="right" if column in ("#", "step", "epoch", "weight") else "left", overflow="fold")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("input", overflow="fold", ratio=1)
+    for column in ("format", "step", "epoch", "weight"):
+        table.add_column(column, justify="left" if column == "format" else "right", no_wrap=True)
+    if column_for_weights:
+        table.add_column("weights from", overflow="fold")
     for i, item in enumerate(report.inputs, 1):
-        table.add_row(
-            str(i), item.path, item.format,
+        row = [
+            str(i), Text(item.path), item.format,
             "-" if item.step is None else str(item.step),
             "-" if item.epoch is None else str(item.epoch),
             f"{item.weight:.4f}",
-        )
+        ]
+        table.add_row(*row, *([Text(item.weights_from or "-")] if column_for_weights else []))
     return table
 
 
-def print_summary(report: AverageReport) -> None:
-    stdout = _stdout()
-    stdout.print(inputs_table(report))
-    dtypes = ", ".join(f"{k} x{v}" for k, v in report.output_dtypes.items())
-    accumulate = ", ".join(f"{k} x{v}" for k, v in report.accumulate.items()) or "-"
-    if report.strategy == "export":
-        stdout.print(f"strategy     export of the weights alone, on {report.device}")
-    else:
-        stdout.print(f"strategy     {report.strategy} of {len(report.inputs)} checkpoints on {report.device}")
-    stdout.print(f"tensors      {report.tensors} ({report.parameters:,} parameters); output {dtypes}; accumulated in {accumulate}")
-    for note in _all_notes(report):
-        stdout.print(f"note         {note}")
+def grouped_notes(report: AverageReport) -> list[str]:
+    """The report's notes, then the inputs' notes: a note several inputs share is said once for them."""
+    which: dict[str, list[int]] = {}
+    for i, item in enumerate(report.inputs, 1):
+        for note in _own_notes(item):
+            which.setdefault(note, []).append(i)
+    notes, n = list(report.notes), len(report.inputs)
+    for note, numbers in which.items():
+        if len(numbers) == 1:
+            notes.append(f"{report.inputs[numbers[0] - 1].path}: {note}")
+        elif len(numbers) == n:
+            notes.append(f"{n} inputs: {note}")
+        else:
+            notes.append(f"{len(numbers)} of {n} inputs ({', '.join(f'#{k}' for k in numbers)}): {note}")
+    return notes
+
+
+def _own_notes(item) -> list[str]:
+    """An input's notes, less the one that says what its weights_from already says."""
+    return [n for n in item.notes if not (item.weights_from and n == f"weights from {item.weights_from}")]
+
+
+def _output_rows(row: _Rows, report: AverageReport) -> None:
+    """Where the output went, --verify, and what the run cost; for a dry run what it would read instead."""
     if report.dry_run:
-        stdout.print(f"dry run      would read {human_bytes(sum(i.bytes for i in report.inputs))} and write {report.output or '-'}; nothing written")
+        row("output", f"{report.output} (not written: dry run)" if report.output else "no output given (dry run)")
+        row("dry run", f"would read {human_bytes(report.bytes_to_read)}; nothing written")
         return
-    stdout.print(f"output       {report.output}: {', '.join(report.output_files)}")
+    row("output", f"{report.output}: {', '.join(report.output_files)}")
     if report.copied_files:
-        stdout.print(f"copied       {', '.join(report.copied_files)}")
+        row("copied", ", ".join(report.copied_files))
     if report.verified:
-        stdout.print(f"verified     every tensor read back from the disk matches what was written ({report.verify_seconds:.2f} s)")
+        row("verified", f"every tensor read back from the disk matches what was written ({report.verify_seconds:.2f} s)")
         for name, sha in report.sha256.items():
-            stdout.print(f"sha256       {sha}  {name}")
-    stdout.print(
-        f"done         read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
-        f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}"
+            row("sha256", f"{sha}  {name}")
+    row(
+        "done",
+        f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
+        f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}",
     )
 
 
-def _all_notes(report: AverageReport) -> list[str]:
-    notes = list(report.notes)
-    for item in report.inputs:
-        notes.extend(f"{item.path}: {n}" for n in item.notes)
-    return notes
+def print_summary(report: AverageReport, console: Console | None = None) -> None:
+    """What `average` did (or would do): the inputs table, strategy, tensors, notes, output and cost."""
+    out = console or _stdout()
+    row = _Rows(out)
+    out.print(inputs_table(report))
+    n = len(report.inputs)
+    if n == 1:
+        row("strategy", f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one checkpoint's weights")
+    else:
+        row("strategy", f"{report.strategy} of {n} checkpoints on {report.device}")
+    shared = _shared_weights_from(report)
+    if shared:
+        row("weights from", shared if n == 1 else f"{shared} (all {n} inputs)")
+    row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}; accumulated in {_counts(report.accumulate)}")
+    for note in grouped_notes(report):
+        row("note", note)
+    _output_rows(row, report)
 
 
 def one_line(text: str) -> str:
@@ -229,9 +450,15 @@ def print_inspect(report) -> None:
         out.print("metrics      " + ", ".join(f"{k}={v:.5g}" for k, v in report.metrics.items()), markup=False)
     state = ", ".join(f"{k} {human_bytes(v)}" for k, v in report.training_state.items()) or "none (weights only)"
     out.print(f"training     {state}")
+    if report.model_type or report.architectures:
+        out.print(f"model        {report.model_type or '-'} {' '.join(report.architectures)}  (config.json)", markup=False)
     if report.prefix:
-        wrapper = next((w for w in ("module.", "_orig_mod.", "model.") if report.prefix.startswith(w)), None)
-        hint = f"  (a training wrapper's: --strip-prefix {wrapper} removes it)" if wrapper else ""
+        if report.wrapper_prefix:
+            hint = f"  ({report.wrapper_prefix} added by {report.wrapper}: --strip-prefix {report.wrapper_prefix} removes it)"
+        elif report.model_type or report.architectures:
+            hint = "  (the model's own names, as config.json says: keep it)"
+        else:
+            hint = ""
         out.print(f"prefix       {report.prefix}{hint}", markup=False)
     if report.weights_key:
         out.print(f"weights      under {report.weights_key!r}", markup=False)
@@ -241,6 +468,10 @@ def print_inspect(report) -> None:
         out.print("not run      " + ", ".join(report.opaque_globals[:6]) + (" ..." if len(report.opaque_globals) > 6 else ""), markup=False)
     for note in report.notes:
         out.print(f"note         {note}", markup=False)
+    for item in report.leftovers:
+        files = ", ".join(f"{f['path']} ({human_bytes(f['bytes'])})" for f in item.files)
+        out.print(f"{'in progress' if item.live else 'leftover':<12} {files}", markup=False)
+        out.print(f"             {item.advice}", markup=False)
     if report.tensor_list is not None:
         table = Table(show_edge=False)
         for column in ("name", "dtype", "shape", "bytes"):
@@ -271,12 +502,38 @@ def print_diff(report, limit: int = 20) -> None:
             out.print(f"{label}    {len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}", markup=False)
     for item in report.shape_mismatch:
         out.print(f"shape        {item['name']}: {item['a']} vs {item['b']}", markup=False)
+    if report.integer_tensors:
+        names = report.integer_differs
+        which = f": {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else ""
+        out.print(
+            f"integers     {len(names)} of {report.integer_tensors} integer/bool tensors differ{which} (not in the distances)",
+            markup=False,
+        )
     verdict = "identical" if report.identical else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
-    out.print(f"summary      {len(report.tensors)} tensors compared: {verdict}")
+    out.print(f"summary      {len(report.tensors)} floating tensors compared: {verdict}")
 
 
-def print_export(report) -> None:
-    print_summary(report)
+def print_export(report: AverageReport, console: Console | None = None) -> None:
+    """What `export` did (or would do): the input, its weights, output dtypes, size before and after; no
+    weights, order or accumulator, which mean nothing for one checkpoint."""
+    out = console or _stdout()
+    row = _Rows(out)
+    for item in report.inputs:
+        where = ", ".join(
+            [item.format]
+            + ([f"step {item.step}"] if item.step is not None else [])
+            + ([f"epoch {item.epoch}"] if item.epoch is not None else [])
+        )
+        row("input", f"{item.path} ({where})")
+        if item.weights_from:
+            row("weights from", item.weights_from)
+    row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}")
+    for note in list(report.notes) + [n for item in report.inputs for n in _own_notes(item)]:
+        row("note", note)
     before, after = report.input_disk_bytes, report.output_disk_bytes
     if not report.dry_run and before:
-        _stdout().print(f"size         {human_bytes(before)} -> {human_bytes(after)} ({(1 - after / before) * 100:.0f}% smaller)")
+        change = (1 - after / before) * 100
+        row("size", f"{human_bytes(before)} -> {human_bytes(after)} ({abs(change):.0f}% {'smaller' if change >= 0 else 'larger'})")
+    elif before:
+        row("size", f"{human_bytes(before)} on disk now, training state included")
+    _output_rows(row, report)

@@ -19,17 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ckptavg.checkpoint import LoadOptions
 from ckptavg.discover import (
     MetricsTable,
+    StepInfo,
     load_metrics_file,
-    merge_steps,
     read_trainer_state,
-    steps_from_entries,
     steps_from_name,
-    steps_from_trainer_state,
+    steps_from_path,
     trainer_state_metrics,
 )
-from ckptavg.checkpoint import LoadOptions
 from ckptavg.errors import HostileInputError, InputError, UsageError
 
 MODES = ("min", "max")
@@ -140,32 +139,29 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
     marked ignored with the reason, a hostile pickle raises. Also returns the metrics it records for other
     checkpoint files, by file name (Lightning best_k_models).
     """
-    from ckptavg.formats.torch_io import as_dict
     from ckptavg.metrics import checkpoint_metrics
 
     candidate = Candidate(path=str(path))
     if not path.exists():
         raise InputError(path, "no such file or folder")
     refuse_run_folder(path)
-    infos = [steps_from_name(path.name)]
     sources: list[tuple[str, dict[str, float]]] = []
     others: dict[str, dict[str, float]] = {}
-    if path.is_dir():
-        state = read_trainer_state(path)
-        if state is not None:
-            infos.append(steps_from_trainer_state(state))
-            sources.append(("trainer_state.json", trainer_state_metrics(state, infos[0].step or infos[1].step)))
     try:
         ckpt = open_complete(path, options or LoadOptions())
+        found = StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)  # the same steps `average` orders by
         if ckpt.pickle is not None and path.is_file():
-            infos.append(steps_from_entries(as_dict(ckpt.pickle.obj) or {}))
             mine, others = checkpoint_metrics(ckpt.pickle)
             sources.append(("checkpoint", mine))
     except HostileInputError:
         raise
     except InputError as e:
         candidate.ignored = unreadable(path, e)
-    found = merge_steps(*infos)
+        found = steps_from_path(path)
+    folder = path if path.is_dir() else path.parent
+    state = read_trainer_state(folder) if path.is_dir() or folder.name.startswith("checkpoint") else None
+    if state is not None:
+        sources.insert(0, ("trainer_state.json", trainer_state_metrics(state, found.step)))
     candidate.step, candidate.epoch, candidate.step_source = found.step, found.epoch, found.source
     if table is not None:
         sources.append(("metrics file", table.lookup(path, candidate.step)))

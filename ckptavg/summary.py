@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +16,11 @@ import torch
 
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
+from ckptavg.errors import InputError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
+from ckptavg.output import lock_name, old_name, tmp_name
 
 CHUNK_BYTES = 32 << 20
 TRAINING_STATE = {
@@ -31,6 +36,18 @@ TRAINING_FILES = {
     "scaler": ("scaler.pt",),
     "rng": ("rng_state.pth",),
 }
+# Name levels that training wrappers put before a model's own names, whatever the checkpoint.
+WRAPPERS = {
+    "module": "DDP / DataParallel / DeepSpeed",
+    "_orig_mod": "torch.compile",
+    "_fsdp_wrapped_module": "FSDP",
+    "_checkpoint_wrapped_module": "activation checkpointing",
+}
+# The attribute a LightningModule commonly holds its model in: a wrapper level only in a Lightning checkpoint.
+LIGHTNING_ATTRIBUTES = ("model", "net", "network", "module")
+LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops", "callbacks", "hyper_parameters")
+LEFTOVER_KINDS = (("partial", tmp_name), ("old", old_name), ("lock", lock_name))
+LEFTOVER_NAME = re.compile(r"\.(?P<out>.+)\.ckptavg-(?P<kind>partial|old|lock)")
 
 
 @dataclass
@@ -50,6 +67,19 @@ class TensorIssue:
 
 
 @dataclass
+class Leftovers:
+    """What a ckptavg run to `output` leaves beside it while it writes, or after it was killed (SIGKILL)."""
+
+    output: str
+    files: list[dict[str, Any]]  # path, kind (partial, old, lock), bytes
+    bytes: int
+    live: bool  # a running ckptavg holds the lock of `output`: these are its work in progress
+    pid: int | None  # that run's pid, from the lock file
+    output_exists: bool
+    advice: str
+
+
+@dataclass
 class InspectReport:
     """What `ckptavg inspect --json` prints; see the README for the schema."""
 
@@ -65,10 +95,15 @@ class InspectReport:
     metrics: dict[str, float]
     training_state: dict[str, int]
     prefix: str
+    wrapper_prefix: str | None  # the leading part of `prefix` a training wrapper added: what --strip-prefix should remove
+    wrapper: str | None  # which wrapper, in words
+    model_type: str | None  # from a transformers config.json beside the weights
+    architectures: list[str]
     weights_key: str | None
     top_level_keys: list[str]
     opaque_globals: list[str]
     notes: list[str]
+    leftovers: list[Leftovers]
     tensor_list: list[TensorInfo] | None = None
     issues: list[TensorIssue] | None = None
 
@@ -131,10 +166,161 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
     return found
 
 
+def model_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The transformers config.json beside the weights (one with a model_type or architectures), else None."""
+    folder = ckpt.folder or (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if not (isinstance(config.get("model_type"), str) or isinstance(config.get("architectures"), list)):
+        return None
+    return config
+
+
+def is_lightning(ckpt: Checkpoint) -> bool:
+    """A Lightning .ckpt: weights under `state_dict` beside Lightning's own entries."""
+    keys = set(ckpt.top_level_keys)
+    return "pytorch-lightning_version" in keys or (ckpt.weights_key == "state_dict" and bool(keys & set(LIGHTNING_KEYS)))
+
+
+def wrapper_prefix(prefix: str, lightning: bool, config: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(the leading levels of `prefix` that training wrappers added, which wrappers) or (None, None).
+
+    Only known wrappers count: `module.` (DDP, DeepSpeed), `_orig_mod.` (torch.compile), ... anywhere, and in a
+    Lightning checkpoint the LightningModule's attribute (`model.`, `net.`, ...) first. The weights of a
+    transformers folder (a config.json beside them) have the model's own names (`model.` of Llama,
+    `transformer.` of GPT-2): never a wrapper's. A Lightning .ckpt says what it is itself, config.json or not.
+    """
+    if not prefix or (config is not None and not lightning):
+        return None, None
+    levels = prefix[:-1].split(".")
+    taken: list[str] = []
+    kinds: list[str] = []
+    if lightning and levels[0] in LIGHTNING_ATTRIBUTES:
+        taken.append(levels[0])
+        kinds.append(f"a LightningModule (self.{levels[0]})")
+    for level in levels[len(taken):]:
+        if level not in WRAPPERS:
+            break
+        taken.append(level)
+        if WRAPPERS[level] not in kinds:
+            kinds.append(WRAPPERS[level])
+    if not taken:
+        return None, None
+    return "".join(level + "." for level in taken), " + ".join(kinds)
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed)."""
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _lock_holder(lock: Path) -> tuple[bool, int | None]:
+    """(whether a live ckptavg run holds this output lock, its pid). Tries a shared flock without waiting:
+    a run holds it exclusively while it writes, and a killed run's lock is free. (A run starting in the same
+    microseconds would find it taken for that instant and fail as if a run were writing.)"""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return True, int(text) if text.isdigit() else None
+        except OSError:
+            return False, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+def leftovers_of(out: Path) -> Leftovers | None:
+    """What a ckptavg run to `out` left beside it (`.OUT.ckptavg-partial`, `-old`, `-lock`); None when nothing."""
+    files = []
+    for kind, name_of in LEFTOVER_KINDS:
+        path = name_of(out)
+        if path.exists() or path.is_symlink():
+            files.append({"path": str(path), "kind": kind, "bytes": _tree_bytes(path)})
+    if not files:
+        return None
+    live, pid = _lock_holder(lock_name(out)) if any(f["kind"] == "lock" for f in files) else (False, None)
+    exists = out.exists() or out.is_symlink()
+    if live:
+        advice = f"a ckptavg run{f' (pid {pid})' if pid else ''} is writing {out.name} now: its work in progress, leave it"
+    else:
+        advice = (
+            f"left by an interrupted ckptavg run (none holds the lock now): the next run to {out.name} removes them, "
+            "or delete them by hand"
+        )
+        if not exists and any(f["kind"] == "old" for f in files):
+            advice += f"; {old_name(out).name} is the previous {out.name}, killed while being replaced: rename it back to keep it"
+    return Leftovers(str(out), files, sum(f["bytes"] for f in files), live, pid, exists, advice)
+
+
+def find_leftovers(path: Path) -> list[Leftovers]:
+    """Leftovers of a run to `path` itself, and, when `path` is a folder, of runs to anything inside it."""
+    found = []
+    outputs = [path]
+    if path.is_dir():
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            names = []
+        for name in names:
+            match = LEFTOVER_NAME.fullmatch(name)
+            if match and path / match["out"] not in outputs:
+                outputs.append(path / match["out"])
+    for out in outputs:
+        item = leftovers_of(out)
+        if item is not None:
+            found.append(item)
+    return found
+
+
+def leftovers_sentence(leftovers: list[Leftovers]) -> str:
+    """The leftovers in one sentence, for an error message."""
+    from ckptavg.render import human_bytes
+
+    parts = []
+    for item in leftovers:
+        files = ", ".join(f"{Path(f['path']).name} ({human_bytes(f['bytes'])})" for f in item.files)
+        parts.append(f"{files} in {Path(item.output).parent}: {item.advice}")
+    return "; ".join(parts)
+
+
+def _open(path: Path, options: LoadOptions) -> Checkpoint:
+    """open_checkpoint; an error for a path with ckptavg leftovers beside or inside it names them."""
+    try:
+        return open_checkpoint(path, options)
+    except InputError as e:
+        leftovers = find_leftovers(path)
+        if leftovers:
+            e.problem = f"{e.problem}; {leftovers_sentence(leftovers)}"
+        raise
+
+
 def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), tensors: bool = False, pattern: str | None = None, check: bool = False) -> InspectReport:
     """Describe a checkpoint from its headers; with check=True also stream every tensor for NaN/Inf/all-zero."""
     try:
-        ckpt = open_checkpoint(Path(path), options)
+        ckpt = _open(Path(path), options)
         by_dtype: dict[str, int] = {}
         for src in ckpt.tensors.values():
             by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
@@ -148,6 +334,11 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             for key, value in checkpoint_metrics(ckpt.pickle)[0].items():
                 metrics.setdefault(key, value)
         files = [{"path": str(f), "bytes": f.stat().st_size} for f in ckpt.files]
+        config = model_config(ckpt)
+        prefix = common_prefix(ckpt.tensors)
+        wrapper, wrapper_kind = wrapper_prefix(prefix, is_lightning(ckpt), config)
+        config = config or {}
+        model_type, architectures = config.get("model_type"), config.get("architectures")
         report = InspectReport(
             path=str(ckpt.path),
             format=ckpt.format,
@@ -160,11 +351,16 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             epoch=ckpt.epoch,
             metrics=metrics,
             training_state=training_state(ckpt),
-            prefix=common_prefix(ckpt.tensors),
+            prefix=prefix,
+            wrapper_prefix=wrapper,
+            wrapper=wrapper_kind,
+            model_type=model_type if isinstance(model_type, str) else None,
+            architectures=[str(a) for a in architectures] if isinstance(architectures, list) else [],
             weights_key=ckpt.weights_key,
             top_level_keys=[str(k) for k in ckpt.top_level_keys],
             opaque_globals=list(ckpt.pickle.opaque_globals) if ckpt.pickle is not None else [],
             notes=list(ckpt.notes),
+            leftovers=find_leftovers(Path(path)),
         )
         if tensors:
             regex = re.compile(pattern) if pattern else None
@@ -253,12 +449,17 @@ class TensorDiff:
 
 @dataclass
 class DiffReport:
+    """Distances cover floating tensors only: integer and bool buffers (step counters, masks) are compared for
+    equality and listed in `integer_differs`, never summed with the weights."""
+
     a: str
     b: str
     tensors: list[TensorDiff]
     only_in_a: list[str]
     only_in_b: list[str]
     shape_mismatch: list[dict[str, Any]]
+    integer_tensors: int = 0
+    integer_differs: list[str] = field(default_factory=list)
     l2: float = 0.0
     relative: float = 0.0
     min_cosine: float = 1.0
@@ -272,7 +473,7 @@ class DiffReport:
 def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOptions(), pattern: str | None = None) -> DiffReport:
     """Per-tensor distance between two checkpoints, streamed; figures are computed in float64."""
     try:
-        left, right = open_checkpoint(Path(a), options), open_checkpoint(Path(b), options)
+        left, right = _open(Path(a), options), _open(Path(b), options)
         regex = re.compile(pattern) if pattern else None
         names = [n for n in left.tensors if regex is None or regex.search(n)]
         report = DiffReport(
@@ -289,6 +490,11 @@ def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOp
             if sa.shape != sb.shape:
                 report.shape_mismatch.append({"name": name, "a": list(sa.shape), "b": list(sb.shape)})
                 continue
+            if not (is_floating(sa.dtype) and is_floating(sb.dtype)):
+                report.integer_tensors += 1
+                if _differs(sa, sb):
+                    report.integer_differs.append(name)
+                continue
             sums = _diff_sums(sa, sb)
             aa, bb, ab, dd, max_abs = sums
             total_aa += aa
@@ -299,7 +505,8 @@ def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOp
         report.relative = math.sqrt(total_dd / total_aa) if total_aa > 0 else 0.0
         report.min_cosine = min((t.cosine for t in report.tensors), default=1.0)
         report.max_abs = max((t.max_abs for t in report.tensors), default=0.0)
-        report.identical = total_dd == 0 and not (report.only_in_a or report.only_in_b or report.shape_mismatch)
+        differences = report.only_in_a or report.only_in_b or report.shape_mismatch or report.integer_differs
+        report.identical = total_dd == 0 and not differences
         return report
     finally:
         FILES.close()
@@ -333,3 +540,31 @@ def _diff_sums(sa: TensorSource, sb: TensorSource) -> tuple[float, float, float,
     sa.release()
     sb.release()
     return tuple(totals)  # type: ignore[return-value]
+
+
+def _differs(sa: TensorSource, sb: TensorSource) -> bool:
+    """Whether two tensors of the same shape hold different values, read chunk by chunk; stops at the first."""
+    itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
+    per_chunk = max(1, (8 << 20) // itemsize)
+    exact = sa.dtype == sb.dtype
+    differs = False
+    for first in range(0, sa.numel, per_chunk):
+        count = min(per_chunk, sa.numel - first)
+        parts, mappings = [], []
+        for src in (sa, sb):
+            view, mapping = src.view_range(first * src.dtype.itemsize, count * src.dtype.itemsize)
+            values = view.view(src.dtype)
+            parts.append(values.clone() if exact else values.double())
+            del view, values
+            if mapping is not None:
+                mappings.append(mapping)
+        x, y = parts
+        differs = not torch.equal(x, y)
+        del parts, x, y
+        for mapping in mappings:
+            mapping.close()
+        if differs:
+            break
+    sa.release()
+    sb.release()
+    return differs

@@ -4,7 +4,8 @@ While writing, `ChecksumWriter` keeps a CRC-32 of every tensor's bytes. After th
 before the output is renamed into place), `verify_output` opens the staged output with ckptavg's own readers,
 drops its pages from the page cache (clean after the fsync, so the bytes come from the disk), reads every file
 once, and checks that each tensor has the name, dtype, shape and CRC-32 that were written. It returns the
-sha256 of every file, which the recipe records.
+sha256 of every file, which the recipe records. An optional callback is told how many bytes have been checked
+(a `VerifyProgress`, whose `phase` is "verifying"), so a progress bar can move while it reads.
 """
 
 from __future__ import annotations
@@ -12,14 +13,52 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ckptavg.checkpoint import open_checkpoint
 from ckptavg.errors import InputError, OutputError
 from ckptavg.formats.base import TensorSource, dtype_name
 from ckptavg.formats.writer import TensorSpec, TensorWriter
+from ckptavg.merge.engine import Progress, ProgressFn
 
 READ_PIECE = 16 << 20
+
+
+@dataclass(frozen=True)
+class VerifyProgress(Progress):
+    """Progress of the read-back: bytes of the output checked and to check; `tensors_done`/`tensors_total` count
+    files, and `tensor` is the file being read."""
+
+    phase: ClassVar[str] = "verifying"
+
+
+class _Counter:
+    """Bytes checked so far across the output's files, reported to `on_progress` after each piece."""
+
+    def __init__(self, on_progress: ProgressFn | None, total: int, files: int) -> None:
+        self.on_progress, self.total, self.files = on_progress, total, files
+        self.done = 0
+        self.files_done = 0
+        self.name = ""
+
+    def start(self, path: Path) -> Callable[[int], None] | None:
+        self.name = path.name
+        self.report()
+        return self.advance if self.on_progress else None
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.report()
+
+    def finish(self) -> None:
+        self.files_done += 1
+
+    def report(self) -> None:
+        if self.on_progress:
+            self.on_progress(VerifyProgress(self.done, self.total, self.files_done, self.files, self.name))
 
 
 class ChecksumWriter:
@@ -68,15 +107,17 @@ class ChecksumWriter:
         self.writer.abort()
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, advance: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while piece := f.read(READ_PIECE):
             digest.update(piece)
+            if advance:
+                advance(len(piece))
     return digest.hexdigest()
 
 
-def _read_back(path: Path, sources: list[tuple[str, TensorSource]]) -> tuple[str, dict[str, int]]:
+def _read_back(path: Path, sources: list[tuple[str, TensorSource]], advance: Callable[[int], None] | None = None) -> tuple[str, dict[str, int]]:
     """One pass over `path` from the disk: its sha256, and the CRC-32 of each tensor's span."""
     digest = hashlib.sha256()
     crcs = {name: 0 for name, _ in sources}
@@ -94,15 +135,18 @@ def _read_back(path: Path, sources: list[tuple[str, TensorSource]]) -> tuple[str
                     view = memoryview(piece)[max(begin, position) - position : min(stop, end) - position]
                     crcs[name] = zlib.crc32(view, crcs[name])
             position = end
+            if advance:
+                advance(len(piece))
     finally:
         os.close(fd)
     return digest.hexdigest(), crcs
 
 
-def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int]) -> dict[str, str]:
+def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None = None) -> dict[str, str]:
     """Check the staged output (a folder or one file) against the specs and CRCs of what was written.
 
-    Returns {file name: sha256} for every file of the output.
+    `on_progress`, when given, is called with a `VerifyProgress` (bytes checked of all the files to read)
+    before each file and after each piece read. Returns {file name: sha256} for every file of the output.
 
     Raises:
         OutputError: a tensor is missing, extra, or reads back different bytes, dtype or shape.
@@ -121,16 +165,21 @@ def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[s
         if src.dtype != spec.dtype or tuple(src.shape) != tuple(spec.shape):
             raise OutputError(out, f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as {dtype_name(spec.dtype)} {list(spec.shape)}")
         by_file.setdefault(src.path, []).append((name, src))
+    tensor_files = sorted(by_file)
+    names = {path.name for path in tensor_files}
+    other_files = [p for p in (sorted(staged.iterdir()) if staged.is_dir() else [staged]) if p.is_file() and p.name not in names]
+    counter = _Counter(on_progress, sum(p.stat().st_size for p in tensor_files + other_files), len(tensor_files) + len(other_files))
     hashes = {}
-    for path in sorted(by_file):
-        hashes[path.name], read_crcs = _read_back(path, by_file[path])
+    for path in tensor_files:
+        hashes[path.name], read_crcs = _read_back(path, by_file[path], counter.start(path))
+        counter.finish()
         for name, crc in read_crcs.items():
             if crc != crcs[name]:
                 raise OutputError(out, f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})")
-    files = sorted(staged.iterdir()) if staged.is_dir() else [staged]
-    for path in files:
-        if path.is_file() and path.name not in hashes:
-            hashes[path.name] = sha256_of(path)
+    for path in other_files:
+        hashes[path.name] = sha256_of(path, counter.start(path))
+        counter.finish()
+    counter.report()
     if not staged.is_dir():
         hashes = {out.name: hashes[staged.name]}
     return hashes

@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
 # Set up ckptavg, train a tiny real model while saving checkpoints, average them and show what it did.
 # Usage: scripts/demo.sh [examples folder, default examples/]
+# The folder is replaced on each run, so the demo only ever removes a folder it made itself (it marks it with
+# a .ckptavg-demo file) or an empty one: any other existing folder or file is refused before anything is done.
 set -euo pipefail
+GIVEN=${1:-}
 cd "$(dirname "$0")/.."
+case "$GIVEN" in
+  "") EXAMPLES=examples ;;
+  /*) EXAMPLES=$GIVEN ;;
+  *) EXAMPLES="$OLDPWD/$GIVEN" ;;  # a relative folder is the caller's, not the repository's
+esac
+MARKER=.ckptavg-demo
+refuse() {
+  echo "demo: $EXAMPLES $1; the demo replaces its folder, so it leaves this one alone." >&2
+  echo "demo: pass a new folder, e.g. scripts/demo.sh /tmp/ckptavg-demo, or remove it yourself." >&2
+  exit 2
+}
+if [ -L "$EXAMPLES" ]; then
+  refuse "is a symlink"
+elif [ -e "$EXAMPLES" ] && [ ! -d "$EXAMPLES" ]; then
+  refuse "exists and is not a folder"
+elif [ -d "$EXAMPLES" ] && [ ! -f "$EXAMPLES/$MARKER" ] && [ -n "$(ls -A "$EXAMPLES")" ]; then
+  refuse "exists and was not made by the demo (no $MARKER in it)"
+fi
 # the training loop saves with safetensors.torch, which needs numpy (the demo extra); ckptavg itself does not
 EXTRAS=demo source scripts/setup_env.sh
-EXAMPLES=${1:-examples}
 CKPTAVG="$VENV/bin/ckptavg"
 rm -rf "$EXAMPLES"
+mkdir -p "$EXAMPLES"
+echo "made by scripts/demo.sh, which replaces this folder on each run" > "$EXAMPLES/$MARKER"
 
 echo "== 1. train a tiny character-level model (about 15 s), saving checkpoint-N/ folders"
 "$VENV/bin/python" scripts/make_examples.py train "$EXAMPLES/run"

@@ -17,13 +17,20 @@ class AttributeDict(dict):
     """Stands for Lightning's AttributeDict: a class outside torch's weights-only allowlist."""
 
 
-def make_state(seed: int, dtype: torch.dtype = torch.float32, tied: bool = False) -> dict[str, torch.Tensor]:
+def make_state(seed: int, dtype: torch.dtype = torch.float32, tied: bool = False, run: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint of training run `run` (its initialisation) after `seed` moved its weights a little:
+    checkpoints of one run differ, but much less than two runs do (ckptavg warns about those)."""
     g = torch.Generator().manual_seed(seed)
+    start = torch.Generator().manual_seed(10_000 + run)
+
+    def weights(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=start) + 0.3 * torch.randn(*shape, generator=g)).to(dtype)
+
     state = {
-        "embed.weight": torch.randn(64, 48, generator=g).to(dtype),
-        "layer.0.weight": torch.randn(48, 48, generator=g).to(dtype),
-        "layer.0.bias": torch.randn(48, generator=g).to(dtype),
-        "norm.running_mean": torch.randn(48, generator=g).to(dtype),
+        "embed.weight": weights(64, 48),
+        "layer.0.weight": weights(48, 48),
+        "layer.0.bias": weights(48),
+        "norm.running_mean": weights(48),
         "norm.num_batches_tracked": torch.tensor(100 * (seed + 1)),
         "mask": torch.rand(7, generator=g) > 0.5,
     }

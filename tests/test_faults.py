@@ -29,9 +29,11 @@ def inputs(tmp_path_factory):
     """3 inputs of 48 MB: large enough that a run can be caught mid-write."""
     root = tmp_path_factory.mktemp("big")
     paths = []
+    base = torch.Generator().manual_seed(100)
+    start = {f"w{i}": torch.randn(2_000_000, generator=base) for i in range(6)}  # one run: a shared start
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        state = {f"w{i}": torch.randn(2_000_000, generator=g) for i in range(6)}
+        state = {name: w + 0.1 * torch.randn(2_000_000, generator=g) for name, w in start.items()}
         save_file(state, root / f"c{seed}.safetensors")
         paths.append(root / f"c{seed}.safetensors")
     return paths
@@ -217,3 +219,27 @@ def test_a_destination_that_turns_read_only_fails_cleanly(cli, tmp_path, inputs,
     monkeypatch.undo()
     assert result.code == 3 and "Read-only file system" in one_error_line(result.err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_signal_late_in_a_run_never_fails_a_run_whose_output_is_in_place(tmp_path, inputs):
+    """SIGINT at many points of a run, the last moments included: either exit 130 and nothing written, or
+    exit 0 and the whole result; never a failure (or death by the signal) with the output in place."""
+    expected = reference_average([load_file(p) for p in inputs[:2]])
+    began = time.monotonic()
+    assert start(inputs[:2], tmp_path / "timing").wait(timeout=120) == 0
+    duration = time.monotonic() - began
+    outcomes = []
+    for i, fraction in enumerate((0.7, 0.85, 0.92, 0.97, 1.0)):
+        out = tmp_path / f"merged{i}"
+        process = start(inputs[:2], out)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        outcomes.append(process.returncode)
+        if process.returncode == 0:
+            assert_whole_and_correct(out, expected)
+        else:
+            assert process.returncode == 130, (fraction, process.returncode, err)
+            assert one_error_line(err).startswith("error: interrupted by") and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    print("exit codes by signal time:", outcomes)

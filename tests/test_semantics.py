@@ -91,7 +91,7 @@ def test_a_zero3_model_states_file_is_refused_with_what_to_do(tmp_path):
 @pytest.mark.parametrize("strategy", [{"weights": "linear"}, {"weights": "1,2,3"}, {"ema": 0.5}, {"ema_half_life": 100.0}])
 def test_order_dependent_weights_need_a_known_order(tmp_path, strategy):
     paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(3)]
-    with pytest.raises(UsageError, match="--order given|step of every input"):
+    with pytest.raises(UsageError, match="order='given'|step of every input"):
         ckptavg.average(paths, tmp_path / "out", **strategy)
     assert not (tmp_path / "out").exists()
 
@@ -268,3 +268,32 @@ def test_a_copied_run_keeps_its_steps(tmp_path, hf_run):
     files = sorted(Path(run).glob("checkpoint-*/model.safetensors"), key=lambda p: p.parent.name)
     report = ckptavg.average(files, tmp_path / "out", weights="linear")
     assert [i.step for i in report.inputs] == sorted(i.step for i in report.inputs)
+
+
+def test_names_that_differ_by_a_prefix_suggest_strip_prefix(cli, tmp_path):
+    state = make_state(0)
+    a = save_layout(state, tmp_path / "a", "safetensors")
+    b = tmp_path / "b.pt"
+    torch.save({f"module.{k}": v for k, v in make_state(1).items()}, b)
+    result = cli("average", a, b, "-o", tmp_path / "out")
+    assert result.code == 1 and "pass --strip-prefix module." in result.err
+    assert cli("average", a, b, "--strip-prefix", "module.", "-o", tmp_path / "out").code == 0
+
+
+def test_a_too_small_memory_budget_is_echoed_as_typed(cli, tmp_path):
+    paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
+    result = cli("average", *paths, "--memory-budget", "1KB", "-o", tmp_path / "out")
+    assert result.code == 2 and "--memory-budget 1KB is too small" in result.err
+
+
+def test_python_api_errors_name_keywords_not_flags(tmp_path):
+    paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
+    ckptavg.average(paths, tmp_path / "out")
+    with pytest.raises(ckptavg.CkptavgError, match=r"pass overwrite=True to replace it") as caught:
+        ckptavg.average(paths, tmp_path / "out")
+    assert "--" not in str(caught.value)
+    with pytest.raises(UsageError, match=r"pass order='given'"):
+        ckptavg.average(paths, tmp_path / "out2", weights="linear")
+    with pytest.raises(UsageError, match=r"memory_budget='1KB' is too small"):
+        ckptavg.average(paths, tmp_path / "out3", memory_budget="1KB")
+    assert {"average", "export", "AverageReport", "CkptavgError"} <= set(dir(ckptavg))

@@ -30,6 +30,7 @@ from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError
 from ckptavg.formats.base import FILES, TensorSource, dtype_name, read_exact, tensor_buffer
 from ckptavg.formats.writer import TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
+from ckptavg.sizes import format_size
 
 CPU_MEMORY_BUDGET = 64 << 20
 CUDA_MEMORY_BUDGET = 512 << 20
@@ -151,7 +152,7 @@ def _align(n: int) -> int:
 
 
 def _too_small(budget: int, needed: int, width: int) -> UsageError:
-    return UsageError(None, f"--memory-budget {budget / 2**20:.0f}MiB is too small for {width} inputs; it needs at least {math.ceil(needed / 2**20)}MiB")
+    return UsageError(None, f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least {math.ceil(needed / 2**20)}MiB")
 
 
 class _Failure:

@@ -97,7 +97,8 @@ def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
     for ckpt in inputs[1:]:
         missing = [n for n in reference.tensors if n not in ckpt.tensors]
         if missing:
-            raise MismatchError(ckpt.path, f"missing {len(missing)} tensor(s) that {reference.path} has: {_names(missing, limit)}")
+            hint = prefix_hint(reference, ckpt) or prefix_hint(ckpt, reference)
+            raise MismatchError(ckpt.path, f"missing {len(missing)} tensor(s) that {reference.path} has: {_names(missing, limit)}{hint}")
         extra = [n for n in ckpt.tensors if n not in reference.tensors]
         if extra:
             raise MismatchError(ckpt.path, f"has {len(extra)} tensor(s) that {reference.path} lacks: {_names(extra, limit)}")
@@ -112,6 +113,16 @@ def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
             more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
             text = "; ".join(p for _, p in problems[:limit])
             raise MismatchError(problems[0][0], f"{text}{more} (compared with {reference.path})")
+
+
+def prefix_hint(a: Checkpoint, b: Checkpoint) -> str:
+    """When every name of `a` is a name of `b` behind one prefix, the advice to strip it."""
+    first = next(iter(b.tensors), None)
+    candidates = [n[: -len(first)] for n in a.tensors if first and n.endswith(first) and n != first]
+    for prefix in candidates:
+        if len(a.tensors) == len(b.tensors) and all(n.startswith(prefix) and n[len(prefix):] in b.tensors for n in a.tensors):
+            return f"; the names of {a.path} are those of {b.path} behind {prefix!r}: pass --strip-prefix {prefix}"
+    return ""
 
 
 def _names(names: list[str], limit: int) -> str:

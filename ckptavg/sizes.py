@@ -1,0 +1,28 @@
+"""Sizes as people type them ("5GB", "500MB", "2GiB") and as ckptavg prints them back."""
+
+from __future__ import annotations
+
+from ckptavg.errors import UsageError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count."""
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    try:
+        size = int(float(number) * UNITS[value[len(number):]])
+    except (ValueError, KeyError) as e:
+        raise UsageError(None, f"size {text!r} is not like 5GB, 500MB or 2GiB") from e
+    if size <= 0:
+        raise UsageError(None, f"size {text!r} must be positive")
+    return size
+
+
+def format_size(n: int) -> str:
+    """The size in the largest unit that holds it exactly, so "1KB" and "16MiB" come back as typed."""
+    for name, unit in sorted(((k, v) for k, v in UNITS.items() if k not in ("", "B")), key=lambda kv: -kv[1]):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{name.replace('I', 'i')}"
+    return f"{n} bytes"
