@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_state, save_layout
+from conftest import make_state as random_state
+from conftest import save_layout
 
 import ckptavg
 
@@ -175,6 +176,12 @@ def test_root_options_taken_anywhere_are(option, tmp_path, cli):
 # --- the examples, run on a tree shaped like their paths --------------------------------------------------
 
 
+def make_state(seed: int) -> dict[str, torch.Tensor]:
+    """The weights of one checkpoint of a training run: one model (seed 0) moved a little (by seed)."""
+    noise = random_state(seed)
+    return {k: v + 0.01 * noise[k] if v.is_floating_point() else noise[k] for k, v in random_state(0).items()}
+
+
 def hf_checkpoint(root: Path, step: int, seed: int, eval_loss: dict[int, float] | None = None) -> None:
     folder = save_layout(make_state(seed), root, "hf-trainer", step=step)
     history = [{"step": s, "eval_loss": v} for s, v in sorted((eval_loss or {}).items()) if s <= step]
@@ -183,7 +190,7 @@ def hf_checkpoint(root: Path, step: int, seed: int, eval_loss: dict[int, float] 
 
 def lightning_ckpt(path: Path, step: int, seed: int, val_loss: float | None = None, extra: dict | None = None) -> None:
     state = make_state(seed)
-    state["attn.q_proj.weight"] = torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
+    state["attn.q_proj.weight"] = torch.eye(8) + 0.01 * torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
     callbacks = {}
     if val_loss is not None:
         callbacks["ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}"] = {"monitor": "val_loss", "current_score": torch.tensor(val_loss)}
@@ -221,7 +228,7 @@ def build_tree(root: Path) -> None:
         loss = 1 + abs(step - 400) / 1000
         lightning_ckpt(root / "ckpts" / f"epoch={i}-step={step}.ckpt", step, 60 + i, val_loss=loss, extra={"metrics": {"eval_loss": loss}})
     ema = {f"model.{k}": v for k, v in make_state(70).items()}
-    ema["model.attn.q_proj.weight"] = torch.zeros(8, 8)
+    ema["model.attn.q_proj.weight"] = torch.eye(8)
     lightning_ckpt(root / "last.ckpt", 900, 71, extra={"state_dict_ema": ema})
     torch.save({"step": 5000, "model_state_dict": make_state(80), "optimizer_state_dict": {"state": {}}}, root / "step_5000.pt")
     ckptavg.average(sorted((root / "runs").glob("checkpoint-*")), root.parent / "merged")
