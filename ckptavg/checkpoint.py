@@ -142,10 +142,8 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     _check_deepspeed(path, meta, tensors, notes)
     if skipped:
         notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:3])})")
-    if where:
-        notes.append(f"weights from {where!r}")
     ckpt = Checkpoint(
-        weights_from=_weights_reason(where, options),
+        weights_from=_weights_reason(where, options, as_dict(pickle_file.obj) or {}),
         path=path,
         format="torch-legacy" if pickle_file.legacy else "torch",
         tensors=tensors,
@@ -172,11 +170,25 @@ def _check_deepspeed(path: Path, top: dict, tensors: dict[str, TensorSource], no
     notes.append("DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py extracts them)")
 
 
-def _weights_reason(where: str | None, options: LoadOptions) -> str:
+def _lightning_averaging(top: dict) -> str | None:
+    """The callback name when Lightning's WeightAveraging (EMAWeightAveraging) saved the checkpoint: its
+    `state_dict` then holds the averaged weights, and `current_model_state` the live ones."""
+    if "current_model_state" not in top or "state_dict" not in top:
+        return None
+    callbacks = as_dict(top.get("callbacks")) or {}
+    names = [str(k) for k in callbacks if "Averaging" in str(k)]
+    return names[0] if names else ("WeightAveraging" if "averaging_state" in top else None)
+
+
+def _weights_reason(where: str | None, options: LoadOptions, top: dict) -> str:
     if where is None:
         return "the top-level tensors"
     if options.key:
         return f"{where!r} (--key)"
+    averaging = _lightning_averaging(top)
+    if averaging and where == "state_dict":
+        ema = " (--use-ema)" if options.use_ema else ""
+        return f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are 'current_model_state' (--key current_model_state)"
     if options.use_ema:
         return f"EMA weights {where!r} (--use-ema)"
     return f"{where!r}"
@@ -197,6 +209,8 @@ def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict
         check_no_quantized(path, found)
         return found, options.key, top
     if options.use_ema:
+        if _lightning_averaging(top):
+            return as_dict(top["state_dict"]), "state_dict", top
         for key, value in _ema_candidates(top):
             check_no_quantized(path, value)
             return _unwrap_averaged_model(value), key, top

@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test source scripts/setup_env.sh
+# timm makes real CheckpointSaver/ModelEmaV3 checkpoints in the tests. Its dependencies would pull torchvision
+# (a CUDA build that does not load beside the CPU torch), so it comes alone; the tests load the parts they use.
+"$VENV/bin/python" -m pip install -q --no-deps -c "$VENV/ckptavg-constraints.txt" "timm==1.0.31"
 "$VENV/bin/python" -m pytest -q "$@"

@@ -1,0 +1,128 @@
+"""Checkpoints saved by the real trainers (tests/trainer_runs.py): what ckptavg averages, in which order.
+
+Expected values are computed here, independently, in float64 from what torch.load reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_output
+
+
+def float64_reference(states: list[dict], weights: list[float]) -> dict:
+    total = sum(weights)
+    out = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            out[name] = (sum(w * s[name].double() for w, s in zip(weights, states)) / total).to(first.dtype)
+        else:
+            out[name] = states[-1][name]
+    return out
+
+
+def assert_exact(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def run_json(cli, *args) -> dict:
+    result = cli(*args, "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+# timm: CheckpointSaver with ModelEmaV3; last.pth.tar and model_best.pth.tar are hard links
+
+
+def test_timm_hard_links_are_the_same_checkpoint_given_twice(cli, tmp_path, timm_ckpts):
+    assert os.path.samefile(timm_ckpts / "last.pth.tar", timm_ckpts / "checkpoint-3.pth.tar")
+    result = cli("average", *sorted(timm_ckpts.glob("*.pth.tar")), "-o", tmp_path / "out")
+    assert result.code == 2 and "given twice" in result.err and "hard link" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_timm_ema_weights_by_epoch(cli, tmp_path, timm_ckpts):
+    files = [timm_ckpts / f"checkpoint-{e}.pth.tar" for e in (3, 0, 2, 1)]
+    report = run_json(cli, "average", *files, "--use-ema", "--weights", "linear", "-o", tmp_path / "out.safetensors")
+    assert report["order"] == "epoch" and [i["epoch"] for i in report["inputs"]] == [0, 1, 2, 3]
+    assert all(i["weights_from"] == "EMA weights 'state_dict_ema' (--use-ema)" for i in report["inputs"])
+    states = [torch.load(timm_ckpts / f"checkpoint-{e}.pth.tar", weights_only=False)["state_dict_ema"] for e in range(4)]
+    assert_exact(read_output(tmp_path / "out.safetensors"), float64_reference(states, [1, 2, 3, 4]))
+
+
+def test_timm_metric_selects_the_best_epochs(cli, timm_ckpts):
+    result = cli("select", *sorted(timm_ckpts.glob("checkpoint-*.pth.tar")), "--metric", "metric", "--top-k", "2")
+    assert result.code == 0, result.err
+    assert [Path(line).name for line in result.out.split()] == ["checkpoint-1.pth.tar", "checkpoint-3.pth.tar"]
+
+
+# accelerate: save_state with automatic_checkpoint_naming: checkpoints/checkpoint_0 ... checkpoint_11
+
+
+def test_accelerate_checkpoints_are_ordered_by_their_number(cli, tmp_path, accelerate_ckpts):
+    folders = sorted((accelerate_ckpts / "checkpoints").glob("checkpoint_*"))
+    assert folders[2].name == "checkpoint_10"  # a shell glob's order is not the training order
+    report = run_json(cli, "average", *folders, "--ema", "0.5", "-o", tmp_path / "out")
+    assert [Path(i["path"]).name for i in report["inputs"]] == [f"checkpoint_{n}" for n in range(12)]
+    from safetensors.torch import load_file
+
+    states = [load_file(accelerate_ckpts / "checkpoints" / f"checkpoint_{n}" / "model.safetensors") for n in range(12)]
+    weights = [0.5**11] + [0.5 * 0.5 ** (11 - i) for i in range(1, 12)]
+    got, want = read_output(tmp_path / "out"), float64_reference(states, weights)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-7, atol=1e-7)
+    assert "optimizer.bin" not in report["copied_files"]
+
+
+# Lightning: EMAWeightAveraging keeps the average in state_dict and the live weights in current_model_state
+
+
+def test_lightning_ema_weights_are_taken_and_said(cli, tmp_path, lightning_ema_ckpts):
+    files = sorted(lightning_ema_ckpts.glob("*.ckpt"))
+    default = run_json(cli, "average", *files, "--strip-prefix", "model.", "-o", tmp_path / "default")
+    use_ema = run_json(cli, "average", *files, "--strip-prefix", "model.", "--use-ema", "-o", tmp_path / "ema")
+    live = run_json(cli, "average", *files, "--strip-prefix", "model.", "--key", "current_model_state", "-o", tmp_path / "live")
+    for report in (default, use_ema):
+        assert all("EMA weights 'state_dict'" in i["weights_from"] and "EMAWeightAveraging" in i["weights_from"] for i in report["inputs"])
+    assert all(i["weights_from"].startswith("'current_model_state' (--key)") for i in live["inputs"])
+    loaded = [torch.load(f, weights_only=True) for f in files]
+    strip = lambda d: {k.removeprefix("model."): v for k, v in d.items()}  # noqa: E731
+    ema = float64_reference([strip(c["state_dict"]) for c in loaded], [1, 1, 1])
+    assert_exact(read_output(tmp_path / "default"), ema)
+    assert_exact(read_output(tmp_path / "ema"), ema)
+    assert_exact(read_output(tmp_path / "live"), float64_reference([strip(c["current_model_state"]) for c in loaded], [1, 1, 1]))
+
+
+def test_lightning_torch_compile_prefix_is_removed(cli, tmp_path, lightning_compiled_ckpts):
+    files = sorted(lightning_compiled_ckpts.glob("*.ckpt"))
+    report = run_json(cli, "average", *files, "--strip-prefix", "model.", "-o", tmp_path / "out")
+    names = set(read_output(tmp_path / "out"))
+    assert names and all(n.startswith("body.") for n in names)
+    assert all("_orig_mod. removed (torch.compile)" in i["weights_from"] for i in report["inputs"])
+
+
+# DeepSpeed on its CPU accelerator: ZeRO-3 partitions its weights, ZeRO-2 keeps the module weights
+
+
+def test_deepspeed_zero3_model_states_are_refused_with_what_to_do(cli, tmp_path, deepspeed_zero3_ckpts):
+    files = sorted(deepspeed_zero3_ckpts.glob("global_step*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    result = cli("average", *files, "-o", tmp_path / "out")
+    assert result.code == 1 and "ZeRO-3" in result.err and "zero_to_fp32.py" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    folder = cli("average", deepspeed_zero3_ckpts, "-o", tmp_path / "out")
+    assert folder.code == 1 and "DeepSpeed" in folder.err
+
+
+def test_deepspeed_zero2_module_weights_by_global_step(cli, tmp_path, deepspeed_zero2_ckpts):
+    files = [deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt" for n in (6, 2, 4)]
+    report = run_json(cli, "average", *files, "--weights", "linear", "-o", tmp_path / "out")
+    assert [i["step"] for i in report["inputs"]] == [2, 4, 6]
+    assert all(any("DeepSpeed model states" in n for n in i["notes"]) for i in report["inputs"])
+    states = [torch.load(deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt", weights_only=False)["module"] for n in (2, 4, 6)]
+    assert_exact(read_output(tmp_path / "out"), float64_reference(states, [1, 2, 3]))
