@@ -294,7 +294,7 @@ def grouped_notes(report: AverageReport) -> list[str]:
     """The report's notes, then the inputs' notes: a note several inputs share is said once for them."""
     which: dict[str, list[int]] = {}
     for i, item in enumerate(report.inputs, 1):
-        for note in _own_notes(item):
+        for note in item.notes:
             which.setdefault(note, []).append(i)
     notes, n = list(report.notes), len(report.inputs)
     for note, numbers in which.items():
@@ -305,11 +305,6 @@ def grouped_notes(report: AverageReport) -> list[str]:
         else:
             notes.append(f"{len(numbers)} of {n} inputs ({', '.join(f'#{k}' for k in numbers)}): {note}")
     return notes
-
-
-def _own_notes(item) -> list[str]:
-    """An input's notes, less the one that says what its weights_from already says."""
-    return [n for n in item.notes if not (item.weights_from and n == f"weights from {item.weights_from}")]
 
 
 def _output_rows(row: _Rows, report: AverageReport) -> None:
@@ -528,7 +523,7 @@ def print_export(report: AverageReport, console: Console | None = None) -> None:
         if item.weights_from:
             row("weights from", item.weights_from)
     row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}")
-    for note in list(report.notes) + [n for item in report.inputs for n in _own_notes(item)]:
+    for note in list(report.notes) + [n for item in report.inputs for n in item.notes]:
         row("note", note)
     before, after = report.input_disk_bytes, report.output_disk_bytes
     if not report.dry_run and before:

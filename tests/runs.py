@@ -47,8 +47,9 @@ def _regression(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
 
 
-def lightning_run(root: Path) -> Path:
-    """lightning.Trainer with ModelCheckpoint(monitor='val_loss', save_top_k=-1): epoch=E-step=S.ckpt files."""
+def lightning_fit(root: Path, callbacks: list | None = None, max_epochs: int = 4, compiled: bool = False, scheduler: bool = True) -> Path:
+    """lightning.Trainer with ModelCheckpoint(monitor='val_loss', save_top_k=-1) and `callbacks`: epoch=E-step=S.ckpt
+    files of a LightningModule around _Tiny (torch.compile'd with `compiled`, names then model._orig_mod.*)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,7 +57,7 @@ def lightning_run(root: Path) -> Path:
         def __init__(self, lr: float = 0.05, width: int = 16) -> None:
             super().__init__()
             self.save_hyperparameters()
-            self.model = _Tiny()
+            self.model = torch.compile(_Tiny(), backend="eager") if compiled else _Tiny()
 
         def training_step(self, batch, _):
             x, y = batch
@@ -68,6 +69,8 @@ def lightning_run(root: Path) -> Path:
 
         def configure_optimizers(self):
             optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+            if not scheduler:
+                return optimizer
             return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2)}
 
     L.seed_everything(0, verbose=False)
@@ -75,11 +78,16 @@ def lightning_run(root: Path) -> Path:
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, monitor="val_loss", save_top_k=-1, filename="{epoch}-{step}")
     trainer = L.Trainer(
-        max_epochs=4, accelerator="cpu", callbacks=[checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=max_epochs, accelerator="cpu", callbacks=[*(callbacks or []), checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
     )
     trainer.fit(Module(), loader, loader)
     return root
+
+
+def lightning_run(root: Path) -> Path:
+    """A plain Lightning run: 4 epochs, Adam with a StepLR scheduler."""
+    return lightning_fit(root)
 
 
 def plain_torch_run(root: Path) -> Path:

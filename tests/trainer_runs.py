@@ -33,9 +33,8 @@ import types
 from pathlib import Path
 
 import torch
+from runs import _regression, _Tiny, lightning_fit
 from torch import nn
-
-from runs import _regression, _Tiny
 
 # ----------------------------------------------------------------------------------------------------- timm
 
@@ -165,39 +164,6 @@ def accelerate_run(root: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ lightning
 
 
-def _lightning_fit(root: Path, compiled: bool, callbacks: list, max_epochs: int = 3) -> Path:
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Module(L.LightningModule):
-        def __init__(self, lr: float = 0.05) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.model = torch.compile(_Tiny(), backend="eager") if compiled else _Tiny()
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.mse_loss(self.model(x), y)
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_loss", nn.functional.mse_loss(self.model(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-    L.seed_everything(0, verbose=False)
-    x, y = _regression()
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, monitor="val_loss", save_top_k=-1, filename="{epoch}-{step}")
-    trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", callbacks=[*callbacks, checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-    )
-    trainer.fit(Module(), loader, loader)
-    return root
-
-
 def lightning_ema_run(root: Path) -> Path:
     """Lightning's EMAWeightAveraging(decay=0.9) callback, 3 epochs of 4 steps: epoch=E-step=S.ckpt, E 0..2, S 4,8,12.
 
@@ -207,7 +173,7 @@ def lightning_ema_run(root: Path) -> Path:
     """
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    return _lightning_fit(root, compiled=False, callbacks=[EMAWeightAveraging(decay=0.9)])
+    return lightning_fit(root, callbacks=[EMAWeightAveraging(decay=0.9)], max_epochs=3, scheduler=False)
 
 
 def lightning_compiled_run(root: Path) -> Path:
@@ -216,7 +182,7 @@ def lightning_compiled_run(root: Path) -> Path:
     backend="eager" is the real torch.compile (dynamo traces the model, OptimizedModule wraps it, so the state_dict
     names are the same as with inductor) without inductor's C++ build, which takes ~50 s cold on 2 cores here.
     """
-    return _lightning_fit(root, compiled=True, callbacks=[], max_epochs=2)
+    return lightning_fit(root, max_epochs=2, compiled=True, scheduler=False)
 
 
 # ------------------------------------------------------------------------------------------------ deepspeed
