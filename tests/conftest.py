@@ -254,3 +254,106 @@ def deepspeed_zero3_ckpts(_deepspeed_runs):
 def deepspeed_zero2_ckpts(_deepspeed_runs):
     """root/global_step{2,4,6}/mp_rank_00_model_states.pt + zero_pp_rank_0_mp_rank_00_optim_states.pt, latest, ..."""
     return _deepspeed_runs[2]
+
+
+# Real PEFT LoRA runs (tests/peft_runs.py): transformers.Trainer saves checkpoint-{3,6,9,12}/ adapter folders of a
+# PeftModel on a tiny local base. Skipped where peft is not installed.
+
+
+@pytest.fixture(scope="session")
+def peft_base(tmp_path_factory):
+    """The tiny Llama base folder (save_pretrained) every Llama LoRA run below adapts."""
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from peft_runs import tiny_base
+
+    return tiny_base(tmp_path_factory.mktemp("peft_base") / "base")
+
+
+@pytest.fixture(scope="session")
+def peft_gpt2_base(tmp_path_factory):
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from peft_runs import tiny_gpt2_base
+
+    return tiny_gpt2_base(tmp_path_factory.mktemp("peft_gpt2_base") / "base")
+
+
+def _lora(tmp_path_factory, name: str, base, **kwargs):
+    from peft_runs import lora_run
+
+    return lora_run(tmp_path_factory.mktemp(name) / "run", base, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def lora_plain(tmp_path_factory, peft_base):
+    """r=4, lora_alpha=8, target_modules q_proj, v_proj."""
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_plain", peft_base, **VARIANTS["lora_plain"])
+
+
+@pytest.fixture(scope="session")
+def lora_rslora(tmp_path_factory, peft_base):
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_rslora", peft_base, **VARIANTS["lora_rslora"])
+
+
+@pytest.fixture(scope="session")
+def lora_bias(tmp_path_factory, peft_base):
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_bias", peft_base, **VARIANTS["lora_bias"])
+
+
+@pytest.fixture(scope="session")
+def lora_dora(tmp_path_factory, peft_base):
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_dora", peft_base, **VARIANTS["lora_dora"])
+
+
+@pytest.fixture(scope="session")
+def lora_modules_to_save(tmp_path_factory, peft_base):
+    """modules_to_save=[lm_head] and embed_tokens targeted (lora_embedding_A/B, embed_tokens.base_layer.weight saved)."""
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_modules_to_save", peft_base, **VARIANTS["lora_modules_to_save"])
+
+
+@pytest.fixture(scope="session")
+def lora_patterns(tmp_path_factory, peft_base):
+    """rank_pattern {layers.0.self_attn.q_proj: 2},
+    alpha_pattern {layers.0.self_attn.q_proj: 6, layers.1.self_attn.v_proj: 32}."""
+    from peft_runs import VARIANTS
+
+    return _lora(tmp_path_factory, "lora_patterns", peft_base, **VARIANTS["lora_patterns"])
+
+
+@pytest.fixture(scope="session")
+def lora_gpt2(tmp_path_factory, peft_gpt2_base):
+    """GPT-2 Conv1D c_attn, fan_in_fan_out=True."""
+    from peft_runs import GPT2_VARIANT
+
+    return _lora(tmp_path_factory, "lora_gpt2", peft_gpt2_base, **GPT2_VARIANT)
+
+
+@pytest.fixture(scope="session")
+def lora_other_r(tmp_path_factory, peft_base):
+    """The plain run's base and targets with r=8 (lora_alpha 8): checkpoint-3, checkpoint-6."""
+    from peft_runs import OTHER_R, SHORT
+
+    return _lora(tmp_path_factory, "lora_other_r", peft_base, **OTHER_R, **SHORT)
+
+
+@pytest.fixture(scope="session")
+def lora_other_base(tmp_path_factory):
+    """The plain variant on a second base (same architecture, seed 1; its folder is <tmp>/base, the run <tmp>/run):
+    same keys and shapes as lora_plain, another base_model_name_or_path and other base weights."""
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from peft_runs import OTHER_BASE_SEED, SHORT, lora_run, tiny_base
+
+    root = tmp_path_factory.mktemp("lora_other_base")
+    return lora_run(root / "run", tiny_base(root / "base", seed=OTHER_BASE_SEED), **SHORT)
