@@ -17,6 +17,8 @@ from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
 from ckptavg.errors import OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
+from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
+from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
     SafetensorsWriter,
@@ -27,6 +29,7 @@ from ckptavg.formats.writer import (
     write_index,
     write_text,
 )
+from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
@@ -35,6 +38,8 @@ from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, co
 from ckptavg.same_run import different_runs
 from ckptavg.sizes import parse_size
 from ckptavg.verify import ChecksumWriter, verify_output
+
+ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 
 
 @dataclass
@@ -81,6 +86,7 @@ class AverageReport:
     sha256: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # things that look wrong; --strict makes them errors
+    adapter: dict | None = None  # PEFT adapters: mode, kind, ranks, and params mode's error per module
     version: str = __version__
 
     @property
@@ -137,6 +143,8 @@ def average(
     verify: bool = False,
     strict: bool = False,
     check_same_run: bool = True,
+    adapter_mode: str = "exact",
+    base: str | os.PathLike | None = None,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -167,6 +175,10 @@ def average(
             a CRC-32 kept while writing, and record each file's sha256 (in ckptavg.json for a folder, and in
             the report's `sha256`).
         strict: treat every warning (different runs, an EMA dominated by its oldest input, ...) as an error.
+        adapter_mode: for PEFT adapters: "exact" (an adapter whose change is exactly the mean of the changes),
+            "params" (the parameter-wise mean, with its error against exact) or "merged" (a full model: base + the
+            mean change; needs `base`).
+        base: the base model of the adapters, for adapter_mode="merged".
         check_same_run: compare a small sample of every input to warn when they look like different runs.
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
@@ -208,7 +220,8 @@ def average(
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
-        refuse_overlaps(checkpoints, out_path)
+        base_model = open_checkpoint(Path(base), LoadOptions()) if base is not None else None
+        refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
         given = checkpoints
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
@@ -219,8 +232,11 @@ def average(
         require_order(given, ordered_by, order, strategy.strategy)
         if note := order_note(given, checkpoints, strategy.strategy):
             notes.append(note)
-        plan = build_plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum)
+        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
+        if adapter is not None:
+            report.adapter = asdict(adapter)
+            report.notes.append(_adapter_note(adapter, len(checkpoints)))
         report.dry_run = dry_run
         report.warnings.extend(_warnings(plan, ema, ema_half_life, steps, check_same_run))
         if strict and report.warnings:
@@ -240,6 +256,30 @@ def average(
         return report
     finally:
         FILES.close()
+
+
+def _plan(
+    checkpoints: list[Checkpoint], strategy: Weights, out_dtype: torch.dtype | None, accum: str, adapter_mode: str, base: Checkpoint | None,
+) -> tuple[Plan, AdapterSummary | None]:
+    """The plan: tensors averaged as they are, or PEFT adapters averaged by what they do (merge/adapters.py)."""
+    if check_adapters(checkpoints) is None:
+        if base is not None:
+            raise UsageError(None, "--base is the base model of PEFT adapters; the inputs are full models")
+        return build_plan(checkpoints, strategy, out_dtype, accum), None
+    return build_adapter_plan(checkpoints, strategy, adapter_mode, out_dtype, accum, base)
+
+
+def _adapter_note(adapter: AdapterSummary, n: int) -> str:
+    if adapter.mode == "exact":
+        return (f"{adapter.kind} adapters averaged exactly: each module's change is the weighted mean of the {n} changes, "
+                f"as one adapter of rank {adapter.rank_out} (their factors stacked, the scalings in lora_A, lora_alpha = r)")
+    if adapter.mode == "merged":
+        return f"{adapter.kind} adapters merged into the base model {adapter.base}: base + the weighted mean of the {n} changes"
+    if adapter.error_max is None:
+        return f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}"
+    return (f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "
+            f"mean of the changes by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst}); "
+            "--adapter-mode exact has no such error")
 
 
 def _warnings(plan: Plan, decay: float | None, half_life: float | None, steps: list[int | None], check_same_run: bool) -> list[str]:
@@ -318,6 +358,8 @@ def _write_output(
     Fills the report's output and copied files and bytes written; returns the bytes read.
     """
     kind, single_file = output_layout(out_path, out_format)
+    if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
+        raise UsageError(None, f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder")
     recipe = _recipe(report)
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
@@ -330,6 +372,9 @@ def _write_output(
                 writer = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=fsync, recipe=json.dumps(recipe) if single_file else None)
                 if not single_file and len(specs) and plan.output_bytes > shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
+            elif plan.output_kind == "adapter":
+                names = [ADAPTER_WEIGHTS]
+                writer = SafetensorsWriter([tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"}, durable=fsync)
             elif single_file:
                 names = [out_path.name]
                 metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
@@ -355,9 +400,12 @@ def _write_output(
             if kind == "safetensors" and len(names) > 1:
                 write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
                 report.output_files.append("model.safetensors.index.json")
-            newest_folder = plan.inputs[-1].folder
-            if newest_folder is not None:
-                report.copied_files = copy_model_files(newest_folder, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
+            if plan.adapter_config is not None:
+                write_text(tmp / ADAPTER_CONFIG, json.dumps(plan.adapter_config, indent=2) + "\n")
+                report.output_files.append(ADAPTER_CONFIG)
+            files_from = plan.files_from or plan.inputs[-1].folder
+            if files_from is not None:
+                report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
             if isinstance(writer, ChecksumWriter):

@@ -18,6 +18,7 @@ from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_fr
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.peft import WEIGHT_FILES, adapter_weights_file, read_adapter_config
 from ckptavg.formats.safetensors_io import read_safetensors
 from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is_tensor_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
@@ -82,9 +83,11 @@ def check_readable(path: Path, folder_ok: bool = True) -> None:
 def _open(path: Path, options: LoadOptions) -> Checkpoint:
     check_readable(path)
     folder = None
+    # an adapter: a folder with adapter_config.json, or its adapter_model.* file given alone
+    adapter = read_adapter_config(path if path.is_dir() else path.parent) if path.is_dir() or path.name in WEIGHT_FILES else None
     if path.is_dir():
         folder = path
-        weights_file = _weights_file_of_folder(path)
+        weights_file = adapter_weights_file(path) if adapter else _weights_file_of_folder(path)
     else:
         weights_file = path
         if (path.parent / "config.json").is_file():
@@ -94,6 +97,9 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     else:
         ckpt = _open_file(path, weights_file, options)
     ckpt.folder = folder
+    if adapter is not None:
+        ckpt.adapter = adapter
+        ckpt.format = f"peft-{adapter.kind.lower()} adapter ({ckpt.format})"
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
     refuse_quantized_names(path, list(ckpt.tensors))

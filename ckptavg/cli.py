@@ -80,6 +80,8 @@ def average(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
+    adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
+    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file), for --adapter-mode merged.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -99,7 +101,7 @@ def average(
     _run_and_render(
         lambda **callbacks: average_checkpoints(
             inputs, output,
-            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, dtype=dtype, accum=accum_dtype, device=device,
+            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),
@@ -242,6 +244,8 @@ def export(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
+    merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
+    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file), for --merge.")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -257,7 +261,7 @@ def export(
 
     _run_and_render(
         lambda **callbacks: export_checkpoint(
-            checkpoint, output, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
+            checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
             memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),

@@ -435,12 +435,29 @@ def print_selection(selection, quiet: bool, json_output: bool = False, invert: b
             stderr.print(line)
 
 
+def adapter_line(a: dict) -> str:
+    """One line (wrapped by the terminal) saying what a PEFT adapter is and holds."""
+    targets = a.get("target_modules")
+    targets = ", ".join(targets) if isinstance(targets, list) else (targets or "-")
+    base = a.get("base_model_name_or_path") or "-"
+    if a.get("revision"):
+        base += f"@{a['revision']}"
+    extras = [k for k in ("rank_pattern", "alpha_pattern") if a.get(k)] + (["lora_bias"] if a.get("lora_bias") else [])
+    return (
+        f"adapter      {a['kind']} r={a.get('r', '-')} lora_alpha={a.get('lora_alpha', '-')}{' ' + ', '.join(extras) if extras else ''}; "
+        f"targets {targets}; modules_to_save {', '.join(a.get('modules_to_save') or []) or '-'}; base {base}; "
+        f"{a['lora_parameters']:,} LoRA parameters in {a['modules']} modules, {a['full_parameters']:,} in full tensors"
+    )
+
+
 def print_inspect(report) -> None:
     out = _stdout()
     out.print(f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), {human_bytes(sum(f['bytes'] for f in report.files))}")
     out.print(f"tensors      {report.tensors} ({report.parameters:,} parameters, {human_bytes(report.tensor_bytes)})")
     out.print("dtypes       " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report.bytes_by_dtype.items()))
     out.print(f"step         {report.step if report.step is not None else '-'}   epoch {report.epoch if report.epoch is not None else '-'}")
+    if report.adapter:
+        out.print(adapter_line(report.adapter), markup=False, soft_wrap=True)
     if report.metrics:
         out.print("metrics      " + ", ".join(f"{k}={v:.5g}" for k, v in report.metrics.items()), markup=False)
     state = ", ".join(f"{k} {human_bytes(v)}" for k, v in report.training_state.items()) or "none (weights only)"

@@ -18,6 +18,7 @@ from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.peft import describe_adapter
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
 from ckptavg.output import lock_name, old_name, tmp_name
@@ -104,6 +105,7 @@ class InspectReport:
     opaque_globals: list[str]
     notes: list[str]
     leftovers: list[Leftovers]
+    adapter: dict[str, Any] | None = None  # a PEFT adapter: type, r, lora_alpha, targets, base model, parameter counts
     tensor_list: list[TensorInfo] | None = None
     issues: list[TensorIssue] | None = None
 
@@ -361,6 +363,7 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             opaque_globals=list(ckpt.pickle.opaque_globals) if ckpt.pickle is not None else [],
             notes=list(ckpt.notes),
             leftovers=find_leftovers(Path(path)),
+            adapter=describe_adapter(ckpt.adapter, {n: src.numel for n, src in ckpt.tensors.items()}) if ckpt.adapter else None,
         )
         if tensors:
             regex = re.compile(pattern) if pattern else None

@@ -17,9 +17,25 @@ from safetensors.torch import save_file
 peft = pytest.importorskip("peft")
 
 from peft_runs import (  # noqa: E402
-    GPT2_VARIANT, OTHER_BASE_SEED, PATTERNS, PREFIX, STEPS, VARIANTS, adapter_config, adapter_deltas,
-    adapter_replacements, adapter_tensors, base_state, checkpoints, lora_run, logits, merged_state, module_scaling,
-    reference_merge, sample_ids, tiny_base,
+    GPT2_VARIANT,
+    OTHER_BASE_SEED,
+    PATTERNS,
+    PREFIX,
+    STEPS,
+    VARIANTS,
+    adapter_config,
+    adapter_deltas,
+    adapter_replacements,
+    adapter_tensors,
+    base_state,
+    checkpoints,
+    logits,
+    lora_run,
+    merged_state,
+    module_scaling,
+    reference_merge,
+    sample_ids,
+    tiny_base,
 )
 
 LLAMA_VARIANTS = list(VARIANTS)

@@ -231,7 +231,27 @@ def build_tree(root: Path) -> None:
     ema["model.attn.q_proj.weight"] = torch.eye(8)
     lightning_ckpt(root / "last.ckpt", 900, 71, extra={"state_dict_ema": ema})
     torch.save({"step": 5000, "model_state_dict": make_state(80), "optimizer_state_dict": {"state": {}}}, root / "step_5000.pt")
+    lora_tree(root)
     ckptavg.average(sorted((root / "runs").glob("checkpoint-*")), root.parent / "merged")
+
+
+def lora_tree(root: Path) -> None:
+    """base-model (a safetensors model folder) and lora-run/checkpoint-N: LoRA adapters of one run on it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(90)
+    (root / "base-model").mkdir()
+    save_file({"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}, root / "base-model" / "model.safetensors")
+    (root / "base-model" / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    for i, step in enumerate(range(100, 501, 100)):
+        folder = root / "lora-run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        moved = {"base_model.model.layer.lora_A.weight": a + 0.01 * i, "base_model.model.layer.lora_B.weight": b + 0.01 * i}
+        save_file(moved, folder / "adapter_model.safetensors")
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"], "base_model_name_or_path": "base-model"}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
 
 
 def files(root: Path) -> list[str]:

@@ -14,7 +14,6 @@ import types
 import pytest
 import torch
 from safetensors import safe_open
-
 from trainer_runs import ACCELERATE_SAVES, DEEPSPEED_SAVE_STEPS, TIMM_BEST_EPOCH, TIMM_EVAL_METRIC
 
 TINY = [  # runs._Tiny: Linear, BatchNorm1d, ReLU, Linear

@@ -199,6 +199,57 @@ class TensorSource:
 
 
 @dataclass
+class ComputedSource(TensorSource):
+    """A tensor whose bytes are computed, not stored (an adapter's concatenated factors, a merged weight):
+    `compute` makes it, once, when the engine first reads it, and it is dropped after its last chunk."""
+
+    compute: Any = field(default=None, repr=False)  # () -> torch.Tensor of `dtype` and `shape`
+
+    @property
+    def contiguous(self) -> bool:
+        return False  # read through prepare(), like a strided source
+
+    def _read_strided(self) -> torch.Tensor:
+        value = self.compute()
+        assert value.dtype == self.dtype and tuple(value.shape) == self.shape, (value.dtype, value.shape, self.dtype, self.shape)
+        return value.contiguous().reshape(-1)
+
+
+@dataclass
+class RowSource(TensorSource):
+    """A tensor computed a block of rows at a time (a merged weight: base rows + the adapters' change to
+    them), so memory holds the rows the engine is folding, never the whole tensor. `compute_rows(lo, hi)`
+    returns rows [lo, hi) of `dtype`; it is called from several threads at once and must not share state
+    it changes. `on_release` drops what it caches once the engine is done with the tensor."""
+
+    compute_rows: Any = field(default=None, repr=False)  # (lo, hi) -> torch.Tensor [hi - lo, *shape[1:]]
+    on_release: Any = field(default=None, repr=False)
+
+    @property
+    def contiguous(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        pass
+
+    def release(self) -> None:
+        if self.on_release is not None:
+            self.on_release()
+
+    def read_into(self, start: int, out: torch.Tensor) -> None:
+        row_bytes = self.nbytes // self.shape[0]
+        first, end = start // row_bytes, -(-(start + out.numel()) // row_bytes)
+        rows = self.compute_rows(first, end)
+        assert rows.dtype == self.dtype and tuple(rows.shape) == (end - first, *self.shape[1:]), (rows.dtype, rows.shape)
+        flat = rows.contiguous().reshape(-1).view(torch.uint8)
+        offset = start - first * row_bytes
+        out.copy_(flat[offset : offset + out.numel()])
+
+    def read(self) -> torch.Tensor:
+        return self.compute_rows(0, self.shape[0]).contiguous()
+
+
+@dataclass
 class Checkpoint:
     """One input as the user named it: its tensors, where they are, and what else it says about itself."""
 
@@ -215,6 +266,7 @@ class Checkpoint:
     skipped: list[str] = field(default_factory=list)
     weights_key: str | None = None  # where in a pickle the weights were found
     weights_from: str = ""  # which weights were taken and why, for the report (raw or EMA, key, prefixes removed)
+    adapter: Any = None  # the AdapterConfig of a PEFT adapter (formats/peft.py)
     pickle: Any = None  # the PickleFile of a single-file PyTorch checkpoint: its structure, never run
 
     @property

@@ -7,6 +7,7 @@ The plan is plain data, so it could be split across processes by tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,9 @@ class Plan:
     inputs: list[Checkpoint]
     weights: Weights
     entries: list[PlanEntry] = field(default_factory=list)
+    output_kind: str = "model"  # or "adapter": adapter_model.safetensors + adapter_config.json
+    adapter_config: dict | None = None  # the adapter_config.json of an adapter output
+    files_from: Path | None = None  # where config and tokenizer files are copied from (default: the newest input)
 
     @property
     def output_bytes(self) -> int:
