@@ -199,3 +199,55 @@ def test_dora_exact_is_refused_on_the_command_line(cli, tmp_path, lora_dora):
 def test_mismatch_with_the_base_is_refused(tmp_path, lora_plain, lora_gpt2):
     with pytest.raises(MismatchError, match="is it the adapter's base model"):
         ckptavg.average(checkpoints(lora_plain), tmp_path / "out", adapter_mode="merged", base=base_of(lora_gpt2))
+
+
+def _saved_adapters(root: Path, base: Path, config, count: int = 3) -> list[Path]:
+    """Adapters of `config` on `base` with their trainable parameters set to seeded random values, saved by peft."""
+    import peft
+    import transformers
+
+    folders = []
+    for step in range(1, count + 1):
+        model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(base)), config)
+        g = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        folder = root / f"checkpoint-{step}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def test_ia3_adapters_are_averaged_parameter_wise(tmp_path, peft_base):
+    import peft
+
+    config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    inputs = _saved_adapters(tmp_path, peft_base, config)
+    report = ckptavg.average(inputs, tmp_path / "out")
+    assert report.adapter["kind"] == "IA3"
+    want = mean_of([adapter_tensors(c) for c in inputs], [1.0] * 3)
+    assert_close(load_file(tmp_path / "out" / "adapter_model.safetensors"), want, tol=1e-7)
+    assert adapter_config(tmp_path / "out") == adapter_config(inputs[0])
+    ids = sample_ids()
+    torch.testing.assert_close(logits(tmp_path / "out", ids, base=peft_base), logits(load_ia3(peft_base, want), ids), rtol=1e-5, atol=1e-5)
+
+
+def load_ia3(base: Path, tensors: dict[str, torch.Tensor]):
+    """An IA3 model on `base` with the given adapter tensors set by hand (the expected average)."""
+    import peft
+    import transformers
+
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(base)), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    peft.set_peft_model_state_dict(model, {k: v.float() for k, v in tensors.items()})
+    return model.eval()
+
+
+def test_prompt_tuning_is_refused_with_the_reason(cli, tmp_path, peft_base):
+    import peft
+
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    inputs = _saved_adapters(tmp_path, peft_base, config, count=2)
+    result = cli("average", *inputs, "-o", tmp_path / "out")
+    assert result.code == 1 and "PROMPT_TUNING adapters cannot be averaged" in result.err and "not linear" in result.err
