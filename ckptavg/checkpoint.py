@@ -17,6 +17,8 @@ from typing import Any
 from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_from_path
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
+from ckptavg.formats.deepspeed import open_deepspeed
+from ckptavg.formats.deepspeed import save_folder as deepspeed_save
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
 from ckptavg.formats.peft import WEIGHT_FILES, adapter_weights_file, read_adapter_config
 from ckptavg.formats.safetensors_io import read_safetensors
@@ -85,6 +87,9 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     folder = None
     # an adapter: a folder with adapter_config.json, or its adapter_model.* file given alone
     adapter = read_adapter_config(path if path.is_dir() else path.parent) if path.is_dir() or path.name in WEIGHT_FILES else None
+    if path.is_dir() and adapter is None and (save := deepspeed_save(path)) is not None:
+        ckpt = open_deepspeed(path, save, options.key)
+        return _finish(path, ckpt, None if save == path else path, options)
     if path.is_dir():
         folder = path
         weights_file = adapter_weights_file(path) if adapter else _weights_file_of_folder(path)
@@ -96,10 +101,15 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
         ckpt = _open_index(path, weights_file, options)
     else:
         ckpt = _open_file(path, weights_file, options)
-    ckpt.folder = folder
     if adapter is not None:
         ckpt.adapter = adapter
         ckpt.format = f"peft-{adapter.kind.lower()} adapter ({ckpt.format})"
+    return _finish(path, ckpt, folder, options)
+
+
+def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOptions) -> Checkpoint:
+    """What every layout gets once its tensors are known: its model folder, names checked and stripped, its step."""
+    ckpt.folder = folder
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
     refuse_quantized_names(path, list(ckpt.tensors))
@@ -172,7 +182,7 @@ def _check_deepspeed(path: Path, top: dict, tensors: dict[str, TensorSource], no
     if not deepspeed:
         return
     if any(src.numel == 0 for src in tensors.values()):  # ZeRO-3 leaves every parameter empty here (buffers stay whole)
-        raise UnsupportedError(path, "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the *_optim_states.pt files; consolidate with the zero_to_fp32.py script saved beside the checkpoint first, then average the results")
+        raise UnsupportedError(path, "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the *_optim_states.pt files; pass its folder (global_stepN/, or the run folder) instead: ckptavg reads the FP32 masters from the optimizer partitions")
     notes.append("DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py extracts them)")
 
 

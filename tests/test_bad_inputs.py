@@ -209,7 +209,7 @@ def test_distributed_layouts_refused(cli, tmp_path, good, layout):
     if layout == "deepspeed":
         (folder / "global_step100").mkdir()
         (folder / "latest").write_text("global_step100")
-        needle = "DeepSpeed ZeRO checkpoint"
+        needle = "holds no *model_states.pt"
     else:
         (folder / "__0_0.distcp").write_bytes(b"x")
         (folder / ".metadata").write_bytes(b"x")

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import read_output
 
@@ -106,16 +107,42 @@ def test_lightning_torch_compile_prefix_is_removed(cli, tmp_path, lightning_comp
     assert all("_orig_mod. removed (torch.compile)" in i["weights_from"] for i in report["inputs"])
 
 
-# DeepSpeed on its CPU accelerator: ZeRO-3 partitions its weights, ZeRO-2 keeps the module weights
+# DeepSpeed on its CPU accelerator: the FP32 masters are read from the optimizer partitions
 
 
-def test_deepspeed_zero3_model_states_are_refused_with_what_to_do(cli, tmp_path, deepspeed_zero3_ckpts):
+def fp32_reference(run: Path, step: int) -> dict:
+    """DeepSpeed's own consolidation of one save (tests/trainer_runs.py gathers it in the training process)."""
+    return torch.load(run.parent / f"{run.name}-fp32" / f"global_step{step}.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_saves_average_their_fp32_masters(cli, tmp_path, request, stage):
+    run = request.getfixturevalue(f"deepspeed_zero{stage}_ckpts")
+    folders = [run / f"global_step{n}" for n in (6, 2, 4)]
+    report = run_json(cli, "average", *folders, "--weights", "linear", "-o", tmp_path / "out")
+    assert [i["step"] for i in report["inputs"]] == [2, 4, 6]
+    assert all(i["format"] == f"deepspeed zero-{stage}" and "FP32 masters" in i["weights_from"] for i in report["inputs"])
+    refs = [fp32_reference(run, n) for n in (2, 4, 6)]
+    want = float64_reference(refs, [1, 2, 3])
+    want["body.1.num_batches_tracked"] = refs[-1]["body.1.num_batches_tracked"].long()  # integer buffers stay integers
+    assert_exact(read_output(tmp_path / "out"), want)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_export_is_the_consolidated_fp32_model(cli, tmp_path, request, stage):
+    run = request.getfixturevalue(f"deepspeed_zero{stage}_ckpts")
+    assert cli("export", run, "-o", tmp_path / "out").code == 0  # the run folder: its `latest` save
+    want = fp32_reference(run, 6)
+    got = read_output(tmp_path / "out")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+
+
+def test_deepspeed_zero3_model_states_alone_point_at_the_folder(cli, tmp_path, deepspeed_zero3_ckpts):
     files = sorted(deepspeed_zero3_ckpts.glob("global_step*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
     result = cli("average", *files, "-o", tmp_path / "out")
-    assert result.code == 1 and "ZeRO-3" in result.err and "zero_to_fp32.py" in result.err
+    assert result.code == 1 and "ZeRO-3" in result.err and "pass its folder" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    folder = cli("average", deepspeed_zero3_ckpts, "-o", tmp_path / "out")
-    assert folder.code == 1 and "DeepSpeed" in folder.err
 
 
 def test_deepspeed_zero2_module_weights_by_global_step(cli, tmp_path, deepspeed_zero2_ckpts):
@@ -125,3 +152,7 @@ def test_deepspeed_zero2_module_weights_by_global_step(cli, tmp_path, deepspeed_
     assert all(any("DeepSpeed model states" in n for n in i["notes"]) for i in report["inputs"])
     states = [torch.load(deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt", weights_only=False)["module"] for n in (2, 4, 6)]
     assert_exact(read_output(tmp_path / "out"), float64_reference(states, [1, 2, 3]))
+    folders = [deepspeed_zero2_ckpts / f"global_step{n}" for n in (2, 4, 6)]
+    module = run_json(cli, "average", *folders, "--key", "module", "--weights", "linear", "-o", tmp_path / "module")
+    assert all("'module'" in i["weights_from"] for i in module["inputs"])
+    assert_exact(read_output(tmp_path / "module"), float64_reference(states, [1, 2, 3]))

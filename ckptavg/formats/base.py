@@ -199,6 +199,43 @@ class TensorSource:
 
 
 @dataclass
+class ExtentSource(TensorSource):
+    """A tensor whose bytes are the concatenation of byte ranges of files: a parameter spread over the
+    partitions of several ranks (DeepSpeed ZeRO), read by range like any stored tensor."""
+
+    extents: tuple[tuple[Path, int, int], ...] = ()  # (file, byte offset, byte length), in order
+
+    @classmethod
+    def of(cls, extents: list[tuple[Path, int, int]], dtype: torch.dtype, shape: tuple[int, ...]) -> ExtentSource:
+        first = extents[0] if extents else (Path(), 0, 0)
+        return cls(path=first[0], offset=first[1], dtype=dtype, shape=shape, extents=tuple(extents))
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.extents) <= 1
+
+    @property
+    def alias_key(self) -> tuple | None:
+        return ("extents", self.extents, self.shape, self.dtype)
+
+    def prepare(self) -> None:
+        pass
+
+    def read_into(self, start: int, out: torch.Tensor) -> None:
+        if self.contiguous:
+            return super().read_into(start, out)
+        view, at, done = tensor_buffer(out), 0, 0
+        for path, offset, length in self.extents:
+            lo, hi = max(start, at), min(start + len(view), at + length)
+            if lo < hi:
+                read_exact(path, offset + lo - at, view[lo - start : hi - start])
+                done += hi - lo
+            at += length
+        if done != len(view):
+            raise InputError(self.path, f"truncated: expected {len(view)} bytes of a tensor, found {done}")
+
+
+@dataclass
 class ComputedSource(TensorSource):
     """A tensor whose bytes are computed, not stored (an adapter's concatenated factors, a merged weight):
     `compute` makes it, once, when the engine first reads it, and it is dropped after its last chunk."""

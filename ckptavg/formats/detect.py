@@ -38,14 +38,8 @@ def sniff(path: Path) -> str:
 def refuse_unsupported_folder(folder: Path) -> None:
     """DeepSpeed, torch.distributed.checkpoint and quantized models, each with what to do instead."""
     children = {child.name for child in folder.iterdir()}
-    if any(name.startswith("global_step") and (folder / name).is_dir() for name in children) or (
-        "latest" in children and "zero_to_fp32.py" in children
-    ):
-        raise UnsupportedError(folder, "DeepSpeed ZeRO checkpoint (global_step*/); convert it first with the zero_to_fp32.py script saved beside it, then average the result")
     if any(name.endswith(".distcp") for name in children) or any(n.startswith(("pytorch_model_fsdp_", "model_fsdp_")) for n in children):
         raise UnsupportedError(folder, "torch.distributed.checkpoint / FSDP sharded state (*.distcp); convert it with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
-    if "mp_rank_00_model_states.pt" in children:
-        raise UnsupportedError(folder, "DeepSpeed model-parallel checkpoint (mp_rank_*_model_states.pt); convert it with DeepSpeed's zero_to_fp32.py first")
     config = folder / "config.json"
     if config.is_file():
         try:
