@@ -357,3 +357,88 @@ def lora_other_base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora_other_base")
     return lora_run(root / "run", tiny_base(root / "base", seed=OTHER_BASE_SEED), **SHORT)
+
+
+# Real distributed checkpoints (tests/dist_runs.py): two gloo ranks on 127.0.0.1 in child processes (no process group
+# is left in the test session). Beside each DCP run root, <root>-ref/ holds torch's dcp_to_torch_save of every DCP
+# folder; beside each DeepSpeed root, <root>-fp32/global_stepN.pt holds DeepSpeed's zero_to_fp32 result.
+
+
+@pytest.fixture(scope="session")
+def _dcp_runs(tmp_path_factory):
+    import importlib.util
+
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    from dist_runs import dcp_runs
+
+    base = tmp_path_factory.mktemp("dcp")
+    runs = {"fsdp2": base / "fsdp2", "torchtitan": base / "torchtitan" / "checkpoint", "tp": base / "tp"}
+    if importlib.util.find_spec("accelerate") is not None:
+        runs["accelerate"] = base / "accelerate"
+    return dcp_runs(runs)
+
+
+@pytest.fixture(scope="session")
+def dcp_fsdp2_ckpts(_dcp_runs):
+    """FSDP2 (fully_shard) on 2 ranks: root/step-{2,4,6}/ {.metadata, __0_0.distcp, __1_0.distcp}; keys model.<fqn>
+    and optimizer.*; uneven row chunks (emb.weight 6/5 rows, head.weight 1/0: an empty chunk on rank 1)."""
+    return _dcp_runs["fsdp2"]
+
+
+@pytest.fixture(scope="session")
+def dcp_torchtitan_ckpts(_dcp_runs):
+    """torchtitan-style <dump>/checkpoint/step-{2,4,6}/: model keys at the top level, siblings optimizer.*,
+    lr_scheduler.*, dataloader.*, train_state.*."""
+    return _dcp_runs["torchtitan"]
+
+
+@pytest.fixture(scope="session")
+def dcp_tp_ckpts(_dcp_runs):
+    """Tensor parallel DTensors: root/step-{2,4,6}/ with fc1 Shard(0) rows, fc2.weight Shard(1) columns, fc2.bias
+    Replicate."""
+    return _dcp_runs["tp"]
+
+
+@pytest.fixture(scope="session")
+def dcp_accelerate_ckpts(_dcp_runs):
+    """accelerate's save_fsdp_model/save_fsdp_optimizer (FSDP2, SHARDED_STATE_DICT):
+    root/checkpoint-{2,4,6}/{pytorch_model_fsdp_0,optimizer_0}/."""
+    _require("accelerate")
+    return _dcp_runs["accelerate"]
+
+
+@pytest.fixture(scope="session")
+def _deepspeed_2rank_runs(tmp_path_factory):
+    _require("deepspeed")
+    from dist_runs import DEEPSPEED_KINDS, deepspeed_dist_runs
+
+    base = tmp_path_factory.mktemp("deepspeed_2rank")
+    return deepspeed_dist_runs({kind: base / kind for kind in DEEPSPEED_KINDS})
+
+
+@pytest.fixture(scope="session")
+def deepspeed_2rank_zero2_ckpts(_deepspeed_2rank_runs):
+    """ZeRO-2, 2 ranks, fp32: global_step{2,4,6}/mp_rank_00_model_states.pt + zero_pp_rank_{0,1}_mp_rank_00_optim_states.pt."""
+    return _deepspeed_2rank_runs["zero2"]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_2rank_zero3_ckpts(_deepspeed_2rank_runs):
+    """ZeRO-3, 2 ranks, fp32: global_step{2,4,6}/zero_pp_rank_{0,1}_mp_rank_00_{model,optim}_states.pt."""
+    return _deepspeed_2rank_runs["zero3"]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_2rank_zero2_bf16_ckpts(_deepspeed_2rank_runs):
+    """ZeRO-2, 2 ranks, bf16: mp_rank_00_model_states.pt (bf16 module) + bf16_zero_pp_rank_{0,1}_mp_rank_00_optim_states.pt."""
+    return _deepspeed_2rank_runs["zero2_bf16"]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_2rank_zero3_bf16_ckpts(_deepspeed_2rank_runs):
+    """ZeRO-3, 2 ranks, bf16: zero_pp_rank_{0,1}_mp_rank_00_model_states.pt +
+    bf16_zero_pp_rank_{0,1}_mp_rank_00_optim_states.pt."""
+    return _deepspeed_2rank_runs["zero3_bf16"]
