@@ -16,9 +16,9 @@ __all__ = ["__version__", "average", "export", "AverageReport", "CkptavgError"]
 if TYPE_CHECKING:
     from ckptavg.averaging import AverageReport, average
     from ckptavg.errors import CkptavgError
-    from ckptavg.export import export
+    from ckptavg.exporting import export
 
-_LAZY = {"average": "ckptavg.averaging", "export": "ckptavg.export", "AverageReport": "ckptavg.averaging", "CkptavgError": "ckptavg.errors"}
+_LAZY = {"average": "ckptavg.averaging", "export": "ckptavg.exporting", "AverageReport": "ckptavg.averaging", "CkptavgError": "ckptavg.errors"}
 
 # Error messages name command-line flags; from Python they name the keyword arguments instead.
 _SWITCHES = {"overwrite": "overwrite=True", "strict": "strict=True", "use-ema": "use_ema=True", "dry-run": "dry_run=True", "verify": "verify=True", "no-fsync": "fsync=False"}

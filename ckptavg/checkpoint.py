@@ -17,6 +17,7 @@ from typing import Any
 from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_from_path
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
+from ckptavg.formats.dcp import dcp_folder, open_dcp
 from ckptavg.formats.deepspeed import open_deepspeed
 from ckptavg.formats.deepspeed import save_folder as deepspeed_save
 from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
@@ -87,6 +88,8 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     folder = None
     # an adapter: a folder with adapter_config.json, or its adapter_model.* file given alone
     adapter = read_adapter_config(path if path.is_dir() else path.parent) if path.is_dir() or path.name in WEIGHT_FILES else None
+    if path.is_dir() and adapter is None and (dcp := dcp_folder(path)) is not None:
+        return _finish(path, open_dcp(path, dcp, options.key), path if dcp != path else None, options)
     if path.is_dir() and adapter is None and (save := deepspeed_save(path)) is not None:
         ckpt = open_deepspeed(path, save, options.key)
         return _finish(path, ckpt, None if save == path else path, options)

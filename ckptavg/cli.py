@@ -257,7 +257,7 @@ def export(
 
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o model.safetensors
     """
-    export_checkpoint = _deferred("ckptavg.export", "export")
+    export_checkpoint = _deferred("ckptavg.exporting", "export")
 
     _run_and_render(
         lambda **callbacks: export_checkpoint(

@@ -213,7 +213,7 @@ def test_distributed_layouts_refused(cli, tmp_path, good, layout):
     else:
         (folder / "__0_0.distcp").write_bytes(b"x")
         (folder / ".metadata").write_bytes(b"x")
-        needle = "dcp_to_torch"
+        needle = "corrupt DCP metadata"
     result = cli("average", good[0], folder, "-o", tmp_path / "out")
     assert_clean_failure(result, tmp_path, 1, needle)
 

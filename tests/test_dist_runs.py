@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from dist_runs import (
-    DCP_SAVE_STEPS, DEEPSPEED_KINDS, DEEPSPEED_SAVE_STEPS, WORLD_SIZE, dcp_checkpoint_dirs, fp32_reference, reference_path,
+    DCP_SAVE_STEPS,
+    DEEPSPEED_KINDS,
+    DEEPSPEED_SAVE_STEPS,
+    WORLD_SIZE,
+    dcp_checkpoint_dirs,
+    fp32_reference,
+    reference_path,
 )
 
 # ----------------------------------------------------------------------------------------------------- DCP

@@ -325,7 +325,7 @@ def test_summary_fits_80_columns(runs):
 
 
 def test_export_summary_fits_80_columns_and_says_only_what_applies(runs):
-    from ckptavg.export import export
+    from ckptavg.exporting import export
 
     report = export(runs[0], "model", dtype="bf16")
     narrow, wide = assert_fits(print_export, report)

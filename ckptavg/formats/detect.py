@@ -38,8 +38,8 @@ def sniff(path: Path) -> str:
 def refuse_unsupported_folder(folder: Path) -> None:
     """DeepSpeed, torch.distributed.checkpoint and quantized models, each with what to do instead."""
     children = {child.name for child in folder.iterdir()}
-    if any(name.endswith(".distcp") for name in children) or any(n.startswith(("pytorch_model_fsdp_", "model_fsdp_")) for n in children):
-        raise UnsupportedError(folder, "torch.distributed.checkpoint / FSDP sharded state (*.distcp); convert it with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
+    if any(name.endswith(".distcp") for name in children):
+        raise InputError(folder, "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written last)")
     config = folder / "config.json"
     if config.is_file():
         try:

@@ -1,0 +1,344 @@
+"""torch.distributed.checkpoint (DCP) folders, read lazily and without torch.distributed.
+
+A DCP save is a folder with `.metadata` (a plain pickle: every entry's global size, dtype and the chunks
+the ranks saved) and `__R_i.distcp` files in which each chunk is a complete `torch.save` archive at a byte
+range. `.metadata` is read with an unpickler that knows only DCP's metadata classes (as inert records) and
+refuses any other global as hostile. A tensor whose chunks are row blocks (FSDP's `Shard(0)`, uneven and
+empty shards included) is read by byte range from the chunks, like any stored tensor; one cut otherwise
+(tensor-parallel columns, 2-D meshes) is put together in memory, one tensor at a time. Non-tensor entries
+(optimizer param groups, train state) are never unpickled, and optimizer tensors never read.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptavg.errors import HostileInputError, InputError, UnsupportedError
+from ckptavg.formats.base import Checkpoint, ComputedSource, ExtentSource, TensorSource, read_exact, tensor_buffer
+from ckptavg.formats.unpickle import HostilePickleError, Opaque, RestrictedUnpickler, StorageRef, TensorRef, _opaque
+
+METADATA = ".metadata"
+MD = "torch.distributed.checkpoint.metadata"
+ALLOWED = {
+    (MD, "Metadata"), (MD, "TensorStorageMetadata"), (MD, "ChunkStorageMetadata"), (MD, "BytesStorageMetadata"),
+    (MD, "TensorProperties"), (MD, "_MEM_FORMAT_ENCODING"), (MD, "StorageMeta"), (MD, "MetadataIndex"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("pathlib._local", "PosixPath"),
+    ("pathlib._local", "WindowsPath"), ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+}
+# Entries of a training save that are not the model's (torchtitan, the DCP tutorial's app.optim, accelerate)
+NOT_MODEL = ("optimizer.", "optim.", "app.optim.", "lr_scheduler.", "scheduler.", "dataloader.", "train_state", "rng", "extra_state")
+MODEL_PREFIXES = (("app.model.", "the DCP tutorial's app.model."), ("model.", "model. (accelerate, older torchtitan)"), ("module.", "module. (NeMo 2)"))
+
+
+def _no_storage(*_: Any) -> StorageRef:
+    raise pickle.UnpicklingError("a .metadata holds no storages")
+
+
+class MetadataUnpickler(RestrictedUnpickler):
+    """`.metadata`: DCP's own classes become inert records; any other global is refused as hostile."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, storage_ref=_no_storage)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED:
+            return _opaque(module, name)
+        if (module, name) == ("torch", "Size") or (module == "torch" and hasattr(torch, name) and isinstance(getattr(torch, name), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) in (("collections", "OrderedDict"), ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "set")):
+            return super().find_class(module, name)
+        raise HostilePickleError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a .metadata holds no persistent ids")
+
+
+def _state(obj: Any) -> dict:
+    """The fields of a dataclass record (a placeholder's pickled state)."""
+    if not isinstance(obj, Opaque):
+        raise InputError(None, f"corrupt .metadata: {type(obj).__name__} where a DCP record belongs")
+    state = obj._opaque_state
+    if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
+        state = {**(state[0] or {}), **(state[1] or {})}
+    return state if isinstance(state, dict) else {}
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+@dataclass
+class Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+
+
+@dataclass
+class Entry:
+    name: str
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    chunks: list[Chunk]
+
+
+def is_dcp(path: Path) -> bool:
+    return (path / METADATA).is_file() or any(path.glob("__*.metadata"))
+
+
+def dcp_folder(path: Path) -> Path | None:
+    """The DCP folder an input stands for: itself, or accelerate's `pytorch_model_fsdp_0/`, NeMo 2's `weights/`."""
+    if is_dcp(path):
+        return path
+    for name in ("pytorch_model_fsdp_0", "model_fsdp_0", "weights"):
+        if (path / name).is_dir() and is_dcp(path / name):
+            return path / name
+    return None
+
+
+def read_metadata(folder: Path) -> tuple[dict[str, Entry | None], dict[str, int]]:
+    """Every entry of a DCP save (a tensor Entry, or None for a non-tensor entry, never unpickled), and how
+    long each data file must be to hold every item the metadata puts in it."""
+    files = [folder / METADATA] if (folder / METADATA).is_file() else sorted(folder.glob("__*.metadata"))
+    entries: dict[str, Entry | None] = {}
+    ends: dict[str, int] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+        except HostilePickleError as e:
+            raise HostileInputError(path, f"hostile .metadata: it names {e.qualname}, which DCP metadata never holds; refused, nothing was run") from e
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, RecursionError, MemoryError) as e:
+            raise InputError(path, f"corrupt DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
+        try:
+            entries.update(_entries(metadata, ends))
+        except InputError as e:
+            raise InputError(path, e.problem) from e
+    return entries, ends
+
+
+def _entries(metadata: Any, ends: dict[str, int]) -> dict[str, Entry | None]:
+    fields = _state(metadata)
+    storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for index, info in (fields.get("storage_data") or {}).items():
+        key = _state(index)
+        offset = key.get("offset")
+        info = _state(info)
+        storage[(key.get("fqn"), _ints(offset) if offset is not None else None)] = info
+        file = str(info.get("relative_path"))
+        ends[file] = max(ends.get(file, 0), int(info.get("offset", 0)) + int(info.get("length", 0)))
+    entries: dict[str, Entry | None] = {}
+    for name, md in (fields.get("state_dict_metadata") or {}).items():
+        if not isinstance(md, Opaque) or not md._global.endswith("TensorStorageMetadata"):
+            entries[name] = None  # bytes: optimizer param groups, train state, ...; never unpickled
+            continue
+        tensor = _state(md)
+        properties = tensor.get("properties")
+        dtype = _state(properties).get("dtype") if isinstance(properties, Opaque) and isinstance(properties._opaque_state, dict) else None
+        if dtype is None and isinstance(properties, Opaque) and isinstance(properties._opaque_state, tuple):
+            dtype = properties._opaque_state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(None, f"corrupt .metadata: no dtype for {name}")
+        chunks = []
+        for chunk in tensor.get("chunks") or []:
+            c = _state(chunk)
+            offsets, sizes = _ints(c["offsets"]), _ints(c["sizes"])
+            info = storage.get((name, offsets))
+            if info is None:
+                raise InputError(None, f"corrupt .metadata: the chunk of {name} at {list(offsets)} has no storage entry")
+            transforms = tuple(str(t) for t in (info.get("transform_descriptors") or ()))
+            chunks.append(Chunk(offsets, sizes, str(info["relative_path"]), int(info["offset"]), int(info["length"]), transforms))
+        entries[name] = Entry(name, dtype, _ints(tensor["size"]), chunks)
+    return entries
+
+
+def model_entries(entries: dict[str, Entry | None], key: str | None) -> tuple[dict[str, Entry], str, str]:
+    """(the model's tensors by their own names, the prefix removed, which producer's layout that is)."""
+    tensors = {n: e for n, e in entries.items() if e is not None}
+    if key:
+        prefix = key.rstrip(".") + "."
+        chosen = {n[len(prefix):]: e for n, e in tensors.items() if n.startswith(prefix)}
+        return chosen, prefix, "--key"
+    model = {n: e for n, e in tensors.items() if not n.startswith(NOT_MODEL)}
+    for prefix, producer in MODEL_PREFIXES:
+        if model and all(n.startswith(prefix) for n in model):
+            return {n[len(prefix):]: e for n, e in model.items()}, prefix, producer
+    return model, "", "top-level names (torchtitan, FSDP2's get_model_state_dict)"
+
+
+class _Slice(io.RawIOBase):
+    """A read-only file view of bytes [start, start + length) of a file: one chunk's torch.save archive."""
+
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        self.path, self.start, self.length, self.pos = path, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.length}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        view = memoryview(buffer).cast("B")[:n]
+        if n:
+            read_exact(self.path, self.start + self.pos, view)
+        self.pos += n
+        return n
+
+
+def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch.dtype) -> tuple[int, tuple[int, ...]]:
+    """(byte offset in `path` of the chunk's first element, its shape), from the archive's data.pkl and zip headers."""
+    with zipfile.ZipFile(archive) as zf:
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise InputError(path, f"corrupt DCP chunk of {name}: not a torch.save archive")
+        refs: dict[str, StorageRef] = {}
+
+        def storage(key: str, dt: torch.dtype, numel: int) -> StorageRef:
+            refs[key] = StorageRef(key, dt, numel * dt.itemsize)
+            return refs[key]
+
+        ref = RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), storage).load()
+        if not isinstance(ref, TensorRef):
+            raise InputError(path, f"corrupt DCP chunk of {name}: it holds a {type(ref).__name__}, not a tensor")
+        record = f"{pkl[0].rsplit('/', 1)[0]}/data/{ref.storage.key}"
+        info = zf.getinfo(record)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InputError(path, f"corrupt DCP chunk of {name}: compressed storage")
+        archive.seek(info.header_offset)
+        header = archive.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        data = info.header_offset + 30 + name_len + extra_len
+    contiguous = all(st == want for st, want, size in zip(ref.stride, _strides(ref.shape), ref.shape) if size != 1)
+    if not contiguous or ref.storage.dtype.itemsize != dtype.itemsize:
+        raise InputError(path, f"corrupt DCP chunk of {name}: not a contiguous {dtype} tensor")
+    if (ref.offset + math.prod(ref.shape)) * dtype.itemsize > info.file_size:
+        raise InputError(path, f"corrupt DCP chunk of {name}: its storage is shorter than the chunk")
+    return base + data + ref.offset * dtype.itemsize, ref.shape
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(out))
+
+
+def _check_tiling(folder: Path, entry: Entry) -> None:
+    """The chunks must tile the tensor: inside it, no two overlapping, their volumes adding up to its size."""
+    total = 0
+    for c in entry.chunks:
+        if len(c.offsets) != len(entry.size) or len(c.sizes) != len(entry.size) or any(o < 0 or o + s > d for o, s, d in zip(c.offsets, c.sizes, entry.size)):
+            raise InputError(folder, f"{entry.name}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's {list(entry.size)}")
+        total += math.prod(c.sizes)
+    boxes = [c for c in entry.chunks if math.prod(c.sizes)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                raise InputError(folder, f"{entry.name}: chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
+    if total != math.prod(entry.size):
+        raise InputError(folder, f"{entry.name}: its chunks cover {total} of its {math.prod(entry.size)} elements (a gap)")
+
+
+def tensor_source(folder: Path, entry: Entry) -> TensorSource:
+    """Row blocks: the chunks' bytes in row order, read by range. Other cuts: put together in memory."""
+    _check_tiling(folder, entry)
+    for c in entry.chunks:
+        if c.transforms and c.transforms != ("stream.zstd/1",):
+            raise UnsupportedError(folder / c.file, f"{entry.name} is stored with the transform {', '.join(c.transforms)}, which ckptavg does not read")
+    chunks = [c for c in entry.chunks if math.prod(c.sizes)]
+    rows = all(c.sizes[1:] == entry.size[1:] for c in chunks)
+    if rows and not any(c.transforms for c in chunks):
+        extents = []
+        for c in sorted(chunks, key=lambda c: c.offsets[0] if c.offsets else 0):
+            path = folder / c.file
+            start, shape = _chunk_location(path, _Slice(path, c.offset, c.length), c.offset, entry.name, entry.dtype)
+            if tuple(shape) != c.sizes:
+                raise InputError(path, f"corrupt DCP chunk of {entry.name}: shape {list(shape)}, the metadata says {list(c.sizes)}")
+            extents.append((path, start, math.prod(c.sizes) * entry.dtype.itemsize))
+        return ExtentSource.of(extents, entry.dtype, entry.size)
+    return ComputedSource(path=folder / chunks[0].file, offset=0, dtype=entry.dtype, shape=entry.size, compute=lambda: _assemble(folder, entry))
+
+
+def _assemble(folder: Path, entry: Entry) -> torch.Tensor:
+    full = torch.empty(entry.size, dtype=entry.dtype)
+    for c in entry.chunks:
+        if not math.prod(c.sizes):
+            continue
+        path = folder / c.file
+        if c.transforms:
+            archive: Any = io.BytesIO(_zstd(path, c))
+            start, shape = _chunk_location(path, archive, 0, entry.name, entry.dtype)
+            raw = torch.frombuffer(bytearray(archive.getbuffer()[start : start + math.prod(shape) * entry.dtype.itemsize]), dtype=torch.uint8)
+        else:
+            start, shape = _chunk_location(path, _Slice(path, c.offset, c.length), c.offset, entry.name, entry.dtype)
+            raw = torch.empty(math.prod(shape) * entry.dtype.itemsize, dtype=torch.uint8)
+            if raw.numel():
+                read_exact(path, start, tensor_buffer(raw))
+        block = raw.view(entry.dtype).reshape(shape)
+        full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = block
+    return full
+
+
+def _zstd(path: Path, chunk: Chunk) -> bytes:
+    try:
+        import zstandard
+    except ImportError as e:
+        raise UnsupportedError(path, "zstd-compressed DCP items (stream.zstd/1): install the zstandard package (pip install 'ckptavg[zstd]')") from e
+    raw = bytearray(chunk.length)
+    read_exact(path, chunk.offset, memoryview(raw))
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(raw))).read()
+    except zstandard.ZstdError as e:
+        raise InputError(path, f"corrupt zstd item: {e}") from e
+
+
+def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
+    """One DCP save as a checkpoint of the model's tensors (chosen by producer, or `key`)."""
+    entries, ends = read_metadata(folder)
+    model, prefix, producer = model_entries(entries, key)
+    if not model:
+        raise InputError(folder, f"no model tensors in this DCP save{f' under {key!r}' if key else ''}; entries: {', '.join(list(entries)[:5])}")
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        if file.parent != folder or name in ("", ".", ".."):
+            raise InputError(folder / METADATA, f"names the data file {name!r}, outside the checkpoint folder")
+        if not file.is_file():
+            raise InputError(file, "missing: the DCP metadata names it (a rank's file lost, or an incomplete copy)")
+        if file.stat().st_size < end:
+            raise InputError(file, f"truncated: the metadata puts items up to byte {end}, the file has {file.stat().st_size}")
+    files = sorted({folder / c.file for e in model.values() for c in e.chunks})
+    tensors = {name: tensor_source(folder, entry) for name, entry in model.items()}
+    sharded = max((len([c for c in e.chunks if math.prod(c.sizes)]) for e in model.values()), default=1)
+    others = [n for n, e in entries.items() if e is None or not any(n == prefix + m for m in model)]
+    notes = [
+        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s), tensors in up to {sharded} chunk(s); "
+        f"model entries: {producer}" + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
+    ]
+    return Checkpoint(path=path, format="dcp", tensors=tensors, files=[folder / METADATA, *files] if (folder / METADATA).is_file() else files,
+                      notes=notes, weights_from=f"model entries {prefix + '*' if prefix else '(top level)'}: {producer}")
