@@ -144,3 +144,27 @@ def test_inspect_shows_the_layout(cli, tmp_path):
     folder = save(tmp_path / "step-4", 0, 4)
     text = cli("inspect", folder).out
     assert "dcp" in text and "torch.distributed.checkpoint" in text and "not read" in text
+
+
+def test_zstd_compressed_items_are_read_when_zstandard_is_installed(tmp_path, monkeypatch):
+    pytest.importorskip("zstandard")
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    g = torch.Generator().manual_seed(0)
+    model = {"embed.weight": torch.randn(64, 5, generator=g), "count": torch.tensor(7)}
+    folder = tmp_path / "step-1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_save({"model": model}, storage_writer=FileSystemWriter(str(folder), _extensions=[ZStandard()]))
+    ckptavg.export(folder, tmp_path / "out")
+    got = read_output(tmp_path / "out")
+    assert all(torch.equal(got[k], v) for k, v in model.items())
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "zstandard" else real_import(name, *a, **k))
+    from ckptavg.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="install the zstandard package"):
+        ckptavg.export(folder, tmp_path / "out2")

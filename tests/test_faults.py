@@ -243,3 +243,15 @@ def test_a_signal_late_in_a_run_never_fails_a_run_whose_output_is_in_place(tmp_p
             assert one_error_line(err).startswith("error: interrupted by") and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     print("exit codes by signal time:", outcomes)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.4])
+def test_a_signal_while_the_command_starts_is_one_line_and_130(tmp_path, inputs, delay):
+    """Ctrl-C while Python imports the command line (typer, rich, then torch): no traceback either."""
+    process = start(inputs[:2], tmp_path / "merged")
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (process.returncode, err)
+    assert one_error_line(err).startswith("error: interrupted by SIGINT")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
