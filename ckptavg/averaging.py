@@ -300,13 +300,15 @@ def _warnings(plan: Plan, decay: float | None, half_life: float | None, steps: l
 def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     """The same weights given twice (a folder twice, a file and its folder, a symlink and its target), or an
     output that would replace a folder holding an input: each is a mistake, refused before any work."""
-    seen: dict[tuple[int, int], Path] = {}
+    seen: dict[tuple[int, int], tuple[Path, Path]] = {}
     for ckpt in checkpoints:
-        for file in {file_identity(f) for f in ckpt.files}:
-            if file in seen:
-                same = "" if seen[file] == ckpt.path else f" (the same weights as {seen[file]}{_hard_link(seen[file], ckpt.path)})"
-                raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
-            seen[file] = ckpt.path
+        for file in ckpt.files:
+            identity = file_identity(file)
+            if identity in seen and seen[identity][0] != ckpt.path:
+                first, first_file = seen[identity]
+                link = ", a hard link to the same file" if real_path(first_file) != real_path(file) else ""
+                raise UsageError(ckpt.path, f"given twice (the same weights as {first}{link}); pass each checkpoint once, and --weights to weight one more")
+            seen.setdefault(identity, (ckpt.path, file))
     if out is None:
         return
     target = real_path(out)
@@ -324,10 +326,6 @@ def file_identity(path: Path) -> tuple[int, int]:
     """(device, inode): the same file whatever path, symlink or hard link leads to it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _hard_link(a: Path, b: Path) -> str:
-    return ", a hard link to the same file" if real_path(a) != real_path(b) and a.is_file() and b.is_file() else ""
 
 
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
