@@ -300,15 +300,16 @@ def _warnings(plan: Plan, decay: float | None, half_life: float | None, steps: l
 def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     """The same weights given twice (a folder twice, a file and its folder, a symlink and its target), or an
     output that would replace a folder holding an input: each is a mistake, refused before any work."""
-    seen: dict[tuple[int, int], tuple[Path, Path]] = {}
+    seen: dict[tuple[int, int], tuple[Checkpoint, Path]] = {}
     for ckpt in checkpoints:
         for file in ckpt.files:
             identity = file_identity(file)
-            if identity in seen and seen[identity][0] != ckpt.path:
+            if identity in seen and seen[identity][0] is not ckpt:
                 first, first_file = seen[identity]
                 link = ", a hard link to the same file" if real_path(first_file) != real_path(file) else ""
-                raise UsageError(ckpt.path, f"given twice (the same weights as {first}{link}); pass each checkpoint once, and --weights to weight one more")
-            seen.setdefault(identity, (ckpt.path, file))
+                same = "" if first.path == ckpt.path else f" (the same weights as {first.path}{link})"
+                raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
+            seen.setdefault(identity, (ckpt, file))
     if out is None:
         return
     target = real_path(out)
