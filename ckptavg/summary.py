@@ -157,6 +157,9 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
         for name, state in callbacks.items():
             if "ema" in str(name).lower():
                 found["ema"] = found.get("ema", 0) + _tensor_bytes(state, set())
+    optimizer_files = [f for f in ckpt.files if f.name.endswith("optim_states.pt")]  # DeepSpeed: the FP32 masters live there too
+    if optimizer_files:
+        found["optimizer"] = found.get("optimizer", 0) + sum(f.stat().st_size for f in optimizer_files)
     if ckpt.path.is_dir():
         for kind, names in TRAINING_FILES.items():
             for name in names:
