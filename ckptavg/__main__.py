@@ -1,5 +1,6 @@
 """`python -m ckptavg` and the `ckptavg` console script."""
 
+import os
 import sys
 
 
@@ -9,7 +10,8 @@ def run() -> None:
         from ckptavg.cli import main
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted by SIGINT; nothing was written\n")
-        sys.exit(130)
+        sys.stderr.flush()
+        os._exit(130)  # not sys.exit: see ckptavg.cli.exit_now
     main()
 
 

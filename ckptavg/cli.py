@@ -290,6 +290,15 @@ typer.core.TyperOption.display_type_rich = _flag_type_column  # type: ignore[met
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]  # its metavar says it
 
 
+def exit_now(code: int) -> None:
+    """Exit with `code` at once. After a Ctrl-C, Python may still end a process that handled it by the signal
+    itself (it does when the interrupt landed in code run through PyRun_*, e.g. while torch imports), which a
+    parent sees as -2, not 130; the staged output and the lock are already cleaned up by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every error into one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(getattr(e, "exit_code", EXIT_USAGE) or EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         print_error("interrupted by SIGINT; nothing was written")
-        sys.exit(EXIT_SIGINT)
+        exit_now(EXIT_SIGINT)
     except OSError as e:
         if debug:
             traceback.print_exc()
