@@ -273,17 +273,6 @@ def test_small_budget_splits_tensors_into_chunks_and_blocks(tmp_path, staged):
     assert_exact(read_output(tmp_path / "o.safetensors"), reference_average(states))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu_bit_for_bit(tmp_path, dtype):
-    states = [make_state(seed, dtype) for seed in range(4)]
-    paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
-    for weights, ema in [(None, None), (None, 0.8), ("0.1,0.2,0.3,0.4", None)]:
-        ckptavg.average(paths, tmp_path / "cpu", weights=weights, ema=ema, device="cpu", overwrite=True, order="given")
-        ckptavg.average(paths, tmp_path / "cuda", weights=weights, ema=ema, device="cuda", overwrite=True, order="given")
-        assert_exact(read_output(tmp_path / "cuda"), read_output(tmp_path / "cpu"))
-
-
 @pytest.mark.parametrize("layout", ["safetensors-sharded", "bin", "pt-legacy"])
 def test_memory_budget_does_not_change_the_bytes(cli, tmp_path, layout):
     states = [make_state(seed, tied=layout == "bin") for seed in range(3)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_output
+from conftest import read_output, reference_average
 from dist_runs import dcp_checkpoint_dirs, fp32_reference, reference_path
 
 
@@ -28,17 +28,6 @@ def model_reference(root: Path, folder: Path, kind: str) -> dict[str, torch.Tens
     if kind == "torchtitan":
         return {k: v for k, v in flatten(full).items() if not k.startswith(("optimizer.", "lr_scheduler.", "dataloader.", "train_state"))}
     return flatten(full["model"])
-
-
-def mean(states: list[dict], weights: list[float]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    out = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            out[name] = (sum(w * s[name].double() for w, s in zip(weights, states)) / total).to(first.dtype)
-        else:
-            out[name] = states[-1][name]
-    return out
 
 
 def assert_equal(got: dict, want: dict) -> None:
@@ -74,7 +63,7 @@ def test_dcp_average_is_the_float64_mean(cli, tmp_path, request, kind):
     assert result.code == 0, result.err
     assert [i["step"] for i in json.loads(result.out)["inputs"]] == [2, 4, 6]
     folders = [f / "pytorch_model_fsdp_0" if kind == "accelerate" else f for f in inputs]
-    assert_equal(read_output(tmp_path / "out"), mean([model_reference(root, f, kind) for f in folders], [1, 2, 3]))
+    assert_equal(read_output(tmp_path / "out"), reference_average([model_reference(root, f, kind) for f in folders], [1, 2, 3]))
 
 
 def test_dcp_inspect_says_what_it_read(cli, dcp_torchtitan_ckpts):

@@ -11,18 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_output
-
-
-def float64_reference(states: list[dict], weights: list[float]) -> dict:
-    total = sum(weights)
-    out = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            out[name] = (sum(w * s[name].double() for w, s in zip(weights, states)) / total).to(first.dtype)
-        else:
-            out[name] = states[-1][name]
-    return out
+from conftest import read_output, reference_average
 
 
 def assert_exact(got: dict, want: dict) -> None:
@@ -53,7 +42,7 @@ def test_timm_ema_weights_by_epoch(cli, tmp_path, timm_ckpts):
     assert report["order"] == "epoch" and [i["epoch"] for i in report["inputs"]] == [0, 1, 2, 3]
     assert all(i["weights_from"] == "EMA weights 'state_dict_ema' (--use-ema)" for i in report["inputs"])
     states = [torch.load(timm_ckpts / f"checkpoint-{e}.pth.tar", weights_only=False)["state_dict_ema"] for e in range(4)]
-    assert_exact(read_output(tmp_path / "out.safetensors"), float64_reference(states, [1, 2, 3, 4]))
+    assert_exact(read_output(tmp_path / "out.safetensors"), reference_average(states, [1, 2, 3, 4]))
 
 
 def test_timm_metric_selects_the_best_epochs(cli, timm_ckpts):
@@ -74,7 +63,7 @@ def test_accelerate_checkpoints_are_ordered_by_their_number(cli, tmp_path, accel
 
     states = [load_file(accelerate_ckpts / "checkpoints" / f"checkpoint_{n}" / "model.safetensors") for n in range(12)]
     weights = [0.5**11] + [0.5 * 0.5 ** (11 - i) for i in range(1, 12)]
-    got, want = read_output(tmp_path / "out"), float64_reference(states, weights)
+    got, want = read_output(tmp_path / "out"), reference_average(states, weights)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=2e-7, atol=1e-7)
     assert "optimizer.bin" not in report["copied_files"]
@@ -93,10 +82,10 @@ def test_lightning_ema_weights_are_taken_and_said(cli, tmp_path, lightning_ema_c
     assert all(i["weights_from"].startswith("'current_model_state' (--key)") for i in live["inputs"])
     loaded = [torch.load(f, weights_only=True) for f in files]
     strip = lambda d: {k.removeprefix("model."): v for k, v in d.items()}  # noqa: E731
-    ema = float64_reference([strip(c["state_dict"]) for c in loaded], [1, 1, 1])
+    ema = reference_average([strip(c["state_dict"]) for c in loaded], [1, 1, 1])
     assert_exact(read_output(tmp_path / "default"), ema)
     assert_exact(read_output(tmp_path / "ema"), ema)
-    assert_exact(read_output(tmp_path / "live"), float64_reference([strip(c["current_model_state"]) for c in loaded], [1, 1, 1]))
+    assert_exact(read_output(tmp_path / "live"), reference_average([strip(c["current_model_state"]) for c in loaded], [1, 1, 1]))
 
 
 def test_lightning_torch_compile_prefix_is_removed(cli, tmp_path, lightning_compiled_ckpts):
@@ -123,7 +112,7 @@ def test_deepspeed_saves_average_their_fp32_masters(cli, tmp_path, request, stag
     assert [i["step"] for i in report["inputs"]] == [2, 4, 6]
     assert all(i["format"] == f"deepspeed zero-{stage}" and "FP32 masters" in i["weights_from"] for i in report["inputs"])
     refs = [fp32_reference(run, n) for n in (2, 4, 6)]
-    want = float64_reference(refs, [1, 2, 3])
+    want = reference_average(refs, [1, 2, 3])
     want["body.1.num_batches_tracked"] = refs[-1]["body.1.num_batches_tracked"].long()  # integer buffers stay integers
     assert_exact(read_output(tmp_path / "out"), want)
 
@@ -151,8 +140,8 @@ def test_deepspeed_zero2_module_weights_by_global_step(cli, tmp_path, deepspeed_
     assert [i["step"] for i in report["inputs"]] == [2, 4, 6]
     assert all(any("DeepSpeed model states" in n for n in i["notes"]) for i in report["inputs"])
     states = [torch.load(deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt", weights_only=False)["module"] for n in (2, 4, 6)]
-    assert_exact(read_output(tmp_path / "out"), float64_reference(states, [1, 2, 3]))
+    assert_exact(read_output(tmp_path / "out"), reference_average(states, [1, 2, 3]))
     folders = [deepspeed_zero2_ckpts / f"global_step{n}" for n in (2, 4, 6)]
     module = run_json(cli, "average", *folders, "--key", "module", "--weights", "linear", "-o", tmp_path / "module")
     assert all("'module'" in i["weights_from"] for i in module["inputs"])
-    assert_exact(read_output(tmp_path / "module"), float64_reference(states, [1, 2, 3]))
+    assert_exact(read_output(tmp_path / "module"), reference_average(states, [1, 2, 3]))

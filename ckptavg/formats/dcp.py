@@ -23,7 +23,15 @@ from typing import Any
 import torch
 
 from ckptavg.errors import HostileInputError, InputError, UnsupportedError
-from ckptavg.formats.base import Checkpoint, ComputedSource, ExtentSource, TensorSource, read_exact, tensor_buffer
+from ckptavg.formats.base import (
+    Checkpoint,
+    ComputedSource,
+    ExtentSource,
+    TensorSource,
+    contiguous_strides,
+    read_exact,
+    tensor_buffer,
+)
 from ckptavg.formats.unpickle import HostilePickleError, Opaque, RestrictedUnpickler, StorageRef, TensorRef, _opaque
 
 METADATA = ".metadata"
@@ -233,20 +241,12 @@ def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch
         header = archive.read(30)
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         data = info.header_offset + 30 + name_len + extra_len
-    contiguous = all(st == want for st, want, size in zip(ref.stride, _strides(ref.shape), ref.shape) if size != 1)
+    contiguous = all(st == want for st, want, size in zip(ref.stride, contiguous_strides(ref.shape), ref.shape) if size != 1)
     if not contiguous or ref.storage.dtype.itemsize != dtype.itemsize:
         raise InputError(path, f"corrupt DCP chunk of {name}: not a contiguous {dtype} tensor")
     if (ref.offset + math.prod(ref.shape)) * dtype.itemsize > info.file_size:
         raise InputError(path, f"corrupt DCP chunk of {name}: its storage is shorter than the chunk")
     return base + data + ref.offset * dtype.itemsize, ref.shape
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for size in reversed(shape):
-        out.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(out))
 
 
 def _check_tiling(folder: Path, entry: Entry) -> None:
