@@ -145,6 +145,7 @@ def average(
     check_same_run: bool = True,
     adapter_mode: str = "exact",
     base: str | os.PathLike | None = None,
+    adapter_rank: int | None = None,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -179,6 +180,7 @@ def average(
             "params" (the parameter-wise mean, with its error against exact) or "merged" (a full model: base + the
             mean change; needs `base`).
         base: the base model of the adapters, for adapter_mode="merged".
+        adapter_rank: truncate the exact average of LoRA adapters to this rank by SVD (each module's error reported).
         check_same_run: compare a small sample of every input to warn when they look like different runs.
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
@@ -232,7 +234,7 @@ def average(
         require_order(given, ordered_by, order, strategy.strategy)
         if note := order_note(given, checkpoints, strategy.strategy):
             notes.append(note)
-        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model)
+        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
         if adapter is not None:
             report.adapter = asdict(adapter)
@@ -260,16 +262,20 @@ def average(
 
 def _plan(
     checkpoints: list[Checkpoint], strategy: Weights, out_dtype: torch.dtype | None, accum: str, adapter_mode: str, base: Checkpoint | None,
+    rank: int | None = None,
 ) -> tuple[Plan, AdapterSummary | None]:
     """The plan: tensors averaged as they are, or PEFT adapters averaged by what they do (merge/adapters.py)."""
     if check_adapters(checkpoints) is None:
-        if base is not None:
-            raise UsageError(None, "--base is the base model of PEFT adapters; the inputs are full models")
+        if base is not None or rank is not None:
+            raise UsageError(None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models")
         return build_plan(checkpoints, strategy, out_dtype, accum), None
-    return build_adapter_plan(checkpoints, strategy, adapter_mode, out_dtype, accum, base)
+    return build_adapter_plan(checkpoints, strategy, adapter_mode, out_dtype, accum, base, rank)
 
 
 def _adapter_note(adapter: AdapterSummary, n: int) -> str:
+    if adapter.mode == "exact" and adapter.error_max is not None:
+        return (f"{adapter.kind} adapters: the exact mean of the {n} changes truncated by SVD to rank {adapter.rank_out}; each module's change "
+                f"is off the exact mean by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst})")
     if adapter.mode == "exact":
         return (f"{adapter.kind} adapters averaged exactly: each module's change is the weighted mean of the {n} changes, "
                 f"as one adapter of rank {adapter.rank_out} (their factors stacked, the scalings in lora_A, lora_alpha = r)")

@@ -82,6 +82,7 @@ def average(
     verify: VerifyOpt = False,
     adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file), for --adapter-mode merged.")] = None,
+    adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -101,7 +102,7 @@ def average(
     _run_and_render(
         lambda **callbacks: average_checkpoints(
             inputs, output,
-            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, dtype=dtype, accum=accum_dtype, device=device,
+            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
         ),

@@ -251,3 +251,35 @@ def test_prompt_tuning_is_refused_with_the_reason(cli, tmp_path, peft_base):
     inputs = _saved_adapters(tmp_path, peft_base, config, count=2)
     result = cli("average", *inputs, "-o", tmp_path / "out")
     assert result.code == 1 and "PROMPT_TUNING adapters cannot be averaged" in result.err and "not linear" in result.err
+
+
+@pytest.mark.parametrize("rank", [2, 4, 16])
+def test_adapter_rank_is_the_best_low_rank_approximation_of_the_exact_mean(tmp_path, lora_rslora, rank):
+    inputs = checkpoints(lora_rslora)
+    report = ckptavg.average(inputs, tmp_path / "out", adapter_rank=rank)
+    config = adapter_config(tmp_path / "out")
+    assert config["r"] == config["lora_alpha"] == rank and config["use_rslora"] is False and report.adapter["rank_out"] == rank
+    exact = mean_of([adapter_deltas(c) for c in inputs], [1.0] * len(inputs))
+    got = adapter_deltas(tmp_path / "out")
+    for name, want in exact.items():
+        u, s, vh = torch.linalg.svd(want)  # the dense truncated SVD, the definition of the best rank-r approximation
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        torch.testing.assert_close(got[name], best, rtol=0, atol=2e-6 * float(want.abs().max()))
+        error = float((best - want).norm() / want.norm())
+        module = name.removesuffix(".weight")
+        assert report.adapter["errors"][module] == pytest.approx(error, rel=1e-6, abs=1e-9)
+    if rank == 16:  # the exact mean's rank: nothing lost
+        assert report.adapter["error_max"] < 1e-7
+
+
+def test_adapter_rank_output_loads_in_peft(tmp_path, lora_plain):
+    ckptavg.average(checkpoints(lora_plain), tmp_path / "out", adapter_rank=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ids = sample_ids()
+        assert torch.isfinite(logits(tmp_path / "out", ids)).all()
+
+
+def test_adapter_rank_needs_the_exact_mode(cli, tmp_path, lora_plain):
+    result = cli("average", *checkpoints(lora_plain), "--adapter-mode", "params", "--adapter-rank", "2", "-o", tmp_path / "out")
+    assert result.code == 2 and "--adapter-rank" in result.err

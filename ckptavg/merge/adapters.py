@@ -83,8 +83,10 @@ def _show(value: object) -> str:
 
 def build_adapter_plan(
     inputs: list[Checkpoint], weights: Weights, mode: str, out_dtype: torch.dtype | None, accum: str, base: Checkpoint | None = None,
+    rank: int | None = None,
 ) -> tuple[Plan, AdapterSummary]:
-    """The plan of averaging adapters (oldest first) in `mode`; `base` is the base model for `merged`."""
+    """The plan of averaging adapters (oldest first) in `mode`; `base` is the base model for `merged`; `rank`
+    truncates the exact average to that rank by SVD (reporting each module's error)."""
     config = inputs[0].adapter
     if mode not in MODES:
         raise UsageError(None, f"--adapter-mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -95,6 +97,10 @@ def build_adapter_plan(
     plan = build_plan(inputs, weights, out_dtype, accum)
     modules = _modules(plan)
     summary = AdapterSummary(mode=mode, kind=config.kind, rank_in=config.r, rank_out=config.r, modules=len(modules))
+    if rank is not None and (mode != "exact" or config.peft_type != "LORA"):
+        raise UsageError(None, "--adapter-rank truncates the exact average of LoRA adapters: use it with --adapter-mode exact")
+    if rank is not None and rank < 1:
+        raise UsageError(None, f"--adapter-rank must be at least 1, not {rank}")
     if config.peft_type != "LORA" or mode == "params":
         if config.peft_type == "LORA" and len(inputs) > 1:
             _measure_params_error(plan, modules, weights, summary)
@@ -105,9 +111,12 @@ def build_adapter_plan(
             raise UnsupportedError(config.path, "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use --adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params")
         kept = [i for i, w in enumerate(weights.normalized) if w != 0]
         for module, parts in modules.items():
-            _stack(plan, module, parts, kept, weights)
-        summary.rank_out = config.r * len(kept)
-        plan.output_kind, plan.adapter_config = "adapter", exact_config(config, len(kept))
+            error = _stack(plan, module, parts, kept, weights, rank)
+            if error is not None:
+                summary.errors[module_name(module)] = error
+        summary.rank_out = config.r * len(kept) if rank is None else rank
+        plan.output_kind, plan.adapter_config = "adapter", exact_config(config, len(kept), rank)
+        _summarise_errors(summary)
         return plan, summary
     assert base is not None
     summary.base = str(base.path)
@@ -139,30 +148,76 @@ def _computed(entry: PlanEntry, shape: tuple[int, ...], compute) -> None:
     entry.accum_dtype = accumulator_for(entry.dtype, "fp64")
 
 
-def _stack(plan: Plan, module: str, parts: dict[str, PlanEntry], kept: list[int], weights: Weights) -> None:
-    """A' = the wᵢ·sᵢ·Aᵢ stacked (rows), B' = the Bᵢ side by side (columns): B'A' = Σ wᵢ·sᵢ·Bᵢ·Aᵢ."""
+def _stack(plan: Plan, module: str, parts: dict[str, PlanEntry], kept: list[int], weights: Weights, rank: int | None) -> float | None:
+    """A' = the wᵢ·sᵢ·Aᵢ stacked (rows), B' = the Bᵢ side by side (columns): B'A' = Σ wᵢ·sᵢ·Bᵢ·Aᵢ. With `rank`,
+    B'A' truncated by SVD to that rank instead; returns the relative error that costs (else None)."""
     name = module_name(module)
     scales = [weights.normalized[i] * plan.inputs[i].adapter.scaling(name) for i in kept]
     a_sources = [parts["A"].sources[i] for i in kept]
     b_sources = [parts["B"].sources[i] for i in kept]
     a, b = parts["A"], parts["B"]
-    rank = sum(src.shape[0] for src in a_sources)
-    a_dtype, b_dtype = a.dtype, b.dtype
-    _computed(a, (rank, *a.shape[1:]), lambda: torch.cat([s * _read64(src) for s, src in zip(scales, a_sources)], 0).to(a_dtype))
-    _computed(b, (b.shape[0], rank, *b.shape[2:]), lambda: torch.cat([_read64(src) for src in b_sources], 1).to(b_dtype))
+
+    def stacked() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([s * _read64(src) for s, src in zip(scales, a_sources)], 0), torch.cat([_read64(src) for src in b_sources], 1)
+
     if "B_bias" in parts:  # PEFT adds s·b after B: with scale 1 the bias is Σ wᵢ·sᵢ·bᵢ
-        bias = parts["B_bias"]
-        bias.weights = [weights.scales[i] * plan.inputs[i].adapter.scaling(name) if i in kept else 0.0 for i in range(len(plan.inputs))]
+        parts["B_bias"].weights = [weights.scales[i] * plan.inputs[i].adapter.scaling(name) if i in kept else 0.0 for i in range(len(plan.inputs))]
+    a_dtype, b_dtype = a.dtype, b.dtype
+    if rank is None:
+        stacked_rank = sum(src.shape[0] for src in a_sources)
+        _computed(a, (stacked_rank, *a.shape[1:]), lambda: stacked()[0].to(a_dtype))
+        _computed(b, (b.shape[0], stacked_rank, *b.shape[2:]), lambda: stacked()[1].to(b_dtype))
+        return None
+    a_shape, b_shape = (rank, *a.shape[1:]), (b.shape[0], rank, *b.shape[2:])
+    pair = _Truncated(stacked, rank)
+    _computed(a, a_shape, lambda: pair.take(0).reshape(a_shape).to(a_dtype))
+    _computed(b, b_shape, lambda: pair.take(1).reshape(b_shape).to(b_dtype))
+    return truncate(*stacked(), rank)[2]
 
 
-def exact_config(config: AdapterConfig, copies: int) -> dict:
-    """The config of the stacked adapter: rank and alpha multiplied by the number of adapters stacked, so
-    PEFT's scale is 1 (the scalings are in A'), and no rsLoRA."""
+class _Truncated:
+    """One module's truncated factors, computed once for its lora_A and lora_B entries and dropped once both
+    are written."""
+
+    def __init__(self, stacked, rank: int) -> None:
+        self.stacked, self.rank = stacked, rank
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.left = 2
+
+    def take(self, which: int) -> torch.Tensor:
+        if self.factors is None:
+            self.factors = truncate(*self.stacked(), self.rank)[:2]
+        value = self.factors[which]
+        self.left -= 1
+        if self.left == 0:
+            self.factors = None
+        return value
+
+
+def truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors (A'' rank x in, B'' out x rank) of B·A, and the relative Frobenius error of
+    B''A'' against B·A. From QR of both factors and the SVD of a small square matrix: no dense out x in matrix."""
+    a, b = _flat(a), _flat(b)
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    keep = min(rank, s.numel())
+    new_b = torch.zeros(b.shape[0], rank, dtype=b.dtype)
+    new_a = torch.zeros(rank, a.shape[1], dtype=a.dtype)
+    new_b[:, :keep] = qb @ (u[:, :keep] * s[:keep])
+    new_a[:keep] = (qa @ vh[:keep].T).T
+    total = float((s**2).sum())
+    return new_a, new_b, (float((s[keep:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def exact_config(config: AdapterConfig, copies: int, rank: int | None = None) -> dict:
+    """The config of the stacked adapter: rank and alpha multiplied by the number of adapters stacked (or
+    `rank` everywhere once truncated), so PEFT's scale is 1 (the scalings are in A'), and no rsLoRA."""
     raw = copy.deepcopy(config.raw)
-    raw["r"] = config.r * copies
-    raw["lora_alpha"] = config.r * copies
+    raw["r"] = config.r * copies if rank is None else rank
+    raw["lora_alpha"] = raw["r"]
     raw["use_rslora"] = False
-    ranks = {k: int(v) * copies for k, v in (config.raw.get("rank_pattern") or {}).items()}
+    ranks = {k: int(v) * copies for k, v in (config.raw.get("rank_pattern") or {}).items()} if rank is None else {}
     raw["rank_pattern"] = ranks
     raw["alpha_pattern"] = dict(ranks)
     return raw
@@ -191,6 +246,10 @@ def _measure_params_error(plan: Plan, modules: dict[str, dict[str, PlanEntry]], 
         diff_u, diff_v = torch.cat([b_mean, exact_u], 1), torch.cat([s * a_mean, -exact_v], 0)
         norm = _frobenius2(exact_u, exact_v)
         summary.errors[module_name(module)] = (max(_frobenius2(diff_u, diff_v), 0.0) / norm) ** 0.5 if norm > 0 else 0.0
+    _summarise_errors(summary)
+
+
+def _summarise_errors(summary: AdapterSummary) -> None:
     if summary.errors:
         summary.error_worst = max(summary.errors, key=summary.errors.__getitem__)
         summary.error_max = summary.errors[summary.error_worst]
