@@ -281,6 +281,8 @@ def _adapter_note(adapter: AdapterSummary, n: int) -> str:
                 f"as one adapter of rank {adapter.rank_out} (their factors stacked, the scalings in lora_A, lora_alpha = r)")
     if adapter.mode == "merged":
         return f"{adapter.kind} adapters merged into the base model {adapter.base}: base + the weighted mean of the {n} changes"
+    if adapter.rank_in is None:
+        return f"{adapter.kind} adapters averaged parameter-wise: their effect is linear in their parameters, so this is the exact mean of their effects"
     if adapter.error_max is None:
         return f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}"
     return (f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "

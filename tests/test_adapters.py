@@ -226,7 +226,8 @@ def test_ia3_adapters_are_averaged_parameter_wise(tmp_path, peft_base):
     config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     inputs = _saved_adapters(tmp_path, peft_base, config)
     report = ckptavg.average(inputs, tmp_path / "out")
-    assert report.adapter["kind"] == "IA3"
+    assert report.adapter["kind"] == "IA3" and report.adapter["mode"] == "params"
+    assert any("exact mean of their effects" in n for n in report.notes)
     want = mean_of([adapter_tensors(c) for c in inputs], [1.0] * 3)
     assert_close(load_file(tmp_path / "out" / "adapter_model.safetensors"), want, tol=1e-7)
     assert adapter_config(tmp_path / "out") == adapter_config(inputs[0])

@@ -44,7 +44,7 @@ class AdapterSummary:
 
     mode: str
     kind: str
-    rank_in: int
+    rank_in: int | None
     rank_out: int | None
     modules: int
     base: str | None = None
@@ -101,8 +101,12 @@ def build_adapter_plan(
         raise UsageError(None, "--adapter-rank truncates the exact average of LoRA adapters: use it with --adapter-mode exact")
     if rank is not None and rank < 1:
         raise UsageError(None, f"--adapter-rank must be at least 1, not {rank}")
-    if config.peft_type != "LORA" or mode == "params":
-        if config.peft_type == "LORA" and len(inputs) > 1:
+    if config.peft_type != "LORA":  # IA3: its effect is linear in its vectors, so their mean is exact in every mode
+        summary.mode, summary.rank_in, summary.rank_out = "params", None, None
+        plan.output_kind, plan.adapter_config = "adapter", dict(config.raw)
+        return plan, summary
+    if mode == "params":
+        if len(inputs) > 1:
             _measure_params_error(plan, modules, weights, summary)
         plan.output_kind, plan.adapter_config = "adapter", dict(config.raw)
         return plan, summary
