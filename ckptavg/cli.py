@@ -34,7 +34,7 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]
-KeyOpt = Annotated[str | None, typer.Option("--key", metavar="NAME", help="Entry of a PyTorch checkpoint that holds the weights, e.g. state_dict or model (a/b for nested).")]
+KeyOpt = Annotated[str | None, typer.Option("--key", metavar="NAME", help="Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP save's model entries, or module for the 16-bit copy of a DeepSpeed save.")]
 UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")]
 StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
@@ -43,7 +43,7 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help=
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is then never read as an input).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
 
 
 def _print_version(value: bool) -> None:
@@ -62,8 +62,8 @@ def _root(
 
 @app.command()
 def average(
-    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders (safetensors, sharded, .pt/.bin/.ckpt, checkpoint-N/).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer), or a .safetensors file.")] = None,
+    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", metavar="uniform|linear|W1,W2,...", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
     ema_half_life: Annotated[float | None, typer.Option("--ema-half-life", metavar="STEPS", help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).")] = None,
