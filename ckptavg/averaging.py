@@ -116,10 +116,6 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    return real_path(a) == real_path(b)
-
-
 def average(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike | None,
@@ -212,18 +208,14 @@ def average(
     if out_path is not None:
         output_layout(out_path, out_format)
         check_output_name(out_path)
-        if any(_same_path(p, out_path) for p in input_paths):
-            raise OutputError(out_path, "is one of the inputs; ckptavg never replaces an input: choose another output (or leave it out of the inputs)")
-        for p in input_paths:
-            if real_path(out_path) in real_path(p).parents:
-                raise OutputError(out_path, f"holds the input {p}; writing there would replace it, choose another output")
-        check_destination(out_path, overwrite, needed_bytes=0)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
         base_model = open_checkpoint(Path(base), LoadOptions()) if base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
+        if out_path is not None:
+            check_destination(out_path, overwrite, needed_bytes=0)
         given = checkpoints
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
@@ -321,10 +313,11 @@ def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     if out is None:
         return
     target = real_path(out)
+    target_identity = file_identity(target) if target.exists() else None
     for ckpt in checkpoints:
+        if target == real_path(ckpt.path) or target_identity in {identity for identity, (owner, _) in seen.items() if owner is ckpt}:
+            raise OutputError(out, "is one of the inputs; ckptavg never replaces an input: choose another output (or leave it out of the inputs)")
         for file in ckpt.files:
-            if target == real_path(file) or (target.exists() and file_identity(target) == file_identity(file)):
-                raise OutputError(out, f"is one of the inputs ({ckpt.path}); ckptavg never replaces an input: choose another output")
             if target in real_path(file).parents:
                 raise OutputError(out, f"holds the input {ckpt.path}; writing there would replace it, choose another output")
         if ckpt.path.is_dir() and real_path(ckpt.path) in target.parents:
