@@ -47,14 +47,11 @@ def steps_from_name(name: str) -> StepInfo:
 def steps_from_path(path: Path) -> StepInfo:
     """Step and epoch from where a checkpoint is: a folder's name and trainer_state.json; for a file, its
     name, then its folder's (`checkpoint-N/model.safetensors`, DeepSpeed `global_stepN/..._model_states.pt`)."""
-    infos = []
-    folders = [path] if path.is_dir() else [path.parent]
-    if not path.is_dir():
-        infos.append(steps_from_name(path.name))
-    for folder in folders:
-        infos.append(steps_from_name(folder.name))
-        if folder.name.startswith("checkpoint") or folder == path:
-            infos.append(steps_from_trainer_state(read_trainer_state(folder)))
+    folder = path if path.is_dir() else path.parent
+    infos = [] if folder == path else [steps_from_name(path.name)]
+    infos.append(steps_from_name(folder.name))
+    if folder == path or folder.name.startswith("checkpoint"):
+        infos.append(steps_from_trainer_state(read_trainer_state(folder)))
     return merge_steps(*infos)
 
 

@@ -6,7 +6,7 @@ from ckptavg.errors import UsageError
 from ckptavg.formats.base import Checkpoint
 
 ORDERS = ("auto", "given")
-ORDER_DEPENDENT = {"linear": "--weights linear", "weighted": "explicit --weights", "ema": "--ema", "ema-half-life": "--ema-half-life"}
+ORDER_DEPENDENT = {"linear": "--weights linear", "weighted": "explicit --weights", "ema": "--ema or --ema-half-life"}
 
 
 def order_inputs(inputs: list[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str, list[str]]:

@@ -335,7 +335,8 @@ def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
     files = sorted({folder / c.file for e in model.values() for c in e.chunks})
     tensors = {name: tensor_source(folder, entry) for name, entry in model.items()}
     sharded = max((len([c for c in e.chunks if math.prod(c.sizes)]) for e in model.values()), default=1)
-    others = [n for n, e in entries.items() if e is None or not any(n == prefix + m for m in model)]
+    taken = {prefix + name for name in model}
+    others = [n for n in entries if n not in taken]
     notes = [
         f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s), tensors in up to {sharded} chunk(s); "
         f"model entries: {producer}" + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")

@@ -138,7 +138,7 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
                 offset += share
     else:
         raise UnsupportedError(optim_files[0], f"ZeRO stage {stage}: ckptavg reads stages 1, 2 and 3")
-    _add_frozen(tensors, top, stage, model_files, world)
+    _add_frozen(tensors, states, stage, model_files)
     for name in top.get("buffer_names") or []:
         if isinstance(module.get(name), TensorRef):
             tensors[name] = states.source(module[name], name)  # buffers keep their own dtype (zero_to_fp32 makes them float)
@@ -168,19 +168,20 @@ def _source(extents: list[tuple[Path, int, int]], shape: tuple[int, ...], proble
     return ExtentSource.of(extents, torch.float32, shape)
 
 
-def _add_frozen(tensors: dict[str, TensorSource], top: dict, stage: int, model_files: list[Path], world: int) -> None:
-    """Parameters the optimizer did not train: whole in the model states (ZeRO-2), or a fragment per rank (ZeRO-3)."""
-    shapes = as_dict(top.get("frozen_param_shapes")) or {}
+def _add_frozen(tensors: dict[str, TensorSource], states: PickleFile, stage: int, model_files: list[Path]) -> None:
+    """Parameters the optimizer did not train: whole in the model states (ZeRO-2), or a fragment per rank (ZeRO-3).
+    `states` is the first rank's model states, already open."""
+    shapes = as_dict((as_dict(states.obj) or {}).get("frozen_param_shapes")) or {}
     if not shapes:
         return
-    per_rank = [PickleFile(f) for f in model_files] if stage == 3 else [PickleFile(model_files[0])]
+    per_rank = [states, *(PickleFile(f) for f in model_files[1:])] if stage == 3 else [states]
     fragments = [as_dict(as_dict(p.obj).get("frozen_param_fragments")) or {} for p in per_rank]
     for name, shape in shapes.items():
         shape = _shape(shape)
         parts = [p.source(f[name], name) for p, f in zip(per_rank, fragments) if isinstance(f.get(name), TensorRef)]
         if not parts:
             raise InputError(model_files[0], f"frozen parameter {name} has no fragment in the model states")
-        extents = _truncate([e for src in parts for e in _extents([src], 0, src.numel)], math.prod(shape) * parts[0].dtype.itemsize)
+        extents = _truncate(_extents(parts, 0, sum(src.numel for src in parts)), math.prod(shape) * parts[0].dtype.itemsize)
         tensors[name] = ExtentSource.of(extents, parts[0].dtype, shape)
 
 
