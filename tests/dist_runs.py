@@ -425,17 +425,10 @@ def fp32_reference(root: Path, step: int) -> Path:
 
 def _deepspeed_child(runs: dict[str, Path]) -> None:
     import deepspeed
-    import deepspeed.ops
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from trainer_runs import start_deepspeed_without_ops
 
-    # As in trainer_runs._deepspeed_train: mark every op not compatible so that nothing is JIT-built (the shared-memory
-    # allreduce op takes minutes on 2 cores); gloo does the collectives, torch's AdamW the updates.
-    try:
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
-    except ImportError:
-        ALL_OPS = {}
-    deepspeed.ops.__compatible_ops__ = dict.fromkeys([*ALL_OPS, "deepspeed_shm_comm"], False)
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_deepspeed_without_ops()
     rank = deepspeed.comm.get_rank()
     for kind, root in runs.items():
         stage, bf16 = DEEPSPEED_KINDS[kind]

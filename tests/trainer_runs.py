@@ -225,19 +225,27 @@ def deepspeed_zero2_run(root: Path) -> Path:
     return deepspeed_runs({2: root})[2]
 
 
-def _deepspeed_train(runs: dict[int, Path]) -> None:
+def start_deepspeed_without_ops() -> None:
+    """deepspeed.init_distributed over gloo, with no op JIT-built.
+
+    DeepSpeed JIT-builds its shared-memory allreduce op (C++, ~2 minutes on 2 cores) when the comm backend starts,
+    if its probe calls it compatible. gloo does the collectives and torch's AdamW the updates, so every op is marked
+    not compatible and nothing is compiled."""
     import deepspeed
     import deepspeed.ops
 
-    # DeepSpeed JIT-builds its shared-memory allreduce op (C++, ~2 minutes on 2 cores) when the comm backend starts,
-    # if its probe calls it compatible. One rank needs no allreduce kernel: mark every op as not compatible, so
-    # nothing is compiled (the optimizer is torch's AdamW, not DeepSpeed's CPU Adam).
     try:
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
     except ImportError:
         ALL_OPS = {}
     deepspeed.ops.__compatible_ops__ = dict.fromkeys([*ALL_OPS, "deepspeed_shm_comm"], False)
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _deepspeed_train(runs: dict[int, Path]) -> None:
+    import deepspeed
+
+    start_deepspeed_without_ops()
     for stage, root in runs.items():
         torch.manual_seed(0)
         config = {
