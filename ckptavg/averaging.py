@@ -10,34 +10,39 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
+from ckptavg.distributed import Unit, World, assign, fingerprint, join, rank_progress, share_plan, split_work
 from ckptavg.errors import OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
+    RangeWriter,
     SafetensorsWriter,
     TensorSpec,
     TensorWriter,
+    lay_out_files,
     shard_file_names,
     split_shards,
+    tensor_offsets,
     write_index,
     write_text,
 )
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
-from ckptavg.merge.engine import Engine, ProgressFn
+from ckptavg.merge.engine import Engine, Progress, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.ordering import order_inputs, order_note, require_order
-from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, copy_model_files, staged
+from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, copy_model_files, staged, tmp_name
 from ckptavg.same_run import different_runs
 from ckptavg.sizes import parse_size
-from ckptavg.verify import ChecksumWriter, verify_output
+from ckptavg.verify import ChecksumWriter, crc32_combine, verify_output
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 
@@ -87,6 +92,7 @@ class AverageReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # things that look wrong; --strict makes them errors
     adapter: dict | None = None  # PEFT adapters: mode, kind, ranks, and params mode's error per module
+    world_size: int = 1  # processes that wrote the output (torchrun)
     version: str = __version__
 
     @property
@@ -99,9 +105,12 @@ class AverageReport:
         return data
 
 
-def choose_device(name: str) -> torch.device:
+def choose_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device to fold on; in a job of several ranks, `cuda` and `auto` mean this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -142,6 +151,7 @@ def average(
     adapter_mode: str = "exact",
     base: str | os.PathLike | None = None,
     adapter_rank: int | None = None,
+    rank_timeout: float | None = None,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -178,6 +188,8 @@ def average(
         base: the base model of the adapters, for adapter_mode="merged".
         adapter_rank: truncate the exact average of LoRA adapters to this rank by SVD (each module's error reported).
         check_same_run: compare a small sample of every input to warn when they look like different runs.
+        rank_timeout: under torchrun (or inside an initialised torch.distributed process group), the seconds a
+            rank may show no sign of life before the job fails naming it (default 120).
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
         on_plan: called with the report of the plan before data is read.
         make_weights: the strategy as a function of the number of inputs, instead of weights/ema.
@@ -202,7 +214,6 @@ def average(
         raise UsageError(None, f"--order {order!r}: expected auto or given")
     shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
-    torch_device = choose_device(device)
     notes: list[str] = []
     input_paths = [Path(p) for p in paths]
     if out_path is not None:
@@ -210,11 +221,14 @@ def average(
         check_output_name(out_path)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
+    world = join(rank_timeout)
+    leader = world is None or world.leader
     try:
+        torch_device = choose_device(device, world.local_rank if world else None)
         checkpoints = [open_checkpoint(p, options) for p in input_paths]
         base_model = open_checkpoint(Path(base), LoadOptions()) if base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
-        if out_path is not None:
+        if out_path is not None and leader:
             check_destination(out_path, overwrite, needed_bytes=0)
         given = checkpoints
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
@@ -232,24 +246,45 @@ def average(
             report.adapter = asdict(adapter)
             report.notes.append(_adapter_note(adapter, len(checkpoints)))
         report.dry_run = dry_run
-        report.warnings.extend(_warnings(plan, ema, ema_half_life, steps, check_same_run))
+        report.warnings.extend(_warnings(plan, ema, ema_half_life, steps, check_same_run and leader))  # rank 0 samples the inputs
         if strict and report.warnings:
             raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
-        if on_plan:
+        if out_path is not None and not dry_run and leader:
+            check_destination(out_path, overwrite, plan.output_bytes)
+        if world is not None:
+            report.world_size = world.size
+            _agree(world, plan, out_path, out_format, shard_bytes)
+        if on_plan and leader:
             on_plan(report)
         if dry_run:
             report.seconds = time.perf_counter() - started
             report.peak_rss_bytes = peak_rss()
             return report
         assert out_path is not None
-        check_destination(out_path, overwrite, plan.output_bytes)
-        report.bytes_read = _write_output(plan, report, out_path, overwrite, shard_bytes, torch_device, dtype, on_progress, out_format, budget, fsync, verify)
-        report.output_disk_bytes = disk_size(out_path)
+        write_options = WriteOptions(overwrite, shard_bytes, torch_device, dtype, out_format, budget, fsync, verify)
+        report.bytes_read = _write_output(plan, report, out_path, write_options, on_progress, world)
+        report.output_disk_bytes = disk_size(out_path) if leader else 0
         report.seconds = time.perf_counter() - started
-        report.peak_rss_bytes = peak_rss()
+        report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
         return report
+    except Exception as e:
+        if world is not None:
+            raise world.fail(e) from e
+        raise
     finally:
         FILES.close()
+        if world is not None:
+            world.close()
+
+
+def _agree(world: World, plan: Plan, out: Path | None, out_format: str, shard_bytes: int) -> None:
+    """Every rank must have built the same plan (the same inputs seen on the shared filesystem, the same
+    options) before any writes: a rank that sees something else fails the job, naming what differs."""
+    mine = fingerprint(plan, [out, out_format, shard_bytes])
+    for rank, theirs in enumerate(world.gather("plan", {"fingerprint": mine})):
+        if theirs["fingerprint"] != mine:
+            raise UsageError(None, f"rank {rank} built a different plan than rank {world.rank} (different inputs, files or options on its node?); "
+                             "every rank must see the same checkpoints at the same paths")
 
 
 def _plan(
@@ -348,81 +383,206 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
     return ("safetensors" if out_format == "auto" else out_format), False
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the output is written: the options of `average` that reach the writer and the engine."""
+
+    overwrite: bool
+    shard_bytes: int
+    device: torch.device
+    dtype: str | None
+    out_format: str = "auto"
+    memory_budget: int | None = None
+    fsync: bool = True
+    verify: bool = False
+
+
+@dataclass
+class _TensorFiles:
+    """The safetensors files of an output: their names, paths in the staging area, tensors and metadata."""
+
+    names: list[str]
+    paths: list[Path]
+    shards: list[list[TensorSpec]]
+    metadata: dict[str, str]
+
+
+def _tensor_files(plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict) -> _TensorFiles:
+    if plan.output_kind == "adapter":
+        return _TensorFiles([ADAPTER_WEIGHTS], [tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"})
+    if single_file:
+        return _TensorFiles([out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))})
+    shards = split_shards(specs, shard_bytes)
+    names = shard_file_names(len(shards))
+    return _TensorFiles(names, [tmp / name for name in names], shards, {"format": "pt"})
+
+
 def _write_output(
-    plan: Plan, report: AverageReport, out_path: Path, overwrite: bool, shard_bytes: int,
-    device: torch.device, dtype: str | None, on_progress: ProgressFn | None, out_format: str = "auto", memory_budget: int | None = None, fsync: bool = True,
-    verify: bool = False,
+    plan: Plan, report: AverageReport, out_path: Path, options: WriteOptions, on_progress: ProgressFn | None, world: World | None = None,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
+    In a job of several ranks (`world`), every rank writes its share of a safetensors output in place and rank 0
+    stages, finishes and renames it; a .pt output is written by rank 0 alone.
     Fills the report's output and copied files and bytes written; returns the bytes read.
     """
-    kind, single_file = output_layout(out_path, out_format)
+    kind, single_file = output_layout(out_path, options.out_format)
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(None, f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder")
     recipe = _recipe(report)
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
         raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
+    shared = world is not None and kind == "safetensors"
     try:
-        with staged(out_path, overwrite, is_dir=not single_file, notes=report.notes) as tmp:
-            writer: TensorWriter
+        if world is not None and not world.leader:
+            files = _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe) if shared else None
+            return _write_share(plan, files, options, world, on_progress)
+        with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             if kind == "pt":
                 names = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=fsync, recipe=json.dumps(recipe) if single_file else None)
-                if not single_file and len(specs) and plan.output_bytes > shard_bytes:
+                writer: TensorWriter = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=options.fsync, recipe=json.dumps(recipe) if single_file else None)
+                if not single_file and len(specs) and plan.output_bytes > options.shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
-            elif plan.output_kind == "adapter":
-                names = [ADAPTER_WEIGHTS]
-                writer = SafetensorsWriter([tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"}, durable=fsync)
-            elif single_file:
-                names = [out_path.name]
-                metadata = {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
-                writer = SafetensorsWriter([tmp], [specs], metadata, durable=fsync)
             else:
-                shards = split_shards(specs, shard_bytes)
-                names = shard_file_names(len(shards))
-                writer = SafetensorsWriter([tmp / name for name in names], shards, {"format": "pt"}, durable=fsync)
+                files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
+                names = files.names
+                if shared:
+                    assert world is not None
+                    lay_out_files(files.paths, files.shards, files.metadata)
+                    world.post("staged", {"ok": True})
+                    bytes_read, crcs = _write_share(plan, files, options, world, on_progress, leader=True)
+                    report.bytes_written = sum(p.stat().st_size for p in files.paths)
+                    writer = _Written(crcs)
+                else:
+                    writer = SafetensorsWriter(files.paths, files.shards, files.metadata, durable=options.fsync)
             report.output_files = list(names)
-            if verify:
-                writer = ChecksumWriter(writer, specs)
-            engine = Engine(plan, device, memory_budget)
-            try:
-                engine.run(writer, on_progress)
-                writer.finish()
-            finally:
-                writer.abort()
-            report.bytes_written = writer.bytes_written
+            if not shared:
+                if world is not None:
+                    world.post("staged", {"ok": True})
+                bytes_read, writer = _run_engine(plan, writer, options, specs, on_progress)
+                report.bytes_written = writer.bytes_written
+                if world is not None:
+                    _gather_shares(world, on_progress, plan.read_bytes)
             if single_file:
-                if isinstance(writer, ChecksumWriter):
-                    _verify(tmp, out_path, specs, writer, report, on_progress)
-                return engine.bytes_read
+                if options.verify:
+                    _verify(tmp, out_path, specs, writer.crcs, report, on_progress)
+                return bytes_read
             if kind == "safetensors" and len(names) > 1:
-                write_index(tmp / "model.safetensors.index.json", shards, names, {"format": "pt"})
+                write_index(tmp / "model.safetensors.index.json", files.shards, names, {"format": "pt"})
                 report.output_files.append("model.safetensors.index.json")
             if plan.adapter_config is not None:
                 write_text(tmp / ADAPTER_CONFIG, json.dumps(plan.adapter_config, indent=2) + "\n")
                 report.output_files.append(ADAPTER_CONFIG)
             files_from = plan.files_from or plan.inputs[-1].folder
             if files_from is not None:
-                report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
+                report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[options.dtype] if options.dtype else None)
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
-            if isinstance(writer, ChecksumWriter):
-                _verify(tmp, out_path, specs, writer, report, on_progress)
+            if options.verify:
+                _verify(tmp, out_path, specs, writer.crcs, report, on_progress)
                 recipe["verified"] = True
                 recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
             recipe["written"] = report.output_files + report.copied_files
             write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
             report.output_files.append(RECIPE_FILE)
-            return engine.bytes_read
+            return bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
-def _verify(tmp: Path, out: Path, specs: list[TensorSpec], writer: ChecksumWriter, report: AverageReport, on_progress: ProgressFn | None = None) -> None:
+class _Written:
+    """What the ranks of a job wrote, standing in for the writer once their shares are done: each tensor's CRC-32."""
+
+    def __init__(self, crcs: dict[str, int]) -> None:
+        self.crcs = crcs
+
+
+def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None) -> tuple[int, Any]:
+    """Run the whole plan into `writer` (wrapped to keep CRCs with --verify); returns (bytes read, the writer)."""
+    if options.verify:
+        writer = ChecksumWriter(writer, specs)
+    engine = Engine(plan, options.device, options.memory_budget)
+    try:
+        engine.run(writer, on_progress)
+        writer.finish()
+    finally:
+        writer.abort()
+    return engine.bytes_read, writer
+
+
+def _write_share(
+    plan: Plan, files: _TensorFiles | None, options: WriteOptions, world: World, on_progress: ProgressFn | None, leader: bool = False,
+) -> Any:
+    """One rank's part of a job: once rank 0 has laid out the files, write this rank's units in place, post
+    what was done, and wait for the job's outcome. On rank 0, wait for every rank's report and return (bytes
+    read by all, each tensor's CRC-32 when verifying); elsewhere return the bytes this rank read."""
+    if not leader:
+        world.wait(["staged"], watch=[0])
+    bytes_read, crcs = 0, []
+    units: list[Unit] = []
+    if files is not None:
+        all_units = split_work(plan, world.size)
+        units = assign(all_units, world.size)[world.rank]
+        where = tensor_offsets(files.paths, files.shards, files.metadata)
+        ranges = []
+        for unit in units:
+            entry = plan.entries[unit.entry]
+            path, offset = where[entry.name]
+            ranges.append((path, offset + unit.first * entry.dtype.itemsize, unit.count * entry.dtype.itemsize))
+        writer = RangeWriter(files.paths, ranges, durable=options.fsync, checksums=options.verify)
+        engine = Engine(share_plan(plan, units), options.device, options.memory_budget)
+        try:
+            engine.run(writer, rank_progress(world, plan.read_bytes, len(all_units), on_progress))
+            writer.finish()
+        finally:
+            writer.abort()
+        bytes_read, crcs = engine.bytes_read, writer.crcs
+    world.progress(bytes_read, len(units))
+    done = {"bytes_read": bytes_read, "units": [[u.entry, u.first, u.count] for u in units], "crcs": crcs, "peak_rss": peak_rss()}
+    if not leader:
+        world.post(f"done/{world.rank}", done)
+        world.wait(["finished"], watch=[0])
+        return bytes_read
+    reports = _gather_shares(world, on_progress, plan.read_bytes, done)
+    return sum(r["bytes_read"] for r in reports), _tensor_crcs(plan, reports) if options.verify else {}
+
+
+def _gather_shares(world: World, on_progress: ProgressFn | None, read_bytes: int, mine: dict | None = None) -> list[dict]:
+    """Rank 0: wait for every rank's report (keeping the progress display moving with their beats)."""
+    world.post("done/0", mine or {"bytes_read": 0, "units": [], "crcs": [], "peak_rss": peak_rss()})
+
+    def tick() -> None:
+        if on_progress is not None:
+            others, units = world.others_progress
+            on_progress(Progress(min(read_bytes, others + (mine or {}).get("bytes_read", 0)), read_bytes, units, units, "waiting for the other ranks"))
+
+    keys = [f"done/{r}" for r in range(world.size)]
+    world.wait(keys, watch=range(world.size), on_tick=tick)
+    reports = [world.read(k) for k in keys]
+    world.peak_rss = max(r["peak_rss"] for r in reports)
+    return reports
+
+
+def _tensor_crcs(plan: Plan, reports: list[dict]) -> dict[str, int]:
+    """Each tensor's CRC-32 from the CRCs of the ranges the ranks wrote (in element order)."""
+    pieces: dict[str, list[tuple[int, int, int]]] = {}
+    for report in reports:
+        for (entry, first, count), crc in zip(report["units"], report["crcs"]):
+            e = plan.entries[entry]
+            pieces.setdefault(e.name, []).append((first, count * e.dtype.itemsize, crc))
+    crcs = {}
+    for e in plan.entries:
+        crc = 0
+        for _, nbytes, piece in sorted(pieces.get(e.name, [])):
+            crc = crc32_combine(crc, piece, nbytes)
+        crcs[e.name] = crc
+    return crcs
+
+
+def _verify(tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None) -> None:
     started = time.perf_counter()
-    report.sha256 = verify_output(tmp, out, specs, writer.crcs, on_progress)  # VerifyProgress: bytes checked / to check
+    report.sha256 = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
     report.verified = True
     report.verify_seconds = time.perf_counter() - started
 
@@ -489,4 +649,4 @@ def _recipe(report: AverageReport) -> dict:
         "accumulate": report.accumulate,
         "copied_from_newest": report.copied_from_newest,
         "tied": report.tied,
-    }
+    } | ({"world_size": report.world_size} if report.world_size > 1 else {})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ckptavg import __version__, signals
+from ckptavg import __version__, distributed, signals
+from ckptavg.distributed import follower, under_torchrun
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
 from ckptavg.render import (
     ProgressDisplay,
@@ -83,6 +86,7 @@ def average(
     adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
+    rank_timeout: Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")] = 120.0,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -104,7 +108,8 @@ def average(
             inputs, output,
             weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
+            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout,
+            **callbacks,
         ),
         print_summary, json_output, quiet, inputs=len(inputs),
     )
@@ -123,9 +128,12 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
     """Run a job with the progress display wired to its callbacks (a status line from the start, while torch
     is imported and the `inputs` are opened), print its warnings on stderr (also with --json; not with --quiet),
     then its report as JSON or for people."""
+    quiet = quiet or follower()  # in a torchrun job, rank 0 speaks for every rank
     display = ProgressDisplay(enabled=not quiet, inputs=inputs)
     with display.running():
         report = run(on_progress=display.update, on_plan=display.on_plan)
+    if follower():
+        return
     display.warn(report)
     if json_output:
         print_json(report.to_dict())
@@ -163,6 +171,8 @@ def select(
 
         ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert | xargs -r rm -r
     """
+    if follower():  # under torchrun, rank 0 alone reads and prints
+        return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
     from ckptavg.selection import Policy, gather
@@ -214,6 +224,8 @@ def inspect(
 
         ckptavg inspect merged --diff runs/checkpoint-1000
     """
+    if follower():
+        return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
     from ckptavg.summary import diff_checkpoints, inspect_checkpoint
@@ -300,6 +312,18 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, leave the error in the file its agent reads, so that its failure report shows this line
+    (instead of "To enable traceback see ...")."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and under_torchrun():
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every error into one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -307,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     signals.keep_ignored_after_commit = True
+    distributed.ignore_signals_when_done = under_torchrun()
+    silent = follower()  # a torchrun rank other than 0: rank 0 reports the job's errors
     try:
         code = app(args=args, prog_name="ckptavg", standalone_mode=False)
         if code == EXIT_SIGINT:  # typer turns KeyboardInterrupt into this return value
@@ -316,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     except CkptavgError as e:
         if debug:
             traceback.print_exc()
-        print_error(e.message)
+        if not silent or getattr(e, "reported", True) is False:
+            print_error(e.message)
+            _tell_torchrun(e.message)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -324,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(getattr(e, "exit_code", EXIT_USAGE) or EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
-        print_error("interrupted by SIGINT; nothing was written")
+        if not silent:
+            print_error("interrupted by SIGINT; nothing was written")
         exit_now(EXIT_SIGINT)
     except OSError as e:
         if debug:

@@ -323,7 +323,7 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
     row(
         "done",
         f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
-        f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}",
+        f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
     )
 
 
@@ -336,7 +336,8 @@ def print_summary(report: AverageReport, console: Console | None = None) -> None
     if n == 1:
         row("strategy", f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one checkpoint's weights")
     else:
-        row("strategy", f"{report.strategy} of {n} checkpoints on {report.device}")
+        ranks = f" ({report.world_size} ranks, each its share)" if report.world_size > 1 else ""
+        row("strategy", f"{report.strategy} of {n} checkpoints on {report.device}{ranks}")
     shared = _shared_weights_from(report)
     if shared:
         row("weights from", shared if n == 1 else f"{shared} (all {n} inputs)")

@@ -107,6 +107,37 @@ class ChecksumWriter:
         self.writer.abort()
 
 
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """crc32(A + B) from crc32(A), crc32(B) and len(B), as zlib's crc32_combine (which Python does not expose):
+    appending a zero byte to A maps its CRC linearly over GF(2), so appending len(B) of them is that map
+    raised to len(B), built by squaring; then B's own CRC is added. Lets the CRCs of ranges written by
+    several processes make the CRC of a whole tensor."""
+    one_bit = [0xEDB88320] + [1 << n for n in range(31)]  # the map of one zero bit, as its 32 columns
+    power = one_bit
+    for _ in range(3):
+        power = _gf2_square(power)  # one zero byte
+    while length_b:
+        if length_b & 1:
+            crc_a = _gf2_apply(power, crc_a)
+        length_b >>= 1
+        power = _gf2_square(power)
+    return crc_a ^ crc_b
+
+
+def _gf2_apply(columns: list[int], vector: int) -> int:
+    result, bit = 0, 0
+    while vector:
+        if vector & 1:
+            result ^= columns[bit]
+        vector >>= 1
+        bit += 1
+    return result
+
+
+def _gf2_square(columns: list[int]) -> list[int]:
+    return [_gf2_apply(columns, c) for c in columns]
+
+
 def sha256_of(path: Path, advance: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

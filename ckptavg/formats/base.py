@@ -309,3 +309,42 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(src.nbytes for src in self.tensors.values())
+
+
+@dataclass
+class SliceSource(TensorSource):
+    """Elements [first, first + numel) of another source, read by range through it (a share of a tensor
+    that several processes write)."""
+
+    whole: Any = field(default=None, repr=False)  # the TensorSource sliced
+    first_byte: int = 0
+
+    @property
+    def contiguous(self) -> bool:
+        return False
+
+    @property
+    def alias_key(self) -> tuple | None:
+        return None
+
+    def prepare(self) -> None:
+        self.whole.prepare()
+
+    def release(self) -> None:
+        self.whole.release()
+
+    def read_into(self, start: int, out: torch.Tensor) -> None:
+        self.whole.read_into(self.first_byte + start, out)
+
+
+def readable_by_range(src: TensorSource) -> bool:
+    """True when any range of `src` can be read without making the whole tensor (stored contiguous bytes,
+    extents, rows computed on demand), so a share of it costs only its own bytes."""
+    return isinstance(src, (ExtentSource, RowSource)) or (type(src) is TensorSource and src.contiguous)
+
+
+def slice_source(src: TensorSource, first: int, count: int) -> TensorSource:
+    """Elements [first, first + count) of `src` as a 1-D source of their own."""
+    if type(src) is TensorSource and src.contiguous:  # plain stored bytes: the engine's fast path reads them
+        return TensorSource(src.path, src.offset + first * src.dtype.itemsize, src.dtype, (count,))
+    return SliceSource(src.path, src.offset, src.dtype, (count,), whole=src, first_byte=first * src.dtype.itemsize)

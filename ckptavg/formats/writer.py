@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,105 @@ class SafetensorsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def tensor_offsets(paths: list[Path], shards: list[list[TensorSpec]], metadata: dict[str, str]) -> dict[str, tuple[Path, int]]:
+    """Where each tensor's bytes start in the files a SafetensorsWriter with these arguments writes."""
+    where = {}
+    for path, shard in zip(paths, shards):
+        offset = len(encode_header(shard, metadata))
+        for spec in shard:
+            where[spec.name] = (path, offset)
+            offset += spec.nbytes
+    return where
+
+
+def lay_out_files(paths: list[Path], shards: list[list[TensorSpec]], metadata: dict[str, str]) -> None:
+    """Create the files a SafetensorsWriter would write, with their headers and final sizes, for several
+    processes to fill in place (RangeWriter); the bytes end up the same as one writer's."""
+    for path, shard in zip(paths, shards):
+        header = encode_header(shard, metadata)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(header)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.ftruncate(fd, len(header) + sum(spec.nbytes for spec in shard))
+        finally:
+            os.close(fd)
+
+
+class RangeWriter:
+    """Writes byte ranges of tensors at their places in files laid out in advance (lay_out_files): one
+    process's share of an output that several processes write at once.
+
+    `ranges` are (file, offset, length) in the order the engine hands their bytes over. With `checksums`, it
+    keeps a CRC-32 of each range (`crcs`, in the same order) for --verify.
+    """
+
+    def __init__(self, paths: list[Path], ranges: list[tuple[Path, int, int]], durable: bool = True, checksums: bool = False) -> None:
+        self.paths = paths
+        self.ranges = ranges
+        self.durable = durable
+        self.checksums = checksums
+        self.crcs: list[int] = []
+        self.bytes_written = 0
+        self._position = 0
+        self._written = 0  # bytes of the current range written
+        self._crc = 0
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_WRONLY)
+        return self._fds[path]
+
+    def _advance_if_full(self) -> None:
+        while self._position < len(self.ranges) and self._written == self.ranges[self._position][2]:
+            path, offset, length = self.ranges[self._position]
+            if self.durable and SYNC_FILE_RANGE is not None and length:
+                SYNC_FILE_RANGE(self._fd(path), offset, length, START_WRITE)  # on its way to the disk while the next is folded
+            self.crcs.append(self._crc)
+            self._position += 1
+            self._written, self._crc = 0, 0
+
+    def write(self, data: memoryview) -> None:
+        self._advance_if_full()
+        while len(data):
+            if self._position == len(self.ranges):
+                raise AssertionError("more bytes than the ranges hold")
+            path, offset, length = self.ranges[self._position]
+            piece = data[: length - self._written]
+            fd, at = self._fd(path), offset + self._written
+            while len(piece):
+                n = os.pwrite(fd, piece, at)
+                if self.checksums:
+                    self._crc = zlib.crc32(piece[:n], self._crc)
+                piece, at = piece[n:], at + n
+                self._written += n
+                self.bytes_written += n
+                data = data[n:]
+            self._advance_if_full()
+
+    def repeat(self, name: str) -> None:
+        raise AssertionError("a share computes tied tensors again; it never repeats one")
+
+    def finish(self) -> None:
+        """Check every range was written, make the files durable (fsync) and drop their pages from the cache."""
+        self._advance_if_full()
+        if self._position != len(self.ranges):
+            raise AssertionError(f"writer stopped at range {self._position} of {len(self.ranges)}")
+        for fd in self._fds.values():
+            if self.durable:
+                os.fsync(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self.abort()
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def write_index(path: Path, shards: list[list[TensorSpec]], names: list[str], metadata: dict[str, object]) -> None:

@@ -449,8 +449,9 @@ class Engine:
             view = raw.view(entry.input_dtype)
             bad = ~torch.isfinite(view.float() if view.dtype.itemsize == 1 else view)
             if bool(bad.any()):
-                first = chunk.start + int(bad.nonzero()[0, 0])
-                value = float(view[first - chunk.start].float())
+                at = int(bad.nonzero()[0, 0])
+                value = float(view[at].float())
+                first = entry.first_element + chunk.start + at
                 raise NonFiniteError(entry.sources[i].path, f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged")
         raise CkptavgError(None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ckptavg.errors import MismatchError, UnsupportedError
-from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating, slice_source
 from ckptavg.merge.weights import Weights
 
 
@@ -32,6 +32,7 @@ class PlanEntry:
     divisor: float = 1.0
     accum_dtype: torch.dtype | None = None
     alias_of: str | None = None
+    first_element: int = 0  # where this entry starts in the tensor named `name` (a share of it; see slice)
 
     @property
     def numel(self) -> int:
@@ -44,6 +45,15 @@ class PlanEntry:
     @property
     def input_dtype(self) -> torch.dtype:
         return self.sources[0].dtype
+
+    def slice(self, first: int, count: int) -> PlanEntry:
+        """Elements [first, first + count) of this output tensor as an entry of its own (flat). Folding is
+        elementwise, so its bytes are exactly those of the same range of the whole tensor; a tied tensor's
+        share is computed again from its sources rather than repeated."""
+        return PlanEntry(
+            self.name, self.dtype, (count,), [slice_source(s, first, count) for s in self.sources], self.weights,
+            self.divisor, self.accum_dtype, None, self.first_element + first,
+        )
 
 
 @dataclass

@@ -1,0 +1,328 @@
+"""Many processes (torchrun): one job of WORLD_SIZE ranks that writes one output, byte for byte the output
+of one process.
+
+Every rank builds the same plan from the shared filesystem and takes a deterministic share of the work: the
+output tensors cut into units (element ranges), balanced by the bytes they read, longest first onto the least
+loaded rank. A rank reads only its units' bytes and writes them at their final offsets in the output files,
+which rank 0 lays out beforehand: headers, shard boundaries and sizes follow from the plan alone, never from
+the world size. No tensor moves between ranks.
+
+Control goes through torch.distributed's key-value store, the one torchrun's rendezvous set up, reached
+through a gloo process group: each rank posts its plan's fingerprint, its outcome and its progress there, and
+beats a counter every second. A rank waiting on another fails when that rank's counter has not moved for
+`timeout` seconds, naming it: a killed or hung rank ends the job within the timeout, while a long share on a
+live rank never trips it. Rank 0 renames the staged output into place only after every rank has reported
+success; any failure is posted, stops the other ranks at their next chunk, and is reported once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from ckptavg.errors import EXIT_SIGTERM, CkptavgError, Interrupted
+from ckptavg.signals import STOP_SIGNALS
+
+if TYPE_CHECKING:  # the command line asks under_torchrun() before torch is imported
+    from ckptavg.merge.engine import ProgressFn
+    from ckptavg.merge.plan import Plan
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+BEAT_SECONDS = 1.0
+POLL_SECONDS = 0.05
+DEFAULT_TIMEOUT = 120.0
+UNITS_PER_RANK = 8  # pieces per rank: enough to even out the shares, few enough to keep each read long
+MIN_UNIT_BYTES = 16 << 20
+ALIGN = 4096  # elements: units start on page-friendly boundaries in every dtype
+
+
+class RankError(CkptavgError):
+    """A failure of the job as a whole: `rank` found it (or stopped responding). Every rank raises it; only
+    rank 0 reports it (`reported` is False on a rank that found it alone, e.g. when rank 0 is gone)."""
+
+    def __init__(self, rank: int, problem: str, exit_code: int, reported: bool = True) -> None:
+        super().__init__(None, f"rank {rank}: {problem}")
+        self.rank = rank
+        self.exit_code = exit_code
+        self.reported = reported
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or a launcher that sets its variables) started this process as one of several."""
+    return all(v in os.environ for v in TORCHRUN_VARIABLES) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def follower() -> bool:
+    """True in a torchrun job's ranks other than 0: they print nothing, and commands that read (select,
+    inspect) leave the work to rank 0."""
+    return under_torchrun() and int(os.environ["RANK"]) != 0
+
+
+# The share of each rank
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Elements [first, first + count) of the plan's entry `entry`, and the bytes reading them costs."""
+
+    entry: int
+    first: int
+    count: int
+    read_bytes: int
+
+
+def split_work(plan: Plan, world_size: int) -> list[Unit]:
+    """The plan's tensors cut into units of about 1/UNITS_PER_RANK of a rank's fair share of reading (at least
+    MIN_UNIT_BYTES), in output order. A tensor that can only be read whole (computed, or a strided view) is
+    one unit; zero-element tensors have none (rank 0 writes the headers that describe them)."""
+    from ckptavg.formats.base import readable_by_range
+    from ckptavg.merge.engine import active_inputs
+
+    piece = max(MIN_UNIT_BYTES, plan.read_bytes // (world_size * UNITS_PER_RANK))
+    units = []
+    for index, entry in enumerate(plan.entries):
+        if entry.numel == 0:
+            continue
+        per_element = entry.input_dtype.itemsize * len(active_inputs(entry))
+        step = entry.numel
+        if all(readable_by_range(entry.sources[i]) for i, _ in active_inputs(entry)):
+            step = max(ALIGN, piece // per_element // ALIGN * ALIGN)
+        for first in range(0, entry.numel, step):
+            count = min(step, entry.numel - first)
+            units.append(Unit(index, first, count, count * per_element))
+    return units
+
+
+def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
+    """Each rank's units: the largest unit first onto the least loaded rank (ties to the lowest rank), then
+    each share in output order, so a rank writes its files front to back."""
+    shares: list[list[Unit]] = [[] for _ in range(world_size)]
+    loads = [(0, rank) for rank in range(world_size)]
+    for unit in sorted(units, key=lambda u: -u.read_bytes):  # sorted() is stable: equal units keep output order
+        load, rank = heapq.heappop(loads)
+        shares[rank].append(unit)
+        heapq.heappush(loads, (load + unit.read_bytes, rank))
+    return [sorted(share, key=lambda u: (u.entry, u.first)) for share in shares]
+
+
+def share_plan(plan: Plan, units: list[Unit]) -> Plan:
+    """The plan of one rank: its units as entries of their own."""
+    from ckptavg.merge.plan import Plan
+    entries = [plan.entries[u.entry].slice(u.first, u.count) for u in units]
+    return Plan(plan.inputs, plan.weights, entries, plan.output_kind, plan.adapter_config, plan.files_from)
+
+
+def fingerprint(plan: Plan, layout: Iterable[object]) -> str:
+    """What every rank must agree on before writing: each output tensor's recipe and the output's layout."""
+    described = [
+        (e.name, str(e.dtype), list(e.shape), e.weights, e.divisor, str(e.accum_dtype), e.alias_of, [str(s.path) for s in e.sources])
+        for e in plan.entries
+    ]
+    text = json.dumps([described, [str(x) for x in layout]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The job: ranks, the store, the beats
+
+
+class World:
+    """This process's place in a job of several ranks, and the store they coordinate through."""
+
+    def __init__(self, rank: int, size: int, local_rank: int, store: object, timeout: float, owns_group: bool) -> None:
+        self.rank = rank
+        self.size = size
+        self.local_rank = local_rank
+        self.timeout = timeout
+        self._store = store
+        self._owns_group = owns_group
+        self._stop = threading.Event()
+        self._progress = (0, 0)  # this rank's bytes read and units done
+        self.others_progress = (0, 0)  # rank 0: the other ranks' sums, refreshed every beat
+        self.interrupted = False  # told to stop (torchrun's SIGTERM): leave at once, wait for no one
+        self.peak_rss = 0  # rank 0, once every rank has reported: the largest rank's peak memory
+        self.failure = False  # a rank has posted a failure (seen by the beat thread)
+        self._beats = threading.Thread(target=self._beat, daemon=True, name="ckptavg-beat")
+        self._beats.start()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    # Keys and values
+
+    def post(self, key: str, value: dict) -> None:
+        self._store.set(key, json.dumps(value))  # type: ignore[attr-defined]
+
+    def read(self, key: str) -> dict:
+        return json.loads(self._store.get(key))  # type: ignore[attr-defined]
+
+    def _posted(self, key: str) -> bool:
+        return bool(self._store.check([key]))  # type: ignore[attr-defined]
+
+    def fail(self, error: BaseException, about: int | None = None) -> RankError:
+        """Post a failure found by this rank (about itself, or about rank `about`); the first one posted wins.
+        Returns the job's failure as the error every rank raises."""
+        if isinstance(error, RankError):
+            return error
+        code = getattr(error, "exit_code", 1) if isinstance(error, CkptavgError) else 1
+        problem = str(error) if isinstance(error, CkptavgError) else f"internal error: {type(error).__name__}: {error}"
+        self.interrupted = self.interrupted or isinstance(error, Interrupted)
+        if isinstance(error, Interrupted) and error.exit_code == EXIT_SIGTERM:
+            problem = "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was written"
+        value = {"rank": self.rank if about is None else about, "problem": problem, "code": code}
+        try:
+            self._store.compare_set("failed", "", json.dumps(value))  # type: ignore[attr-defined]
+            return self._job_failure()
+        except RuntimeError as e:  # the store is gone: report what this rank knows
+            return RankError(value["rank"], f"{problem} (and the job's store is unreachable: {e})", code, reported=False)
+
+    def _job_failure(self) -> RankError:
+        value = self.read("failed")
+        # Rank 0 reports the job's failure; another rank reports it only when it is rank 0 that stopped.
+        reported = self.leader or value["rank"] != 0
+        return RankError(value["rank"], value["problem"], value["code"], reported)
+
+    # Waiting on the others
+
+    def gather(self, key: str, value: dict) -> list[dict]:
+        """Post `value` under key/rank, then wait for every rank's; a failure posted meanwhile is raised."""
+        self.post(f"{key}/{self.rank}", value)
+        keys = [f"{key}/{r}" for r in range(self.size)]
+        self.wait(keys, watch=range(self.size))
+        return [self.read(k) for k in keys]
+
+    def wait(self, keys: list[str], watch: Iterable[int], on_tick: Callable[[], None] | None = None, stop_on_failure: bool = True) -> None:
+        """Wait until every key is posted. Raises the job's failure as soon as one is posted, or a RankError
+        naming a watched rank whose beat has not moved for `timeout` seconds."""
+        watch = [r for r in watch if r != self.rank]
+        last_beat = {r: (-1, time.monotonic()) for r in watch}
+        pending = list(keys)
+        while True:
+            try:
+                if stop_on_failure and self._posted("failed"):
+                    raise self._job_failure()
+                pending = [k for k in pending if not self._posted(k)]
+                if not pending:
+                    return
+                now = time.monotonic()
+                for r in watch:
+                    beat = int(self._store.add(f"beat/{r}", 0))  # type: ignore[attr-defined]
+                    if beat != last_beat[r][0]:
+                        last_beat[r] = (beat, now)
+                    elif now - last_beat[r][1] > self.timeout:
+                        stopped = CkptavgError(None, f"stopped responding (no sign of life for {self.timeout:g} s): killed, or its node is down")
+                        raise self.fail(stopped, about=r)
+            except RuntimeError as e:  # torch's store errors: its host (torchrun's agent, or rank 0) is gone
+                raise RankError(self.rank, f"lost contact with the other ranks ({e}); torchrun stops the job", 1, reported=False) from e
+            if on_tick:
+                on_tick()
+            time.sleep(POLL_SECONDS)
+
+    # Progress and the beat
+
+    def progress(self, done_bytes: int, done_units: int) -> None:
+        self._progress = (done_bytes, done_units)
+
+    def _beat(self) -> None:
+        """Every BEAT_SECONDS: move this rank's beat, post its progress, note a posted failure, and on rank 0
+        add up the others' progress."""
+        while not self._stop.is_set():
+            try:
+                self._store.add(f"beat/{self.rank}", 1)  # type: ignore[attr-defined]
+                self._store.set(f"progress/{self.rank}", f"{self._progress[0]},{self._progress[1]}")  # type: ignore[attr-defined]
+                if not self.failure and self._posted("failed"):
+                    self.failure = True
+                if self.leader and self.size > 1:
+                    keys = [f"progress/{r}" for r in range(1, self.size)]
+                    if self._store.check(keys):  # type: ignore[attr-defined]
+                        done = [tuple(map(int, v.decode().split(","))) for v in self._store.multi_get(keys)]  # type: ignore[attr-defined]
+                        self.others_progress = (sum(d[0] for d in done), sum(d[1] for d in done))
+            except Exception:  # the store is gone: the next wait() reports it
+                pass
+            self._stop.wait(BEAT_SECONDS)
+
+    def check_failure(self) -> None:
+        """Raise the job's failure if any rank has posted one (called between chunks)."""
+        if self.failure:
+            raise self._job_failure()
+
+    def close(self) -> None:
+        """Finish the job: rank 0 posts that it is done (its outcome is settled and about to be reported); the
+        others wait for that, so that torchrun, which stops every rank once one exits with an error, never
+        stops rank 0 before it has said why."""
+        try:
+            if self.interrupted:
+                pass
+            elif self.leader:
+                if ignore_signals_when_done:
+                    for s in STOP_SIGNALS:
+                        signal.signal(s, signal.SIG_IGN)
+                self.post("finished", {})
+                if not self._owns_group:  # the store may live in this process (the caller's group): stay until all have seen it
+                    self.wait([f"left/{r}" for r in range(1, self.size)], watch=range(self.size), stop_on_failure=False)
+            else:
+                self.wait(["finished"], watch=[0], stop_on_failure=False)
+                self.post(f"left/{self.rank}", {})
+        except (CkptavgError, ValueError):  # a rank is gone (torchrun reports it), or not the main thread
+            pass
+        self._stop.set()
+        self._beats.join(timeout=2 * BEAT_SECONDS)
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+ignore_signals_when_done = False  # the CLI sets it: rank 0 finishes reporting even if torchrun stops the job
+_runs = 0  # average() calls made in this process: the same count on every rank keys each call's store entries
+
+
+def join(timeout: float | None = None) -> World | None:
+    """The job this process is a rank of: an initialised torch.distributed process group (the Python API
+    inside a training script), or torchrun's variables (a gloo group is initialised here and destroyed by
+    close()). None for a single process."""
+    global _runs
+    import torch.distributed as dist
+
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    owns = False
+    if not (dist.is_available() and dist.is_initialized()):
+        if not under_torchrun():
+            return None
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=max(timeout, 30)))
+        except Exception as e:
+            raise CkptavgError(None, f"rank {os.environ['RANK']}: cannot join the torchrun job: {e}") from e
+        owns = True
+    if dist.get_world_size() == 1:
+        if owns:
+            dist.destroy_process_group()
+        return None
+    _runs += 1
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"ckptavg/{restart}/{_runs}/", dist.distributed_c10d._get_default_store())
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, store, timeout, owns)
+
+
+def rank_progress(world: World, plan_read_bytes: int, total_units: int, on_progress: ProgressFn | None) -> ProgressFn:
+    """The engine's progress callback on a rank: it stops the work when another rank has failed, posts this
+    rank's progress, and on rank 0 reports the whole job's (its own plus the others' last beat)."""
+    from ckptavg.merge.engine import Progress
+    def update(p: Progress) -> None:  # type: ignore[valid-type]
+        world.check_failure()
+        world.progress(p.bytes_done, p.tensors_done)
+        if on_progress is not None and world.leader:
+            others_bytes, others_units = world.others_progress
+            on_progress(Progress(p.bytes_done + others_bytes, plan_read_bytes, p.tensors_done + others_units, total_units, p.tensor))
+
+    return update

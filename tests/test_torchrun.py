@@ -1,0 +1,335 @@
+"""`ckptavg average` under torchrun: several processes (and two torchrun agents forming a two-node job through a
+c10d rendezvous on 127.0.0.1) write one output that is byte for byte the output of one process; failures on
+any rank fail the job with one line and leave nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckptavg.distributed import assign, share_plan, split_work
+from ckptavg.formats.base import FILES
+from ckptavg.merge.plan import build_plan
+from ckptavg.merge.weights import parse_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def ckptavg(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300)
+
+
+def torchrun(nproc: int, *args: str | Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "-m", "ckptavg", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
+
+
+def ckptavg_lines(stderr: str) -> list[str]:
+    """The lines ckptavg printed on stderr (not torchrun's banner and failure report)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or line.startswith("warning:")]
+
+
+def same_output(a: Path, b: Path, world_size: int) -> None:
+    """Every file byte for byte the same, except ckptavg.json: the same but for its time and world_size."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "ckptavg.json":
+            left, right = json.loads((a / name).read_text()), json.loads((b / name).read_text())
+            left.pop("created"), right.pop("created")
+            assert right.pop("world_size") == world_size
+            assert left == right
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def stray_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "ckptavg-" in p.name)
+
+
+@pytest.fixture(scope="session")
+def llama_bf16_run(tmp_path_factory):
+    """Three checkpoints of a real transformers Llama trained a few steps, saved by save_pretrained in bf16 as
+    sharded safetensors; the embedding and lm_head are large enough to be split between ranks."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("llama_bf16")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    paths = []
+    for step in (10, 20, 30):
+        for _ in range(2):
+            batch = torch.randint(0, 8192, (2, 16))
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        folder = root / f"checkpoint-{step}"
+        model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="4MB")
+        model.to(torch.float32)
+        paths.append(folder)
+    assert len(list(paths[0].glob("model-*.safetensors"))) > 3
+    return paths
+
+
+def test_shares_cover_the_plan_once_and_split_large_tensors(llama_bf16_run):
+    """Unit level: for any world size the units tile every tensor exactly once, large tensors are split, and the
+    shares are balanced and the same on every call."""
+    from ckptavg.checkpoint import LoadOptions, open_checkpoint
+
+    try:
+        inputs = [open_checkpoint(p, LoadOptions()) for p in llama_bf16_run]
+        plan = build_plan(inputs, parse_weights(None, None, len(inputs)))
+        for world_size in (1, 2, 3, 7, 64):
+            units = split_work(plan, world_size)
+            shares = assign(units, world_size)
+            assert shares == assign(split_work(plan, world_size), world_size)
+            covered: dict[int, list[tuple[int, int]]] = {}
+            for share in shares:
+                for u in share:
+                    covered.setdefault(u.entry, []).append((u.first, u.count))
+            for index, entry in enumerate(plan.entries):
+                ranges = sorted(covered.get(index, []))
+                assert sum(c for _, c in ranges) == entry.numel
+                assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+            embed = next(i for i, e in enumerate(plan.entries) if e.name == "model.embed_tokens.weight")
+            assert len(covered[embed]) >= 2
+            loads = [sum(u.read_bytes for u in share) for share in shares]
+            assert max(loads) - min(loads) <= max(u.read_bytes for u in units)
+            if world_size == 3:
+                sliced = share_plan(plan, shares[1])
+                assert all(e.alias_of is None and len(e.shape) == 1 for e in sliced.entries)
+    finally:
+        FILES.close()
+
+
+def test_two_and_three_ranks_write_the_bytes_of_one_process(llama_bf16_run, tmp_path):
+    one = tmp_path / "one"
+    result = ckptavg("average", *llama_bf16_run, "-o", one, "--max-shard-size", "5MB", "--verify", "-q")
+    assert result.returncode == 0, result.stderr
+    assert len(list(one.glob("model-*.safetensors"))) >= 4
+    result = torchrun(2, "average", *llama_bf16_run, "-o", tmp_path / "two", "--max-shard-size", "5MB", "--verify", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # printed once, by rank 0
+    assert report["world_size"] == 2 and report["verified"]
+    assert report["bytes_read"] == report["bytes_to_read"]
+    same_output(one, tmp_path / "two", 2)
+    result = torchrun(3, "average", *llama_bf16_run, "-o", tmp_path / "three", "--max-shard-size", "5MB", "--weights", "1,2,5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("strategy") == 1 and "3 ranks" in result.stdout
+    assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "weighted", "--max-shard-size", "5MB", "--weights", "1,2,5", "-q").returncode == 0
+    same_output(tmp_path / "weighted", tmp_path / "three", 3)
+    assert stray_files(tmp_path) == []
+
+
+def test_trainer_checkpoints_and_pt_files(hf_run, torch_run, tmp_path):
+    """transformers Trainer checkpoint folders (fp32, tied embeddings) and plain torch.save files, as a folder,
+    one .safetensors file and a .pt file."""
+    trainer_inputs = sorted(hf_run.glob("checkpoint-*"))[-3:]
+    assert ckptavg("average", *trainer_inputs, "-o", tmp_path / "one", "--max-shard-size", "20KB", "-q").returncode == 0
+    result = torchrun(2, "average", *trainer_inputs, "-o", tmp_path / "two", "--max-shard-size", "20KB", "-q")
+    assert result.returncode == 0, result.stderr
+    same_output(tmp_path / "one", tmp_path / "two", 2)
+
+    pt_inputs = sorted(p for p in torch_run.iterdir() if p.suffix == ".pt")
+    for name in ("one.safetensors", "one.pt"):
+        assert ckptavg("average", *pt_inputs, "-o", tmp_path / name, "-q").returncode == 0
+        result = torchrun(3, "average", *pt_inputs, "-o", tmp_path / name.replace("one", "three"), "-q")
+        assert result.returncode == 0, result.stderr
+    single, shared = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "three.safetensors")
+    assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)
+    single, shared = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "three.pt", weights_only=True)
+    assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)
+    assert stray_files(tmp_path) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_a_c10d_rendezvous(llama_bf16_run, tmp_path):
+    """Two torchrun agents (two "nodes" of one process each) meet through a c10d rendezvous on 127.0.0.1."""
+    assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "one", "--max-shard-size", "5MB", "-q").returncode == 0
+    port = _free_port()
+    command = [
+        *TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--rdzv-id", "ckptavg-test", "-m", "ckptavg", "average", *map(str, llama_bf16_run), "-o", str(tmp_path / "two"),
+        "--max-shard-size", "5MB", "--json",
+    ]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    reports = [json.loads(out) for out, _ in outputs if out.strip()]
+    assert len(reports) == 1 and reports[0]["world_size"] == 2
+    same_output(tmp_path / "one", tmp_path / "two", 2)
+
+
+def _nan_run(root: Path) -> list[Path]:
+    """Three safetensors checkpoints; the last holds a NaN in the last element of its largest tensor, which is
+    split between the ranks."""
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    start = {f"w{i}": torch.randn(1024, 1024, generator=g) for i in range(8)} | {"big": torch.randn(8192, 1024, generator=g)}
+    for step in (1, 2, 3):
+        state = {name: (w + 0.01 * step * torch.randn(w.shape, generator=g)).to(torch.bfloat16) for name, w in start.items()}
+        if step == 3:
+            state["big"][-1, -1] = float("nan")
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        paths.append(folder)
+    return paths
+
+
+def test_a_bad_input_found_by_another_rank_fails_the_job_with_one_line(tmp_path):
+    inputs = _nan_run(tmp_path / "run")
+    result = torchrun(2, "average", *inputs, "-o", tmp_path / "out", "--max-shard-size", "4MB", "-q")
+    assert result.returncode != 0
+    lines = ckptavg_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: rank ") and "checkpoint-3/model.safetensors" in lines[0] and "nan" in lines[0]
+    assert "element 8388607" in lines[0]  # the index in the whole tensor, not in the rank's share of it
+    assert not (tmp_path / "out").exists() and stray_files(tmp_path) == []
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker process with RANK=rank among the descendants of `parent`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and f"CKPTAVG_TEST_AGENT={parent}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _start_and_catch_writing(args: list[str], rank: int) -> tuple[subprocess.Popen, int]:
+    """Start a 2-rank job and stop `rank` (SIGSTOP) while it has an output file open for writing."""
+    env = _env()
+    env["CKPTAVG_TEST_AGENT"] = str(os.getpid())
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "ckptavg", *args]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    pid = None
+    while time.monotonic() < deadline and agent.poll() is None:
+        pid = pid or _rank_pid(os.getpid(), rank)
+        if pid is not None:
+            try:
+                targets = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+            except OSError:
+                targets = []
+            if any(".ckptavg-partial" in t for t in targets):
+                os.kill(pid, signal.SIGSTOP)
+                return agent, pid
+        time.sleep(0.001)
+    agent.kill()
+    pytest.fail(f"rank {rank} was never seen writing: {agent.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_rank_killed_mid_write_fails_the_job_and_leaves_nothing(tmp_path, killed):
+    inputs = _nan_run(tmp_path / "run")
+    (inputs[2] / "model.safetensors").unlink()
+    save_file({k: v.nan_to_num() for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")
+    out = tmp_path / "out"
+    args = ["average", *map(str, inputs), "-o", str(out), "--max-shard-size", "4MB", "--memory-budget", "2MB", "--no-fsync"]
+    agent, pid = _start_and_catch_writing(args, rank=killed)
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    _, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0 and time.monotonic() - started < 60
+    assert "rank" in stderr and "Signal 9 (SIGKILL)" in stderr  # torchrun's report names the killed rank
+    assert not out.exists()
+    # Rank 0, stopped by torchrun, removes its staging folder; killed, it leaves it to the next run to remove.
+    assert stray_files(tmp_path) == ([] if killed else [".out.ckptavg-lock", ".out.ckptavg-partial"])
+    result = ckptavg("average", *inputs, "-o", out, "--max-shard-size", "4MB", "--json")
+    assert result.returncode == 0 and stray_files(tmp_path) == []
+    notes = json.loads(result.stdout)["notes"]
+    assert any("removed what an interrupted run left: .out.ckptavg-partial" in n for n in notes) == (killed == 0)
+
+
+def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
+    inputs = _nan_run(tmp_path / "run")
+    (inputs[2] / "model.safetensors").unlink()
+    save_file({k: v.nan_to_num() for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")
+    out = tmp_path / "out"
+    args = ["average", *map(str, inputs), "-o", str(out), "--memory-budget", "2MB", "--no-fsync", "--rank-timeout", "3"]
+    agent, pid = _start_and_catch_writing(args, rank=1)
+    leader = _rank_pid(os.getpid(), 0)
+    assert leader is not None
+    started = time.monotonic()
+    try:
+        while _alive(leader) and time.monotonic() - started < 60:
+            time.sleep(0.05)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)  # let torchrun's SIGTERM reach it
+    _, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0 and 3 <= waited < 30
+    lines = ckptavg_lines(stderr)
+    assert lines == ["error: rank 1: stopped responding (no sign of life for 3 s): killed, or its node is down"], stderr
+    assert not out.exists() and stray_files(tmp_path) == []
+
+
+def test_select_inspect_and_export_under_torchrun(llama_bf16_run, tmp_path):
+    result = torchrun(2, "select", *llama_bf16_run, "--last", "2")
+    assert result.returncode == 0 and result.stdout.split() == [str(p) for p in llama_bf16_run[1:]]
+    result = torchrun(2, "inspect", llama_bf16_run[0], "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["tensors"]
+    assert ckptavg("export", llama_bf16_run[0], "-o", tmp_path / "one", "--max-shard-size", "5MB", "-q").returncode == 0
+    result = torchrun(2, "export", llama_bf16_run[0], "-o", tmp_path / "two", "--max-shard-size", "5MB", "-q")
+    assert result.returncode == 0, result.stderr
+    same_output(tmp_path / "one", tmp_path / "two", 2)
+
+
+def _api_worker(rank: int, port: int, inputs: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    import ckptavg
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    report = ckptavg.average(inputs, out, max_shard_size="5MB")
+    assert report.world_size == 2
+    assert dist.is_initialized()  # the caller's group is left as it was
+    dist.destroy_process_group()
+
+
+def test_python_api_inside_an_initialised_process_group(llama_bf16_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "one", "--max-shard-size", "5MB", "-q").returncode == 0
+    mp.spawn(_api_worker, args=(_free_port(), [str(p) for p in llama_bf16_run], str(tmp_path / "two")), nprocs=2)
+    same_output(tmp_path / "one", tmp_path / "two", 2)
