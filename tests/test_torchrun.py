@@ -37,8 +37,10 @@ def ckptavg(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300)
 
 
-def torchrun(nproc: int, *args: str | Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "-m", "ckptavg", *map(str, args)]
+def torchrun(nproc: int, *args: str | Path, cwd: Path | None = None, timeout: float = 300, console_script: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun ... -m ckptavg ARGS`, or with console_script `torchrun ... --no-python ckptavg ARGS`."""
+    program = ["--no-python", str(Path(sys.executable).parent / "ckptavg")] if console_script else ["-m", "ckptavg"]
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), *program, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
 
 
@@ -135,7 +137,7 @@ def test_two_and_three_ranks_write_the_bytes_of_one_process(llama_bf16_run, tmp_
     assert report["world_size"] == 2 and report["verified"]
     assert report["bytes_read"] == report["bytes_to_read"]
     same_output(one, tmp_path / "two", 2)
-    result = torchrun(3, "average", *llama_bf16_run, "-o", tmp_path / "three", "--max-shard-size", "5MB", "--weights", "1,2,5")
+    result = torchrun(3, "average", *llama_bf16_run, "-o", tmp_path / "three", "--max-shard-size", "5MB", "--weights", "1,2,5", console_script=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("strategy") == 1 and "3 ranks" in result.stdout
     assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "weighted", "--max-shard-size", "5MB", "--weights", "1,2,5", "-q").returncode == 0
@@ -162,6 +164,43 @@ def test_trainer_checkpoints_and_pt_files(hf_run, torch_run, tmp_path):
     single, shared = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "three.pt", weights_only=True)
     assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)
     assert stray_files(tmp_path) == []
+
+
+def test_ranges_written_in_any_order_make_the_file_one_writer_makes(tmp_path):
+    """RangeWriter into files laid out by lay_out_files gives the bytes of SafetensorsWriter, and the CRC-32s
+    of its ranges combine into each tensor's."""
+    import zlib
+
+    from ckptavg.formats.writer import RangeWriter, SafetensorsWriter, TensorSpec, lay_out_files, tensor_offsets
+    from ckptavg.verify import crc32_combine
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(1000, generator=g), "empty": torch.zeros(0), "b": torch.randn(37, 5, generator=g).to(torch.bfloat16)}
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    shards, metadata = [specs[:2], specs[2:]], {"format": "pt"}
+    one = [tmp_path / "one-1", tmp_path / "one-2"]
+    writer = SafetensorsWriter(one, shards, metadata, durable=False)
+    for t in tensors.values():
+        writer.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    writer.finish()
+    many = [tmp_path / "many-1", tmp_path / "many-2"]
+    lay_out_files(many, shards, metadata)
+    where = tensor_offsets(many, shards, metadata)
+    raw = {n: t.view(-1).view(torch.uint8).numpy().tobytes() for n, t in tensors.items()}
+    pieces = [("b", 0, 100), ("a", 2400, 1600), ("b", 100, 270), ("a", 0, 2400)]  # two "ranks'" ranges, out of order
+    crcs = {}
+    for share in (pieces[:2], pieces[2:]):
+        writer = RangeWriter(many, [(where[n][0], where[n][1] + lo, length) for n, lo, length in share], durable=False, checksums=True)
+        for n, lo, length in share:
+            writer.write(memoryview(raw[n][lo : lo + length]))
+        writer.finish()
+        crcs.update({(n, lo): (crc, length) for (n, lo, length), crc in zip(share, writer.crcs)})
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in many]
+    for name in ("a", "b"):
+        combined = 0
+        for lo in sorted(lo for n, lo in crcs if n == name):
+            combined = crc32_combine(combined, *crcs[(name, lo)])
+        assert combined == zlib.crc32(raw[name])
 
 
 def _free_port() -> int:
