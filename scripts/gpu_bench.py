@@ -15,7 +15,7 @@ Rows, measured round-robin `--repeat` times each (median, min-max):
 Each ckptavg run goes through a small runner that reports its peak RSS (VmHWM) and, on CUDA, torch's peak
 GPU memory (max_memory_allocated and max_memory_reserved; the CUDA context itself is not counted). x floor is
 the median over the read floor's median with the same cache. The CUDA and CPU outputs are compared byte for
-byte. A torchrun row is added once `ckptavg average --help` mentions torchrun; until then it is noted as skipped.
+byte. The torchrun row runs two ranks with --device cuda (warm cache) and compares their output with the CPU's.
 No numpy: only torch, safetensors and ckptavg from this working tree.
 """
 
@@ -279,7 +279,8 @@ def main() -> None:
         out = folder / "out-torchrun"
         shutil.rmtree(out, ignore_errors=True)
         warm(files)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "ckptavg", "average", *map(str, paths), "-o", str(out), "--device", "cuda", "--quiet"]
+        # Two ranks, each folding its share on its GPU (cuda:LOCAL_RANK, both on cuda:0 with one GPU).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg", "average", *map(str, paths), "-o", str(out), "--device", "cuda", "--quiet"]
         t = time.perf_counter()
         result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
         results["torchrun"] = {"cmd": " ".join(cmd[:8]) + " ...", "exit": result.returncode, "wall_s_warm": time.perf_counter() - t, "stderr_tail": result.stderr[-1500:]}

@@ -11,7 +11,7 @@
 #   3. scripts/gpu_bench.py: N bf16 checkpoints made on a local disk, then in one run the cold and warm read
 #      floors, `ckptavg average --device cuda` and `--device cpu` cold and warm, peak host RSS and GPU memory,
 #      and each over the floor;
-#   4. a torchrun run, inside step 3, once ckptavg supports torchrun (until then noted as skipped).
+#   4. a two-rank torchrun run with --device cuda, inside step 3, its output compared with the CPU's.
 # The project runs from this working tree (PYTHONPATH); nothing is installed. Without CUDA the CUDA parts are
 # skipped and the rest runs. Exit status: 0 when every step passed (skips included), 1 otherwise.
 # Environment: PYTHON (default: .venv/bin/python if it is there, else python3), GPU_CHECK_QUICK=1 (8 inputs of
@@ -95,7 +95,7 @@ step device 60 device
 step cuda-tests 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_cuda.py --junitxml "$OUT/junit_cuda.xml"
 step core-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_average.py tests/test_engine.py --junitxml "$OUT/junit_core.xml"
 
-# 3 and 4. The benchmark (and torchrun, once supported), with the time left.
+# 3 and 4. The benchmark (and its torchrun row), with the time left.
 LEFT=$((BUDGET - (SECONDS - START) - 20))
 (( LEFT < 60 )) && LEFT=60
 BENCH_ARGS=(--json "$PARTS/bench.json" --models "$MODELS" --size-gb "$SIZE_GB" --repeat "$REPEAT" --deadline "$((LEFT - 40))")

@@ -265,3 +265,17 @@ def test_sigint_mid_run_on_cuda_is_130_and_leaves_nothing(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: interrupted by"), err
     assert sorted(p.name for p in work.iterdir()) == []
+
+
+@on_cuda
+def test_torchrun_ranks_on_cuda_write_the_cpu_output(tmp_path):
+    """Two torchrun ranks fold their shares on their GPU (cuda:LOCAL_RANK; both on cuda:0 with one GPU)."""
+    paths = [save_layout(make_state(seed, torch.bfloat16), tmp_path / f"c{seed}", "safetensors-sharded") for seed in range(3)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = ["average", *map(str, paths), "--max-shard-size", "2KB", "-q"]
+    assert subprocess.run([sys.executable, "-m", "ckptavg", *base, "-o", str(tmp_path / "cpu"), "--device", "cpu"], env=env).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg"]
+    assert subprocess.run([*torchrun, *base, "-o", str(tmp_path / "cuda"), "--device", "cuda"], env=env).returncode == 0
+    weight_files = sorted(p.name for p in (tmp_path / "cpu").iterdir() if p.name != "ckptavg.json")
+    assert len(weight_files) > 2
+    assert all((tmp_path / "cpu" / n).read_bytes() == (tmp_path / "cuda" / n).read_bytes() for n in weight_files)
