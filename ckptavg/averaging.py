@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -422,9 +421,10 @@ def _write_output(
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
-    In a job of several ranks (`world`), every rank writes its share of a safetensors output in place and rank 0
-    stages, finishes and renames it; a .pt output is written by rank 0 alone.
-    Fills the report's output and copied files and bytes written; returns the bytes read.
+    In a job of several ranks (`world`), rank 0 stages the output and lays out its files, every rank writes its
+    share of a safetensors output in place, and rank 0 finishes and renames it once all have succeeded; a .pt
+    output is written by rank 0 alone. Fills the report's output and copied files and bytes written; returns
+    the bytes read (by all ranks, on rank 0).
     """
     kind, single_file = output_layout(out_path, options.out_format)
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
@@ -437,125 +437,131 @@ def _write_output(
     try:
         if world is not None and not world.leader:
             files = _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe) if shared else None
-            return _write_share(plan, files, options, world, on_progress)
+            return _follow(plan, files, options, world, on_progress)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
+            files, writer = None, None
             if kind == "pt":
-                names = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer: TensorWriter = TorchWriter(tmp if single_file else tmp / names[0], specs, durable=options.fsync, recipe=json.dumps(recipe) if single_file else None)
+                report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
+                writer = TorchWriter(tmp if single_file else tmp / report.output_files[0], specs, durable=options.fsync, recipe=json.dumps(recipe) if single_file else None)
                 if not single_file and len(specs) and plan.output_bytes > options.shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
             else:
                 files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
-                names = files.names
-                if shared:
-                    assert world is not None
-                    lay_out_files(files.paths, files.shards, files.metadata)
-                    world.post("staged", {"ok": True})
-                    bytes_read, crcs = _write_share(plan, files, options, world, on_progress, leader=True)
-                    report.bytes_written = sum(p.stat().st_size for p in files.paths)
-                    writer = _Written(crcs)
-                else:
+                report.output_files = list(files.names)
+            if shared:
+                assert world is not None and files is not None
+                lay_out_files(files.paths, files.shards, files.metadata)
+                world.post("staged", {})
+                bytes_read, crcs = _lead(plan, files, options, world, on_progress)
+                report.bytes_written = sum(p.stat().st_size for p in files.paths)
+            else:
+                if world is not None:
+                    world.post("staged", {})  # the other ranks have no share of a .pt output
+                if writer is None:
+                    assert files is not None
                     writer = SafetensorsWriter(files.paths, files.shards, files.metadata, durable=options.fsync)
-            report.output_files = list(names)
-            if not shared:
+                bytes_read, crcs, report.bytes_written = _run_engine(plan, writer, options, specs, on_progress)
                 if world is not None:
-                    world.post("staged", {"ok": True})
-                bytes_read, writer = _run_engine(plan, writer, options, specs, on_progress)
-                report.bytes_written = writer.bytes_written
-                if world is not None:
-                    _gather_shares(world, on_progress, plan.read_bytes)
+                    _gather_shares(world, on_progress, plan.read_bytes, _share_report(0, [], []))
             if single_file:
                 if options.verify:
-                    _verify(tmp, out_path, specs, writer.crcs, report, on_progress)
-                return bytes_read
-            if kind == "safetensors" and len(names) > 1:
-                write_index(tmp / "model.safetensors.index.json", files.shards, names, {"format": "pt"})
-                report.output_files.append("model.safetensors.index.json")
-            if plan.adapter_config is not None:
-                write_text(tmp / ADAPTER_CONFIG, json.dumps(plan.adapter_config, indent=2) + "\n")
-                report.output_files.append(ADAPTER_CONFIG)
-            files_from = plan.files_from or plan.inputs[-1].folder
-            if files_from is not None:
-                report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[options.dtype] if options.dtype else None)
+                    _verify(tmp, out_path, specs, crcs, report, on_progress)
             else:
-                report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
-            if options.verify:
-                _verify(tmp, out_path, specs, writer.crcs, report, on_progress)
-                recipe["verified"] = True
-                recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
-            recipe["written"] = report.output_files + report.copied_files
-            write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
-            report.output_files.append(RECIPE_FILE)
+                _finish_folder(plan, report, tmp, files, options)
+                if options.verify:  # after the copies, so that the recipe records every file's sha256
+                    _verify(tmp, out_path, specs, crcs, report, on_progress)
+                    recipe["verified"] = True
+                    recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
+                recipe["written"] = report.output_files + report.copied_files
+                write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+                report.output_files.append(RECIPE_FILE)
             return bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
-class _Written:
-    """What the ranks of a job wrote, standing in for the writer once their shares are done: each tensor's CRC-32."""
+def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: _TensorFiles | None, options: WriteOptions) -> None:
+    """Beside the weights of a folder output: the index, an adapter's config, and the model files copied from
+    the newest input."""
+    if files is not None and len(files.names) > 1:
+        write_index(tmp / "model.safetensors.index.json", files.shards, files.names, {"format": "pt"})
+        report.output_files.append("model.safetensors.index.json")
+    if plan.adapter_config is not None:
+        write_text(tmp / ADAPTER_CONFIG, json.dumps(plan.adapter_config, indent=2) + "\n")
+        report.output_files.append(ADAPTER_CONFIG)
+    files_from = plan.files_from or plan.inputs[-1].folder
+    if files_from is not None:
+        report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[options.dtype] if options.dtype else None)
+    else:
+        report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
 
-    def __init__(self, crcs: dict[str, int]) -> None:
-        self.crcs = crcs
 
-
-def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None) -> tuple[int, Any]:
-    """Run the whole plan into `writer` (wrapped to keep CRCs with --verify); returns (bytes read, the writer)."""
-    if options.verify:
-        writer = ChecksumWriter(writer, specs)
+def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None) -> tuple[int, dict[str, int], int]:
+    """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
+    checked = ChecksumWriter(writer, specs) if options.verify else None
     engine = Engine(plan, options.device, options.memory_budget)
     try:
-        engine.run(writer, on_progress)
+        engine.run(checked or writer, on_progress)
+        (checked or writer).finish()
+    finally:
+        writer.abort()
+    return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
+
+
+# A job of several ranks (distributed.py): each writes its share in place; rank 0 waits for all before finishing.
+
+
+def _write_my_share(plan: Plan, files: _TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> dict:
+    """Fold this rank's units and write them at their places in the files rank 0 laid out; returns the report
+    this rank posts (bytes read, its units and their CRC-32s with --verify, peak memory)."""
+    all_units = split_work(plan, world.size)
+    units = assign(all_units, world.size)[world.rank]
+    where = tensor_offsets(files.paths, files.shards, files.metadata)
+    ranges = []
+    for unit in units:
+        entry = plan.entries[unit.entry]
+        path, offset = where[entry.name]
+        ranges.append((path, offset + unit.first * entry.dtype.itemsize, unit.count * entry.dtype.itemsize))
+    writer = RangeWriter(files.paths, ranges, durable=options.fsync, checksums=options.verify)
+    engine = Engine(share_plan(plan, units), options.device, options.memory_budget)
+    try:
+        engine.run(writer, rank_progress(world, plan.read_bytes, len(all_units), on_progress))
         writer.finish()
     finally:
         writer.abort()
-    return engine.bytes_read, writer
+    world.progress(engine.bytes_read, len(units))
+    return _share_report(engine.bytes_read, units, writer.crcs)
 
 
-def _write_share(
-    plan: Plan, files: _TensorFiles | None, options: WriteOptions, world: World, on_progress: ProgressFn | None, leader: bool = False,
-) -> Any:
-    """One rank's part of a job: once rank 0 has laid out the files, write this rank's units in place, post
-    what was done, and wait for the job's outcome. On rank 0, wait for every rank's report and return (bytes
-    read by all, each tensor's CRC-32 when verifying); elsewhere return the bytes this rank read."""
-    if not leader:
-        world.wait(["staged"], watch=[0])
-    bytes_read, crcs = 0, []
-    units: list[Unit] = []
-    if files is not None:
-        all_units = split_work(plan, world.size)
-        units = assign(all_units, world.size)[world.rank]
-        where = tensor_offsets(files.paths, files.shards, files.metadata)
-        ranges = []
-        for unit in units:
-            entry = plan.entries[unit.entry]
-            path, offset = where[entry.name]
-            ranges.append((path, offset + unit.first * entry.dtype.itemsize, unit.count * entry.dtype.itemsize))
-        writer = RangeWriter(files.paths, ranges, durable=options.fsync, checksums=options.verify)
-        engine = Engine(share_plan(plan, units), options.device, options.memory_budget)
-        try:
-            engine.run(writer, rank_progress(world, plan.read_bytes, len(all_units), on_progress))
-            writer.finish()
-        finally:
-            writer.abort()
-        bytes_read, crcs = engine.bytes_read, writer.crcs
-    world.progress(bytes_read, len(units))
-    done = {"bytes_read": bytes_read, "units": [[u.entry, u.first, u.count] for u in units], "crcs": crcs, "peak_rss": peak_rss()}
-    if not leader:
-        world.post(f"done/{world.rank}", done)
-        world.wait(["finished"], watch=[0])
-        return bytes_read
-    reports = _gather_shares(world, on_progress, plan.read_bytes, done)
+def _share_report(bytes_read: int, units: list[Unit], crcs: list[int]) -> dict:
+    return {"bytes_read": bytes_read, "units": [[u.entry, u.first, u.count] for u in units], "crcs": crcs, "peak_rss": peak_rss()}
+
+
+def _follow(plan: Plan, files: _TensorFiles | None, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> int:
+    """A rank other than 0: once rank 0 has laid out the files, write this rank's share (none for a .pt
+    output), post its report, and wait for rank 0 to finish the job. Returns the bytes this rank read."""
+    world.wait(["staged"], watch=[0])
+    mine = _write_my_share(plan, files, options, world, on_progress) if files is not None else _share_report(0, [], [])
+    world.post(f"done/{world.rank}", mine)
+    world.wait(["finished"], watch=[0])
+    return mine["bytes_read"]
+
+
+def _lead(plan: Plan, files: _TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> tuple[int, dict[str, int]]:
+    """Rank 0: write its own share, then wait for every rank's. Returns (bytes read by all, each tensor's CRC-32
+    combined from the ranges' with --verify)."""
+    reports = _gather_shares(world, on_progress, plan.read_bytes, _write_my_share(plan, files, options, world, on_progress))
     return sum(r["bytes_read"] for r in reports), _tensor_crcs(plan, reports) if options.verify else {}
 
 
-def _gather_shares(world: World, on_progress: ProgressFn | None, read_bytes: int, mine: dict | None = None) -> list[dict]:
-    """Rank 0: wait for every rank's report (keeping the progress display moving with their beats)."""
-    world.post("done/0", mine or {"bytes_read": 0, "units": [], "crcs": [], "peak_rss": peak_rss()})
+def _gather_shares(world: World, on_progress: ProgressFn | None, read_bytes: int, mine: dict) -> list[dict]:
+    """Rank 0: post its report and wait for every rank's, keeping the progress display moving with their beats."""
+    world.post("done/0", mine)
 
     def tick() -> None:
         if on_progress is not None:
             others, units = world.others_progress
-            on_progress(Progress(min(read_bytes, others + (mine or {}).get("bytes_read", 0)), read_bytes, units, units, "waiting for the other ranks"))
+            on_progress(Progress(min(read_bytes, others + mine["bytes_read"]), read_bytes, units, units, "waiting for the other ranks"))
 
     keys = [f"done/{r}" for r in range(world.size)]
     world.wait(keys, watch=range(world.size), on_tick=tick)
@@ -581,6 +587,7 @@ def _tensor_crcs(plan: Plan, reports: list[dict]) -> dict[str, int]:
 
 
 def _verify(tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None) -> None:
+    """--verify: read the staged output back and check it against the CRC-32s kept while writing."""
     started = time.perf_counter()
     report.sha256 = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
     report.verified = True
