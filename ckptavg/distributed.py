@@ -178,7 +178,7 @@ class World:
         self.interrupted = self.interrupted or isinstance(error, Interrupted)
         if isinstance(error, Interrupted) and error.exit_code == EXIT_SIGTERM:
             problem = "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was written"
-        value = {"rank": self.rank if about is None else about, "problem": problem, "code": code}
+        value = {"rank": self.rank if about is None else about, "by": self.rank, "problem": problem, "code": code}
         try:
             self._store.compare_set("failed", "", json.dumps(value))  # type: ignore[attr-defined]
             return self._job_failure()
@@ -187,8 +187,8 @@ class World:
 
     def _job_failure(self) -> RankError:
         value = self.read("failed")
-        # Rank 0 reports the job's failure; another rank reports it only when it is rank 0 that stopped.
-        reported = self.leader or value["rank"] != 0
+        # Rank 0 reports the job's failure; when rank 0 is the rank that stopped, the rank that found it does.
+        reported = not (value["rank"] == 0 and value["by"] == self.rank != 0)
         return RankError(value["rank"], value["problem"], value["code"], reported)
 
     # Waiting on the others

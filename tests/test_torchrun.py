@@ -254,6 +254,17 @@ def test_a_bad_input_found_by_another_rank_fails_the_job_with_one_line(tmp_path)
     assert not (tmp_path / "out").exists() and stray_files(tmp_path) == []
 
 
+def test_an_error_every_rank_meets_is_one_line_with_the_exit_code_of_one_process(hf_run, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = torchrun(2, "average", *sorted(hf_run.glob("checkpoint-*"))[-2:], "-o", tmp_path / "out", "--overwrite")
+    assert result.returncode != 0
+    lines = ckptavg_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: ") and "not a ckptavg output" in lines[0], result.stderr
+    assert "exitcode  : 3" in result.stderr  # torchrun's report: rank 0 exited with 3, as one process would
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the worker process with RANK=rank among the descendants of `parent`."""
     for proc in Path("/proc").iterdir():
