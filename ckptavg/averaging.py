@@ -16,7 +16,7 @@ import torch
 from ckptavg import __version__
 from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
 from ckptavg.distributed import Unit, World, assign, fingerprint, join, rank_progress, share_plan, split_work
-from ckptavg.errors import OutputError, StrictError, UsageError
+from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
@@ -269,6 +269,10 @@ def average(
     except Exception as e:
         if world is not None:
             raise world.fail(e) from e
+        raise
+    except KeyboardInterrupt:
+        if world is not None:  # the other ranks stop too, and rank 0 says why
+            world.fail(Interrupted("SIGINT", EXIT_SIGINT))
         raise
     finally:
         FILES.close()
