@@ -434,14 +434,15 @@ def _write_output(
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(None, f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder")
     recipe = _recipe(report)
-    specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    specs = specs_of(plan)
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
         raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
     shared = world is not None and kind == "safetensors"
+    verify_shared = options.verify and shared and not single_file  # the ranks read the folder's files back between them
     try:
         if world is not None and not world.leader:
             files = _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe) if shared else None
-            return _follow(plan, files, options, world, on_progress)
+            return _follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             files, writer = None, None
             if kind == "pt":
@@ -473,7 +474,7 @@ def _write_output(
             else:
                 _finish_folder(plan, report, tmp, files, options)
                 if options.verify:  # after the copies, so that the recipe records every file's sha256
-                    _verify(tmp, out_path, specs, crcs, report, on_progress)
+                    _verify(tmp, out_path, specs, crcs, report, on_progress, world if verify_shared else None)
                     recipe["verified"] = True
                     recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
                 recipe["written"] = report.output_files + report.copied_files
@@ -541,12 +542,18 @@ def _share_report(bytes_read: int, units: list[Unit], crcs: list[int]) -> dict:
     return {"bytes_read": bytes_read, "units": [[u.entry, u.first, u.count] for u in units], "crcs": crcs, "peak_rss": peak_rss()}
 
 
-def _follow(plan: Plan, files: _TensorFiles | None, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> int:
+def _follow(
+    plan: Plan, files: _TensorFiles | None, world: World, on_progress: ProgressFn | None, options: WriteOptions, verify_in: Path | None,
+) -> int:
     """A rank other than 0: once rank 0 has laid out the files, write this rank's share (none for a .pt
-    output), post its report, and wait for rank 0 to finish the job. Returns the bytes this rank read."""
+    output), post its report, read back the files rank 0 gives it when verifying the folder `verify_in`, and
+    wait for rank 0 to finish the job. Returns the bytes this rank read."""
     world.wait(["staged"], watch=[0])
     mine = _write_my_share(plan, files, options, world, on_progress) if files is not None else _share_report(0, [], [])
     world.post(f"done/{world.rank}", mine)
+    if verify_in is not None:
+        world.wait(["verify"], watch=[0])
+        _verify_my_files(world, verify_in, specs_of(plan), world.read("verify"), None)
     world.wait(["finished"], watch=[0])
     return mine["bytes_read"]
 
@@ -590,12 +597,44 @@ def _tensor_crcs(plan: Plan, reports: list[dict]) -> dict[str, int]:
     return crcs
 
 
-def _verify(tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None) -> None:
-    """--verify: read the staged output back and check it against the CRC-32s kept while writing."""
+def _verify(
+    tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None,
+    world: World | None = None,
+) -> None:
+    """--verify: read the staged output back and check it against the CRC-32s kept while writing. The ranks of
+    a job that wrote a folder read its files back between them (rank 0 hands them out, by size)."""
     started = time.perf_counter()
-    report.sha256 = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
+    if world is None:
+        hashes = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
+    else:
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        loads = [0] * world.size
+        owners = {}
+        for name in sorted(sizes, key=lambda n: -sizes[n]):  # the largest file first, to the least loaded rank
+            owners[name] = loads.index(min(loads))
+            loads[owners[name]] += sizes[name]
+        task = {"crcs": crcs, "owners": owners, "out": str(out)}
+        world.post("verify", task)
+        hashes = _verify_my_files(world, tmp, specs, task, on_progress)
+        world.wait([f"verified/{r}" for r in range(1, world.size)], watch=range(world.size))
+        for r in range(1, world.size):
+            hashes.update({name: sha for name, sha in world.read(f"verified/{r}").items() if sha is not None})
+    report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}
     report.verified = True
     report.verify_seconds = time.perf_counter() - started
+
+
+def _verify_my_files(world: World, tmp: Path, specs: list[TensorSpec], task: dict, on_progress: ProgressFn | None) -> dict[str, str | None]:
+    """Read back the output files rank 0 gave this rank, check their tensors' CRC-32s; post and return their sha256."""
+    mine = {name for name, owner in task["owners"].items() if owner == world.rank}
+    hashes = verify_output(tmp, Path(task["out"]), specs, task["crcs"], on_progress, only=mine)
+    if not world.leader:
+        world.post(f"verified/{world.rank}", hashes)
+    return hashes
+
+
+def specs_of(plan: Plan) -> list[TensorSpec]:
+    return [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
 
 
 def disk_size(path: Path) -> int:

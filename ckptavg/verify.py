@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -173,11 +173,15 @@ def _read_back(path: Path, sources: list[tuple[str, TensorSource]], advance: Cal
     return digest.hexdigest(), crcs
 
 
-def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None = None) -> dict[str, str]:
+def verify_output(
+    staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None = None, only: Collection[str] | None = None,
+) -> dict[str, str | None]:
     """Check the staged output (a folder or one file) against the specs and CRCs of what was written.
 
     `on_progress`, when given, is called with a `VerifyProgress` (bytes checked of all the files to read)
     before each file and after each piece read. Returns {file name: sha256} for every file of the output.
+    With `only` (file names), only those files are read back (the ranks of a job share the reading): the
+    others' sha256 is None, and their tensors' CRCs are not checked here.
 
     Raises:
         OutputError: a tensor is missing, extra, or reads back different bytes, dtype or shape.
@@ -199,17 +203,21 @@ def verify_output(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[s
     tensor_files = sorted(by_file)
     names = {path.name for path in tensor_files}
     other_files = [p for p in (sorted(staged.iterdir()) if staged.is_dir() else [staged]) if p.is_file() and p.name not in names]
-    counter = _Counter(on_progress, sum(p.stat().st_size for p in tensor_files + other_files), len(tensor_files) + len(other_files))
-    hashes = {}
+    hashes: dict[str, str | None] = {p.name: None for p in tensor_files + other_files}
+    mine = [p for p in tensor_files + other_files if only is None or p.name in only]
+    counter = _Counter(on_progress, sum(p.stat().st_size for p in mine), len(mine))
     for path in tensor_files:
+        if path not in mine:
+            continue
         hashes[path.name], read_crcs = _read_back(path, by_file[path], counter.start(path))
         counter.finish()
         for name, crc in read_crcs.items():
             if crc != crcs[name]:
                 raise OutputError(out, f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})")
     for path in other_files:
-        hashes[path.name] = sha256_of(path, counter.start(path))
-        counter.finish()
+        if path in mine:
+            hashes[path.name] = sha256_of(path, counter.start(path))
+            counter.finish()
     counter.report()
     if not staged.is_dir():
         hashes = {out.name: hashes[staged.name]}

@@ -384,3 +384,33 @@ def test_python_api_inside_an_initialised_process_group(llama_bf16_run, tmp_path
     assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "one", "--max-shard-size", "5MB", "-q").returncode == 0
     mp.spawn(_api_worker, args=(_free_port(), [str(p) for p in llama_bf16_run], str(tmp_path / "two")), nprocs=2)
     same_output(tmp_path / "one", tmp_path / "two", 2)
+
+
+def test_a_share_of_the_read_back_checks_only_its_files_and_catches_a_bad_crc(tmp_path):
+    """verify_output(only=...): the part of --verify one rank does. Its files' tensors are checked (a wrong CRC
+    fails), the other files are left to the other ranks (sha256 None)."""
+    import zlib
+
+    from ckptavg.formats.writer import TensorSpec
+    from ckptavg.verify import verify_output
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    assert ckptavg("average", *[save_layout_file(tensors, tmp_path / f"in{i}.safetensors") for i in range(2)], "-o", tmp_path / "out",
+                   "--max-shard-size", "20KB", "-q").returncode == 0
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    specs = [TensorSpec(n, torch.float32, (64, 64)) for n in tensors]
+    crcs = {n: zlib.crc32(t.numpy().tobytes()) for n, t in tensors.items()}
+    first = index["w0"]
+    hashes = verify_output(out, out, specs, crcs, only={first})
+    assert hashes[first] is not None and sum(v is not None for v in hashes.values()) == 1 and set(hashes) >= set(index.values())
+    wrong = dict(crcs, w0=crcs["w0"] ^ 1)
+    with pytest.raises(Exception, match="w0 .* reads back different bytes"):
+        verify_output(out, out, specs, wrong, only={first})
+    verify_output(out, out, specs, wrong, only={index["w3"]} - {first})  # w0's file is another rank's
+
+
+def save_layout_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path
