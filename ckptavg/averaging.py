@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ckptavg import __version__
-from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
+from ckptavg.card import write_card
+from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.errors import OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
@@ -29,6 +30,7 @@ from ckptavg.formats.writer import (
     write_index,
     write_text,
 )
+from ckptavg.hub import localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
@@ -53,6 +55,7 @@ class InputSummary:
     bytes: int
     notes: list[str]
     weights_from: str = ""  # which weights were taken from the input and why (raw or EMA, key, prefixes)
+    hub: dict | None = None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class AverageReport:
     warnings: list[str] = field(default_factory=list)  # things that look wrong; --strict makes them errors
     adapter: dict | None = None  # PEFT adapters: mode, kind, ranks, and params mode's error per module
     version: str = __version__
+    pushed: dict | None = None  # --push-to-hub: repo, revision, commit, commit_url
 
     @property
     def gb_per_s(self) -> float:
@@ -204,15 +208,15 @@ def average(
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     torch_device = choose_device(device)
     notes: list[str] = []
-    input_paths = [Path(p) for p in paths]
     if out_path is not None:
         output_layout(out_path, out_format)
         check_output_name(out_path)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     try:
-        checkpoints = [open_checkpoint(p, options) for p in input_paths]
-        base_model = open_checkpoint(Path(base), LoadOptions()) if base is not None else None
+        local = localize(paths, base, out=None if dry_run else out_path, overwrite=overwrite)  # hf:// inputs → the HF cache
+        checkpoints = [local.open(p, options) for p in local.paths]
+        base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
         if out_path is not None:
             check_destination(out_path, overwrite, needed_bytes=0)
@@ -228,6 +232,7 @@ def average(
             notes.append(note)
         plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
+        local.annotate(report.inputs)
         if adapter is not None:
             report.adapter = asdict(adapter)
             report.notes.append(_adapter_note(adapter, len(checkpoints)))
@@ -408,6 +413,7 @@ def _write_output(
                 report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
+            report.output_files.append(write_card(tmp, recipe, verified=verify))  # README.md, from the recipe; --verify covers it
             if isinstance(writer, ChecksumWriter):
                 _verify(tmp, out_path, specs, writer, report, on_progress)
                 recipe["verified"] = True
@@ -483,7 +489,7 @@ def _recipe(report: AverageReport) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "strategy": report.strategy,
         "order": report.order,
-        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format} for i in report.inputs],
+        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format, **({"hub": i.hub} if i.hub else {})} for i in report.inputs],
         "input_dtypes": report.input_dtypes,
         "output_dtypes": report.output_dtypes,
         "accumulate": report.accumulate,
