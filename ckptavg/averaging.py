@@ -413,7 +413,7 @@ def _write_output(
                 report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[dtype] if dtype else None)
             else:
                 report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
-            report.output_files.append(write_card(tmp, recipe, verified=verify))  # README.md, from the recipe; --verify covers it
+            report.output_files.append(write_card(tmp, recipe, out_path.name, verified=verify))  # README.md, from the recipe; --verify covers it
             if isinstance(writer, ChecksumWriter):
                 _verify(tmp, out_path, specs, writer, report, on_progress)
                 recipe["verified"] = True

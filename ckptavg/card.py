@@ -21,14 +21,16 @@ CARD_FILE = "README.md"
 TAGS = ["ckptavg", "merge"]
 
 
-def write_card(folder: Path, recipe: dict[str, Any], verified: bool = False) -> str:
-    """Write README.md into the output `folder` (replacing any there); returns its name. `verified`: the output
-    is read back before it is renamed into place (--verify), which the card says: if that fails, nothing is written."""
-    write_text(folder / CARD_FILE, str(model_card({**recipe, "verified": recipe.get("verified") or verified}, folder)))
+def write_card(folder: Path, recipe: dict[str, Any], name: str | None = None, verified: bool = False) -> str:
+    """Write README.md into the output `folder` (staged: `name` is the output's own); returns its name.
+    `verified`: the output is read back before it is renamed into place (--verify), which the card says: if that
+    fails, nothing is written."""
+    card = model_card({**recipe, "verified": recipe.get("verified") or verified}, folder, name)
+    write_text(folder / CARD_FILE, str(card))
     return CARD_FILE
 
 
-def model_card(recipe: dict[str, Any], folder: Path | None = None) -> Any:
+def model_card(recipe: dict[str, Any], folder: Path | None = None, name: str | None = None) -> Any:
     """The huggingface_hub ModelCard of an output, from its recipe and the files in `folder`."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -41,7 +43,7 @@ def model_card(recipe: dict[str, Any], folder: Path | None = None) -> Any:
     if library:
         data["library_name"] = library
     card_data = ModelCardData(**data)
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{card_body(recipe, folder)}")
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{card_body(recipe, name or (folder.name if folder else None))}")
 
 
 def library_name(folder: Path) -> str | None:
@@ -55,11 +57,10 @@ def library_name(folder: Path) -> str | None:
     return "transformers" if isinstance(config, dict) and config.get("architectures") else None
 
 
-def card_body(recipe: dict[str, Any], folder: Path | None = None) -> str:
+def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
     inputs = recipe.get("inputs", [])
     export = recipe.get("strategy") == "export"
-    name = folder.name if folder is not None else "model"
-    lines = [f"# {name}", ""]
+    lines = [f"# {name or 'model'}", ""]
     if export:
         lines.append(f"The weights of one training checkpoint, exported for inference with ckptavg {recipe.get('version')}: "
                      "no optimizer, scheduler or trainer state.")

@@ -56,7 +56,7 @@ class HubSpec:
 
     @classmethod
     def parse(cls, text: str | os.PathLike) -> HubSpec:
-        text = os.fspath(text)
+        text = PREFIX + os.fspath(text)[len("hf:/"):].lstrip("/")  # as written, whatever a Path made of its `//`
         match = SPEC.fullmatch(text.rstrip("/"))
         if match is None:
             raise InputError(text, "not a Hub input: write hf://ORG/REPO[@REVISION][/SUBFOLDER], e.g. hf://org/run@main/checkpoint-500")
@@ -92,6 +92,7 @@ class HubSource:
     step: int | None = None
     step_source: str | None = None
     files: list[str] = field(default_factory=list)  # the files of the repo it uses
+    left: list[str] = field(default_factory=list)  # the other files of its folder, not downloaded (training state...)
     downloaded_bytes: int = 0  # files this run added to the cache (0: all there already; a blob cached under another name is not fetched again)
 
     @property
@@ -101,7 +102,8 @@ class HubSource:
     def to_dict(self) -> dict[str, Any]:
         return {
             "repo": self.repo, "revision": self.revision, "commit": self.commit, "subfolder": self.subfolder, "url": self.url,
-            "step": self.step, "step_source": self.step_source, "files": list(self.files), "downloaded_bytes": self.downloaded_bytes,
+            "step": self.step, "step_source": self.step_source, "files": list(self.files), "left_on_hub": list(self.left),
+            "downloaded_bytes": self.downloaded_bytes,
         }
 
 
@@ -378,29 +380,38 @@ def _join(folder: str, name: str) -> str:
 
 
 def _check_headers(items: list[_Input]) -> None:
-    """Safetensors headers by range request, before any weights are downloaded: each file must parse, and the
-    full-model inputs must agree on the shapes of the tensors they share."""
-    shapes: list[tuple[_Input, dict[str, tuple[str, tuple[int, ...]]]]] = []
-    for item in items:
-        names = [n for n in [*item.weights, *item.shards] if n.endswith(".safetensors")]
-        todo = [n for n in names if not _is_cached(item, n)]
-        if not item.repo.online or not todo:
-            continue
-        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name in names:
-            header = item.repo.header(item.commit, item.path(name))
-            if header is not None:
-                tensors.update(header)
-        if ADAPTER_CONFIG not in item.weights:
-            shapes.append((item, tensors))
-    if len(shapes) < 2:
+    """Before any weights are downloaded: the safetensors headers of what is to be downloaded, by range request
+    (the cached ones from the disk), must parse, and the full-model inputs must agree on the shapes of the tensors
+    they share. Nothing to download, nothing to check here: the plan checks the opened inputs in seconds."""
+    from ckptavg.formats.safetensors_io import read_header
+
+    def weight_files(item: _Input) -> list[str]:
+        return [n for n in [*item.weights, *item.shards] if n.endswith(".safetensors")]
+
+    if not any(item.repo.online and not _is_cached(item, n) for item in items for n in weight_files(item)):
         return
-    first, reference = shapes[0]
+    shapes: list[tuple[_Input, dict[str, tuple[int, ...]]]] = []
+    for item in items:
+        tensors: dict[str, tuple[int, ...]] = {}
+        try:
+            for name in weight_files(item):
+                if _is_cached(item, name):
+                    entries = read_header(item.repo.root / "snapshots" / item.commit / item.path(name))[0]
+                    tensors.update({t: tuple(e.get("shape", ())) for t, e in entries.items()})
+                elif (header := item.repo.header(item.commit, item.path(name))) is not None:
+                    tensors.update({t: shape for t, (_, shape) in header.items()})
+        except CkptavgError as e:
+            raise renamed(e, item.repo.root / "snapshots" / item.commit, HubSpec(item.spec.repo, subfolder="").pinned(item.commit)) from e
+        except Exception as e:
+            raise _hub_error(str(item.spec), e, item.spec.repo, item.spec.revision) from e
+        if tensors and ADAPTER_CONFIG not in item.weights:  # adapters of other ranks are averaged exactly: shapes may differ
+            shapes.append((item, tensors))
+    first, reference = shapes[0] if shapes else (None, {})
     for item, tensors in shapes[1:]:
-        for name, (dtype, shape) in tensors.items():
-            if name in reference and reference[name][1] != shape:
-                raise MismatchError(str(item.spec), f"{name} has shape {list(shape)}, expected {list(reference[name][1])} (from {first.spec}); "
-                                                    "found in the safetensors headers, nothing downloaded")
+        for name, shape in tensors.items():
+            if name in reference and reference[name] != shape:
+                raise MismatchError(str(item.spec), f"{name} has shape {list(shape)}, expected {list(reference[name])} (from {first.spec}); "
+                                                    "found in the safetensors headers, before any weights were downloaded")
 
 
 def _is_cached(item: _Input, name: str) -> bool:
@@ -415,6 +426,7 @@ def _download(item: _Input) -> HubSource:
         source.files.append(item.path(name))
         if not cached:
             source.downloaded_bytes += item.here.get(name, 0)
+    source.left = sorted(set(item.here) - set(item.wanted))
     if isinstance(item.repo, _OnlineRepo):
         item.repo.remember_ref(item.spec.revision, item.commit)
     return source
@@ -483,6 +495,14 @@ class Localized:
                 summary.hub = source.to_dict()
                 summary.path = source.url
 
+    def notes(self, path: str | Path) -> list[str]:
+        """What a Hub input's folder holds that was not downloaded (its training state), for `inspect`."""
+        source = self.sources.get(str(path))
+        if source is None or not source.left:
+            return []
+        shown = ", ".join(source.left[:6]) + (", ..." if len(source.left) > 6 else "")
+        return [f"on the Hub beside it, not downloaded: {shown}"]
+
     def label(self, path: str | Path) -> str:
         source = self.sources.get(str(path))
         return source.url if source else str(path)
@@ -524,9 +544,14 @@ def localize(
     items: dict[int, _Input] = {}
     for i in hub:
         items[i] = _resolve(HubSpec.parse(everything[i]), repos, extra)
-    _guarded(lambda: _check_headers(list(items.values())), items)
+    _check_headers(list(items.values()))
     for i, item in items.items():
-        source = _guarded(lambda item=item: _download(item), {i: item})
+        try:
+            source = _download(item)
+        except CkptavgError:
+            raise
+        except Exception as e:
+            raise _hub_error(str(item.spec), e, item.spec.repo, item.spec.revision) from e
         folder = item.repo.root / "snapshots" / item.commit / item.spec.subfolder if item.spec.subfolder else item.repo.root / "snapshots" / item.commit
         _find_step(item, source)
         if i < len(paths):
@@ -555,17 +580,6 @@ def _resolve(spec: HubSpec, repos: dict[str, _CachedRepo], extra: Sequence[str])
             except CkptavgError:
                 raise
         raise _hub_error(str(spec), e, spec.repo, spec.revision) from e
-
-
-def _guarded(action, items: dict[int, _Input]):
-    try:
-        return action()
-    except CkptavgError:
-        raise
-    except Exception as e:
-        spec = next(iter(items.values())).spec if len(items) == 1 else None
-        where = str(spec) if spec else ", ".join(str(i.spec) for i in items.values())
-        raise _hub_error(where, e, spec.repo if spec else None, spec.revision if spec else None) from e
 
 
 def _quiet_progress_bars() -> None:
@@ -655,8 +669,14 @@ def _candidate(spec: HubSpec, repo: _CachedRepo, commit: str, step: int | None, 
     here = folder_files(files, spec.subfolder)
     weights = weight_names(here)
     item = _Input(HubSpec(spec.repo, commit, spec.subfolder), repo, commit, here, weights)
+    problem = None if weights else f"no weights at {_where(item.spec, commit)}"
+    if weights:
+        try:
+            item = _plan_input(item.spec, repo, ())  # an index is fetched (small JSON) and its shards checked
+        except InputError as e:
+            problem = e.problem
     folder = repo.root / "snapshots" / commit / spec.subfolder if spec.subfolder else repo.root / "snapshots" / commit
-    if weights and all(_is_cached(item, n) for n in weights):
+    if problem is None and all(_is_cached(item, n) for n in [*item.weights, *item.shards]):
         if TRAINER_STATE in here:
             _trainer_state(item)  # into the cache, where describe reads it
         # all in the cache: the full local checks (headers, shards, entries) of any local candidate
@@ -666,13 +686,8 @@ def _candidate(spec: HubSpec, repo: _CachedRepo, commit: str, step: int | None, 
             candidate.ignored = candidate.ignored.replace(str(folder), pinned)
     else:
         candidate = Candidate(path=pinned)
-        if not weights:
-            candidate.ignored = f"unreadable or incomplete: no weights at {_where(item.spec, commit)}"
-        else:
-            try:
-                _plan_input(item.spec, repo, ())
-            except InputError as e:
-                candidate.ignored = f"unreadable or incomplete: {e.problem}"
+        if problem is not None:
+            candidate.ignored = f"unreadable or incomplete: {problem}"
         state = _trainer_state(item) if TRAINER_STATE in here else None
         if state is not None:
             candidate.metrics.update(trainer_state_metrics(state, step if step is not None else state.get("global_step")))

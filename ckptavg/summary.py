@@ -368,7 +368,7 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             weights_key=ckpt.weights_key,
             top_level_keys=[str(k) for k in ckpt.top_level_keys],
             opaque_globals=list(ckpt.pickle.opaque_globals) if ckpt.pickle is not None else [],
-            notes=list(ckpt.notes),
+            notes=list(ckpt.notes) + local.notes(ckpt.path),
             leftovers=find_leftovers(Path(path)),
             adapter=describe_adapter(ckpt.adapter, {n: src.numel for n, src in ckpt.tensors.items()}) if ckpt.adapter else None,
         )

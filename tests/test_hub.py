@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_state, read_output, reference_average
 from hub_server import CkptavgRunner, HubRepo, HubStandin, hub_url, write_cache
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 pytest.importorskip("huggingface_hub")
 
@@ -84,10 +84,20 @@ def make_repos() -> dict[str, HubRepo]:
     trainer.commit({"README.md": b"# trained\n"}, "End of training")
     other = HubRepo()
     state = {k: torch.cat([v, v[:1]]) if v.dim() == 2 else v for k, v in make_state(9).items()}
+    state["extra.weight"] = torch.zeros(100_000)  # 400 KB: more than the header's range read, so a download would show
     other.commit({"model.safetensors": save(state, metadata={"format": "pt"}), "config.json": CONFIG}, "other shapes")
+    base, lora = HubRepo(), HubRepo()
+    g = torch.Generator().manual_seed(5)
+    base.commit({"model.safetensors": save({"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}),
+                 "config.json": json.dumps({"architectures": ["Tiny"], "model_type": "tiny"}).encode()}, "base model")
+    for i, step in enumerate(STEPS):
+        moved = {"base_model.model.layer.lora_A.weight": torch.randn(2, 8, generator=g) * (i + 1), "base_model.model.layer.lora_B.weight": torch.randn(8, 2, generator=g)}
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"], "base_model_name_or_path": "org/base"}
+        lora.commit({f"checkpoint-{step}/adapter_model.safetensors": save(moved), f"checkpoint-{step}/adapter_config.json": json.dumps(config).encode(),
+                     f"checkpoint-{step}/optimizer.pt": b"\x00" * 1000}, f"Training in progress, step {step}")
     gated = HubRepo(gated=True)
     gated.commit({"model.safetensors": weights(100), "config.json": CONFIG}, "gated model")
-    return {"org/run": run, "org/pythia": pythia, "org/trainer": trainer, "org/other": other, "org/gated": gated}
+    return {"org/run": run, "org/pythia": pythia, "org/trainer": trainer, "org/other": other, "org/gated": gated, "org/base": base, "org/lora": lora}
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +231,29 @@ def test_offline_inspect_and_export(run, offline_cache, repos, tmp_path):
     assert "ckptavg export" in card.text and f"org/run@{commit_of(repos, 'org/run')}/checkpoint-300" in card.text
 
 
+def test_offline_adapters_and_their_base_from_the_hub(run, offline_cache, repos, tmp_path):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    env = environment(offline_cache, offline=True)
+    inputs = [hub_url("org/lora", None, f"checkpoint-{s}") for s in STEPS]
+    adapter = run("average", *inputs, "-o", tmp_path / "adapter", env=env)
+    assert adapter.code == 0, adapter.err
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "org/lora"
+    merged = run("average", *inputs, "--adapter-mode", "merged", "--base", "hf://org/base", "-o", tmp_path / "merged", env=env)
+    assert merged.code == 0, merged.err
+    main = repos["org/lora"].commits[commit_of(repos, "org/lora")].files
+    base = load_file(write_cache(tmp_path / "c", "org/base", repos["org/base"]) / "snapshots" / commit_of(repos, "org/base") / "model.safetensors")
+    deltas = []
+    for s in STEPS:
+        t = load(main[f"checkpoint-{s}/adapter_model.safetensors"])
+        deltas.append(2.0 * t["base_model.model.layer.lora_B.weight"].double() @ t["base_model.model.layer.lora_A.weight"].double())  # alpha/r = 2
+    expected = base["layer.weight"].double() + sum(deltas) / len(deltas)
+    torch.testing.assert_close(read_output(tmp_path / "merged")["layer.weight"].double(), expected, rtol=0, atol=1e-5)
+
+
 def test_offline_errors_are_one_line_and_write_nothing(run, offline_cache, tmp_path):
     empty = tmp_path / "empty" / "hub"
     empty.mkdir(parents=True)
@@ -255,14 +288,23 @@ def test_online_average_downloads_only_what_it_needs(run, repos, tmp_path):
         blobs = {files[p] for p in wanted}  # each distinct content once: huggingface_hub keeps blobs by hash
         header_reads = sum(min(100_001, len(weights(s))) for s in (100, 200))  # the range requests before the download
         assert sum(hub.served.values()) == sum(map(len, blobs)) + header_reads
+        shown = run("inspect", inputs[0], "--json", env=env)
+        assert shown.code == 0, shown.err
+        assert "on the Hub beside it, not downloaded: optimizer.pt, rng_state.pth, scheduler.pt, training_args.bin" in json.loads(shown.out)["notes"]
+        assert json.loads(shown.out)["metrics"] == {"eval_loss": eval_loss(100)}  # its trainer_state.json: inspect fetches that one
+        assert hub.served_files("org/run") <= wanted | {"checkpoint-100/trainer_state.json"}
         assert sum(hub.served.values()) < repos["org/run"].size(commit_of(repos, "org/run")) / 5
     report = json.loads(result.out)
     assert [i["hub"]["revision"] for i in report["inputs"]] == ["main", "main"]
     assert report["inputs"][0]["hub"]["downloaded_bytes"] == len(weights(100)) + len(CONFIG) + len(TOKENIZER)
-    # the cache now serves the same inputs offline, by name
-    again = run("average", *inputs, "-o", tmp_path / "again", env=environment(cache, offline=True))
-    assert again.code == 0, again.err
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
+    # the cache now serves the same inputs offline, by name, and when the Hub cannot be reached
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for name, env in (("offline", environment(cache, offline=True)), ("unreachable", environment(cache, closed))):
+        again = run("average", *inputs, "-o", tmp_path / name, env=env)
+        assert again.code == 0, again.err
+        assert (tmp_path / name / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
 
 
 def test_online_select_lists_branches_and_trainer_commits_without_downloading_weights(run, repos, tmp_path):
@@ -282,6 +324,9 @@ def test_online_select_lists_branches_and_trainer_commits_without_downloading_we
         assert folders.out.split() == [f"hf://org/run@{commit_of(repos, 'org/run')}/checkpoint-200"]
         merged = run("average", *commits.out.split(), "-o", tmp_path / "merged", "--json", env=env)
         assert merged.code == 0, merged.err
+        checked = run("select", "hf://org/pythia", "--skip-nonfinite", "--json", env=env)  # reads every tensor: downloads them
+        assert checked.code == 0 and len(json.loads(checked.out)["chosen"]) == 3, checked.err
+        assert {"model.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= hub.served_files("org/pythia")
         assert not hub.unknown, hub.unknown
     inputs = json.loads(merged.out)["inputs"]
     assert [(i["step"], i["hub"]["step_source"]) for i in inputs] == [(s, f"commit title (Training in progress, step {s})") for s in (200, 300)]
@@ -310,6 +355,7 @@ def test_push_uploads_the_folder_with_its_card(run, repos, tmp_path):
     report = json.loads(result.out)
     assert report["pushed"]["commit_url"] == f"{hub.url}/me/pythia-avg/commit/{pushed.branches['averaged']}"
     card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert card.text.startswith("# merged\n") and "- Verified: every tensor was read back" in card.text
     assert card.data.base_model == "org/pythia" and card.data.base_model_relation == "merge"
     assert card.data.tags == ["ckptavg", "merge"] and card.data.library_name == "transformers"
     for s in STEPS:
@@ -353,14 +399,13 @@ def test_online_errors_are_one_line_exit_1_and_write_nothing(run, repos, tmp_pat
             ([f"hf://org/run@{initial}"], ("no weights at", ".gitattributes")),
             (["hf://org/run@main/checkpoint-999"], ("no folder checkpoint-999",)),
             (["hf://org/gated"], ("gated repo", "hf auth login")),
-            ([hub_url("org/pythia", "step100"), "hf://org/other"], ("hf://org/other", "shape [65, 48], expected [64, 48]", "nothing downloaded")),
+            ([hub_url("org/pythia", "step100"), "hf://org/other"], ("hf://org/other", "shape [65, 48], expected [64, 48]", "before any weights were downloaded")),
         ]
         for inputs, words in cases:
             result = run("average", *inputs, "-o", tmp_path / "out", env=env)
             one_line_error(result, 1, *words)
             assert not (tmp_path / "out").exists()
-        assert not any(f.endswith(".safetensors") for f in hub.served_files("org/other") | hub.served_files("org/pythia")) or all(
-            n <= 100_001 for n in hub.served.values())  # headers read by range, no weights downloaded
+        assert hub.served["org/other:model.safetensors"] == 100_001  # its header read by one range request, never downloaded
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -386,3 +431,29 @@ def test_card_for_local_inputs_and_adapters(tmp_path):
     assert card.data.library_name == "peft" and card.data.tags == ["ckptavg", "merge"] and card.data.base_model is None
     assert "`runs/checkpoint-1\\|2`" in card.text and "| 2 | 0.75 |" in card.text and "bfloat16 (3)" in card.text
     assert "ckptavg.average(['runs/checkpoint-1|2', 'runs/checkpoint-2'], ...)" in card.text  # not run as `ckptavg`: the Python call
+
+
+# --- (d) the cache's symlinks are trusted only as far as the cache's layout goes -------------------------
+
+
+def test_a_snapshot_shard_may_link_into_its_blobs_but_nowhere_else(tmp_path, repos):
+    from ckptavg.checkpoint import open_checkpoint
+    from ckptavg.errors import InputError
+
+    root = write_cache(tmp_path / "hub", "org/pythia", repos["org/pythia"])
+    snapshot = root / "snapshots" / commit_of(repos, "org/pythia", "step200")
+    assert len(open_checkpoint(snapshot).tensors) == len(make_state(2))  # symlinks into ../../blobs: read
+    shard = snapshot / "model-00001-of-00002.safetensors"
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(elsewhere)
+    with pytest.raises(InputError, match="symlink that leads outside the checkpoint folder"):
+        open_checkpoint(snapshot)
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
+    blob = next((root / "blobs").iterdir()).name
+    index["weight_map"] = {name: f"../../blobs/{blob}" for name in index["weight_map"]}
+    (snapshot / "model.safetensors.index.json").unlink()
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(snapshot)
