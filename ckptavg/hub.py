@@ -251,25 +251,24 @@ def _open_repo(repo: str, repos: dict[str, _CachedRepo]) -> _CachedRepo:
 def _hub_error(where: str, error: BaseException, repo: str | None = None, revision: str | None = None) -> InputError:
     """One line for what huggingface_hub raised; never a token, never a traceback."""
     from huggingface_hub import constants
-    from huggingface_hub import errors as hf
 
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(error, _NotCached):
         mode = "HF_HUB_OFFLINE=1 is set" if _offline() else "the Hub cannot be reached"
         return InputError(where, f"{error} ({mode}; cache: {constants.HF_HUB_CACHE}); download it once online, or unset HF_HUB_OFFLINE")
-    if isinstance(error, hf.GatedRepoError):
+    if isinstance(error, _hf_error("GatedRepoError")):
         return InputError(where, f"{repo} is a gated repo: accept its conditions on its Hub page, then {login}")
-    if isinstance(error, hf.RevisionNotFoundError):
+    if isinstance(error, _hf_error("RevisionNotFoundError")):
         return InputError(where, f"no revision {revision or 'main'!r} in {repo} (a branch, tag or commit; quote a / as %2F)")
-    if isinstance(error, hf.RepositoryNotFoundError):
+    if isinstance(error, _hf_error("RepositoryNotFoundError")):
         return InputError(where, f"no repo {repo} on the Hub, or it is private: check the name, or {login}")
-    if isinstance(error, hf.RemoteEntryNotFoundError):
-        return InputError(where, f"a file is missing on the Hub: {_first_line(error)}")
-    if isinstance(error, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError)):
+    if isinstance(error, _hf_error("OfflineModeIsEnabled", "LocalEntryNotFoundError")):  # before EntryNotFoundError, its parent
         return InputError(where, f"not in the cache, and {'HF_HUB_OFFLINE=1 is set' if _offline() else 'the Hub cannot be reached'}")
-    if isinstance(error, hf.SafetensorsParsingError):
+    if isinstance(error, _hf_error("RemoteEntryNotFoundError", "EntryNotFoundError")):
+        return InputError(where, f"a file is missing on the Hub: {_first_line(error)}")
+    if isinstance(error, _hf_error("SafetensorsParsingError")):
         return InputError(where, f"not a readable safetensors file on the Hub: {_first_line(error)}")
-    if isinstance(error, hf.HfHubHTTPError):
+    if isinstance(error, _hf_error("HfHubHTTPError")):
         status = error.response.status_code if getattr(error, "response", None) is not None else "?"
         advice = f"; {login}" if status in (401, 403) else ""
         return InputError(where, f"the Hub answered HTTP {status}: {_first_line(error)}{advice}")
@@ -277,6 +276,16 @@ def _hub_error(where: str, error: BaseException, repo: str | None = None, revisi
         return InputError(where, f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {_first_line(error)}); "
                                  "with HF_HUB_OFFLINE=1 ckptavg reads what the cache holds")
     return InputError(where, f"Hub error: {type(error).__name__}: {_first_line(error)}")
+
+
+def _hf_error(*names: str) -> tuple[type[BaseException], ...]:
+    """huggingface_hub's exception classes by name, those this version has (RemoteEntryNotFoundError is 1.x's
+    name; older ones raise EntryNotFoundError, which 1.x keeps as the parent of the remote and local kinds)."""
+    import huggingface_hub.errors as hf_errors
+    import huggingface_hub.utils as hf_utils
+
+    found = [getattr(module, name, None) for name in names for module in (hf_errors, hf_utils)]
+    return tuple(dict.fromkeys(c for c in found if isinstance(c, type)))
 
 
 def _first_line(error: BaseException) -> str:
@@ -762,11 +771,11 @@ def push_report(report: Any, repo_id: str | None, **options: Any) -> Any:
     """Push the output of a finished `average`/`export` report (nothing when `repo_id` is None); records
     where it went in `report.pushed`."""
     if repo_id:
-        report.pushed = push(Path(report.output), repo_id, **options)
+        report.pushed = push(report.output, repo_id, **options)
     return report
 
 
-def push(folder: Path, repo_id: str, *, private: bool | None = None, revision: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
     """Upload a finished output folder: the repo is created if missing (`private` applies then), the branch
     `revision` too; one `upload_folder` call. Returns repo, revision, commit and commit URL.
 
@@ -776,6 +785,7 @@ def push(folder: Path, repo_id: str, *, private: bool | None = None, revision: s
     from huggingface_hub import HfApi
 
     _quiet_progress_bars()
+    folder = Path(folder)
     api = HfApi()
     message = commit_message or f"ckptavg: {_describe_output(folder)}"
     try:
