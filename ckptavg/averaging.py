@@ -533,7 +533,7 @@ def _write_my_share(plan: Plan, files: _TensorFiles, options: WriteOptions, worl
         path, offset = where[entry.name]
         ranges.append((path, offset + unit.first * entry.dtype.itemsize, unit.count * entry.dtype.itemsize))
     writer = RangeWriter(files.paths, ranges, durable=options.fsync, checksums=options.verify)
-    engine = Engine(share_plan(plan, units), options.device, options.memory_budget)
+    engine = Engine(share_plan(plan, units), options.device, options.memory_budget, workers=world.fold_workers)
     try:
         engine.run(writer, rank_progress(world, plan.read_bytes, len(all_units), on_progress))
         writer.finish()

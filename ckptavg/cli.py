@@ -348,7 +348,7 @@ def _tell_torchrun(message: str) -> None:
     if path and under_torchrun():
         try:
             with open(path, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time())}, f)
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass
 

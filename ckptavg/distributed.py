@@ -103,13 +103,14 @@ def split_work(plan: Plan, world_size: int) -> list[Unit]:
 
 
 def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
-    """Each rank's units: the largest unit first onto the least loaded rank (ties to the lowest rank), then
-    each share in output order, so a rank writes its files front to back."""
+    """Each rank's units: the largest unit first onto the least loaded rank (ties to the highest rank: rank 0
+    also lays out, finishes and verifies the output), then each share in output order, so a rank writes its
+    files front to back."""
     shares: list[list[Unit]] = [[] for _ in range(world_size)]
-    loads = [(0, rank) for rank in range(world_size)]
+    loads = [(0, -rank) for rank in range(world_size)]
     for unit in sorted(units, key=lambda u: -u.read_bytes):  # sorted() is stable: equal units keep output order
         load, rank = heapq.heappop(loads)
-        shares[rank].append(unit)
+        shares[-rank].append(unit)
         heapq.heappush(loads, (load + unit.read_bytes, rank))
     return [sorted(share, key=lambda u: (u.entry, u.first)) for share in shares]
 
@@ -137,11 +138,15 @@ def fingerprint(plan: Plan, layout: Iterable[object]) -> str:
 class World:
     """This process's place in a job of several ranks, and the store they coordinate through."""
 
-    def __init__(self, rank: int, size: int, local_rank: int, store: object, timeout: float, owns_group: bool) -> None:
+    def __init__(self, rank: int, size: int, local_rank: int, store: object, timeout: float, owns_group: bool, fold_workers: int | None = None) -> None:
         self.rank = rank
         self.size = size
         self.local_rank = local_rank
         self.timeout = timeout
+        self.fold_workers = fold_workers  # CPU fold workers of this rank: its share of the node's cores
+        # How often a waiting rank asks the store: rank 0 often (it drives the job), the others less as they
+        # grow in number, so that the store (one process) serves a few thousand requests a second at most.
+        self.poll = POLL_SECONDS if rank == 0 else max(POLL_SECONDS, min(1.0, size / 100))
         self._store = store
         self._owns_group = owns_group
         self._stop = threading.Event()
@@ -194,38 +199,51 @@ class World:
     # Waiting on the others
 
     def gather(self, key: str, value: dict) -> list[dict]:
-        """Post `value` under key/rank, then wait for every rank's; a failure posted meanwhile is raised."""
+        """Post `value`, and get every rank's: rank 0 waits for them all and posts the list, which the others
+        wait for (watching rank 0 alone). A failure posted meanwhile is raised."""
         self.post(f"{key}/{self.rank}", value)
+        if not self.leader:
+            self.wait([f"{key}/all"], watch=[0])
+            return json.loads(self._store.get(f"{key}/all"))  # type: ignore[attr-defined]
         keys = [f"{key}/{r}" for r in range(self.size)]
         self.wait(keys, watch=range(self.size))
-        return [self.read(k) for k in keys]
+        values = [self.read(k) for k in keys]
+        self._store.set(f"{key}/all", json.dumps(values))  # type: ignore[attr-defined]
+        return values
 
     def wait(self, keys: list[str], watch: Iterable[int], on_tick: Callable[[], None] | None = None, stop_on_failure: bool = True) -> None:
         """Wait until every key is posted. Raises the job's failure as soon as one is posted, or a RankError
         naming a watched rank whose beat has not moved for `timeout` seconds."""
         watch = [r for r in watch if r != self.rank]
         last_beat = {r: (-1, time.monotonic()) for r in watch}
-        pending = list(keys)
+        next_look = 0.0
         while True:
             try:
                 if stop_on_failure and self._posted("failed"):
                     raise self._job_failure()
-                pending = [k for k in pending if not self._posted(k)]
-                if not pending:
+                if self._store.check(keys):  # type: ignore[attr-defined]
                     return
                 now = time.monotonic()
-                for r in watch:
-                    beat = int(self._store.add(f"beat/{r}", 0))  # type: ignore[attr-defined]
-                    if beat != last_beat[r][0]:
-                        last_beat[r] = (beat, now)
-                    elif now - last_beat[r][1] > self.timeout:
-                        stopped = CkptavgError(None, f"stopped responding (no sign of life for {self.timeout:g} s): killed, or its node is down")
-                        raise self.fail(stopped, about=r)
+                if now >= next_look:  # the beats move once a second: look at them as often
+                    next_look = now + BEAT_SECONDS
+                    for r, beat in zip(watch, self._beat_counts(watch)):
+                        if beat != last_beat[r][0]:
+                            last_beat[r] = (beat, now)
+                        elif now - last_beat[r][1] > self.timeout:
+                            stopped = CkptavgError(None, f"stopped responding (no sign of life for {self.timeout:g} s): killed, or its node is down")
+                            raise self.fail(stopped, about=r)
             except RuntimeError as e:  # torch's store errors: its host (torchrun's agent, or rank 0) is gone
                 raise RankError(self.rank, f"lost contact with the other ranks ({e}); torchrun stops the job", 1, reported=False) from e
             if on_tick:
                 on_tick()
-            time.sleep(POLL_SECONDS)
+            time.sleep(self.poll)
+
+    def _beat_counts(self, ranks: list[int]) -> list[int]:
+        """The beat counters of `ranks`: in one request once they all exist (a rank makes its own at once)."""
+        keys = [f"beat/{r}" for r in ranks]
+        if keys and self._store.check(keys):  # type: ignore[attr-defined]
+            return [int(v) for v in self._store.multi_get(keys)]  # type: ignore[attr-defined]
+        return [int(self._store.add(k, 0)) for k in keys]  # type: ignore[attr-defined]
 
     # Progress and the beat
 
@@ -311,7 +329,17 @@ def join(timeout: float | None = None) -> World | None:
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"ckptavg/{restart}/{_runs}/", dist.distributed_c10d._get_default_store())
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, store, timeout, owns)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, store, timeout, owns, _fold_workers())
+
+
+def _fold_workers() -> int | None:
+    """A rank's share of its node's cores for the CPU fold. torchrun sets OMP_NUM_THREADS=1 for its ranks, which
+    would leave one fold worker per rank; None (torch's thread count) when the ranks per node are unknown."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if not per_node:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(per_node)))
 
 
 def rank_progress(world: World, plan_read_bytes: int, total_units: int, on_progress: ProgressFn | None) -> ProgressFn:

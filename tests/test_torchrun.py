@@ -261,6 +261,7 @@ def test_a_bad_input_found_by_another_rank_fails_the_job_with_one_line(tmp_path)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: rank ") and "checkpoint-3/model.safetensors" in lines[0] and "nan" in lines[0]
     assert "element 8388607" in lines[0]  # the index in the whole tensor, not in the rank's share of it
+    assert f"traceback : {lines[0].removeprefix('error: ')}" in result.stderr  # torchrun's report shows the same line
     assert not (tmp_path / "out").exists() and stray_files(tmp_path) == []
 
 

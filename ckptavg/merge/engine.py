@@ -167,12 +167,13 @@ class Engine:
     cover that path on machines without a GPU).
     """
 
-    def __init__(self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False) -> None:
+    def __init__(self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False, workers: int | None = None) -> None:
+        """`workers`: CPU fold workers (default: torch's thread count, at most the cores)."""
         self.plan = plan
         self.device = device
         self.cuda = device.type == "cuda"
         self.staged = staged or self.cuda
-        self.workers = 1 if self.staged else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        self.workers = 1 if self.staged else max(1, workers or min(torch.get_num_threads(), os.cpu_count() or 1))
         budget = memory_budget or (CUDA_MEMORY_BUDGET if self.cuda else CPU_MEMORY_BUDGET)
         self.sizes = Sizes.for_plan(plan, budget, self.workers, self.staged)
         self._block_bytes = self.sizes.block_elements * max([e.input_dtype.itemsize for e in plan.entries] or [1])
