@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ckptavg import __version__
-from ckptavg.checkpoint import LoadOptions, open_checkpoint, real_path
+from ckptavg.card import write_card
+from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.distributed import Unit, World, assign, fingerprint, join, rank_progress, share_plan, split_work
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
@@ -33,6 +34,7 @@ from ckptavg.formats.writer import (
     write_index,
     write_text,
 )
+from ckptavg.hub import localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, Progress, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
@@ -57,6 +59,7 @@ class InputSummary:
     bytes: int
     notes: list[str]
     weights_from: str = ""  # which weights were taken from the input and why (raw or EMA, key, prefixes)
+    hub: dict | None = None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class AverageReport:
     adapter: dict | None = None  # PEFT adapters: mode, kind, ranks, and params mode's error per module
     world_size: int = 1  # processes that wrote the output (torchrun)
     version: str = __version__
+    pushed: dict | None = None  # --push-to-hub: repo, revision, commit, commit_url
 
     @property
     def gb_per_s(self) -> float:
@@ -214,7 +218,6 @@ def average(
     shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     notes: list[str] = []
-    input_paths = [Path(p) for p in paths]
     if out_path is not None:
         output_layout(out_path, out_format)
         check_output_name(out_path)
@@ -224,8 +227,9 @@ def average(
     leader = world is None or world.leader
     try:
         torch_device = choose_device(device, world.local_rank if world else None)
-        checkpoints = [open_checkpoint(p, options) for p in input_paths]
-        base_model = open_checkpoint(Path(base), LoadOptions()) if base is not None else None
+        local = localize(paths, base, out=out_path if leader and not dry_run else None, overwrite=overwrite)  # hf:// inputs → the HF cache
+        checkpoints = [local.open(p, options) for p in local.paths]
+        base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
         if out_path is not None and leader:
             check_destination(out_path, overwrite, needed_bytes=0)
@@ -241,6 +245,7 @@ def average(
             notes.append(note)
         plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
+        local.annotate(report.inputs)
         if adapter is not None:
             report.adapter = asdict(adapter)
             report.notes.append(_adapter_note(adapter, len(checkpoints)))
@@ -473,6 +478,7 @@ def _write_output(
                     _verify(tmp, out_path, specs, crcs, report, on_progress)
             else:
                 _finish_folder(plan, report, tmp, files, options)
+                report.output_files.append(write_card(tmp, recipe, out_path.name, verified=options.verify))  # README.md, from the recipe; --verify covers it
                 if options.verify:  # after the copies, so that the recipe records every file's sha256
                     _verify(tmp, out_path, specs, crcs, report, on_progress, world if verify_shared else None)
                     recipe["verified"] = True
@@ -693,7 +699,7 @@ def _recipe(report: AverageReport) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "strategy": report.strategy,
         "order": report.order,
-        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format} for i in report.inputs],
+        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format, **({"hub": i.hub} if i.hub else {})} for i in report.inputs],
         "input_dtypes": report.input_dtypes,
         "output_dtypes": report.output_dtypes,
         "accumulate": report.accumulate,

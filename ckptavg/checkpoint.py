@@ -302,7 +302,7 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
     files, notes, formats = [], [], set()
     for shard, names in by_shard.items():
         shard_path = real_path(folder / shard)
-        if shard_path.parent != folder:
+        if shard_path.parent != folder and not _hf_cache_blob(folder, shard, shard_path):
             link = (folder / shard).is_symlink() and real_path((folder / shard).parent) == folder
             raise InputError(index_file, f"shard {shard!r} is {'a symlink that leads ' if link else ''}outside the checkpoint folder")
         if not (folder / shard).exists() and not (folder / shard).is_symlink():
@@ -318,6 +318,16 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
             tensors[name] = part.tensors[name]
     kind = "safetensors" if formats == {"safetensors"} else "torch"
     return Checkpoint(path=path, format=f"{kind}-sharded", tensors=tensors, files=files, notes=notes)
+
+
+def _hf_cache_blob(folder: Path, shard: str, target: Path) -> bool:
+    """A shard of a Hugging Face cache snapshot (`models--ORG--NAME/snapshots/<commit>/`): a symlink to the same
+    repo's `blobs/`, where huggingface_hub keeps every file's bytes. The shard's name must still be a plain name."""
+    repo = target.parent.parent
+    return (
+        Path(shard).name == shard and target.parent.name == "blobs" and repo.name.startswith("models--")
+        and (repo / "snapshots") in folder.parents
+    )
 
 
 def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]) -> tuple[dict[str, TensorSource], dict[str, int]]:

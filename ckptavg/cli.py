@@ -46,6 +46,10 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help=
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
+PushOpt = Annotated[str | None, typer.Option("--push-to-hub", metavar="ORG/NAME", help="Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if missing. The local output is written first and kept; a failed upload exits 3.", show_default=False)]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private (an existing repo keeps its visibility).")]
+PushRevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="With --push-to-hub: the branch to push to, created if missing (default: main).", show_default=False)]
+CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged).", show_default=False)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
 
 
@@ -65,7 +69,7 @@ def _root(
 
 @app.command()
 def average(
-    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and /FOLDER optional (hf://org/run@main/checkpoint-500).", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", metavar="uniform|linear|W1,W2,...", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
@@ -84,10 +88,14 @@ def average(
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
     adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
-    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file), for --adapter-mode merged.")] = None,
+    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
     rank_timeout: Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")] = 120.0,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -100,19 +108,35 @@ def average(
         ckptavg average runs/checkpoint-* -o merged
 
         ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o merged.safetensors --json
+
+        ckptavg average hf://org/run@main/checkpoint-{800,900,1000} -o merged --push-to-hub org/run-avg
     """
     average_checkpoints = _deferred("ckptavg.averaging", "average")
+    pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
 
     _run_and_render(
-        lambda **callbacks: average_checkpoints(
+        lambda **callbacks: pushed(average_checkpoints(
             inputs, output,
             weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout,
             **callbacks,
-        ),
+        )),
         print_summary, json_output, quiet, inputs=len(inputs),
     )
+
+
+def _push_after(repo: str | None, output: Path | None, out_format: str, dry_run: bool, private: bool, revision: str | None, message: str | None) -> Callable[[Any], Any]:
+    """--push-to-hub: checked now, before any work; returns what uploads a finished report's output (hub.py)."""
+    if not repo:
+        if private or revision or message:
+            raise UsageError(None, f"{'--private' if private else '--revision' if revision else '--commit-message'} applies with --push-to-hub REPO")
+        return lambda report: report
+    _deferred("ckptavg.hub", "check_push")(repo, output, out_format, dry_run)
+    if follower():  # under torchrun, rank 0 uploads the job's output once
+        return lambda report: report
+    push = _deferred("ckptavg.hub", "push_report")
+    return lambda report: push(report, repo, private=private or None, revision=revision, commit_message=message)
 
 
 def _deferred(module: str, name: str) -> Callable[..., Any]:
@@ -143,7 +167,7 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
 
 @app.command()
 def select(
-    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt; hf://ORG/REPO (its checkpoints: checkpoint-N/ folders, step branches or Trainer commits, printed pinned to a commit).", show_default=False)],
     last: Annotated[int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
     metric: Annotated[str | None, typer.Option("--metric", metavar="NAME", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
@@ -202,7 +226,7 @@ def select(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint file or folder.", show_default=False)],
+    path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint file or folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
     pattern: Annotated[str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
@@ -243,7 +267,7 @@ def inspect(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file.")] = None,
     dtype: DtypeOpt = None,
     out_format: Annotated[str, typer.Option("--format", metavar="safetensors|pt", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
@@ -258,7 +282,11 @@ def export(
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
     merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
-    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file), for --merge.")] = None,
+    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.")] = None,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -271,13 +299,14 @@ def export(
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o model.safetensors
     """
     export_checkpoint = _deferred("ckptavg.exporting", "export")
+    pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     _run_and_render(
-        lambda **callbacks: export_checkpoint(
+        lambda **callbacks: pushed(export_checkpoint(
             checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
             memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
-        ),
+        )),
         print_export, json_output, quiet, inputs=1,
     )
 

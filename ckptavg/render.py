@@ -320,6 +320,8 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
         row("verified", f"every tensor read back from the disk matches what was written ({report.verify_seconds:.2f} s)")
         for name, sha in report.sha256.items():
             row("sha256", f"{sha}  {name}")
+    if report.pushed:
+        row("pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: {report.pushed['commit_url']}")
     row(
         "done",
         f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "

@@ -213,10 +213,11 @@ def refuse_run_folder(path: Path) -> None:
 def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:
     """Describe every path; fill metrics that one checkpoint records for another (Lightning best_k_models)."""
     from ckptavg.formats.base import FILES
+    from ckptavg.hub import describe_hub, is_hub
 
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
-    try:
-        described = [describe(Path(p), table, options) for p in paths]
+    try:  # an hf:// input may stand for several checkpoints (a repo's checkpoint-N folders, step branches, Trainer commits)
+        described = [d for p in paths for d in (describe_hub(p, table, options) if is_hub(p) else [describe(Path(p), table, options)])]
     finally:
         FILES.close()
     candidates = [c for c, _ in described]

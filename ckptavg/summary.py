@@ -324,8 +324,12 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
 
 def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), tensors: bool = False, pattern: str | None = None, check: bool = False) -> InspectReport:
     """Describe a checkpoint from its headers; with check=True also stream every tensor for NaN/Inf/all-zero."""
+    from ckptavg.hub import localize
+
+    local = localize([path], extra=("trainer_state.json",))  # an hf:// input: its files in the HF cache
     try:
-        ckpt = _open(Path(path), options)
+        ckpt = local.open(local.paths[0], options) if local.sources else _open(Path(path), options)
+        path = local.paths[0]
         by_dtype: dict[str, int] = {}
         for src in ckpt.tensors.values():
             by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
@@ -345,7 +349,7 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
         config = config or {}
         model_type, architectures = config.get("model_type"), config.get("architectures")
         report = InspectReport(
-            path=str(ckpt.path),
+            path=local.label(ckpt.path),
             format=ckpt.format,
             files=files,
             tensors=len(ckpt.tensors),
@@ -364,7 +368,7 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             weights_key=ckpt.weights_key,
             top_level_keys=[str(k) for k in ckpt.top_level_keys],
             opaque_globals=list(ckpt.pickle.opaque_globals) if ckpt.pickle is not None else [],
-            notes=list(ckpt.notes),
+            notes=list(ckpt.notes) + local.notes(ckpt.path),
             leftovers=find_leftovers(Path(path)),
             adapter=describe_adapter(ckpt.adapter, {n: src.numel for n, src in ckpt.tensors.items()}) if ckpt.adapter else None,
         )
@@ -434,8 +438,10 @@ def check_tensors(ckpt: Checkpoint, stop_at_first: bool = False) -> list[TensorI
 
 def first_nonfinite(path: Path, options: LoadOptions = LoadOptions()) -> str | None:
     """The first tensor of a checkpoint holding NaN or Inf, described in a few words; None when all finite."""
+    from ckptavg.hub import local_path
+
     try:
-        ckpt = open_checkpoint(path, options)
+        ckpt = open_checkpoint(local_path(path), options)
         for issue in check_tensors(ckpt, stop_at_first=True):
             if issue.nan or issue.inf:
                 return f"{issue.name} has {issue.nan} NaN and {issue.inf} Inf"
@@ -478,12 +484,16 @@ class DiffReport:
 
 def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOptions(), pattern: str | None = None) -> DiffReport:
     """Per-tensor distance between two checkpoints, streamed; figures are computed in float64."""
+    from ckptavg.hub import localize
+
+    local = localize([a, b])
     try:
-        left, right = _open(Path(a), options), _open(Path(b), options)
+        left, right = (local.open(p, options) if str(p) in local.sources else _open(p, options) for p in local.paths)
         regex = re.compile(pattern) if pattern else None
         names = [n for n in left.tensors if regex is None or regex.search(n)]
         report = DiffReport(
-            a=str(a), b=str(b), tensors=[],
+            a=local.label(left.path) if str(left.path) in local.sources else str(a),
+            b=local.label(right.path) if str(right.path) in local.sources else str(b), tensors=[],
             only_in_a=[n for n in names if n not in right.tensors],
             only_in_b=[n for n in right.tensors if n not in left.tensors and (regex is None or regex.search(n))],
             shape_mismatch=[],

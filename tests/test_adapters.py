@@ -57,7 +57,7 @@ def test_exact_change_is_the_mean_of_the_changes(request, tmp_path, variant):
     inputs = checkpoints(run)
     report = ckptavg.average(inputs, tmp_path / "out")
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
     config = adapter_config(out)
     assert config["r"] == config["lora_alpha"] == 4 * len(inputs) and config["use_rslora"] is False
     assert report.adapter["mode"] == "exact" and report.adapter["rank_out"] == 4 * len(inputs)
@@ -174,7 +174,7 @@ def test_an_adapter_is_a_folder(cli, tmp_path, lora_plain):
 def test_export_writes_the_adapter_alone_and_merge_writes_the_model(cli, tmp_path, lora_dora):
     one, base = checkpoints(lora_dora)[-1], base_of(lora_dora)
     assert cli("export", one, "-o", tmp_path / "adapter").code == 0
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
     assert all(torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")[k], v) for k, v in adapter_tensors(one).items())
     assert cli("export", one, "--merge", "--base", base, "-o", tmp_path / "model").code == 0
     got = load_file(tmp_path / "model" / "model.safetensors")

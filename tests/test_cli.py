@@ -23,7 +23,7 @@ def test_json_summary(cli, tmp_path):
     assert [i["step"] for i in report["inputs"]] == [100, 200, 300]
     assert [round(i["weight"], 6) for i in report["inputs"]] == [round(w / 6, 6) for w in (1, 2, 3)]
     assert report["copied_from_newest"] == ["norm.num_batches_tracked", "mask"]
-    assert report["output_files"] == ["model.safetensors", "ckptavg.json"]
+    assert report["output_files"] == ["model.safetensors", "README.md", "ckptavg.json"]
     assert report["copied_files"] == ["config.json", "tokenizer_config.json"]
     for key in ("tensors", "parameters", "bytes_read", "bytes_written", "seconds", "gb_per_s", "peak_rss_bytes", "version", "device"):
         assert key in report

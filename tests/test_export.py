@@ -18,7 +18,7 @@ def test_hf_checkpoint_exports_and_loads(cli, hf_run, tmp_path):
     result = cli("export", folder, "-o", tmp_path / "model")
     assert result.code == 0, result.err
     names = sorted(p.name for p in (tmp_path / "model").iterdir())
-    assert names == ["ckptavg.json", "config.json", "generation_config.json", "model.safetensors"]
+    assert names == ["README.md", "ckptavg.json", "config.json", "generation_config.json", "model.safetensors"]
     before = sum(p.stat().st_size for p in folder.iterdir())
     after = sum(p.stat().st_size for p in (tmp_path / "model").iterdir())
     assert f"{(1 - after / before) * 100:.0f}% smaller" in result.out
@@ -66,7 +66,7 @@ def test_pt_keeps_tied_storage_and_folder_layout(cli, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     result = cli("export", tmp_path / "ckpt" / "last.pt", "--format", "pt", "-o", tmp_path / "out")
     assert result.code == 0, result.err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckptavg.json", "config.json", "pytorch_model.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "ckptavg.json", "config.json", "pytorch_model.bin"]
     loaded = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
     assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
     assert torch.equal(loaded["embed.weight"], state["embed.weight"])

@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import make_state as random_state
 from conftest import save_layout
+from hub_server import HubRepo, HubStandin
 
 import ckptavg
 
@@ -342,7 +343,29 @@ def bin_folder(tmp_path_factory):
         server.wait()
 
 
-def run_example(line: str, tree: Path, where: Path, bin_folder: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+# The README's hf:// examples run against tests/hub_server.py's stand-in of the Hub (HF_ENDPOINT), which holds
+# org/run (the tree's run/checkpoint-N folders, as hub_strategy="all_checkpoints" uploads them) and
+# EleutherAI/pythia-70m (branches step142000 and step143000), with a cache of their own for each example.
+HUB_TOKEN = "hf_readme_standin_token"
+
+
+def hub_repos(tree: Path) -> dict[str, HubRepo]:
+    run = HubRepo()
+    run.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
+    for folder in sorted((tree / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        files = {f"{folder.name}/{f.name}": f.read_bytes() for f in folder.iterdir() if f.is_file()}
+        files[f"{folder.name}/optimizer.pt"] = b"\x00" * 4096  # what all_checkpoints uploads too, never downloaded
+        run.commit(files, f"Training in progress, step {folder.name.split('-')[1]}")
+    pythia = HubRepo()
+    pythia.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
+    for i, step in enumerate((142000, 143000)):
+        weights = (tree / "runs" / f"checkpoint-{200 * (i + 1)}" / "model.safetensors").read_bytes()
+        pythia.commit({"model.safetensors": weights, "config.json": json.dumps({"architectures": ["GPTNeoXForCausalLM"]}).encode()},
+                      f"step {step}", branch=f"step{step}")
+    return {"org/run": run, "EleutherAI/pythia-70m": pythia}
+
+
+def run_example(line: str, tree: Path, where: Path, bin_folder: Path, hub_url: str = "") -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run `line` in a copy of `tree`: its result, and the files there before it ran."""
     shutil.copytree(tree, where, symlinks=True)
     if not re.search(r"-o merged(\s|$)", line):  # `merged`, the average of runs/checkpoint-*, for those that read it
@@ -353,6 +376,10 @@ def run_example(line: str, tree: Path, where: Path, bin_folder: Path) -> tuple[s
         "HOME": str(where),  # e.g. --install-completion writes to the shell's rc file: a copy's, never the user's
         "COLUMNS": "200",
     }
+    if "hf://" in line:
+        env = {k: v for k, v in env.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+        cache = where.parent / f"{where.name}-hf"
+        env.update(HF_ENDPOINT=hub_url, HF_HUB_CACHE=str(cache / "hub"), HF_HOME=str(cache), HF_TOKEN=HUB_TOKEN, NO_PROXY="127.0.0.1,localhost")
     before = files(where)
     return subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=where, capture_output=True, text=True, timeout=120, env=env), before
 
@@ -362,9 +389,12 @@ def example_results(tmp_path_factory, bin_folder):
     root = tmp_path_factory.mktemp("readme")
     build_tree(root / "tree")
     lines = [line for line in dict.fromkeys(example_lines()) if line not in SKIP]
-    with ThreadPoolExecutor(max(2, min(6, os.cpu_count() or 2))) as pool:
-        results = pool.map(lambda item: run_example(item[1], root / "tree", root / f"example{item[0]}", bin_folder), enumerate(lines))
-        return dict(zip(lines, ((result, before, root / f"example{i}") for i, (result, before) in enumerate(results))))
+    with HubStandin(hub_repos(root / "tree"), token=HUB_TOKEN) as hub, ThreadPoolExecutor(max(2, min(6, os.cpu_count() or 2))) as pool:
+        results = pool.map(lambda item: run_example(item[1], root / "tree", root / f"example{item[0]}", bin_folder, hub.url), enumerate(lines))
+        done = dict(zip(lines, ((result, before, root / f"example{i}") for i, (result, before) in enumerate(results))))
+        assert not hub.unknown, hub.unknown
+        assert not any(key.endswith("optimizer.pt") for key in hub.served), "an example downloaded training state"
+        return done
 
 
 def test_the_readme_has_examples_for_every_command():

@@ -438,4 +438,4 @@ def test_verify_reports_bytes_checked(runs):
     assert done == sorted(done) and checks[-1].bytes_done == checks[-1].bytes_total
     total = sum(p.stat().st_size for p in Path("merged").iterdir() if p.name != "ckptavg.json")
     assert checks[-1].bytes_total == total
-    assert checks[-1].tensors_done == checks[-1].tensors_total == 3  # model.safetensors, config, tokenizer config
+    assert checks[-1].tensors_done == checks[-1].tensors_total == 4  # model.safetensors, config, tokenizer config, README.md

@@ -1,0 +1,108 @@
+"""The model card (README.md) of an output folder, made from the same recipe as ckptavg.json.
+
+Its YAML follows the Hub's conventions: `base_model` (the source repo when the inputs come from the Hub; a
+list when from several), `base_model_relation: merge`, `tags: [ckptavg, merge]` and `library_name`
+(transformers for a config.json with architectures, peft for an adapter). The YAML cannot hold revisions, so the
+body lists each input (path, or repo@commit), its step and weight, then the strategy, the dtypes, the command
+and the ckptavg version. Built with huggingface_hub's ModelCard and ModelCardData, without a template (no jinja2).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ckptavg.formats.writer import write_text
+
+CARD_FILE = "README.md"
+TAGS = ["ckptavg", "merge"]
+
+
+def write_card(folder: Path, recipe: dict[str, Any], name: str | None = None, verified: bool = False) -> str:
+    """Write README.md into the output `folder` (staged: `name` is the output's own); returns its name.
+    `verified`: the output is read back before it is renamed into place (--verify), which the card says: if that
+    fails, nothing is written."""
+    card = model_card({**recipe, "verified": recipe.get("verified") or verified}, folder, name)
+    write_text(folder / CARD_FILE, str(card))
+    return CARD_FILE
+
+
+def model_card(recipe: dict[str, Any], folder: Path | None = None, name: str | None = None) -> Any:
+    """The huggingface_hub ModelCard of an output, from its recipe and the files in `folder`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repos = list(dict.fromkeys(i["hub"]["repo"] for i in recipe.get("inputs", []) if i.get("hub")))
+    data: dict[str, Any] = {"tags": list(TAGS)}
+    if repos:
+        data["base_model"] = repos[0] if len(repos) == 1 else repos
+        data["base_model_relation"] = "merge"
+    library = library_name(folder) if folder is not None else None
+    if library:
+        data["library_name"] = library
+    card_data = ModelCardData(**data)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{card_body(recipe, name or (folder.name if folder else None))}")
+
+
+def library_name(folder: Path) -> str | None:
+    """peft for an adapter; transformers for a config.json that names its architectures."""
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "transformers" if isinstance(config, dict) and config.get("architectures") else None
+
+
+def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
+    inputs = recipe.get("inputs", [])
+    export = recipe.get("strategy") == "export"
+    lines = [f"# {name or 'model'}", ""]
+    if export:
+        lines.append(f"The weights of one training checkpoint, exported for inference with ckptavg {recipe.get('version')}: "
+                     "no optimizer, scheduler or trainer state.")
+    else:
+        lines.append(f"An average of {len(inputs)} checkpoints of a training run, made with ckptavg {recipe.get('version')} "
+                     f"(strategy: {recipe.get('strategy')}).")
+    lines += ["", "## Inputs", "", "| # | Checkpoint | Revision asked | Step | Weight |", "|---|---|---|---|---|"]
+    for n, item in enumerate(inputs, 1):
+        hub = item.get("hub") or {}
+        where = f"{hub['repo']}@{hub['commit']}" + (f"/{hub['subfolder']}" if hub.get("subfolder") else "") if hub else item.get("path")
+        asked = (hub.get("revision") or "main") if hub else ""
+        step = item.get("step") if item.get("step") is not None else ""
+        lines.append(f"| {n} | `{_cell(where)}` | {_cell(asked)} | {step} | {item.get('weight', 0):.6g} |")
+    lines += ["", "## How it was made", ""]
+    lines.append(f"- Strategy: {recipe.get('strategy')} (inputs ordered by {recipe.get('order')})")
+    lines.append(f"- Input dtypes: {_counts(recipe.get('input_dtypes'))}; output dtypes: {_counts(recipe.get('output_dtypes'))}"
+                 + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") else ""))
+    if recipe.get("copied_from_newest"):
+        lines.append(f"- Copied from the newest input, not averaged: {', '.join(recipe['copied_from_newest'][:5])}")
+    if recipe.get("verified"):
+        lines.append("- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in ckptavg.json)")
+    lines.append(f"- ckptavg {recipe.get('version')}, {recipe.get('created')}")
+    lines += ["", "Command:", "", "```bash", command_line(recipe), "```", "",
+              "`ckptavg.json` beside this card holds the full recipe.", ""]
+    return "\n".join(lines)
+
+
+def command_line(recipe: dict[str, Any]) -> str:
+    """The command line when run as `ckptavg` (or `python -m ckptavg`), else the Python call that made it."""
+    argv = list(sys.argv)
+    program = Path(argv[0]) if argv else Path()
+    if program.name == "ckptavg" or (program.name == "__main__.py" and program.parent.name == "ckptavg"):
+        return shlex.join(["ckptavg", *argv[1:]])
+    paths = [i.get("path") for i in recipe.get("inputs", [])]
+    function = "export" if recipe.get("strategy") == "export" else "average"
+    first = repr(paths[0]) if function == "export" and paths else repr(paths)
+    return f"# from Python (the options are in ckptavg.json)\nckptavg.{function}({first}, ...)"
+
+
+def _counts(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in (counts or {}).items()) or "none"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
