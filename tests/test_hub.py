@@ -189,6 +189,22 @@ def test_offline_average_equals_the_local_average(run, offline_cache, local_run,
     assert (tmp_path / "from-hub" / "tokenizer.json").read_bytes() == TOKENIZER  # model files copied from the cache
 
 
+def test_offline_hub_inputs_under_torchrun(run, offline_cache, tmp_path):
+    """Two torchrun ranks resolve the same hf:// inputs from the cache and write the single process's bytes."""
+    import subprocess
+    import sys
+
+    env = environment(offline_cache, offline=True)
+    inputs = [hub_url("org/run", None, f"checkpoint-{s}") for s in STEPS]
+    assert run("average", *inputs, "-o", tmp_path / "one", "-q", env=env).code == 0
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg", "average", *inputs, "-o", str(tmp_path / "two"), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["world_size"] == 2
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+
+
 def test_offline_select_expands_folders_and_step_branches_and_pins_commits(run, offline_cache, repos, tmp_path):
     env = environment(offline_cache, offline=True)
     main = commit_of(repos, "org/run")
