@@ -424,3 +424,14 @@ def test_a_share_of_the_read_back_checks_only_its_files_and_catches_a_bad_crc(tm
 def save_layout_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     save_file(tensors, path, metadata={"format": "pt"})
     return path
+
+
+def test_dcp_and_deepspeed_saves_under_torchrun(dcp_tp_ckpts, deepspeed_2rank_zero3_ckpts, tmp_path):
+    """Sources made of byte ranges of several files (DCP row chunks, ZeRO-3 partitions) and tensors assembled
+    from column shards: the ranks' output is the single process's."""
+    for name, inputs in (("dcp", sorted(dcp_tp_ckpts.glob("step-*"))), ("zero3", sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*")))):
+        assert len(inputs) == 3
+        assert ckptavg("average", *inputs, "-o", tmp_path / f"{name}-one", "--max-shard-size", "1KB", "-q").returncode == 0
+        result = torchrun(2, "average", *inputs, "-o", tmp_path / f"{name}-two", "--max-shard-size", "1KB", "-q")
+        assert result.returncode == 0, result.stderr[-3000:]
+        same_output(tmp_path / f"{name}-one", tmp_path / f"{name}-two", 2)
