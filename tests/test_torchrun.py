@@ -435,3 +435,15 @@ def test_dcp_and_deepspeed_saves_under_torchrun(dcp_tp_ckpts, deepspeed_2rank_ze
         result = torchrun(2, "average", *inputs, "-o", tmp_path / f"{name}-two", "--max-shard-size", "1KB", "-q")
         assert result.returncode == 0, result.stderr[-3000:]
         same_output(tmp_path / f"{name}-one", tmp_path / f"{name}-two", 2)
+
+
+def test_lora_adapters_under_torchrun(lora_plain, peft_base, tmp_path):
+    """PEFT adapters, exact (computed stacked factors, read whole) and merged into the base (rows computed on
+    demand): the ranks' output is the single process's."""
+    inputs = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-3:]
+    for mode in ("exact", "merged"):
+        extra = ["--adapter-mode", mode] + (["--base", str(peft_base)] if mode == "merged" else [])
+        assert ckptavg("average", *inputs, *extra, "-o", tmp_path / f"{mode}-one", "-q").returncode == 0
+        result = torchrun(2, "average", *inputs, *extra, "-o", tmp_path / f"{mode}-two", "-q")
+        assert result.returncode == 0, result.stderr[-3000:]
+        same_output(tmp_path / f"{mode}-one", tmp_path / f"{mode}-two", 2)
