@@ -447,3 +447,54 @@ def test_lora_adapters_under_torchrun(lora_plain, peft_base, tmp_path):
         result = torchrun(2, "average", *inputs, *extra, "-o", tmp_path / f"{mode}-two", "-q")
         assert result.returncode == 0, result.stderr[-3000:]
         same_output(tmp_path / f"{mode}-one", tmp_path / f"{mode}-two", 2)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(dcp_fsdp2_ckpts, deepspeed_2rank_zero3_ckpts, lora_plain, peft_base, tmp_path, monkeypatch, world_size):
+    """In one process, with units made tiny so that every kind of source is cut (DCP row chunks and ZeRO-3
+    partitions as extents, a merged adapter's computed rows): each "rank"'s share run by the engine into a
+    RangeWriter gives the files one SafetensorsWriter gives for the whole plan."""
+    from ckptavg import distributed
+    from ckptavg.checkpoint import LoadOptions, open_checkpoint
+    from ckptavg.formats.writer import RangeWriter, SafetensorsWriter, TensorSpec, lay_out_files, split_shards, tensor_offsets
+    from ckptavg.merge.adapters import build_adapter_plan
+    from ckptavg.merge.engine import Engine
+
+    monkeypatch.setattr(distributed, "MIN_UNIT_BYTES", 256)
+    monkeypatch.setattr(distributed, "ALIGN", 8)
+    lora = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:]
+    cases = {
+        "dcp": lambda: build_plan(*_opened(sorted(dcp_fsdp2_ckpts.glob("step-*")))),
+        "zero3": lambda: build_plan(*_opened(sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*")))),
+        "merged": lambda: build_adapter_plan(*_opened(lora), "merged", None, "auto", open_checkpoint(peft_base, LoadOptions()))[0],
+    }
+    try:
+        for name, make in cases.items():
+            plan = make()
+            specs = [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+            shards = split_shards(specs, 4096)
+            one = [tmp_path / f"{name}-one-{i}" for i in range(len(shards))]
+            writer = SafetensorsWriter(one, shards, {"format": "pt"}, durable=False)
+            Engine(plan, torch.device("cpu")).run(writer)
+            writer.finish()
+            many = [tmp_path / f"{name}-many-{i}" for i in range(len(shards))]
+            lay_out_files(many, shards, {"format": "pt"})
+            where = tensor_offsets(many, shards, {"format": "pt"})
+            units = distributed.split_work(plan, world_size)
+            assert len(units) > len(plan.entries)  # tensors were cut
+            for share in distributed.assign(units, world_size):
+                ranges = [(where[plan.entries[u.entry].name][0], where[plan.entries[u.entry].name][1] + u.first * plan.entries[u.entry].dtype.itemsize,
+                           u.count * plan.entries[u.entry].dtype.itemsize) for u in share]
+                writer = RangeWriter(many, ranges, durable=False)
+                Engine(distributed.share_plan(plan, share), torch.device("cpu")).run(writer)
+                writer.finish()
+            assert [p.read_bytes() for p in one] == [p.read_bytes() for p in many], name
+    finally:
+        FILES.close()
+
+
+def _opened(paths: list[Path]) -> tuple[list, object]:
+    from ckptavg.checkpoint import LoadOptions, open_checkpoint
+
+    inputs = [open_checkpoint(p, LoadOptions()) for p in paths]
+    return inputs, parse_weights(None, None, len(inputs))
