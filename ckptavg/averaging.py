@@ -112,7 +112,7 @@ def choose_device(name: str, local_rank: int | None = None) -> torch.device:
     """The device to fold on; in a job of several ranks, `cuda` and `auto` mean this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
+    if name == "cuda" and local_rank is not None and torch.cuda.is_available():
         name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     try:
         device = torch.device(name)
@@ -215,6 +215,8 @@ def average(
         raise UsageError(None, f"--accum-dtype {accum!r}: expected auto, fp32 or fp64")
     if order not in ("auto", "given"):
         raise UsageError(None, f"--order {order!r}: expected auto or given")
+    if rank_timeout is not None and not rank_timeout > 0:
+        raise UsageError(None, f"--rank-timeout {rank_timeout:g}: expected a number of seconds above 0")
     shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     notes: list[str] = []
@@ -225,6 +227,7 @@ def average(
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
     world = join(rank_timeout)
     leader = world is None or world.leader
+    agreed = False
     try:
         torch_device = choose_device(device, world.local_rank if world else None)
         local = localize(paths, base, out=out_path if leader and not dry_run else None, overwrite=overwrite)  # hf:// inputs → the HF cache
@@ -258,6 +261,7 @@ def average(
         if world is not None:
             report.world_size = world.size
             _agree(world, plan, out_path, out_format, shard_bytes)
+            agreed = True
         if on_plan and leader:
             on_plan(report)
         if dry_run:
@@ -273,6 +277,8 @@ def average(
         return report
     except Exception as e:
         if world is not None:
+            if not agreed:
+                world.gather_error("plan", e)
             raise world.fail(e) from e
         raise
     except KeyboardInterrupt:

@@ -35,10 +35,12 @@ def model_card(recipe: dict[str, Any], folder: Path | None = None, name: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     repos = list(dict.fromkeys(i["hub"]["repo"] for i in recipe.get("inputs", []) if i.get("hub")))
-    data: dict[str, Any] = {"tags": list(TAGS)}
+    export = recipe.get("strategy") == "export"  # one checkpoint's weights: not a merge
+    data: dict[str, Any] = {"tags": ["ckptavg"] if export else list(TAGS)}
     if repos:
         data["base_model"] = repos[0] if len(repos) == 1 else repos
-        data["base_model_relation"] = "merge"
+        if not export:
+            data["base_model_relation"] = "merge"
     library = library_name(folder) if folder is not None else None
     if library:
         data["library_name"] = library
@@ -75,10 +77,11 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
         step = item.get("step") if item.get("step") is not None else ""
         lines.append(f"| {n} | `{_cell(where)}` | {_cell(asked)} | {step} | {item.get('weight', 0):.6g} |")
     lines += ["", "## How it was made", ""]
-    lines.append(f"- Strategy: {recipe.get('strategy')} (inputs ordered by {recipe.get('order')})")
+    if not export:
+        lines.append(f"- Strategy: {recipe.get('strategy')} (inputs ordered by {recipe.get('order')})")
     lines.append(f"- Input dtypes: {_counts(recipe.get('input_dtypes'))}; output dtypes: {_counts(recipe.get('output_dtypes'))}"
-                 + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") else ""))
-    if recipe.get("copied_from_newest"):
+                 + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") and not export else ""))
+    if recipe.get("copied_from_newest") and not export:
         lines.append(f"- Copied from the newest input, not averaged: {', '.join(recipe['copied_from_newest'][:5])}")
     if recipe.get("verified"):
         lines.append("- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in ckptavg.json)")

@@ -49,7 +49,8 @@ VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back 
 PushOpt = Annotated[str | None, typer.Option("--push-to-hub", metavar="ORG/NAME", help="Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if missing. The local output is written first and kept; a failed upload exits 3.", show_default=False)]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private (an existing repo keeps its visibility).")]
 PushRevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="With --push-to-hub: the branch to push to, created if missing (default: main).", show_default=False)]
-CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged).", show_default=False)]
+CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged or exported).", show_default=False)]
+RankTimeoutOpt = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
 
 
@@ -90,7 +91,7 @@ def average(
     adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
-    rank_timeout: Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")] = 120.0,
+    rank_timeout: RankTimeoutOpt = 120.0,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -154,8 +155,14 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
     then its report as JSON or for people."""
     quiet = quiet or follower()  # in a torchrun job, rank 0 speaks for every rank
     display = ProgressDisplay(enabled=not quiet, inputs=inputs)
+    failed: CkptavgError | None = None
     with display.running():
-        report = run(on_progress=display.update, on_plan=display.on_plan)
+        try:
+            report = run(on_progress=display.update, on_plan=display.on_plan)
+        except CkptavgError as e:  # a failure after the output was written (a push) still has its report
+            if getattr(e, "report", None) is None:
+                raise
+            report, failed = e.report, e  # type: ignore[attr-defined]
     if follower():
         return
     display.warn(report)
@@ -163,6 +170,8 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
         print_json(report.to_dict())
     elif not quiet:
         render(report)
+    if failed is not None:
+        raise failed
 
 
 @app.command()
@@ -283,6 +292,7 @@ def export(
     verify: VerifyOpt = False,
     merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.")] = None,
+    rank_timeout: RankTimeoutOpt = 120.0,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -305,7 +315,7 @@ def export(
         lambda **callbacks: pushed(export_checkpoint(
             checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, **callbacks,
+            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, **callbacks,
         )),
         print_export, json_output, quiet, inputs=1,
     )

@@ -208,8 +208,26 @@ class World:
         keys = [f"{key}/{r}" for r in range(self.size)]
         self.wait(keys, watch=range(self.size))
         values = [self.read(k) for k in keys]
+        for rank, theirs in enumerate(values):
+            if "error" in theirs:  # posted by gather_error
+                found = CkptavgError(None, theirs["error"])
+                found.exit_code = theirs["code"]
+                raise self.fail(found, about=rank)
         self._store.set(f"{key}/all", json.dumps(values))  # type: ignore[attr-defined]
         return values
+
+    def gather_error(self, key: str, error: BaseException) -> None:
+        """A rank other than 0 met `error` before its part of gather(key): it hands it to rank 0 there instead
+        of failing the job at once, so that when rank 0 meets the same (a missing input, mismatched inputs:
+        every rank builds the same plan) the job's error is rank 0's. Returns once rank 0 has decided."""
+        if self.leader:
+            return
+        code = getattr(error, "exit_code", 1) if isinstance(error, CkptavgError) else 1
+        try:
+            self.post(f"{key}/{self.rank}", {"error": str(error), "code": code})
+            self.wait([f"{key}/all"], watch=[0])
+        except (CkptavgError, RuntimeError):  # the job's failure, now posted (or the store is gone)
+            pass
 
     def wait(self, keys: list[str], watch: Iterable[int], on_tick: Callable[[], None] | None = None, stop_on_failure: bool = True) -> None:
         """Wait until every key is posted. Raises the job's failure as soon as one is posted, or a RankError
@@ -316,10 +334,12 @@ def join(timeout: float | None = None) -> World | None:
     if not (dist.is_available() and dist.is_initialized()):
         if not under_torchrun():
             return None
+        wait = max(timeout, 30)
         try:
-            dist.init_process_group("gloo", timeout=timedelta(seconds=max(timeout, 30)))
-        except Exception as e:
-            raise CkptavgError(None, f"rank {os.environ['RANK']}: cannot join the torchrun job: {e}") from e
+            dist.init_process_group("gloo", timeout=timedelta(seconds=wait))
+        except Exception as e:  # c10d's own text names store keys; say what it means
+            raise CkptavgError(None, f"rank {os.environ['RANK']}: not every rank joined the job within {wait:g} s (a rank stopped or "
+                               f"failed before joining, or cannot reach {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})") from e
         owns = True
     if dist.get_world_size() == 1:
         if owns:

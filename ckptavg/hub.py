@@ -767,11 +767,27 @@ def check_push(repo_id: str, out: Path | None, out_format: str = "auto", dry_run
         raise UsageError(None, "--push-to-hub with HF_HUB_OFFLINE=1: unset it to upload")
 
 
+class PushFailed(OutputError):
+    """The upload failed after the output was written: `report` is the finished job's report, still printed."""
+
+    def __init__(self, error: OutputError, report: Any) -> None:
+        super().__init__(error.path, error.problem)
+        self.report = report
+
+
 def push_report(report: Any, repo_id: str | None, **options: Any) -> Any:
     """Push the output of a finished `average`/`export` report (nothing when `repo_id` is None); records
-    where it went in `report.pushed`."""
+    where it went in `report.pushed`.
+
+    Raises:
+        PushFailed: carrying the report (its `pushed` holds the error), which the command line still prints.
+    """
     if repo_id:
-        report.pushed = push(report.output, repo_id, **options)
+        try:
+            report.pushed = push(report.output, repo_id, **options)
+        except OutputError as e:
+            report.pushed = {"repo": repo_id, "revision": options.get("revision") or "main", "error": e.problem}
+            raise PushFailed(e, report) from e
     return report
 
 
@@ -795,8 +811,9 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
     except Exception as e:
         error = _hub_error(repo_id, e, repo_id, revision)
-        raise OutputError(repo_id, f"push failed: {error.problem}; the local output {folder} is complete, "
-                                   f"push it again with --push-to-hub or `hf upload {repo_id} {folder}`") from e
+        branch = f" --revision {revision}" if revision else ""
+        raise OutputError(repo_id, f"push failed: {error.problem}; the local output {folder} is complete: "
+                                   f"upload it with `hf upload {repo_id} {folder}{branch}`") from e
     return {"repo": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url}
 
 

@@ -320,7 +320,9 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
         row("verified", f"every tensor read back from the disk matches what was written ({report.verify_seconds:.2f} s)")
         for name, sha in report.sha256.items():
             row("sha256", f"{sha}  {name}")
-    if report.pushed:
+    if report.pushed and "error" in report.pushed:
+        row("not pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: the upload failed (below); the output above is complete")
+    elif report.pushed:
         row("pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: {report.pushed['commit_url']}")
     row(
         "done",

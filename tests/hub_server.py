@@ -285,8 +285,9 @@ class HubStandin:
     def _create_repo(self, h, method, query=None, body=b""):
         payload = json.loads(body or b"{}")
         repo_id = f"{payload.get('organization')}/{payload['name']}"
-        if repo_id in self.repos:
-            return self._error(h, method, 409, None, "You already created this model repo")
+        if repo_id in self.repos:  # the Hub's 409 names the repo's URL, which huggingface_hub reads
+            body = json.dumps({"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}).encode()
+            return self._send(h, method, 409, body, {"X-Error-Message": "You already created this model repo", "Content-Type": "application/json"})
         self.repos[repo_id] = HubRepo()
         self.repos[repo_id].private = payload.get("visibility") == "private" or bool(payload.get("private"))
         self._json(h, method, {"url": f"{self.url}/{repo_id}"})

@@ -377,6 +377,12 @@ def test_push_uploads_the_folder_with_its_card(run, repos, tmp_path):
     for s in STEPS:
         assert f"org/pythia@{commit_of(repos, 'org/pythia', f'step{s}')}" in card.text and f"| step{s} | {s} |" in card.text
     assert "ckptavg average hf://org/pythia@step100" in card.text and "--push-to-hub me/pythia-avg" in card.text
+    with HubStandin(hub.repos) as hub:  # a second push to the repo, now existing: its default branch this time
+        again = run("export", inputs[0], "-o", tmp_path / "again", "--push-to-hub", "me/pythia-avg", "--json", env=environment(cache, hub.url))
+        assert again.code == 0, again.err
+        pushed = hub.repos["me/pythia-avg"]
+        assert set(pushed.branches) == {"main", "averaged"} and pushed.commits[pushed.branches["main"]].files["model.safetensors"]
+        assert not hub.unknown, hub.unknown
 
 
 def test_a_failed_push_keeps_the_local_output_and_exits_3(run, repos, tmp_path):
@@ -384,7 +390,14 @@ def test_a_failed_push_keeps_the_local_output_and_exits_3(run, repos, tmp_path):
     with HubStandin(repos) as hub:
         hub.fail_commits = True
         result = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "model", "--push-to-hub", "me/model", env=environment(cache, hub.url))
-    one_line_error(result, 3, "me/model", "push failed", "HTTP 403", "storage quota", str(tmp_path / "model"))
+    one_line_error(result, 3, "me/model", "push failed", "HTTP 403", "storage quota", f"hf upload me/model {tmp_path / 'model'}")
+    assert "not pushed" in result.out  # the summary of the written output, then the one error line
+    with HubStandin(repos) as hub:  # --json: the report of the written output is printed all the same
+        hub.fail_commits = True
+        result = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "model2", "--push-to-hub", "me/model", "--json", env=environment(cache, hub.url))
+    assert result.code == 3 and "push failed" in result.err
+    report = json.loads(result.out)
+    assert report["output"] == str(tmp_path / "model2") and "storage quota" in report["pushed"]["error"]
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "README.md").is_file()
     out = read_output(tmp_path / "model")
     assert all(torch.equal(out[n], t) for n, t in make_state(1).items())
@@ -447,6 +460,13 @@ def test_card_for_local_inputs_and_adapters(tmp_path):
     assert card.data.library_name == "peft" and card.data.tags == ["ckptavg", "merge"] and card.data.base_model is None
     assert "`runs/checkpoint-1\\|2`" in card.text and "| 2 | 0.75 |" in card.text and "bfloat16 (3)" in card.text
     assert "ckptavg.average(['runs/checkpoint-1|2', 'runs/checkpoint-2'], ...)" in card.text  # not run as `ckptavg`: the Python call
+
+    exported = {**recipe, "strategy": "export", "order": "given", "inputs": [{**recipe["inputs"][1], "weight": 1.0, "hub": {"repo": "org/run", "commit": "c" * 40}}],
+                "copied_from_newest": ["step"]}
+    (tmp_path / "README.md").write_text(str(model_card(exported, tmp_path)))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.tags == ["ckptavg"] and card.data.base_model == "org/run" and "base_model_relation" not in card.data.to_dict()  # not a merge
+    assert "Strategy" not in card.text and "accumulated" not in card.text and "Copied from the newest" not in card.text
 
 
 # --- (d) the cache's symlinks are trusted only as far as the cache's layout goes -------------------------

@@ -498,3 +498,80 @@ def _opened(paths: list[Path]) -> tuple[list, object]:
 
     inputs = [open_checkpoint(p, LoadOptions()) for p in paths]
     return inputs, parse_weights(None, None, len(inputs))
+
+
+# The coordination protocol in one process: two World objects (rank 0 and rank 1) in threads over one HashStore.
+
+
+def _two_ranks(timeout: float = 60.0):
+    import torch.distributed as dist
+
+    from ckptavg.distributed import World
+
+    store = dist.HashStore()
+    return World(0, 2, 0, store, timeout, owns_group=False), World(1, 2, 1, store, timeout, owns_group=False)
+
+
+def _in_thread(function):
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as e:  # handed to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def test_an_error_only_another_rank_meets_while_planning_is_the_job_error_naming_that_rank():
+    from ckptavg.distributed import RankError
+    from ckptavg.errors import InputError
+
+    leader, follower = _two_ranks()
+    try:
+        thread, outcome = _in_thread(lambda: leader.gather("plan", {"fingerprint": "abc"}))
+        missing = InputError("ckpt/nope", "no such file or folder")
+        follower.gather_error("plan", missing)
+        thread.join(10)
+        error = outcome["error"]
+        assert isinstance(error, RankError) and error.message == "rank 1: ckpt/nope: no such file or folder" and error.exit_code == 1
+        job = follower.fail(missing)
+        assert job.message == error.message and job.reported  # rank 0 prints it; rank 1 stays silent
+    finally:
+        leader._stop.set(), follower._stop.set()
+
+
+def test_rank_0s_own_error_wins_over_the_same_error_met_by_another_rank():
+    from ckptavg.errors import InputError
+
+    leader, follower = _two_ranks()
+    try:
+        thread, outcome = _in_thread(lambda: follower.gather_error("plan", InputError("b", "no such file or folder")))
+        job = leader.fail(InputError("b", "no such file or folder"))
+        thread.join(10)
+        assert not thread.is_alive() and job.message == "rank 0: b: no such file or folder"
+        assert follower.fail(InputError("b", "no such file or folder")).message == job.message
+    finally:
+        leader._stop.set(), follower._stop.set()
+
+
+def test_a_rank_whose_beat_stops_is_named_within_the_timeout():
+    import time as clock
+
+    from ckptavg.distributed import RankError
+
+    leader, follower = _two_ranks(timeout=1.5)
+    try:
+        follower._stop.set()  # its beat stops: as if it were killed
+        follower._beats.join()
+        started = clock.monotonic()
+        with pytest.raises(RankError, match="rank 1: stopped responding"):
+            leader.wait(["done/1"], watch=[0, 1])
+        assert 1.5 <= clock.monotonic() - started < 5
+    finally:
+        leader._stop.set()
