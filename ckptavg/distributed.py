@@ -366,7 +366,8 @@ def rank_progress(world: World, plan_read_bytes: int, total_units: int, on_progr
     """The engine's progress callback on a rank: it stops the work when another rank has failed, posts this
     rank's progress, and on rank 0 reports the whole job's (its own plus the others' last beat)."""
     from ckptavg.merge.engine import Progress
-    def update(p: Progress) -> None:  # type: ignore[valid-type]
+
+    def update(p: Progress) -> None:
         world.check_failure()
         world.progress(p.bytes_done, p.tensors_done)
         if on_progress is not None and world.leader:
