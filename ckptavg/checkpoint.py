@@ -45,6 +45,12 @@ class LoadOptions:
     strip_prefixes: tuple[str, ...] = ()
 
 
+def missing_input(path: Path) -> InputError:
+    """"No such file or folder", with the Hub's spelling when the name looks like a mistyped Hub input."""
+    hint = "; a Hub input is written hf://ORG/REPO[@REVISION][/FOLDER]" if str(path)[:3].lower() == "hf:" else ""
+    return InputError(path, f"no such file or folder{hint}")
+
+
 def open_checkpoint(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoint:
     """Describe one input (file or folder) without reading tensor data.
 
@@ -75,7 +81,7 @@ def check_readable(path: Path, folder_ok: bool = True) -> None:
         if path.is_symlink():
             raise InputError(path, f"broken symlink to {os.readlink(path)}") from e
         if e.errno == errno.ENOENT:
-            raise InputError(path, "no such file or folder") from e
+            raise missing_input(path) from e
         raise InputError(path, f"cannot read: {e.strerror or e}") from e
     if stat.S_ISDIR(mode) and not folder_ok:
         raise InputError(path, "not a regular file: it is a folder")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ckptavg.checkpoint import LoadOptions
+from ckptavg.checkpoint import LoadOptions, missing_input
 from ckptavg.discover import (
     MetricsTable,
     StepInfo,
@@ -143,7 +143,7 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
 
     candidate = Candidate(path=str(path))
     if not path.exists():
-        raise InputError(path, "no such file or folder")
+        raise missing_input(path)
     refuse_run_folder(path)
     sources: list[tuple[str, dict[str, float]]] = []
     others: dict[str, dict[str, float]] = {}

@@ -493,3 +493,12 @@ def test_a_snapshot_shard_may_link_into_its_blobs_but_nowhere_else(tmp_path, rep
     (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="outside the checkpoint folder"):
         open_checkpoint(snapshot)
+
+
+def test_a_mistyped_hub_input_gets_the_hub_spelling(cli, tmp_path):
+    for typed in ("hf:org/run@main/checkpoint-100", "HF://org/run"):
+        result = cli("average", typed, typed + "-2", "-o", tmp_path / "out")
+        assert result.code == 1 and "no such file or folder; a Hub input is written hf://ORG/REPO" in result.err, result.err
+    result = cli("select", "hf:org/run", "--last", "1")
+    assert result.code == 1 and "a Hub input is written hf://" in result.err
+    assert "Hub input" not in cli("average", tmp_path / "nope", tmp_path / "nope2", "-o", tmp_path / "out").err
