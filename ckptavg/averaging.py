@@ -16,7 +16,7 @@ import torch
 from ckptavg import __version__
 from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
-from ckptavg.distributed import Unit, World, assign, fingerprint, join, rank_progress, share_plan, split_work
+from ckptavg.distributed import Unit, World, assign, fingerprint, join, owners, rank_progress, share_plan, split_work
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
@@ -619,13 +619,9 @@ def _verify(
     if world is None:
         hashes = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
     else:
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        loads = [0] * world.size
-        owners = {}
-        for name in sorted(sizes, key=lambda n: -sizes[n]):  # the largest file first, to the least loaded rank
-            owners[name] = loads.index(min(loads))
-            loads[owners[name]] += sizes[name]
-        task = {"crcs": crcs, "owners": owners, "out": str(out)}
+        files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        ranks = owners([p.stat().st_size for p in files], world.size)
+        task = {"crcs": crcs, "owners": {p.name: rank for p, rank in zip(files, ranks)}, "out": str(out)}
         world.post("verify", task)
         hashes = _verify_my_files(world, tmp, specs, task, on_progress)
         world.wait([f"verified/{r}" for r in range(1, world.size)], watch=range(world.size))

@@ -102,17 +102,25 @@ def split_work(plan: Plan, world_size: int) -> list[Unit]:
     return units
 
 
-def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
-    """Each rank's units: the largest unit first onto the least loaded rank (ties to the highest rank: rank 0
-    also lays out, finishes and verifies the output), then each share in output order, so a rank writes its
-    files front to back."""
-    shares: list[list[Unit]] = [[] for _ in range(world_size)]
+def owners(costs: list[int], world_size: int) -> list[int]:
+    """The rank of each item: the costliest first onto the least loaded rank (ties to the highest rank: rank 0
+    also lays out, finishes and verifies the output). Longest-processing-time packing: the most and least
+    loaded ranks differ by at most the largest item."""
+    rank_of = [0] * len(costs)
     loads = [(0, -rank) for rank in range(world_size)]
-    for unit in sorted(units, key=lambda u: -u.read_bytes):  # sorted() is stable: equal units keep output order
+    for item in sorted(range(len(costs)), key=lambda i: -costs[i]):  # sorted() is stable: equal items keep their order
         load, rank = heapq.heappop(loads)
-        shares[-rank].append(unit)
-        heapq.heappush(loads, (load + unit.read_bytes, rank))
-    return [sorted(share, key=lambda u: (u.entry, u.first)) for share in shares]
+        rank_of[item] = -rank
+        heapq.heappush(loads, (load + costs[item], rank))
+    return rank_of
+
+
+def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
+    """Each rank's units (see owners), each share in output order, so a rank writes its files front to back."""
+    shares: list[list[Unit]] = [[] for _ in range(world_size)]
+    for unit, rank in zip(units, owners([u.read_bytes for u in units], world_size)):
+        shares[rank].append(unit)
+    return shares
 
 
 def share_plan(plan: Plan, units: list[Unit]) -> Plan:
