@@ -22,7 +22,6 @@ No numpy: only torch, safetensors and ckptavg from this working tree.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import evict, input_files, warm, write_sharded  # noqa: E402
 
 from ckptavg.merge.engine import CUDA_MEMORY_BUDGET  # noqa: E402
+from ckptavg.verify import sha256_of  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), "COLUMNS": "200"}
 
@@ -139,15 +139,7 @@ def run_ckptavg(argv: list[str], stats_file: Path) -> tuple[float, dict]:
 
 def sha256s(folder: Path) -> dict[str, str]:
     """sha256 of each weight file and index of an output folder (the recipe, which holds a date, left out)."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix == ".safetensors" or f.name.endswith(".index.json"):
-            h = hashlib.sha256()
-            with open(f, "rb") as handle:
-                while block := handle.read(16 << 20):
-                    h.update(block)
-            out[f.name] = h.hexdigest()
-    return out
+    return {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.suffix == ".safetensors" or f.name.endswith(".index.json")}
 
 
 def torchrun_support() -> bool:

@@ -53,6 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py: inputs, eviction, the cat floor)
 
+from ckptavg.verify import sha256_of  # noqa: E402  (bench put the project on the path)
+
 PY = sys.executable
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -156,11 +158,7 @@ def output_hashes(out: Path) -> dict[str, str]:
             recipe.pop("world_size", None)
             hashes[f.name] = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
             continue
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(16 << 20):
-                h.update(block)
-        hashes[f.name] = h.hexdigest()
+        hashes[f.name] = sha256_of(f)
     return hashes
 
 
