@@ -42,6 +42,7 @@ from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import RECIPE_FILE, check_destination, check_output_name, copy_model_files, staged, tmp_name
 from ckptavg.same_run import different_runs
+from ckptavg.same_weights import refuse_copies
 from ckptavg.sizes import parse_size
 from ckptavg.verify import ChecksumWriter, crc32_combine, verify_output
 
@@ -234,6 +235,7 @@ def average(
         checkpoints = [local.open(p, options) for p in local.paths]
         base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
+        refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
         if out_path is not None and leader:
             check_destination(out_path, overwrite, needed_bytes=0)
         given = checkpoints

@@ -247,6 +247,8 @@ def timm_run(root: Path) -> dict[int, float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     top1 = {0: 41.2, 1: 55.0, 2: 61.5, 3: 60.1, 4: 63.3, 5: 60.5}
     for epoch, metric in top1.items():
+        with torch.no_grad():  # an epoch of training: each checkpoint holds weights of its own (copies are counted once)
+            model[0].weight.add_(0.01)
         state = {
             "epoch": epoch, "arch": "tiny", "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "version": 2,
             "args": argparse.Namespace(model="tiny", lr=0.1), "state_dict_ema": model.state_dict(), "metric": metric,
