@@ -180,7 +180,7 @@ def select(
     last: Annotated[int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
     metric: Annotated[str | None, typer.Option("--metric", metavar="NAME", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
-    mode: Annotated[str, typer.Option("--mode", metavar="min|max", help="min: lower is better (losses); max: higher is better (accuracy).")] = "min",
+    mode: Annotated[str | None, typer.Option("--mode", metavar="min|max", help="min: lower is better (losses); max: higher is better (accuracy). Default: what the checkpoints record (Lightning's ModelCheckpoint mode, timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's name (loss, error, perplexity: min; acc*, top1, bleu, f1, score: max), else an error asking for it.", show_default=False)] = None,
     every: Annotated[int | None, typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
     min_step: Annotated[int | None, typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
     max_step: Annotated[str | None, typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,

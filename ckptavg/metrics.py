@@ -1,12 +1,23 @@
-"""Metrics stored inside a PyTorch checkpoint: `metrics`, `best_metric`, timm's `metric`, Lightning's ModelCheckpoint state."""
+"""Metrics stored inside a PyTorch checkpoint: `metrics`, `best_metric`, timm's `metric`, Lightning's ModelCheckpoint state;
+and which way each metric is better: recorded by the trainer (Lightning's ModelCheckpoint mode, timm's CheckpointSaver,
+the Trainer's greater_is_better), else said by its name (a loss: lower; an accuracy: higher)."""
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import re
+from pathlib import Path, PurePath
 from typing import Any
 
+from ckptavg.errors import HostileInputError, InputError
 from ckptavg.formats.torch_io import PickleFile, as_dict
 from ckptavg.formats.unpickle import TensorRef
+
+# Words that say which way a metric is better, matched on its last component (eval_accuracy, val/acc, test_loss_epoch).
+LOWER_WORDS = {"perplexity", "ppl", "wer", "cer", "mse", "mae", "rmse", "nll"}
+HIGHER_WORDS = {"top1", "top5", "bleu", "f1", "auc", "map", "score", "precision", "recall", "exact_match"}
+HIGHER_PREFIXES = ("acc", "rouge")
+LOWER_PARTS = ("loss", "error")  # anywhere in the last component: val_loss, train_loss_epoch, word_error_rate
+TIMM_EVAL_METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "loss": "the eval loss"}
 
 
 def scalar(pickle_file: PickleFile, value: Any, name: str) -> float | None:
@@ -58,3 +69,81 @@ def checkpoint_metrics(pickle_file: PickleFile) -> tuple[dict[str, float], dict[
             if number is not None:
                 others.setdefault(PurePath(str(path)).name, {})[monitor] = number
     return metrics, others
+
+
+def mode_from_name(metric: str) -> tuple[str, str] | None:
+    """("min" or "max", the word that says so) from a metric's name, matched on its last component: the part after
+    the last "/", its last word (Lightning's _epoch/_step suffixes dropped); a loss or an error anywhere in that part."""
+    last = metric.lower().rsplit("/", 1)[-1]
+    words = [w for w in re.split(r"[_.\-\s]+", last) if w]
+    while len(words) > 1 and words[-1] in ("epoch", "step"):
+        words.pop()
+    if not words:
+        return None
+    word = "exact_match" if words[-2:] == ["exact", "match"] else words[-1]
+    if word in HIGHER_WORDS or word.startswith(HIGHER_PREFIXES):
+        return "max", word
+    if word in LOWER_WORDS:
+        return "min", word
+    part = next((p for p in LOWER_PARTS if p in last), None)
+    return ("min", part) if part else None
+
+
+def recorded_modes(pickle_file: PickleFile) -> dict[str, tuple[str, str]]:
+    """{metric: ("min" or "max", where the checkpoint records it)} from its own entries: Lightning's ModelCheckpoint
+    (its callbacks key holds monitor and mode), timm's CheckpointSaver history or train.py's eval_metric."""
+    top = as_dict(pickle_file.obj) or {}
+    name = pickle_file.path.name
+    found: dict[str, tuple[str, str]] = {}
+    for key, state in (as_dict(top.get("callbacks")) or {}).items():
+        monitor = (as_dict(state) or {}).get("monitor")
+        recorded = re.search(r"'mode': '(min|max)'", str(key))
+        if str(key).startswith("ModelCheckpoint") and isinstance(monitor, str) and recorded:
+            mode = recorded.group(1)
+            found.setdefault(monitor, (mode, f"Lightning's ModelCheckpoint in {name} monitors it with mode={mode!r}"))
+    if "metric" in top and (timm := _timm_mode(pickle_file, top)):
+        found.setdefault("metric", timm)
+    return found
+
+
+def _timm_mode(pickle_file: PickleFile, top: dict) -> tuple[str, str] | None:
+    """timm's CheckpointSaver keeps its history best first (the `saver` entry of recent timm): the order of two different
+    values shows its `decreasing` flag. Else train.py's args: its saver is decreasing only for eval_metric 'loss'."""
+    name = pickle_file.path.name
+    history = (as_dict(top.get("saver")) or {}).get("checkpoint_files")
+    ranked = []
+    for entry in history if isinstance(history, (list, tuple)) else []:
+        value = scalar(pickle_file, entry[1], "saver/checkpoint_files") if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if value is not None:
+            ranked.append(value)
+    if len(set(ranked)) > 1 and ranked in (sorted(ranked), sorted(ranked, reverse=True)):
+        lower = ranked == sorted(ranked)
+        which = "lower" if lower else "higher"
+        return ("min" if lower else "max"), f"timm's CheckpointSaver in {name} ranks {which} values first (decreasing={lower})"
+    eval_metric = (as_dict(top.get("args")) or {}).get("eval_metric")
+    if isinstance(eval_metric, str):
+        what = f" ({TIMM_EVAL_METRICS[eval_metric]})" if eval_metric in TIMM_EVAL_METRICS else ""
+        lower = eval_metric == "loss"
+        return ("min" if lower else "max"), f"timm records eval_metric {eval_metric!r}{what} in {name}, {'lower' if lower else 'higher'} is better (train.py)"
+    return None
+
+
+def trainer_modes(folder: Path) -> dict[str, tuple[str, str]]:
+    """The Trainer's metric_for_best_model and greater_is_better, from training_args.bin (read by the restricted
+    unpickler: the TrainingArguments are an inert record, nothing in it runs), under both its names (accuracy and
+    eval_accuracy, as the Trainer logs it)."""
+    path = folder / "training_args.bin"
+    if not path.is_file():
+        return {}
+    try:
+        args = as_dict(PickleFile(path).obj) or {}
+    except HostileInputError:
+        raise
+    except (InputError, OSError):
+        return {}
+    metric, greater = args.get("metric_for_best_model"), args.get("greater_is_better")
+    if not isinstance(metric, str) or not isinstance(greater, bool):
+        return {}
+    why = f"the Trainer's training_args.bin in {folder.name} has metric_for_best_model={metric!r}, greater_is_better={greater}"
+    mode = ("max" if greater else "min", why)
+    return {metric: mode, metric if metric.startswith("eval_") else f"eval_{metric}": mode}

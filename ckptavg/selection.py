@@ -16,7 +16,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ckptavg.checkpoint import LoadOptions, missing_input
@@ -30,6 +30,7 @@ from ckptavg.discover import (
     trainer_state_metrics,
 )
 from ckptavg.errors import HostileInputError, InputError, UsageError
+from ckptavg.formats.base import Checkpoint
 
 MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
@@ -51,6 +52,8 @@ class Candidate:
     ignored: str | None = None
     kept_back: str | None = None  # not chosen, yet never printed by --invert: why
     trainer_best: bool = False  # trainer_state.json's best_model_checkpoint names it
+    copy_of: str | None = None  # holds the same weights as this candidate (a last/best copy): ignored
+    modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # metric -> (min or max, where the checkpoint records it)
 
     def metric(self, name: str | None) -> float | None:
         return self.metrics.get(name) if name else None
@@ -68,7 +71,7 @@ class Policy:
     last: int | None = None
     top_k: int | None = None
     metric: str | None = None
-    mode: str = "min"
+    mode: str | None = None  # None: what the checkpoints record for the metric, else its name (choose_mode)
     every: int | None = None
     min_step: int | None = None
     max_step: int | str | None = None  # a step, or "best"
@@ -79,7 +82,7 @@ class Policy:
     spike_window: int = 2
 
     def check(self) -> None:
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise UsageError(None, f"--mode {self.mode!r}: expected min or max")
         needs_metric = [flag for flag, on in (("--top-k", self.top_k), ("--max-step best", self.max_step == "best"), ("--skip-spikes", self.skip_spikes)) if on]
         if needs_metric and not self.metric:
@@ -97,6 +100,7 @@ class Selection:
     policy: Policy
     notes: list[str] = field(default_factory=list)  # for stderr: what the filters dropped, what could not be judged
     metric_hint: str | None = None  # set when no checkpoint has the metric: the metrics found, the closest name
+    mode_source: str | None = None  # why the metric's direction is policy.mode: --mode, where a checkpoint records it, or its name
 
     @property
     def chosen(self) -> list[Candidate]:
@@ -122,11 +126,14 @@ class Selection:
     def to_dict(self) -> dict:
         return {
             "policy": asdict(self.policy),
+            "mode": self.policy.mode,
+            "mode_source": self.mode_source,
             "chosen": [c.path for c in self.chosen],
             "not_chosen": [c.path for c in self.not_chosen],
             "inverted": [c.path for c in self.inverted],
             "kept_back": {c.path: c.kept_back for c in self.kept_back},
             "ignored": [c.path for c in self.ignored],
+            "copies": {c.path: c.copy_of for c in self.candidates if c.copy_of is not None},
             "notes": list(self.notes),
             "candidates": [asdict(c) for c in self.candidates],
         }
@@ -139,9 +146,16 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
     marked ignored with the reason, a hostile pickle raises. Also returns the metrics it records for other
     checkpoint files, by file name (Lightning best_k_models).
     """
-    from ckptavg.metrics import checkpoint_metrics
+    candidate, others, _ = _describe(path, table, options)
+    return candidate, others
+
+
+def _describe(path: Path, table: MetricsTable | None, options: LoadOptions | None) -> tuple[Candidate, dict[str, dict[str, float]], Checkpoint | None]:
+    """describe(), and the opened checkpoint (None when unreadable) for the check for copies."""
+    from ckptavg.metrics import checkpoint_metrics, recorded_modes, trainer_modes
 
     candidate = Candidate(path=str(path))
+    ckpt = None
     if not path.exists():
         raise missing_input(path)
     refuse_run_folder(path)
@@ -153,15 +167,18 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
         if ckpt.pickle is not None and path.is_file():
             mine, others = checkpoint_metrics(ckpt.pickle)
             sources.append(("checkpoint", mine))
+            candidate.modes.update(recorded_modes(ckpt.pickle))
     except HostileInputError:
         raise
     except InputError as e:
         candidate.ignored = unreadable(path, e)
         found = steps_from_path(path)
+        ckpt = None
     folder = path if path.is_dir() else path.parent
     state = read_trainer_state(folder) if path.is_dir() or folder.name.startswith("checkpoint") else None
     if state is not None:
         sources.insert(0, ("trainer_state.json", trainer_state_metrics(state, found.step)))
+        candidate.modes.update(trainer_modes(folder))
     candidate.step, candidate.epoch, candidate.step_source = found.step, found.epoch, found.source
     if table is not None:
         sources.append(("metrics file", table.lookup(path, candidate.step)))
@@ -170,7 +187,7 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
             if key not in candidate.metrics:
                 candidate.metrics[key] = value
                 candidate.metric_sources[key] = source
-    return candidate, others
+    return candidate, others, ckpt
 
 
 def open_complete(path: Path, options: LoadOptions):
@@ -216,8 +233,18 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
     from ckptavg.hub import describe_hub, is_hub
 
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
+    described: list[tuple[Candidate, dict[str, dict[str, float]]]] = []
+    opened: dict[int, Checkpoint] = {}
     try:  # an hf:// input may stand for several checkpoints (a repo's checkpoint-N folders, step branches, Trainer commits)
-        described = [d for p in paths for d in (describe_hub(p, table, options) if is_hub(p) else [describe(Path(p), table, options)])]
+        for p in paths:
+            if is_hub(p):
+                described.extend(describe_hub(p, table, options))
+                continue
+            candidate, others, ckpt = _describe(Path(p), table, options)
+            described.append((candidate, others))
+            if ckpt is not None:
+                opened[id(candidate)] = ckpt
+        _mark_copies([c for c, _ in described], opened)
     finally:
         FILES.close()
     candidates = [c for c, _ in described]
@@ -233,6 +260,22 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
         if c.ignored is None and c.step is None:
             c.ignored = "no step (name, trainer_state.json or checkpoint entries)"
     return candidates
+
+
+def _mark_copies(candidates: list[Candidate], opened: dict[int, Checkpoint]) -> None:
+    """Copies of one checkpoint (fairseq checkpoint_last.pt, Lightning last.ckpt, timm model_best.pth.tar, a
+    hard link) are one candidate: the one named for its step stays, the others are ignored as its copies."""
+    from ckptavg.same_weights import copy_reason, original_of, same_weight_groups
+
+    readable = [c for c in candidates if c.ignored is None and id(c) in opened]
+    for group in same_weight_groups([opened[id(c)] for c in readable]):
+        members = [readable[i] for i in group]
+        keep = members[original_of([Path(c.path) for c in members])]
+        for c in members:
+            if c is not keep:
+                c.copy_of = keep.path
+                how = copy_reason(opened[id(c)], opened[id(keep)])
+                c.ignored = f"holds the same weights as {keep.path} ({how}); only that one is a candidate"
 
 
 def _order_by_epoch_without_steps(candidates: list[Candidate]) -> None:
@@ -308,13 +351,53 @@ def metric_hint(candidates: list[Candidate], metric: str) -> str:
     return hint + f"; metrics found: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
 
 
+def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None, str | None, str | None]:
+    """(mode, why, a note for stderr) of the policy's metric where the choice depends on it (--top-k, --skip-spikes,
+    --max-step best): --mode when given, else the direction the checkpoints record (Lightning's ModelCheckpoint mode,
+    timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's name (a loss: min, an accuracy: max).
+
+    Raises:
+        UsageError: it is needed, and the checkpoints disagree, or neither they nor the name say it.
+    """
+    from ckptavg.metrics import mode_from_name
+
+    metric = policy.metric
+    needed = policy.top_k is not None or policy.skip_spikes or policy.max_step == "best"
+    if not metric or not needed or not any(c.rank_value(metric) is not None for c in candidates):
+        return policy.mode, "--mode" if policy.mode else None, None  # nothing is ranked by it
+    recorded: dict[str, str] = {}
+    for c in candidates:
+        if metric in c.modes:
+            recorded.setdefault(*c.modes[metric])
+    named = mode_from_name(metric)
+    if len(recorded) > 1 and policy.mode is None:
+        raise UsageError(None, f"--metric {metric}: the checkpoints disagree on which way it is better ({recorded['max']}; but "
+                         f"{recorded['min']}); pass --mode max or --mode min")
+    if recorded:
+        mode, why = next(iter(recorded.items()))
+    elif named:
+        mode, why = named[0], f"from the name ({named[1]}: {'lower' if named[0] == 'min' else 'higher'} is better)"
+    elif policy.mode is None:
+        raise UsageError(None, f"--metric {metric}: no checkpoint records whether higher or lower is better, and the name does not say; "
+                         "pass --mode max (higher is better, e.g. an accuracy) or --mode min (lower is better, e.g. a loss)")
+    else:
+        return policy.mode, "--mode", None
+    if policy.mode is None:
+        return mode, why, f"mode {mode} for {metric!r}: {why}; --mode {'max' if mode == 'min' else 'min'} to override"
+    if policy.mode != mode:
+        return policy.mode, "--mode", f"mode {policy.mode} for {metric!r} (--mode), although {why} (mode {mode})"
+    return policy.mode, "--mode", None
+
+
 def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[[Candidate], str | None] | None = None) -> Selection:
     """Mark each candidate chosen or not, with why, and what --invert keeps back; returned in step order."""
     policy.check()
+    mode, mode_source, mode_note = choose_mode([c for c in candidates if c.ignored is None], policy)
+    policy = replace(policy, mode=mode)
     ordered = sorted((c for c in candidates if c.ignored is None), key=lambda c: c.step)  # type: ignore[arg-type, return-value]
     ignored = [c for c in candidates if c.ignored is not None]
     pool = list(ordered)
-    notes: list[str] = []
+    notes: list[str] = [mode_note] if mode_note else []
     if any(c.step_source == EPOCH_AS_STEP for c in ordered):
         notes.append("ordered by epoch: no candidate has a step (--min-step, --max-step and --every count epochs)")
 
@@ -382,7 +465,7 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
     hint = metric_hint(candidates, metric) if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None) else None
     if hint:
         notes.append(hint)
-    return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint)
+    return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint, mode_source=mode_source)
 
 
 def _nonfinite(pool: list[Candidate], has_nonfinite: Callable[[Candidate], str | None]) -> dict[int, str | None]:
