@@ -139,7 +139,7 @@ def average(
     dtype: str | None = None,
     accum: str = "auto",
     device: str = "auto",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     key: str | None = None,
     use_ema: bool = False,
     strip_prefixes: Sequence[str] = (),
@@ -171,7 +171,7 @@ def average(
         dtype: output dtype of floating tensors ("bf16", "fp16", "fp32"); None keeps the input's.
         accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64".
         device: "auto", "cpu", "cuda" or "cuda:N".
-        max_shard_size: shard the output above this size ("5GB").
+        max_shard_size: shard an output folder above this size (None: "5GB"); refused with a single-file output.
         key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
@@ -217,11 +217,13 @@ def average(
         raise UsageError(None, f"--order {order!r}: expected auto or given")
     if rank_timeout is not None and not rank_timeout > 0:
         raise UsageError(None, f"--rank-timeout {rank_timeout:g}: expected a number of seconds above 0")
-    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     notes: list[str] = []
     if out_path is not None:
-        output_layout(out_path, out_format)
+        if output_layout(out_path, out_format)[1] and max_shard_size is not None:
+            raise UsageError(None, f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                             "(leave it out, or name a folder)")
         check_output_name(out_path)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
@@ -379,13 +381,40 @@ def file_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+DEFAULT_SHARD_SIZE = "5GB"
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
+# File formats of checkpoints, models and archives that ckptavg does not write: an output named so would
+# otherwise become a folder of that name. Any other suffix (`run.v2`, `merged-0.5`) is a folder's name.
+NOT_WRITTEN = (
+    ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".hdf5", ".keras", ".msgpack", ".npz", ".npy", ".pkl", ".pickle",
+    ".joblib", ".pb", ".tflite", ".nemo", ".tar", ".zip", ".gz", ".tgz", ".xz", ".zst", ".7z", ".json", ".yaml", ".yml",
+)
+WRITTEN = ("a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
+           "or one .pt/.pth/.bin/.pth.tar file (a state dict)")
+
+
+def refuse_file_suffix(out: Path) -> None:
+    """An output named like a file format ckptavg does not write (or like one it writes, in capitals) is refused,
+    so that `-o merged.ckpt` or `-o x.gguf` never becomes a folder of that name."""
+    name = out.name.lower()
+    if name.endswith(".safetensors") or name.endswith(PT_SUFFIXES):
+        if not (out.suffix == ".safetensors" or out.name.endswith(PT_SUFFIXES)):
+            kept = len(name) - len(next(s for s in (".safetensors", *PT_SUFFIXES) if name.endswith(s)))
+            raise UsageError(out, f"write the suffix in lower case ({out.name[:kept]}{name[kept:]}); ckptavg writes {WRITTEN}")
+        return
+    suffix = out.suffix.lower()
+    if suffix == ".ckpt":
+        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {WRITTEN}")
+    if suffix in NOT_WRITTEN:
+        raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {WRITTEN}")
 
 
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
-    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder."""
+    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
+    with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
     if out_format not in ("auto", "safetensors", "pt"):
         raise UsageError(None, f"--format {out_format!r}: expected safetensors or pt")
+    refuse_file_suffix(out)
     if out.suffix == ".safetensors":
         if out_format == "pt":
             raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")

@@ -26,7 +26,7 @@ SCHEMA = {
 }
 DIFF_KEYS = {
     "a", "b", "tensors", "only_in_a", "only_in_b", "shape_mismatch", "integer_tensors", "integer_differs",
-    "l2", "relative", "min_cosine", "max_abs", "identical",
+    "l2", "relative", "min_cosine", "max_abs", "identical", "compared", "hint",
 }
 
 
