@@ -20,7 +20,8 @@ from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.dcp import dcp_folder, open_dcp
 from ckptavg.formats.deepspeed import open_deepspeed
 from ckptavg.formats.deepspeed import save_folder as deepspeed_save
-from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.detect import refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.quantized import dequantized, read_config
 from ckptavg.formats.peft import WEIGHT_FILES, adapter_weights_file, read_adapter_config
 from ckptavg.formats.safetensors_io import read_safetensors
 from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is_tensor_dict
@@ -38,11 +39,13 @@ class LoadOptions:
         key: top-level entry (or `a/b` path) of a pickle that holds the state dict.
         use_ema: take the EMA weights the checkpoint carries instead of the raw ones.
         strip_prefixes: name prefixes to remove, each at most once, in the order given.
+        dequantize: read quantized weights as their values (codes x scales), the scales not as tensors of their own.
     """
 
     key: str | None = None
     use_ema: bool = False
     strip_prefixes: tuple[str, ...] = ()
+    dequantize: bool = True  # False: FP8/MXFP4 codes and scales as stored (reading an output back byte for byte)
 
 
 def missing_input(path: Path) -> InputError:
@@ -121,7 +124,11 @@ def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOpti
     ckpt.folder = folder
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
-    refuse_quantized_names(path, list(ckpt.tensors))
+    if options.dequantize:
+        ckpt.tensors, ckpt.quantization = dequantized(path, ckpt.tensors, read_config(folder or (path if path.is_dir() else path.parent)))
+    if ckpt.quantization is not None:
+        ckpt.format = f"{ckpt.format}, {ckpt.quantization.scheme}"
+        ckpt.notes.append(ckpt.quantization.describe())
     ckpt.tensors, removed = _strip_prefixes(path, ckpt.tensors, options.strip_prefixes)
     ckpt.tensors, compiled = _strip_compiled(path, ckpt.tensors)
     unmatched = [p for p in options.strip_prefixes if not removed.get(p)]
