@@ -155,3 +155,11 @@ def test_the_whole_state_saved_by_one_rank_is_an_ordinary_sharded_folder(tmp_pat
         assert cli("average", given, "-o", tmp_path / f"out-{given.name}").code == 0
         got = read_output(tmp_path / f"out-{given.name}")
         assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_a_folder_whose_parts_are_in_sharded_is_read_from_there(dcp_safetensors_ckpts, cli, tmp_path):
+    """enable_consolidation=True writes the parts to <path>/sharded/ and then the consolidated files to <path>; with
+    the consolidation missing, the parts are read."""
+    shutil.copytree(dcp_safetensors_ckpts["hf"] / "step-2", tmp_path / "step-2" / "sharded")
+    result = cli("inspect", tmp_path / "step-2")
+    assert result.code == 0 and "dcp-hf (4 shard files)" in result.out and "step         2" in result.out
