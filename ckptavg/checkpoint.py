@@ -18,6 +18,7 @@ from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_fr
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.dcp import dcp_folder, open_dcp
+from ckptavg.formats.dcp_hf import dcp_hf_folder, open_dcp_hf, refuse_lone_shard
 from ckptavg.formats.deepspeed import open_deepspeed
 from ckptavg.formats.deepspeed import save_folder as deepspeed_save
 from ckptavg.formats.detect import refuse_unsupported_folder, sniff, weight_files_in
@@ -99,6 +100,10 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     adapter = read_adapter_config(path if path.is_dir() else path.parent) if path.is_dir() or path.name in WEIGHT_FILES else None
     if path.is_dir() and adapter is None and (dcp := dcp_folder(path)) is not None:
         return _finish(path, open_dcp(path, dcp, options.key), path if dcp != path else None, options)
+    if path.is_dir() and adapter is None and (shards := dcp_hf_folder(path)) is not None:
+        return _finish(path, open_dcp_hf(path, shards, options.key, options.use_ema), path, options)
+    if path.is_file():
+        refuse_lone_shard(path)
     if path.is_dir() and adapter is None and (save := deepspeed_save(path)) is not None:
         ckpt = open_deepspeed(path, save, options.key)
         return _finish(path, ckpt, None if save == path else path, options)

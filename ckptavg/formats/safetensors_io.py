@@ -38,18 +38,23 @@ SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Parse and validate a safetensors header: (tensor entries, metadata, offset of the data)."""
+def read_header(path: Path, start: int = 0) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensor entries, metadata, offset of the data in the file).
+
+    `start` is where the safetensors bytes begin in `path` (a DCP `.distcp` file ends with them); they run to
+    the end of the file either way.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
+        f.seek(start)
         head = f.read(8)
         if len(head) < 8:
             raise InputError(path, f"truncated: a safetensors file starts with an 8-byte header length, file has {size} bytes")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER:
             raise InputError(path, f"corrupt safetensors header: header length {length} is implausible")
-        if 8 + length > size:
-            raise InputError(path, f"truncated: header needs {8 + length} bytes, file has {size}")
+        if start + 8 + length > size:
+            raise InputError(path, f"truncated: header needs {start + 8 + length} bytes, file has {size}")
         raw = f.read(length)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates)
@@ -62,7 +67,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise InputError(path, "corrupt safetensors header: __metadata__ is not an object")
-    data_start = 8 + length
+    data_start = start + 8 + length
     _check_entries(path, header, size - data_start)
     return header, metadata, data_start
 
