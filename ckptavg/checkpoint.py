@@ -149,9 +149,9 @@ def _weights_file_of_folder(folder: Path) -> Path:
     refuse_unsupported_folder(folder)
     candidates = weight_files_in(folder)
     if not candidates:
-        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name))
+        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"(checkpoint|step)-\d+", p.name))
         if runs:
-            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/checkpoint-*")
+            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/{runs[0].split('-')[0]}-*")
         raise InputError(folder, "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)")
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates[:4])
