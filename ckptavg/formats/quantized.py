@@ -17,6 +17,7 @@ Anything else that looks quantized is refused, naming the tensor and the scheme.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def _read_bytes(src: TensorSource, start: int, count: int) -> torch.Tensor:
 
 def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
     assert s.codes is not None and s.scales is not None
-    codes = _read_bytes(s.codes, lo, hi - lo).view(s.codes.dtype).to(torch.float64)
+    codes = _values_of_codes(s.codes.dtype).index_select(0, _read_bytes(s.codes, lo, hi - lo).int())
     if s.block == (0, 0):  # one scale for the whole tensor
         return codes * _read_bytes(s.scales, 0, s.scales.nbytes).view(s.scales.dtype).to(torch.float64)
     cols = s.shape[-1] if s.shape else 1
@@ -152,10 +153,19 @@ def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
     return codes * per_row.reshape(-1)[start : start + hi - lo]
 
 
+@functools.cache
+def _values_of_codes(dtype: torch.dtype) -> torch.Tensor:
+    """The float64 value of each of the 256 codes of a one-byte dtype: a table lookup (index_select) converts
+    codes about twice as fast as a dtype cast on a CPU."""
+    if dtype == torch.uint8:  # two E2M1 codes per byte: the pair's values, low nibble first
+        e2m1 = torch.tensor(E2M1, dtype=torch.float64)
+        return torch.stack((e2m1.repeat(16), e2m1.repeat_interleave(16)), dim=-1)
+    return torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float64)
+
+
 def _decode_mx(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     """[..., k, 16] bytes and [..., k] exponents -> [..., k * 32] float64 values."""
-    lut = torch.tensor(E2M1, dtype=torch.float64)
-    pairs = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1)  # low nibble first
+    pairs = _values_of_codes(torch.uint8).index_select(0, codes.reshape(-1).int())  # [n, 2]: low nibble first
     values = pairs.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
     values = torch.ldexp(values, (exponents.to(torch.int64) - 127).to(torch.float64).unsqueeze(-1))
     return values.reshape(*codes.shape[:-2], -1)
