@@ -52,6 +52,7 @@ PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to-hub:
 PushRevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="With --push-to-hub: the branch to push to, created if missing (default: main).", show_default=False)]
 CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged or exported).", show_default=False)]
 RankTimeoutOpt = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")]
+RequantizeOpt = Annotated[bool, typer.Option("--requantize", help="FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in --dtype (bf16 by default).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
 
 
@@ -93,6 +94,7 @@ def average(
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
+    requantize: RequantizeOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -122,7 +124,7 @@ def average(
             weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout,
-            **callbacks,
+            requantize=requantize, **callbacks,
         )),
         print_summary, json_output, quiet, inputs=len(inputs),
     )
@@ -326,6 +328,7 @@ def export(
     merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.")] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
+    requantize: RequantizeOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -348,7 +351,7 @@ def export(
         lambda **callbacks: pushed(export_checkpoint(
             checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, **callbacks,
+            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, requantize=requantize, **callbacks,
         )),
         print_export, json_output, quiet, inputs=1,
     )

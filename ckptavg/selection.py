@@ -40,7 +40,7 @@ MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
 SPIKE_MIN_VALUES = 4  # a value, two neighbours, and a third value for the noise floor of the others
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_DIR = re.compile(r"(checkpoint|step)-(\d+)")  # Trainer's checkpoint-N, torchtitan's and NeMo's step-N
 
 
 @dataclass
@@ -187,11 +187,13 @@ def open_complete(path: Path, options: LoadOptions):
     offsets, zip records and legacy storages against the file size), an index against its shards.
     """
     from ckptavg.checkpoint import open_checkpoint
+    from ckptavg.formats.dcp_hf import dcp_hf_folder
     from ckptavg.formats.detect import weight_files_in
 
     if path.is_dir():
         files = weight_files_in(path)
-        if files and all(SHARD_NAME.search(f.name) for f in files):
+        # DCP's Hugging Face shard files (shard-R-model-i-of-n) never have an index: their parts are checked instead
+        if files and all(SHARD_NAME.search(f.name) for f in files) and dcp_hf_folder(path) is None:
             raise InputError(path, f"incomplete: shard {files[0].name} without its index (a save in progress?)")
     return open_checkpoint(path, options)
 
@@ -214,7 +216,7 @@ def refuse_run_folder(path: Path) -> None:
     runs = sorted((p.name for p in path.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name)), key=lambda n: int(n.split("-")[1]))
     if runs:
         shown = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
-        raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/checkpoint-* instead")
+        raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/{runs[-1].split('-')[0]}-* instead")
 
 
 def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:

@@ -20,6 +20,7 @@ from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
 from ckptavg.formats.peft import describe_adapter
+from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
 from ckptavg.merge.engine import Progress, ProgressFn
@@ -137,6 +138,7 @@ class InspectReport:
     notes: list[str]
     leftovers: list[Leftovers]
     adapter: dict[str, Any] | None = None  # a PEFT adapter: type, r, lora_alpha, targets, base model, parameter counts
+    quantization: dict[str, Any] | None = None  # FP8/MXFP4 weights: scheme, where the block size came from, scale tensors
     tensor_list: list[TensorInfo] | None = None
     issues: list[TensorIssue] | None = None
 
@@ -369,8 +371,9 @@ def inspect_checkpoint(
     try:
         ckpt = local.open(local.paths[0], options) if local.sources else _open(Path(path), options)
         path = local.paths[0]
+        stored = stored_tensors(ckpt.tensors)  # FP8/MXFP4 weights as their codes and scales, as the files hold them
         by_dtype: dict[str, int] = {}
-        for src in ckpt.tensors.values():
+        for src in stored.values():
             by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
         metrics: dict[str, float] = {}
         state = read_trainer_state(ckpt.path) if ckpt.path.is_dir() else None
@@ -391,9 +394,9 @@ def inspect_checkpoint(
             path=local.label(ckpt.path),
             format=ckpt.format,
             files=files,
-            tensors=len(ckpt.tensors),
+            tensors=len(stored),
             parameters=_parameters(ckpt),
-            tensor_bytes=ckpt.nbytes,
+            tensor_bytes=sum(src.nbytes for src in stored.values()),
             bytes_by_dtype=by_dtype,
             step=ckpt.step,
             epoch=ckpt.epoch,
@@ -410,12 +413,13 @@ def inspect_checkpoint(
             notes=list(ckpt.notes) + local.notes(ckpt.path),
             leftovers=find_leftovers(Path(path)),
             adapter=describe_adapter(ckpt.adapter, {n: src.numel for n, src in ckpt.tensors.items()}) if ckpt.adapter else None,
+            quantization=ckpt.quantization.to_dict() if ckpt.quantization else None,
         )
         if tensors:
             regex = re.compile(pattern) if pattern else None
             report.tensor_list = [
                 TensorInfo(name, dtype_name(src.dtype), list(src.shape), src.nbytes)
-                for name, src in ckpt.tensors.items()
+                for name, src in stored.items()
                 if regex is None or regex.search(name)
             ]
         if check:
