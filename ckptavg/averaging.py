@@ -21,6 +21,7 @@ from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, U
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
+from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer, quantized_specs
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
     RangeWriter,
@@ -140,7 +141,7 @@ def average(
     dtype: str | None = None,
     accum: str = "auto",
     device: str = "auto",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     key: str | None = None,
     use_ema: bool = False,
     strip_prefixes: Sequence[str] = (),
@@ -156,6 +157,7 @@ def average(
     base: str | os.PathLike | None = None,
     adapter_rank: int | None = None,
     rank_timeout: float | None = None,
+    requantize: bool = False,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -172,7 +174,7 @@ def average(
         dtype: output dtype of floating tensors ("bf16", "fp16", "fp32"); None keeps the input's.
         accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64".
         device: "auto", "cpu", "cuda" or "cuda:N".
-        max_shard_size: shard the output above this size ("5GB").
+        max_shard_size: shard an output folder above this size (None: "5GB"); refused with a single-file output.
         key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
@@ -192,6 +194,8 @@ def average(
         base: the base model of the adapters, for adapter_mode="merged".
         adapter_rank: truncate the exact average of LoRA adapters to this rank by SVD (each module's error reported).
         check_same_run: compare a small sample of every input to warn when they look like different runs.
+        requantize: write FP8 weights (read dequantized) in their inputs' scheme again: the same dtype, block size
+            and scale names, new scales from each block's absolute maximum; config.json keeps its quantization_config.
         rank_timeout: under torchrun (or inside an initialised torch.distributed process group), the seconds a
             rank may show no sign of life before the job fails naming it (default 120).
         on_progress: called with a Progress (bytes and tensors done and to do, current tensor) as the work advances.
@@ -218,11 +222,13 @@ def average(
         raise UsageError(None, f"--order {order!r}: expected auto or given")
     if rank_timeout is not None and not rank_timeout > 0:
         raise UsageError(None, f"--rank-timeout {rank_timeout:g}: expected a number of seconds above 0")
-    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     notes: list[str] = []
     if out_path is not None:
-        output_layout(out_path, out_format)
+        if output_layout(out_path, out_format)[1] and max_shard_size is not None:
+            raise UsageError(None, f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                             "(leave it out, or name a folder)")
         check_output_name(out_path)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
@@ -248,7 +254,9 @@ def average(
         require_order(given, ordered_by, order, strategy.strategy)
         if note := order_note(given, checkpoints, strategy.strategy):
             notes.append(note)
-        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank)
+        if requantize and world is not None:
+            raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
+        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank, requantize)
         report = _report(plan, ordered_by, out_path, torch_device, notes)
         local.annotate(report.inputs)
         if adapter is not None:
@@ -305,13 +313,15 @@ def _agree(world: World, plan: Plan, out: Path | None, out_format: str, shard_by
 
 def _plan(
     checkpoints: list[Checkpoint], strategy: Weights, out_dtype: torch.dtype | None, accum: str, adapter_mode: str, base: Checkpoint | None,
-    rank: int | None = None,
+    rank: int | None = None, requantize: bool = False,
 ) -> tuple[Plan, AdapterSummary | None]:
     """The plan: tensors averaged as they are, or PEFT adapters averaged by what they do (merge/adapters.py)."""
     if check_adapters(checkpoints) is None:
         if base is not None or rank is not None:
             raise UsageError(None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models")
-        return build_plan(checkpoints, strategy, out_dtype, accum), None
+        return build_plan(checkpoints, strategy, out_dtype, accum, requantize), None
+    if requantize:
+        raise UsageError(None, "--requantize applies to FP8 weights; the inputs are PEFT adapters")
     return build_adapter_plan(checkpoints, strategy, adapter_mode, out_dtype, accum, base, rank)
 
 
@@ -381,13 +391,40 @@ def file_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+DEFAULT_SHARD_SIZE = "5GB"
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
+# File formats of checkpoints, models and archives that ckptavg does not write: an output named so would
+# otherwise become a folder of that name. Any other suffix (`run.v2`, `merged-0.5`) is a folder's name.
+NOT_WRITTEN = (
+    ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".hdf5", ".keras", ".msgpack", ".npz", ".npy", ".pkl", ".pickle",
+    ".joblib", ".pb", ".tflite", ".nemo", ".tar", ".zip", ".gz", ".tgz", ".xz", ".zst", ".7z", ".json", ".yaml", ".yml",
+)
+WRITTEN = ("a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
+           "or one .pt/.pth/.bin/.pth.tar file (a state dict)")
+
+
+def refuse_file_suffix(out: Path) -> None:
+    """An output named like a file format ckptavg does not write (or like one it writes, in capitals) is refused,
+    so that `-o merged.ckpt` or `-o x.gguf` never becomes a folder of that name."""
+    name = out.name.lower()
+    if name.endswith(".safetensors") or name.endswith(PT_SUFFIXES):
+        if not (out.suffix == ".safetensors" or out.name.endswith(PT_SUFFIXES)):
+            kept = len(name) - len(next(s for s in (".safetensors", *PT_SUFFIXES) if name.endswith(s)))
+            raise UsageError(out, f"write the suffix in lower case ({out.name[:kept]}{name[kept:]}); ckptavg writes {WRITTEN}")
+        return
+    suffix = out.suffix.lower()
+    if suffix == ".ckpt":
+        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {WRITTEN}")
+    if suffix in NOT_WRITTEN:
+        raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {WRITTEN}")
 
 
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
-    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder."""
+    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
+    with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
     if out_format not in ("auto", "safetensors", "pt"):
         raise UsageError(None, f"--format {out_format!r}: expected safetensors or pt")
+    refuse_file_suffix(out)
     if out.suffix == ".safetensors":
         if out_format == "pt":
             raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")
@@ -510,7 +547,8 @@ def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: _TensorF
         report.output_files.append(ADAPTER_CONFIG)
     files_from = plan.files_from or plan.inputs[-1].folder
     if files_from is not None:
-        report.copied_files = copy_model_files(files_from, tmp, OUTPUT_DTYPES[options.dtype] if options.dtype else None)
+        out_dtype = OUTPUT_DTYPES[options.dtype] if options.dtype else plan.dequantized
+        report.copied_files = copy_model_files(files_from, tmp, out_dtype, dequantized=plan.dequantized is not None)
     else:
         report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
 
@@ -519,9 +557,12 @@ def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: 
     """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
     checked = ChecksumWriter(writer, specs) if options.verify else None
     engine = Engine(plan, options.device, options.memory_budget)
+    target = checked or writer
+    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
+        target = Fp8Requantizer(target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries])
     try:
-        engine.run(checked or writer, on_progress)
-        (checked or writer).finish()
+        engine.run(target, on_progress)
+        target.finish()
     finally:
         writer.abort()
     return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
@@ -644,7 +685,17 @@ def _verify_my_files(world: World, tmp: Path, specs: list[TensorSpec], task: dic
 
 
 def specs_of(plan: Plan) -> list[TensorSpec]:
-    return [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    """The tensors of the output files, in the order they are written (a requantized weight: codes, then scales)."""
+    if not plan.requantize:
+        return [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    specs = []
+    for e in plan.entries:
+        source = e.sources[0]
+        if isinstance(source, DequantizedSource):
+            specs.extend(TensorSpec(*spec) for spec in quantized_specs(e.name, source))
+        else:
+            specs.append(TensorSpec(e.name, e.dtype, e.shape))
+    return specs
 
 
 def disk_size(path: Path) -> int:
@@ -680,7 +731,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         tensors=len(plan.entries),
         parameters=plan.parameters,
         input_dtypes=_count_dtypes([e.input_dtype for e in plan.entries]),
-        output_dtypes=_count_dtypes([e.dtype for e in plan.entries]),
+        output_dtypes=_count_dtypes([spec.dtype for spec in specs_of(plan)]),
         accumulate=_count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
         copied_from_newest=plan.copied,
         tied=[list(pair) for pair in plan.tied],

@@ -18,9 +18,11 @@ from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_fr
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.dcp import dcp_folder, open_dcp
+from ckptavg.formats.dcp_hf import dcp_hf_folder, open_dcp_hf, refuse_lone_shard
 from ckptavg.formats.deepspeed import open_deepspeed
 from ckptavg.formats.deepspeed import save_folder as deepspeed_save
-from ckptavg.formats.detect import refuse_quantized_names, refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.detect import refuse_unsupported_folder, sniff, weight_files_in
+from ckptavg.formats.quantized import dequantized, read_config
 from ckptavg.formats.peft import WEIGHT_FILES, adapter_weights_file, read_adapter_config
 from ckptavg.formats.safetensors_io import read_safetensors
 from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is_tensor_dict
@@ -38,11 +40,13 @@ class LoadOptions:
         key: top-level entry (or `a/b` path) of a pickle that holds the state dict.
         use_ema: take the EMA weights the checkpoint carries instead of the raw ones.
         strip_prefixes: name prefixes to remove, each at most once, in the order given.
+        dequantize: read quantized weights as their values (codes x scales), the scales not as tensors of their own.
     """
 
     key: str | None = None
     use_ema: bool = False
     strip_prefixes: tuple[str, ...] = ()
+    dequantize: bool = True  # False: FP8/MXFP4 codes and scales as stored (reading an output back byte for byte)
 
 
 def missing_input(path: Path) -> InputError:
@@ -96,6 +100,10 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
     adapter = read_adapter_config(path if path.is_dir() else path.parent) if path.is_dir() or path.name in WEIGHT_FILES else None
     if path.is_dir() and adapter is None and (dcp := dcp_folder(path)) is not None:
         return _finish(path, open_dcp(path, dcp, options.key), path if dcp != path else None, options)
+    if path.is_dir() and adapter is None and (shards := dcp_hf_folder(path)) is not None:
+        return _finish(path, open_dcp_hf(path, shards, options.key, options.use_ema), path, options)
+    if path.is_file():
+        refuse_lone_shard(path)
     if path.is_dir() and adapter is None and (save := deepspeed_save(path)) is not None:
         ckpt = open_deepspeed(path, save, options.key)
         return _finish(path, ckpt, None if save == path else path, options)
@@ -121,7 +129,11 @@ def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOpti
     ckpt.folder = folder
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
-    refuse_quantized_names(path, list(ckpt.tensors))
+    if options.dequantize:
+        ckpt.tensors, ckpt.quantization = dequantized(path, ckpt.tensors, read_config(folder or (path if path.is_dir() else path.parent)))
+    if ckpt.quantization is not None:
+        ckpt.format = f"{ckpt.format}, {ckpt.quantization.scheme}"
+        ckpt.notes.append(ckpt.quantization.describe())
     ckpt.tensors, removed = _strip_prefixes(path, ckpt.tensors, options.strip_prefixes)
     ckpt.tensors, compiled = _strip_compiled(path, ckpt.tensors)
     unmatched = [p for p in options.strip_prefixes if not removed.get(p)]
@@ -137,9 +149,9 @@ def _weights_file_of_folder(folder: Path) -> Path:
     refuse_unsupported_folder(folder)
     candidates = weight_files_in(folder)
     if not candidates:
-        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name))
+        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"(checkpoint|step)-\d+", p.name))
         if runs:
-            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/checkpoint-*")
+            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/{runs[0].split('-')[0]}-*")
         raise InputError(folder, "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)")
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates[:4])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -42,7 +43,7 @@ UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights
 StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-ShardOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Shard the output folder above this size, e.g. 5GB, 500MB.")]
+ShardOpt = Annotated[str | None, typer.Option("--max-shard-size", metavar="SIZE", help="Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: refused with one.", show_default=False)]
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
@@ -51,6 +52,7 @@ PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to-hub:
 PushRevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="With --push-to-hub: the branch to push to, created if missing (default: main).", show_default=False)]
 CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged or exported).", show_default=False)]
 RankTimeoutOpt = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")]
+RequantizeOpt = Annotated[bool, typer.Option("--requantize", help="FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in --dtype (bf16 by default).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
 
 
@@ -71,7 +73,7 @@ def _root(
 @app.command()
 def average(
     inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and /FOLDER optional (hf://org/run@main/checkpoint-500).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", metavar="uniform|linear|W1,W2,...", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
     ema_half_life: Annotated[float | None, typer.Option("--ema-half-life", metavar="STEPS", help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).")] = None,
@@ -79,7 +81,7 @@ def average(
     dtype: DtypeOpt = None,
     accum_dtype: Annotated[str, typer.Option("--accum-dtype", metavar="auto|fp32|fp64", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
     device: DeviceOpt = "auto",
-    max_shard_size: ShardOpt = "5GB",
+    max_shard_size: ShardOpt = None,
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
@@ -92,6 +94,7 @@ def average(
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
+    requantize: RequantizeOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -121,7 +124,7 @@ def average(
             weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
             max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout,
-            **callbacks,
+            requantize=requantize, **callbacks,
         )),
         print_summary, json_output, quiet, inputs=len(inputs),
     )
@@ -191,18 +194,19 @@ def select(
     metrics_file: Annotated[Path | None, typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
     key: KeyOpt = None,
     invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable or incomplete one, or one without a step.")] = False,
+    print0: Annotated[bool, typer.Option("--print0", "-0", help="End each path with a NUL instead of a newline, for xargs -0: safe with spaces and newlines in paths.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Print the checkpoints to average or keep, one path per line, in step order.
+    """Print the checkpoints to average or keep, one path per line (NUL-terminated with --print0), in step order.
 
-    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
+    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). --skip-nonfinite reads tensors, so it reads only the candidates that could be chosen, and a non-finite one among the last N is replaced by the next older finite one. Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
 
     Example:
 
         ckptavg average $(ckptavg select runs/*/checkpoint-* --last 8) -o merged
 
-        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert | xargs -r rm -r
+        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert --print0 | xargs -0 -r rm -r
     """
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
@@ -214,6 +218,8 @@ def select(
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
+    if print0 and json_output:
+        raise UsageError(None, "--print0 and --json: choose one (--json lists the paths in JSON)")
     policy = Policy(
         last=last, top_k=top_k, metric=metric, mode=mode, every=every, min_step=min_step,
         max_step=int(max_step) if max_step and max_step.isdigit() else max_step, after_warmup=after_warmup,
@@ -221,13 +227,18 @@ def select(
     )
     policy.check()
     options = LoadOptions(key=key)
-    selection = choose(gather(inputs, metrics_file, options), policy, has_nonfinite=lambda c: first_nonfinite(Path(c.path), options))
+    display = ProgressDisplay(enabled=not quiet, inputs=len(inputs))
+    with display.running():
+        candidates = gather(inputs, metrics_file, options)
+        selection = choose(candidates, policy, on_progress=display.update,
+                           has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes))
     print_selection(selection, quiet, json_output=json_output, invert=invert)
     if json_output:
         print_json(selection.to_dict())
     else:
-        for c in selection.inverted if invert else selection.chosen:
-            print(c.path)
+        end = "\0" if print0 else "\n"
+        sys.stdout.write("".join(c.path + end for c in (selection.inverted if invert else selection.chosen)))
+        sys.stdout.flush()
     if not selection.chosen and not invert:
         hint = f"; {selection.metric_hint}" if selection.metric_hint else ""
         raise InputError(None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored){hint}")
@@ -239,15 +250,19 @@ def inspect(
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
     pattern: Annotated[str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
-    diff: Annotated[Path | None, typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|.")] = None,
+    diff: Annotated[Path | None, typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|. Nothing compared (no tensor of the same name and shape) is exit 1.")] = None,
+    fail_if_different: Annotated[bool, typer.Option("--fail-if-different", help="With --diff: exit 1 unless A and B hold the same tensors, same shapes, same values (for CI).")] = False,
+    max_rel_l2: Annotated[float | None, typer.Option("--max-rel-l2", metavar="X", help="With --diff: exit 1 when the relative L2 of all floating tensors exceeds X, or a tensor is missing on one side or of another shape.", show_default=False)] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", metavar="X", help="With --diff: exit 1 when a floating tensor's cosine is below X, or a tensor is missing on one side or of another shape.", show_default=False)] = None,
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
     json_output: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no report; errors and the exit code only (--json still prints).")] = False,
 ) -> None:
     """Show what a checkpoint holds: layout, tensors, dtypes, step, metrics and training state.
 
-    Reads headers and pickle structure only (nothing in a pickle is run); --check and --diff stream the tensors.
+    Reads headers and pickle structure only (nothing in a pickle is run); --check and --diff stream the tensors, with a progress bar on a terminal.
 
     Example:
 
@@ -255,21 +270,41 @@ def inspect(
 
         ckptavg inspect epoch=3-step=400.ckpt --tensors --filter 'attn'
 
-        ckptavg inspect merged --diff runs/checkpoint-1000
+        ckptavg inspect merged --diff runs/checkpoint-1000 --max-rel-l2 0.01
     """
     if follower():
         return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
-    from ckptavg.summary import diff_checkpoints, inspect_checkpoint
+    from ckptavg.summary import diff_checkpoints, diff_problems, inspect_checkpoint
 
+    asked = (("--fail-if-different", fail_if_different), ("--max-rel-l2", max_rel_l2 is not None), ("--min-cosine", min_cosine is not None))
+    checks = [flag for flag, on in asked if on]
+    if checks and diff is None:
+        raise UsageError(None, f"{checks[0]} applies with --diff B")
+    if max_rel_l2 is not None and not max_rel_l2 >= 0:
+        raise UsageError(None, f"--max-rel-l2 {max_rel_l2:g}: expected a number >= 0")
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise UsageError(None, f"--min-cosine {min_cosine:g}: expected a number in [-1, 1]")
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefix or ()))
+    display = ProgressDisplay(enabled=not quiet, inputs=1 if diff is None else 2)
     if diff is not None:
-        report = diff_checkpoints(path, diff, options, pattern)
-        print_json(report.to_dict()) if json_output else print_diff(report)
+        with display.running():
+            report = diff_checkpoints(path, diff, options, pattern, on_progress=display.update)
+        if json_output:
+            print_json(report.to_dict())
+        elif not quiet:
+            print_diff(report)
+        problems = diff_problems(report, fail_if_different, max_rel_l2, min_cosine)
+        if problems:
+            raise InputError(None, f"{report.a} vs {report.b}: {'; '.join(problems)}")
         return
-    report = inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check)
-    print_json(report.to_dict()) if json_output else print_inspect(report)
+    with display.running() if check else contextlib.nullcontext():
+        report = inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=display.update)
+    if json_output:
+        print_json(report.to_dict())
+    elif not quiet:
+        print_inspect(report)
     if report.issues:
         raise InputError(path, f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}")
 
@@ -277,13 +312,13 @@ def inspect(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
     dtype: DtypeOpt = None,
     out_format: Annotated[str, typer.Option("--format", metavar="safetensors|pt", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
-    max_shard_size: ShardOpt = "5GB",
+    max_shard_size: ShardOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and print what would be written.")] = False,
@@ -293,6 +328,7 @@ def export(
     merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.")] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
+    requantize: RequantizeOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -315,7 +351,7 @@ def export(
         lambda **callbacks: pushed(export_checkpoint(
             checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
             max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, **callbacks,
+            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, requantize=requantize, **callbacks,
         )),
         print_export, json_output, quiet, inputs=1,
     )

@@ -251,17 +251,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> list[str]:
-    """Copy config/tokenizer files; config.json's dtype is updated when the output dtype changed."""
+def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None, dequantized: bool = False) -> list[str]:
+    """Copy config/tokenizer files; config.json's dtype is updated when the output dtype changed, and its
+    quantization_config removed when the weights were written dequantized (so the model loads as a plain one)."""
     copied = []
     for path in model_files(src):
         target = dst / path.name
         try:
-            if path.name == "config.json" and out_dtype is not None:
+            if path.name == "config.json" and (out_dtype is not None or dequantized):
                 config = json.loads(path.read_text())
                 for key in ("torch_dtype", "dtype"):
-                    if key in config:
+                    if key in config and out_dtype is not None:
                         config[key] = dtype_name(out_dtype)
+                if dequantized:
+                    config.pop("quantization_config", None)
                 target.write_text(json.dumps(config, indent=2) + "\n")
             else:
                 shutil.copyfile(path, target)

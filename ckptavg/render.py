@@ -98,7 +98,8 @@ class ProgressDisplay:
     """What a running command shows on stderr, and its warnings.
 
     On a terminal: a status line at once ("opening N inputs…", while torch is imported and the inputs are
-    opened), then the plan, a bar while the engine runs and another while --verify reads the output back,
+    opened), then the plan, a bar while the engine runs and another while --verify reads the output back (or
+    while `select --skip-nonfinite` and `inspect --check/--diff` read tensors: their progress has a `phase`),
     all fitted to the terminal's width and cleared at the end. Off a terminal (CI logs): a plain line about
     every 10% or 30 s of a run that lasts over a second, never a bar. Warnings are `warning: ...` lines. With
     `enabled` false (--quiet): nothing at all.
@@ -138,7 +139,7 @@ class ProgressDisplay:
         if self.enabled and not self.terminal and self.throttle is not None:
             fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 1.0
             if self.throttle.due(fraction):
-                if not self._plan_printed:
+                if not self._plan_printed and self.plan:
                     self._plan_printed = True
                     self._write(f"ckptavg: plan: {self.plan}")
                 self._write(f"ckptavg: {self.status_text()}")
@@ -208,7 +209,9 @@ class ProgressDisplay:
         bar_width = max(bar_width, 1)
         filled = int(bar_width * min(fraction, 1.0))
         out.append(_fit(Text.assemble((label, "bold"), ("━" * filled, "magenta"), ("━" * (bar_width - filled), "grey23"), tail_text), width))
-        if p is not None and self.phase == "verifying":
+        if p is not None and getattr(p, "detail", ""):  # a read (select --skip-nonfinite, inspect --check/--diff)
+            detail = p.detail
+        elif p is not None and self.phase == "verifying":
             detail = f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of {p.tensors_total})"
         elif p is not None and done >= total:
             detail = "writing the last chunks to the disk…"
@@ -511,7 +514,10 @@ def print_diff(report, limit: int = 20) -> None:
         table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
     for t in sorted(report.tensors, key=lambda t: -t.relative)[:limit]:
         table.add_row(t.name, f"{t.l2:.4g}", f"{t.relative:.4g}", f"{t.cosine:.6f}", f"{t.max_abs:.4g}")
-    out.print(table)
+    if report.tensors:
+        out.print(table)
+    else:
+        out.print(table.title)
     if len(report.tensors) > limit:
         out.print(f"[dim]{len(report.tensors) - limit} more tensors (--json lists all)[/]")
     for label, names in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
@@ -526,8 +532,17 @@ def print_diff(report, limit: int = 20) -> None:
             f"integers     {len(names)} of {report.integer_tensors} integer/bool tensors differ{which} (not in the distances)",
             markup=False,
         )
+    if not report.compared:
+        out.print(f"summary      nothing compared: {report.hint or 'no tensor of the same name and shape in both'}", markup=False)
+        return
     verdict = "identical" if report.identical else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
-    out.print(f"summary      {len(report.tensors)} floating tensors compared: {verdict}")
+    unmatched = [
+        f"{len(names)} {label}"
+        for names, label in ((report.only_in_a, "only in A"), (report.only_in_b, "only in B"), (report.shape_mismatch, "of another shape"))
+        if names
+    ]
+    also = f"; not compared: {', '.join(unmatched)}" if unmatched else ""
+    out.print(f"summary      {len(report.tensors)} floating tensors compared: {verdict}{also}", markup=False)
 
 
 def print_export(report: AverageReport, console: Console | None = None) -> None:

@@ -7,6 +7,10 @@ passes the filters is chosen. Candidates without a step, and those that cannot b
 save in progress: a truncated file, a missing shard, no weights yet), are ignored and reported, never chosen
 or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also keeps back the
 newest readable checkpoint and, with a metric, every checkpoint without a value for it.
+
+`skip_nonfinite` is the one filter that reads tensors: it runs last and reads only the candidates the
+selectors would take, replacing a non-finite one by the next in line, so the choice is the one a read of
+every candidate would give (see `select`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ckptavg.checkpoint import LoadOptions, missing_input
 from ckptavg.discover import (
@@ -36,7 +41,7 @@ MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
 SPIKE_MIN_VALUES = 4  # a value, two neighbours, and a third value for the noise floor of the others
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_DIR = re.compile(r"(checkpoint|step)-(\d+)")  # Trainer's checkpoint-N, torchtitan's and NeMo's step-N
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Candidate:
     trainer_best: bool = False  # trainer_state.json's best_model_checkpoint names it
     copy_of: str | None = None  # holds the same weights as this candidate (a last/best copy): ignored
     modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # metric -> (min or max, where the checkpoint records it)
+    tensor_bytes: int = 0  # of its weights, from the headers: what --skip-nonfinite reads
 
     def metric(self, name: str | None) -> float | None:
         return self.metrics.get(name) if name else None
@@ -164,6 +170,7 @@ def _describe(path: Path, table: MetricsTable | None, options: LoadOptions | Non
     try:
         ckpt = open_complete(path, options or LoadOptions())
         found = StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)  # the same steps `average` orders by
+        candidate.tensor_bytes = ckpt.nbytes
         if ckpt.pickle is not None and path.is_file():
             mine, others = checkpoint_metrics(ckpt.pickle)
             sources.append(("checkpoint", mine))
@@ -197,11 +204,13 @@ def open_complete(path: Path, options: LoadOptions):
     offsets, zip records and legacy storages against the file size), an index against its shards.
     """
     from ckptavg.checkpoint import open_checkpoint
+    from ckptavg.formats.dcp_hf import dcp_hf_folder
     from ckptavg.formats.detect import weight_files_in
 
     if path.is_dir():
         files = weight_files_in(path)
-        if files and all(SHARD_NAME.search(f.name) for f in files):
+        # DCP's Hugging Face shard files (shard-R-model-i-of-n) never have an index: their parts are checked instead
+        if files and all(SHARD_NAME.search(f.name) for f in files) and dcp_hf_folder(path) is None:
             raise InputError(path, f"incomplete: shard {files[0].name} without its index (a save in progress?)")
     return open_checkpoint(path, options)
 
@@ -224,7 +233,7 @@ def refuse_run_folder(path: Path) -> None:
     runs = sorted((p.name for p in path.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name)), key=lambda n: int(n.split("-")[1]))
     if runs:
         shown = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
-        raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/checkpoint-* instead")
+        raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/{runs[-1].split('-')[0]}-* instead")
 
 
 def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:
@@ -389,8 +398,22 @@ def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None
     return policy.mode, "--mode", None
 
 
-def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[[Candidate], str | None] | None = None) -> Selection:
-    """Mark each candidate chosen or not, with why, and what --invert keeps back; returned in step order."""
+def select(
+    candidates: list[Candidate],
+    policy: Policy,
+    has_nonfinite: Callable[..., str | None] | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Selection:
+    """Mark each candidate chosen or not, with why, and what --invert keeps back; returned in step order.
+
+    `has_nonfinite(candidate)` (for --skip-nonfinite) reads a candidate's tensors and says which holds NaN or
+    Inf, None when all are finite. It is the costly part, so it runs last, and only on the candidates that could
+    be chosen: the step filters and --skip-spikes first, then the candidates the selectors would take, best
+    first (--max-step best's best, the --top-k in rank order, the --last N newest first). A non-finite one is
+    replaced by the next in line (--last 3: the three newest finite ones), exactly as if every candidate had
+    been read first. With `on_progress`, it is called `has_nonfinite(candidate, on_bytes=fn)` and must call
+    fn(n) for each n bytes read; `on_progress` gets a ReadProgress (phase "scanning") after each.
+    """
     policy.check()
     mode, mode_source, mode_note = choose_mode([c for c in candidates if c.ignored is None], policy)
     policy = replace(policy, mode=mode)
@@ -424,10 +447,6 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
         for c in pool:
             if c.rank_value(metric) is None:
                 c.why.append(f"no {metric}" + (" (NaN)" if c.metric(metric) is not None else ""))
-    if policy.skip_nonfinite and has_nonfinite is not None:
-        problems = _nonfinite(pool, has_nonfinite)
-        pool = [c for c in pool if c.ignored is None]
-        drop(lambda c: problems[id(c)] is None, lambda c: f"non-finite: {problems[id(c)]}", "--skip-nonfinite")
     if policy.skip_spikes:
         readable = [c for c in ordered if c.ignored is None]
         judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
@@ -436,21 +455,26 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
         found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
         spikes = dict(zip(map(id, readable), found))
         drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {spikes[id(c)][1]:g} (neighbours' median + {policy.spike_k:g} x MAD)", "--skip-spikes")
-    if policy.max_step == "best":
-        scored = [c for c in pool if c.rank_value(metric) is not None]
-        if scored:
-            best = min(scored, key=lambda c: _better(policy)(c.rank_value(metric)))
-            drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
+    if policy.skip_nonfinite and has_nonfinite is not None:
+        scan = _Scan(has_nonfinite, on_progress)
+        scan.settle(pool, policy)
+        pool = [c for c in pool if c.ignored is None]
+        drop(lambda c: scan.problems.get(id(c)) is None, lambda c: f"non-finite: {scan.problems[id(c)]}", "--skip-nonfinite")
+        unread = [c for c in pool if id(c) not in scan.problems]
+        if unread:
+            read = len(scan.problems)
+            notes.append(f"--skip-nonfinite read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
+                         "the others were not read for NaN/Inf")
+    best, _, top, last = _pick(pool, policy)
+    if best is not None:
+        drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
     chosen: list[Candidate] = []
-    if policy.top_k is not None:
-        scored = sorted((c for c in pool if c.rank_value(metric) is not None), key=lambda c: _better(policy)(c.rank_value(metric)))
-        for rank, c in enumerate(scored[: policy.top_k], 1):
-            c.why.append(f"top-{policy.top_k} by {metric} (#{rank})")
-            chosen.append(c)
-    if policy.last is not None:
-        for c in pool[-policy.last :]:
-            c.why.append(f"among the last {policy.last}")
-            chosen.append(c)
+    for rank, c in enumerate(top, 1):
+        c.why.append(f"top-{policy.top_k} by {metric} (#{rank})")
+        chosen.append(c)
+    for c in reversed(last):
+        c.why.append(f"among the last {policy.last}")
+        chosen.append(c)
     if policy.top_k is None and policy.last is None:
         for c in pool:
             c.why.append("passes the filters")
@@ -468,17 +492,86 @@ def select(candidates: list[Candidate], policy: Policy, has_nonfinite: Callable[
     return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint, mode_source=mode_source)
 
 
-def _nonfinite(pool: list[Candidate], has_nonfinite: Callable[[Candidate], str | None]) -> dict[int, str | None]:
-    """The first NaN/Inf of each candidate; one that cannot be read now (changed since it was opened) is ignored."""
-    problems: dict[int, str | None] = {}
-    for c in pool:
+def _pick(pool: list[Candidate], policy: Policy) -> tuple[Candidate | None, list[Candidate], list[Candidate], list[Candidate]]:
+    """What the selectors take from `pool` (in step order): (--max-step best's best by the metric or None, the
+    pool up to it, the --top-k best first, the --last N newest first)."""
+    metric = policy.metric
+    better = _better(policy)
+    scored = [c for c in pool if c.rank_value(metric) is not None] if metric else []
+    ranked = sorted(scored, key=lambda c: better(c.rank_value(metric)))  # type: ignore[arg-type]
+    best = ranked[0] if policy.max_step == "best" and ranked else None
+    if best is not None:
+        pool = [c for c in pool if c.step <= best.step]  # type: ignore[operator]
+        ranked = [c for c in ranked if c.step <= best.step]  # type: ignore[operator]
+    top = ranked[: policy.top_k] if policy.top_k is not None else []
+    last = pool[::-1][: policy.last] if policy.last is not None else []
+    return best, pool, top, last
+
+
+class _Scan:
+    """--skip-nonfinite, read lazily: only the candidates whose finiteness decides the choice, best first.
+
+    `problems` maps each candidate read (by id) to its first NaN/Inf, or None (finite, or unreadable now: then
+    it is marked ignored, as one that changed since it was described).
+    """
+
+    def __init__(self, has_nonfinite: Callable[..., str | None], on_progress: Callable[[Any], None] | None) -> None:
+        self.has_nonfinite, self.on_progress = has_nonfinite, on_progress
+        self.problems: dict[int, str | None] = {}
+        self.bytes_done = 0
+
+    def settle(self, pool: list[Candidate], policy: Policy) -> None:
+        """Read candidates until every one the selectors would take (counting those not read as finite) was read:
+        then the choice is what it would be with every candidate read."""
+        while True:
+            finite = [c for c in pool if c.ignored is None and self.problems.get(id(c)) is None]
+            todo = [c for c in _unique(_needed(finite, policy)) if id(c) not in self.problems]
+            if not todo:
+                return
+            for i, c in enumerate(todo):
+                self._read(c, todo[i:])
+                if c.ignored is not None or self.problems[id(c)] is not None:
+                    break  # what replaces it may change the rest: plan again
+
+    def _read(self, c: Candidate, remaining: list[Candidate]) -> None:
+        from ckptavg.summary import ReadProgress
+
+        # the bytes to read: those read so far and the plan's rest (a read that stops at a NaN shortens it)
+        total = self.bytes_done + sum(x.tensor_bytes for x in remaining)
+        done, count = len(self.problems), len(self.problems) + len(remaining)
+
+        def tell(n: int) -> None:
+            self.bytes_done += n
+            detail = f"checkpoint {done + 1} of {count}: {c.path}"
+            progress = ReadProgress(self.bytes_done, max(total, self.bytes_done), done, count, c.path, "scanning", detail)
+            self.on_progress(progress)  # type: ignore[misc]
+
         try:
-            problems[id(c)] = has_nonfinite(c)
+            self.problems[id(c)] = self.has_nonfinite(c, on_bytes=tell) if self.on_progress else self.has_nonfinite(c)
         except HostileInputError:
             raise
         except InputError as e:
             c.ignored = unreadable(Path(c.path), e)
-    return problems
+            self.problems[id(c)] = None
+
+
+def _needed(pool: list[Candidate], policy: Policy) -> list[Candidate]:
+    """The candidates whose finiteness decides the choice, in the order to read them."""
+    best, window, top, last = _pick(pool, policy)
+    if policy.top_k is None and policy.last is None:
+        return ([best] if best else []) + window
+    return ([best] if best else []) + top + last
+
+
+def _unique(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates in order, each once (a candidate may be both among the top-k and the last N)."""
+    seen: set[int] = set()
+    out = []
+    for c in candidates:
+        if id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
 
 
 def _keep_back(readable: list[Candidate], metric: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -19,8 +20,10 @@ from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
 from ckptavg.formats.peft import describe_adapter
+from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
+from ckptavg.merge.engine import Progress, ProgressFn
 from ckptavg.output import lock_name, old_name, tmp_name
 
 CHUNK_BYTES = 32 << 20
@@ -49,6 +52,35 @@ LIGHTNING_ATTRIBUTES = ("model", "net", "network", "module")
 LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops", "callbacks", "hyper_parameters")
 LEFTOVER_KINDS = (("partial", tmp_name), ("old", old_name), ("lock", lock_name))
 LEFTOVER_NAME = re.compile(r"\.(?P<out>.+)\.ckptavg-(?P<kind>partial|old|lock)")
+
+
+@dataclass(frozen=True)
+class ReadProgress(Progress):
+    """Progress of a streaming read (`inspect --check`, `--diff`, `select --skip-nonfinite`): bytes read and to
+    read, `phase` names the read for the display, `detail` says where it is."""
+
+    phase: str = "checking"
+    detail: str = ""
+
+
+class Reading:
+    """Bytes read so far in a streaming read of `tensors_total` tensors, told to `on_progress` after each chunk."""
+
+    def __init__(self, on_progress: ProgressFn | None, phase: str, bytes_total: int, tensors_total: int) -> None:
+        self.on_progress, self.phase, self.total, self.tensors_total = on_progress, phase, bytes_total, tensors_total
+        self.done = 0
+        self.tensors_done = 0
+        self.name = ""
+
+    def read(self, name: str, nbytes: int) -> None:
+        """`nbytes` more of tensor `name` were read."""
+        if name != self.name:
+            self.tensors_done += bool(self.name)
+            self.name = name
+        self.done += nbytes
+        if self.on_progress is not None:
+            detail = f"tensor {min(self.tensors_done + 1, self.tensors_total)}/{self.tensors_total} {name}"
+            self.on_progress(ReadProgress(self.done, self.total, self.tensors_done, self.tensors_total, name, self.phase, detail))
 
 
 @dataclass
@@ -106,6 +138,7 @@ class InspectReport:
     notes: list[str]
     leftovers: list[Leftovers]
     adapter: dict[str, Any] | None = None  # a PEFT adapter: type, r, lora_alpha, targets, base model, parameter counts
+    quantization: dict[str, Any] | None = None  # FP8/MXFP4 weights: scheme, where the block size came from, scale tensors
     tensor_list: list[TensorInfo] | None = None
     issues: list[TensorIssue] | None = None
 
@@ -322,16 +355,25 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
         raise
 
 
-def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), tensors: bool = False, pattern: str | None = None, check: bool = False) -> InspectReport:
-    """Describe a checkpoint from its headers; with check=True also stream every tensor for NaN/Inf/all-zero."""
+def inspect_checkpoint(
+    path: str | Path,
+    options: LoadOptions = LoadOptions(),
+    tensors: bool = False,
+    pattern: str | None = None,
+    check: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> InspectReport:
+    """Describe a checkpoint from its headers; with check=True also stream every tensor for NaN/Inf/all-zero,
+    telling `on_progress` (a ReadProgress, phase "checking") the bytes read as it goes."""
     from ckptavg.hub import localize
 
     local = localize([path], extra=("trainer_state.json",))  # an hf:// input: its files in the HF cache
     try:
         ckpt = local.open(local.paths[0], options) if local.sources else _open(Path(path), options)
         path = local.paths[0]
+        stored = stored_tensors(ckpt.tensors)  # FP8/MXFP4 weights as their codes and scales, as the files hold them
         by_dtype: dict[str, int] = {}
-        for src in ckpt.tensors.values():
+        for src in stored.values():
             by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
         metrics: dict[str, float] = {}
         state = read_trainer_state(ckpt.path) if ckpt.path.is_dir() else None
@@ -352,9 +394,9 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             path=local.label(ckpt.path),
             format=ckpt.format,
             files=files,
-            tensors=len(ckpt.tensors),
+            tensors=len(stored),
             parameters=_parameters(ckpt),
-            tensor_bytes=ckpt.nbytes,
+            tensor_bytes=sum(src.nbytes for src in stored.values()),
             bytes_by_dtype=by_dtype,
             step=ckpt.step,
             epoch=ckpt.epoch,
@@ -371,16 +413,17 @@ def inspect_checkpoint(path: str | Path, options: LoadOptions = LoadOptions(), t
             notes=list(ckpt.notes) + local.notes(ckpt.path),
             leftovers=find_leftovers(Path(path)),
             adapter=describe_adapter(ckpt.adapter, {n: src.numel for n, src in ckpt.tensors.items()}) if ckpt.adapter else None,
+            quantization=ckpt.quantization.to_dict() if ckpt.quantization else None,
         )
         if tensors:
             regex = re.compile(pattern) if pattern else None
             report.tensor_list = [
                 TensorInfo(name, dtype_name(src.dtype), list(src.shape), src.nbytes)
-                for name, src in ckpt.tensors.items()
+                for name, src in stored.items()
                 if regex is None or regex.search(name)
             ]
         if check:
-            report.issues = check_tensors(ckpt)
+            report.issues = check_tensors(ckpt, on_read=Reading(on_progress, "checking", ckpt.nbytes, len(ckpt.tensors)).read)
         return report
     finally:
         FILES.close()
@@ -412,8 +455,10 @@ def for_each_chunk(src: TensorSource, fn: Callable[[int, torch.Tensor], None], c
     src.release()
 
 
-def check_tensors(ckpt: Checkpoint, stop_at_first: bool = False) -> list[TensorIssue]:
-    """NaN, Inf and all-zero tensors, streamed chunk by chunk."""
+def check_tensors(
+    ckpt: Checkpoint, stop_at_first: bool = False, on_read: Callable[[str, int], None] | None = None
+) -> list[TensorIssue]:
+    """NaN, Inf and all-zero tensors, streamed chunk by chunk; `on_read(name, bytes)` after each chunk."""
     issues = []
     for name, src in ckpt.tensors.items():
         issue = TensorIssue(name)
@@ -426,6 +471,8 @@ def check_tensors(ckpt: Checkpoint, stop_at_first: bool = False) -> list[TensorI
                 issue.nan += int(torch.isnan(values).sum())
                 issue.inf += int(torch.isinf(values).sum())
             nonzero = nonzero or bool((values != 0).any())
+            if on_read is not None:
+                on_read(name, chunk.numel() * chunk.element_size())
 
         for_each_chunk(src, visit)
         issue.all_zero = src.numel > 0 and not nonzero
@@ -436,13 +483,16 @@ def check_tensors(ckpt: Checkpoint, stop_at_first: bool = False) -> list[TensorI
     return issues
 
 
-def first_nonfinite(path: Path, options: LoadOptions = LoadOptions()) -> str | None:
-    """The first tensor of a checkpoint holding NaN or Inf, described in a few words; None when all finite."""
+def first_nonfinite(
+    path: Path, options: LoadOptions = LoadOptions(), on_bytes: Callable[[int], None] | None = None
+) -> str | None:
+    """The first tensor of a checkpoint holding NaN or Inf, described in a few words; None when all finite.
+    `on_bytes(n)` is told each chunk read (the read stops at the first tensor with NaN or Inf)."""
     from ckptavg.hub import local_path
 
     try:
         ckpt = open_checkpoint(local_path(path), options)
-        for issue in check_tensors(ckpt, stop_at_first=True):
+        for issue in check_tensors(ckpt, stop_at_first=True, on_read=(lambda _name, n: on_bytes(n)) if on_bytes else None):
             if issue.nan or issue.inf:
                 return f"{issue.name} has {issue.nan} NaN and {issue.inf} Inf"
         return None
@@ -462,7 +512,9 @@ class TensorDiff:
 @dataclass
 class DiffReport:
     """Distances cover floating tensors only: integer and bool buffers (step counters, masks) are compared for
-    equality and listed in `integer_differs`, never summed with the weights."""
+    equality and listed in `integer_differs`, never summed with the weights. `compared` counts the tensors of
+    the same name and shape in both (floating and integer); when it is 0 nothing was compared, and `hint` says
+    why when it can (names behind a wrapper's prefix on one side: the --strip-prefix to pass)."""
 
     a: str
     b: str
@@ -477,13 +529,22 @@ class DiffReport:
     min_cosine: float = 1.0
     max_abs: float = 0.0
     identical: bool = False
+    compared: int = 0
+    hint: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOptions(), pattern: str | None = None) -> DiffReport:
-    """Per-tensor distance between two checkpoints, streamed; figures are computed in float64."""
+def diff_checkpoints(
+    a: str | Path,
+    b: str | Path,
+    options: LoadOptions = LoadOptions(),
+    pattern: str | None = None,
+    on_progress: ProgressFn | None = None,
+) -> DiffReport:
+    """Per-tensor distance between two checkpoints, streamed; figures are computed in float64. `on_progress` is
+    told the bytes read (a ReadProgress, phase "comparing") as it goes."""
     from ckptavg.hub import localize
 
     local = localize([a, b])
@@ -498,20 +559,22 @@ def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOp
             only_in_b=[n for n in right.tensors if n not in left.tensors and (regex is None or regex.search(n))],
             shape_mismatch=[],
         )
+        pairs = [(n, left.tensors[n], right.tensors[n]) for n in names if n in right.tensors]
+        same_shape = [(n, sa, sb) for n, sa, sb in pairs if sa.shape == sb.shape]
+        reading = Reading(on_progress, "comparing", sum(sa.nbytes + sb.nbytes for _, sa, sb in same_shape), len(same_shape))
         total_aa = total_dd = 0.0
-        for name in names:
-            if name not in right.tensors:
-                continue
-            sa, sb = left.tensors[name], right.tensors[name]
+        for name, sa, sb in pairs:
             if sa.shape != sb.shape:
                 report.shape_mismatch.append({"name": name, "a": list(sa.shape), "b": list(sb.shape)})
                 continue
+            report.compared += 1
+            on_bytes = functools.partial(reading.read, name)
             if not (is_floating(sa.dtype) and is_floating(sb.dtype)):
                 report.integer_tensors += 1
-                if _differs(sa, sb):
+                if _differs(sa, sb, on_bytes):
                     report.integer_differs.append(name)
                 continue
-            sums = _diff_sums(sa, sb)
+            sums = _diff_sums(sa, sb, on_bytes)
             aa, bb, ab, dd, max_abs = sums
             total_aa += aa
             total_dd += dd
@@ -522,14 +585,76 @@ def diff_checkpoints(a: str | Path, b: str | Path, options: LoadOptions = LoadOp
         report.min_cosine = min((t.cosine for t in report.tensors), default=1.0)
         report.max_abs = max((t.max_abs for t in report.tensors), default=0.0)
         differences = report.only_in_a or report.only_in_b or report.shape_mismatch or report.integer_differs
-        report.identical = total_dd == 0 and not differences
+        report.identical = total_dd == 0 and not differences and report.compared > 0
+        if not report.compared:
+            report.hint = _nothing_compared(left, right, names, pattern)
         return report
     finally:
         FILES.close()
 
 
-def _diff_sums(sa: TensorSource, sb: TensorSource) -> tuple[float, float, float, float, float]:
-    """(sum a^2, sum b^2, sum ab, sum (a-b)^2, max |a-b|) in float64, reading both tensors chunk by chunk."""
+def _nothing_compared(left: Checkpoint, right: Checkpoint, names: list[str], pattern: str | None) -> str:
+    """Why no tensor was compared, with the advice `average` gives for names behind a prefix."""
+    from ckptavg.merge.plan import prefix_hint
+
+    if pattern and not names:
+        return f"no tensor name of A matches --filter {pattern!r}"
+    if not any(n in right.tensors for n in names):
+        advice = prefix_hint(left, right) or prefix_hint(right, left)
+        if advice:
+            return "no tensor name in common" + advice
+        first_a, first_b = next(iter(left.tensors), "-"), next(iter(right.tensors), "-")
+        return (f"no tensor name in common (A has {first_a}, ..., B has {first_b}, ...); "
+                "--strip-prefix PREFIX removes a prefix from both")
+    return "every tensor in common has a different shape"
+
+
+def diff_problems(
+    report: DiffReport, fail_if_different: bool = False, max_rel_l2: float | None = None, min_cosine: float | None = None
+) -> list[str]:
+    """Why a diff fails the checks asked for (empty: it passes), one phrase each, for CI.
+
+    Nothing compared always fails. With any check, the two must hold the same tensors with the same shapes
+    (what --filter keeps). `fail_if_different`: also any value that differs, floating or integer.
+    `max_rel_l2`: the relative L2 over all floating tensors (the summary's figure) must not exceed it.
+    `min_cosine`: every floating tensor's cosine must reach it. NaN in a figure fails every check.
+    """
+    if not report.compared:
+        return [f"nothing compared: {report.hint or 'no tensor of the same name and shape in both'}"]
+    if not (fail_if_different or max_rel_l2 is not None or min_cosine is not None):
+        return []
+    problems = []
+    for label, names in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
+        if names:
+            problems.append(f"{len(names)} tensor(s) {label} ({_first(names)})")
+    if report.shape_mismatch:
+        item = report.shape_mismatch[0]
+        problems.append(f"{len(report.shape_mismatch)} shape mismatch(es) ({item['name']}: {item['a']} vs {item['b']})")
+    if fail_if_different:
+        differ = [t.name for t in report.tensors if not t.l2 == 0]
+        if differ:
+            problems.append(f"{len(differ)} floating tensor(s) differ ({_first(differ)}; relative L2 {report.relative:.4g})")
+        if report.integer_differs:
+            problems.append(f"{len(report.integer_differs)} integer/bool tensor(s) differ ({_first(report.integer_differs)})")
+    if max_rel_l2 is not None and not report.relative <= max_rel_l2:
+        problems.append(f"relative L2 {report.relative:.4g} above --max-rel-l2 {max_rel_l2:g}")
+    if min_cosine is not None:
+        below = sorted((t for t in report.tensors if not t.cosine >= min_cosine),
+                       key=lambda t: (not math.isnan(t.cosine), t.cosine))
+        if below:
+            problems.append(f"{len(below)} tensor(s) below --min-cosine {min_cosine:g} ({below[0].name}: {below[0].cosine:.6f})")
+    return problems
+
+
+def _first(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _diff_sums(
+    sa: TensorSource, sb: TensorSource, on_bytes: Callable[[int], None] | None = None
+) -> tuple[float, float, float, float, float]:
+    """(sum a^2, sum b^2, sum ab, sum (a-b)^2, max |a-b|) in float64, reading both tensors chunk by chunk;
+    `on_bytes(n)` after each chunk of both."""
     itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
     per_chunk = max(1, (8 << 20) // itemsize)
     totals = [0.0, 0.0, 0.0, 0.0, 0.0]
@@ -553,13 +678,16 @@ def _diff_sums(sa: TensorSource, sb: TensorSource) -> tuple[float, float, float,
         del parts, x, y, d
         for mapping in mappings:
             mapping.close()
+        if on_bytes is not None:
+            on_bytes(count * (sa.dtype.itemsize + sb.dtype.itemsize))
     sa.release()
     sb.release()
     return tuple(totals)  # type: ignore[return-value]
 
 
-def _differs(sa: TensorSource, sb: TensorSource) -> bool:
-    """Whether two tensors of the same shape hold different values, read chunk by chunk; stops at the first."""
+def _differs(sa: TensorSource, sb: TensorSource, on_bytes: Callable[[int], None] | None = None) -> bool:
+    """Whether two tensors of the same shape hold different values, read chunk by chunk; stops at the first
+    difference (`on_bytes` is then told the rest, as if read, so that a progress bar ends full)."""
     itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
     per_chunk = max(1, (8 << 20) // itemsize)
     exact = sa.dtype == sb.dtype
@@ -579,6 +707,8 @@ def _differs(sa: TensorSource, sb: TensorSource) -> bool:
         del parts, x, y
         for mapping in mappings:
             mapping.close()
+        if on_bytes is not None:
+            on_bytes((sa.numel - first if differs else count) * (sa.dtype.itemsize + sb.dtype.itemsize))
         if differs:
             break
     sa.release()

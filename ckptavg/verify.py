@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ckptavg.checkpoint import open_checkpoint
+from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import InputError, OutputError
 from ckptavg.formats.base import TensorSource, dtype_name
 from ckptavg.formats.writer import TensorSpec, TensorWriter
@@ -187,7 +187,7 @@ def verify_output(
         OutputError: a tensor is missing, extra, or reads back different bytes, dtype or shape.
     """
     try:
-        written = open_checkpoint(staged)
+        written = open_checkpoint(staged, LoadOptions(dequantize=False))  # the bytes as written: FP8 codes and scales too
     except InputError as e:
         raise OutputError(out, f"verification failed: the output does not read back ({e.problem})") from e
     expected = {spec.name: spec for spec in specs}

@@ -411,6 +411,22 @@ def dcp_accelerate_ckpts(_dcp_runs):
 
 
 @pytest.fixture(scope="session")
+def dcp_safetensors_ckpts(tmp_path_factory):
+    """Tensor-parallel _HFNet on 2 ranks saved as safetensors by DCP's own writers, steps 2, 4, 6:
+    {"hf": root, "st": root} with root/step-N/ from HuggingFaceStorageWriter(save_distributed=True)
+    (shard-0000R-model-0000i-of-00002.safetensors) and FileSystemWriter(serialization_format=SAFETENSORS)
+    (.metadata, __R_0.distcp); <root>-ref/step-N.pt holds each step's full model state dict."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    from dist_runs import dcp_safetensors_runs
+
+    base = tmp_path_factory.mktemp("dcp_safetensors")
+    return dcp_safetensors_runs({"hf": base / "hf", "st": base / "st"})
+
+
+@pytest.fixture(scope="session")
 def _deepspeed_2rank_runs(tmp_path_factory):
     _require("deepspeed")
     from dist_runs import DEEPSPEED_KINDS, deepspeed_dist_runs

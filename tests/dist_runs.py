@@ -28,6 +28,17 @@ DCP (dcp_runs; saves after optimizer steps DCP_SAVE_STEPS = 2, 4, 6):
   Trainer calls them: root/checkpoint-N/pytorch_model_fsdp_0/ (DCP, keys model.<fqn>) beside
   root/checkpoint-N/optimizer_0/ (DCP, keys optimizer.state.*, optimizer.param_groups.*).
 
+DCP written as safetensors (dcp_safetensors_runs; one 2-rank launch, saves after steps DCP_SAVE_STEPS): _HFNet
+(_TPNet's tensor-parallel fc1/fc2: rows 5/4, columns 5/4, a replicated bias, plus plain buffers: a float scalar
+`scale` and an int64 `count`, one rank writes each), saved twice per step:
+- hf: HuggingFaceStorageWriter(root/step-N, save_distributed=True, fqn_to_index_mapping: fc1.* -> 1, the rest -> 2),
+  as torchtitan's HF saves and NeMo Automodel write: shard-0000R-model-0000i-of-00002.safetensors, no index, each
+  header's __metadata__ with DCP_SHARDING_INFO; keys are the model's own names.
+- st: dcp.save({"model", "optimizer"}) with FileSystemWriter(serialization_format=SAFETENSORS): .metadata and
+  __R_0.distcp whose optimizer param groups (pickled bytes) come first, then one safetensors blob.
+torch's own readers do not read these back here, so the reference, <root>-ref/step-N.pt, is the full model state
+dict (DTensor.full_tensor()) each step saved, torch.save'd by rank 0.
+
 Beside each DCP run, <root>-ref/<dcp dir relative to root>.pt (step-N.pt, checkpoint-N/pytorch_model_fsdp_0.pt,
 checkpoint-N/optimizer_0.pt) is torch's own consolidation, format_utils.dcp_to_torch_save(dir, pt): the nested state
 dict ({"model": {...}, "optimizer": {...}}, or torchtitan's top-level dict) with full tensors.
@@ -381,6 +392,71 @@ def _child_tp(root: Path, mesh) -> None:
             dcp.save(state, checkpoint_id=root / f"step-{step}")
 
 
+class _HFNet(_TPNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("count", torch.tensor(0))
+
+
+DCP_SAFETENSORS_KINDS = ("hf", "st")
+
+
+def dcp_safetensors_runs(runs: dict[str, Path]) -> dict[str, Path]:
+    """{kind: root} for kinds in DCP_SAFETENSORS_KINDS, made by one 2-rank launch: root/step-{2,4,6}/ and
+    <root>-ref/step-N.pt."""
+    unknown = set(runs) - set(DCP_SAFETENSORS_KINDS)
+    if unknown:
+        raise ValueError(f"unknown DCP safetensors run kinds {sorted(unknown)}")
+    _launch("dcp_safetensors", [f"{kind}={path}" for kind, path in runs.items()])
+    return runs
+
+
+def _dcp_safetensors_child(runs: dict[str, Path]) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter, HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    dist.init_process_group("gloo")
+    try:
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        torch.manual_seed(4)
+        model = parallelize_module(_HFNet(), mesh, {"fc1": ColwiseParallel(use_local_output=False), "fc2": RowwiseParallel()})
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        for step in range(1, max(DCP_SAVE_STEPS) + 1):
+            x = torch.randn(8, 5, generator=_batch_gen(step, 0))
+            nn.functional.mse_loss(model(x) * model.scale, x[:, :3]).backward()
+            opt.step()
+            opt.zero_grad()
+            model.scale.mul_(0.9)
+            model.count.add_(1)
+            if step not in DCP_SAVE_STEPS:
+                continue
+            state = get_model_state_dict(model)
+            for kind, root in runs.items():
+                out = root / f"step-{step}"
+                if kind == "hf":
+                    mapping = {name: 1 if name.startswith("fc1.") else 2 for name in state}
+                    writer = HuggingFaceStorageWriter(str(out), save_distributed=True, fqn_to_index_mapping=mapping)
+                    dcp.save(state, storage_writer=writer)
+                else:
+                    writer = FileSystemWriter(str(out), serialization_format=SerializationFormat.SAFETENSORS)
+                    dcp.save({"model": state, "optimizer": get_optimizer_state_dict(model, opt)}, storage_writer=writer)
+                full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in state.items()}
+                if dist.get_rank() == 0:
+                    ref = root.parent / f"{root.name}-ref" / f"step-{step}.pt"
+                    ref.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({name: t.detach().clone() for name, t in full.items()}, ref)
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _dcp_child(runs: dict[str, Path]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -467,8 +543,9 @@ def _deepspeed_child(runs: dict[str, Path]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] in ("dcp", "deepspeed"):
+    children = {"dcp": _dcp_child, "dcp_safetensors": _dcp_safetensors_child, "deepspeed": _deepspeed_child}
+    if len(sys.argv) >= 3 and sys.argv[1] in children:
         job_runs = {kind: Path(path) for kind, path in (a.split("=", 1) for a in sys.argv[2:])}
-        (_dcp_child if sys.argv[1] == "dcp" else _deepspeed_child)(job_runs)
+        children[sys.argv[1]](job_runs)
     else:
-        sys.exit(f"usage: {sys.argv[0]} dcp|deepspeed KIND=ROOT...")
+        sys.exit(f"usage: {sys.argv[0]} {'|'.join(children)} KIND=ROOT...")

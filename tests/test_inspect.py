@@ -21,12 +21,12 @@ SCHEMA = {
     "bytes_by_dtype": dict, "step": (int, type(None)), "epoch": (int, type(None)), "metrics": dict,
     "training_state": dict, "prefix": str, "wrapper_prefix": (str, type(None)), "wrapper": (str, type(None)),
     "model_type": (str, type(None)), "architectures": list, "weights_key": (str, type(None)), "top_level_keys": list,
-    "opaque_globals": list, "notes": list, "leftovers": list, "adapter": (dict, type(None)), "tensor_list": (list, type(None)),
+    "opaque_globals": list, "notes": list, "leftovers": list, "adapter": (dict, type(None)), "quantization": (dict, type(None)), "tensor_list": (list, type(None)),
     "issues": (list, type(None)),
 }
 DIFF_KEYS = {
     "a", "b", "tensors", "only_in_a", "only_in_b", "shape_mismatch", "integer_tensors", "integer_differs",
-    "l2", "relative", "min_cosine", "max_abs", "identical",
+    "l2", "relative", "min_cosine", "max_abs", "identical", "compared", "hint",
 }
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ckptavg.checkpoint import open_checkpoint
 from ckptavg.errors import CkptavgError
 from ckptavg.formats.base import FILES
-from ckptavg.formats.detect import QUANTIZED_NAME_MARKERS
+from ckptavg.formats.quantized import QUANTIZED_NAME_MARKERS
 from ckptavg.formats.safetensors_io import read_safetensors
 
 # CKPTAVG_EXAMPLES=5000 for a longer hunt than the test suite's

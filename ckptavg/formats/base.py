@@ -149,6 +149,11 @@ class TensorSource:
         return all(st == want for st, want, size in zip(self.stride, contiguous_strides(self.shape), self.shape) if size != 1)
 
     @property
+    def quantization(self) -> str | None:
+        """The scheme whose codes and scales this source dequantizes (formats/quantized.py); None for stored values."""
+        return None
+
+    @property
     def alias_key(self) -> tuple | None:
         """Two sources with the same key hold the same values (tied weights)."""
         if self.storage is None:
@@ -305,6 +310,7 @@ class Checkpoint:
     weights_from: str = ""  # which weights were taken and why, for the report (raw or EMA, key, prefixes removed)
     adapter: Any = None  # the AdapterConfig of a PEFT adapter (formats/peft.py)
     pickle: Any = None  # the PickleFile of a single-file PyTorch checkpoint: its structure, never run
+    quantization: Any = None  # the Quantization of FP8 / MXFP4 weights, read dequantized (formats/quantized.py)
 
     @property
     def nbytes(self) -> int:

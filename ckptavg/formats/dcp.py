@@ -2,16 +2,20 @@
 
 A DCP save is a folder with `.metadata` (a plain pickle: every entry's global size, dtype and the chunks
 the ranks saved) and `__R_i.distcp` files in which each chunk is a complete `torch.save` archive at a byte
-range. `.metadata` is read with an unpickler that knows only DCP's metadata classes (as inert records) and
-refuses any other global as hostile. A tensor whose chunks are row blocks (FSDP's `Shard(0)`, uneven and
-empty shards included) is read by byte range from the chunks, like any stored tensor; one cut otherwise
-(tensor-parallel columns, 2-D meshes) is put together in memory, one tensor at a time. Non-tensor entries
-(optimizer param groups, train state) are never unpickled, and optimizer tensors never read.
+range, or, with `serialization_format=SAFETENSORS`, a tensor of the one safetensors blob that ends the file
+(the chunk's offset is where the blob starts). `.metadata` is read with an unpickler that knows only DCP's
+metadata classes (as inert records) and refuses any other global as hostile. A tensor whose chunks are
+row blocks (FSDP's `Shard(0)`, uneven and empty shards included) is read by byte range from the chunks, like
+any stored tensor; one cut otherwise (tensor-parallel columns, 2-D meshes) is put together in memory, one
+tensor at a time. Non-tensor entries (optimizer param groups, train state) are never unpickled, and optimizer
+tensors never read.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import math
 import pickle
 import struct
@@ -29,9 +33,11 @@ from ckptavg.formats.base import (
     ExtentSource,
     TensorSource,
     contiguous_strides,
+    dtype_name,
     read_exact,
     tensor_buffer,
 )
+from ckptavg.formats.safetensors_io import SAFETENSORS_DTYPES, read_header
 from ckptavg.formats.unpickle import HostilePickleError, Opaque, RestrictedUnpickler, StorageRef, TensorRef, _opaque
 
 METADATA = ".metadata"
@@ -104,6 +110,38 @@ class Entry:
     dtype: torch.dtype
     size: tuple[int, ...]
     chunks: list[Chunk]
+
+
+SHARDING_INFO = "DCP_SHARDING_INFO"
+
+
+@dataclass
+class Blob:
+    """A safetensors blob written by DCP (a `.distcp` file's tail, a DCP-HF shard file): its header's tensor
+    entries, the offset of its data in the file, and where each tensor lies in the global one (DCP_SHARDING_INFO;
+    None when the header has none)."""
+
+    header: dict[str, dict]
+    data_start: int
+    saved_offsets: dict[str, tuple[int, ...]] | None
+
+
+def read_blob(path: Path, start: int = 0) -> Blob:
+    header, metadata, data_start = read_header(path, start)
+    if SHARDING_INFO not in metadata:
+        return Blob(header, data_start, None)
+    bad = InputError(path, f"corrupt {SHARDING_INFO} in the safetensors header: expected JSON of name -> {{'saved_offsets': [...]}}")
+    try:
+        info = json.loads(metadata[SHARDING_INFO])
+        offsets = {name: tuple(value["saved_offsets"]) for name, value in info.items()}
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+        raise bad from e
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for v in offsets.values() for o in v):
+        raise bad
+    for name, entry in header.items():
+        if name not in offsets or len(offsets[name]) != len(entry["shape"]):
+            raise InputError(path, f"corrupt {SHARDING_INFO} in the safetensors header: no place for {name} {entry['shape']}")
+    return Blob(header, data_start, offsets)
 
 
 def is_dcp(path: Path) -> bool:
@@ -203,7 +241,10 @@ class _Slice(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = {0: 0, 1: self.pos, 2: self.length}[whence] + offset
+        pos = {0: 0, 1: self.pos, 2: self.length}[whence] + offset
+        if pos < 0:  # as a file does: zipfile then knows the range is too short for an archive
+            raise OSError(errno.EINVAL, "seek before the start of the item")
+        self.pos = pos
         return self.pos
 
     def tell(self) -> int:
@@ -220,7 +261,11 @@ class _Slice(io.RawIOBase):
 
 def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch.dtype) -> tuple[int, tuple[int, ...]]:
     """(byte offset in `path` of the chunk's first element, its shape), from the archive's data.pkl and zip headers."""
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        raise InputError(path, f"corrupt DCP chunk of {name}: neither a torch.save archive nor safetensors ({e})") from e
+    with zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
             raise InputError(path, f"corrupt DCP chunk of {name}: not a torch.save archive")
@@ -249,6 +294,34 @@ def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch
     return base + data + ref.offset * dtype.itemsize, ref.shape
 
 
+def _safetensors_at(path: Path, offset: int) -> bool:
+    """Whether safetensors bytes start at `offset`: JSON after the 8-byte header length (a zip has its
+    compression method there)."""
+    head = bytearray(9)
+    read_exact(path, offset, memoryview(head))
+    return head[8:9] == b"{"
+
+
+def _item_location(path: Path, chunk: Chunk, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -> tuple[int, tuple[int, ...]]:
+    """(byte offset in `path` of the chunk's first element, its shape), whichever way the item was serialized:
+    a torch.save archive (it starts with a zip header), or a tensor of the safetensors blob that starts there
+    (`blobs` keeps each blob's header, parsed once)."""
+    if not _safetensors_at(path, chunk.offset):
+        return _chunk_location(path, _Slice(path, chunk.offset, chunk.length), chunk.offset, entry.name, entry.dtype)
+    if (path, chunk.offset) not in blobs:
+        blobs[(path, chunk.offset)] = read_blob(path, chunk.offset)
+    blob = blobs[(path, chunk.offset)]
+    found = blob.header.get(entry.name)
+    if found is None:
+        raise InputError(path, f"corrupt DCP item: the safetensors data at byte {chunk.offset} holds no {entry.name}")
+    shape, dtype = tuple(found["shape"]), SAFETENSORS_DTYPES[found["dtype"]]
+    placed = blob.saved_offsets.get(entry.name) if blob.saved_offsets is not None else None
+    if dtype != entry.dtype or shape != chunk.sizes or (placed is not None and placed != chunk.offsets):
+        raise InputError(path, f"corrupt DCP item: {entry.name} is {dtype_name(dtype)} {list(shape)} at {list(placed or ())} "
+                               f"in the safetensors data, the metadata says {dtype_name(entry.dtype)} {list(chunk.sizes)} at {list(chunk.offsets)}")
+    return blob.data_start + found["data_offsets"][0], shape
+
+
 def _check_tiling(folder: Path, entry: Entry) -> None:
     """The chunks must tile the tensor: inside it, no two overlapping, their volumes adding up to its size."""
     total = 0
@@ -265,8 +338,9 @@ def _check_tiling(folder: Path, entry: Entry) -> None:
         raise InputError(folder, f"{entry.name}: its chunks cover {total} of its {math.prod(entry.size)} elements (a gap)")
 
 
-def tensor_source(folder: Path, entry: Entry) -> TensorSource:
-    """Row blocks: the chunks' bytes in row order, read by range. Other cuts: put together in memory."""
+def tensor_source(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -> TensorSource:
+    """Row blocks: the chunks' bytes in row order, read by range. Other cuts: put together in memory.
+    `blobs` holds the safetensors headers parsed so far, shared by the tensors of one checkpoint."""
     _check_tiling(folder, entry)
     for c in entry.chunks:
         if c.transforms and c.transforms != ("stream.zstd/1",):
@@ -277,15 +351,15 @@ def tensor_source(folder: Path, entry: Entry) -> TensorSource:
         extents = []
         for c in sorted(chunks, key=lambda c: c.offsets[0] if c.offsets else 0):
             path = folder / c.file
-            start, shape = _chunk_location(path, _Slice(path, c.offset, c.length), c.offset, entry.name, entry.dtype)
+            start, shape = _item_location(path, c, entry, blobs)
             if tuple(shape) != c.sizes:
                 raise InputError(path, f"corrupt DCP chunk of {entry.name}: shape {list(shape)}, the metadata says {list(c.sizes)}")
             extents.append((path, start, math.prod(c.sizes) * entry.dtype.itemsize))
         return ExtentSource.of(extents, entry.dtype, entry.size)
-    return ComputedSource(path=folder / chunks[0].file, offset=0, dtype=entry.dtype, shape=entry.size, compute=lambda: _assemble(folder, entry))
+    return ComputedSource(path=folder / chunks[0].file, offset=0, dtype=entry.dtype, shape=entry.size, compute=lambda: _assemble(folder, entry, blobs))
 
 
-def _assemble(folder: Path, entry: Entry) -> torch.Tensor:
+def _assemble(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -> torch.Tensor:
     full = torch.empty(entry.size, dtype=entry.dtype)
     for c in entry.chunks:
         if not math.prod(c.sizes):
@@ -296,7 +370,7 @@ def _assemble(folder: Path, entry: Entry) -> torch.Tensor:
             start, shape = _chunk_location(path, archive, 0, entry.name, entry.dtype)
             raw = torch.frombuffer(bytearray(archive.getbuffer()[start : start + math.prod(shape) * entry.dtype.itemsize]), dtype=torch.uint8)
         else:
-            start, shape = _chunk_location(path, _Slice(path, c.offset, c.length), c.offset, entry.name, entry.dtype)
+            start, shape = _item_location(path, c, entry, blobs)
             raw = torch.empty(math.prod(shape) * entry.dtype.itemsize, dtype=torch.uint8)
             if raw.numel():
                 read_exact(path, start, tensor_buffer(raw))
@@ -333,12 +407,16 @@ def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
         if file.stat().st_size < end:
             raise InputError(file, f"truncated: the metadata puts items up to byte {end}, the file has {file.stat().st_size}")
     files = sorted({folder / c.file for e in model.values() for c in e.chunks})
-    tensors = {name: tensor_source(folder, entry) for name, entry in model.items()}
+    blobs: dict[tuple[Path, int], Blob] = {}
+    tensors = {name: tensor_source(folder, entry, blobs) for name, entry in model.items()}
     sharded = max((len([c for c in e.chunks if math.prod(c.sizes)]) for e in model.values()), default=1)
+    first = next((c for e in model.values() for c in e.chunks if math.prod(c.sizes) and not c.transforms), None)
+    as_safetensors = first is not None and _safetensors_at(folder / first.file, first.offset)
+    serialized = " (items serialized as safetensors)" if as_safetensors else ""
     taken = {prefix + name for name in model}
     others = [n for n in entries if n not in taken]
     notes = [
-        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s), tensors in up to {sharded} chunk(s); "
+        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s){serialized}, tensors in up to {sharded} chunk(s); "
         f"model entries: {producer}" + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
     ]
     return Checkpoint(path=path, format="dcp", tensors=tensors, files=[folder / METADATA, *files] if (folder / METADATA).is_file() else files,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ckptavg.errors import InputError, UnsupportedError
@@ -12,7 +11,6 @@ TRAINING_STATE_FILES = {
     "trainer_state.json", "custom_checkpoint_0.pkl",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-QUANTIZED_NAME_MARKERS = (".qweight", ".qzeros", ".g_idx", ".SCB", ".absmax", ".quant_map", ".quant_state", ".weight_format")
 
 
 def sniff(path: Path) -> str:
@@ -36,26 +34,11 @@ def sniff(path: Path) -> str:
 
 
 def refuse_unsupported_folder(folder: Path) -> None:
-    """DeepSpeed, torch.distributed.checkpoint and quantized models, each with what to do instead."""
+    """An incomplete torch.distributed.checkpoint save, with what is wrong. (Quantized models are told by their
+    tensors, wherever they come from: formats/quantized.py.)"""
     children = {child.name for child in folder.iterdir()}
     if any(name.endswith(".distcp") for name in children):
         raise InputError(folder, "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written last)")
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError):
-            data = {}
-        quant = data.get("quantization_config") if isinstance(data, dict) else None
-        if quant:
-            method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
-            raise UnsupportedError(folder, f"{method} quantized model (config.json has quantization_config); average the unquantized checkpoints, then quantize the result")
-
-
-def refuse_quantized_names(path: Path, names: list[str]) -> None:
-    hits = [n for n in names if n.endswith(QUANTIZED_NAME_MARKERS)]
-    if hits:
-        raise UnsupportedError(path, f"quantized weights ({hits[0]}); average the unquantized checkpoints, then quantize the result")
 
 
 def weight_files_in(folder: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ckptavg.errors import InputError
+from ckptavg.errors import InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -19,6 +19,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -30,22 +33,28 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "C64": torch.complex64,
 }
+PACKED_DTYPES = {"F4": "4-bit floats, two per byte", "F6_E2M3": "6-bit floats", "F6_E3M2": "6-bit floats"}
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Parse and validate a safetensors header: (tensor entries, metadata, offset of the data)."""
+def read_header(path: Path, start: int = 0) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensor entries, metadata, offset of the data in the file).
+
+    `start` is where the safetensors bytes begin in `path` (a DCP `.distcp` file ends with them); they run to
+    the end of the file either way.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
+        f.seek(start)
         head = f.read(8)
         if len(head) < 8:
             raise InputError(path, f"truncated: a safetensors file starts with an 8-byte header length, file has {size} bytes")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER:
             raise InputError(path, f"corrupt safetensors header: header length {length} is implausible")
-        if 8 + length > size:
-            raise InputError(path, f"truncated: header needs {8 + length} bytes, file has {size}")
+        if start + 8 + length > size:
+            raise InputError(path, f"truncated: header needs {start + 8 + length} bytes, file has {size}")
         raw = f.read(length)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates)
@@ -58,7 +67,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise InputError(path, "corrupt safetensors header: __metadata__ is not an object")
-    data_start = 8 + length
+    data_start = start + 8 + length
     _check_entries(path, header, size - data_start)
     return header, metadata, data_start
 
@@ -93,6 +102,9 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
             raise InputError(path, f"corrupt safetensors header: entry for tensor {name!r} is not an object")
         kind = entry.get("dtype")
         if isinstance(kind, str) and kind not in SAFETENSORS_DTYPES:
+            if kind in PACKED_DTYPES:
+                raise UnsupportedError(path, f"tensor {name!r} is {kind} ({PACKED_DTYPES[kind]}) outside a known quantization scheme; "
+                                       "ckptavg reads MXFP4 as U8 *_blocks + *_scales pairs, as gpt-oss writes them")
             raise InputError(path, f"tensor {name!r} has dtype {kind}, which ckptavg does not handle")
         shape, offsets = _naturals(entry.get("shape")), _naturals(entry.get("data_offsets"), 2)
         if not isinstance(kind, str) or shape is None or offsets is None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ckptavg.errors import MismatchError, UnsupportedError
+from ckptavg.errors import MismatchError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating, slice_source
+from ckptavg.formats.quantized import requantize_problem
 from ckptavg.merge.weights import Weights
 
 
@@ -64,9 +65,12 @@ class Plan:
     output_kind: str = "model"  # or "adapter": adapter_model.safetensors + adapter_config.json
     adapter_config: dict | None = None  # the adapter_config.json of an adapter output
     files_from: Path | None = None  # where config and tokenizer files are copied from (default: the newest input)
+    requantize: bool = False  # dequantized weights are written in their inputs' scheme again (formats/quantized.py)
 
     @property
     def output_bytes(self) -> int:
+        if self.requantize:  # FP8 codes and their scales, not the float64 values the engine hands the writer
+            return sum(e.nbytes if not e.sources[0].quantization else e.numel + e.sources[0].scales.nbytes for e in self.entries)
         return sum(e.nbytes for e in self.entries)
 
     @property
@@ -90,12 +94,19 @@ class Plan:
         return [(e.name, e.alias_of) for e in self.entries if e.alias_of]
 
     @property
+    def dequantized(self) -> torch.dtype | None:
+        """The output dtype of the weights read dequantized from FP8/MXFP4 inputs and written so; None when there
+        are none or they are quantized again."""
+        return None if self.requantize else next((e.dtype for e in self.entries if e.sources[0].quantization), None)
+
+    @property
     def parameters(self) -> int:
         return sum(e.numel for e in self.entries if e.alias_of is None)
 
 
 ACCUM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEQUANTIZED_DTYPE = torch.bfloat16  # what a dequantized FP8/MXFP4 weight is written as, unless --dtype says otherwise
 
 
 def accumulator_for(dtype: torch.dtype, accum: str) -> torch.dtype:
@@ -121,6 +132,9 @@ def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
             src = ckpt.tensors[name]
             if src.shape != ref.shape:
                 problems.append((src.path, f"{name} has shape {list(src.shape)}, expected {list(ref.shape)}"))
+            elif src.quantization != ref.quantization:
+                kinds = [f"{s.quantization} quantized" if s.quantization else dtype_name(s.dtype) for s in (src, ref)]
+                problems.append((src.path, f"{name} is {kinds[0]}, {reference.path} has it {kinds[1]}"))
             elif src.dtype != ref.dtype:
                 problems.append((src.path, f"{name} is {dtype_name(src.dtype)}, expected {dtype_name(ref.dtype)}"))
         if problems:
@@ -143,10 +157,18 @@ def _names(names: list[str], limit: int) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtype | None = None, accum: str = "auto") -> Plan:
-    """The output of averaging `inputs` (ordered oldest first) with `weights`."""
+def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtype | None = None, accum: str = "auto", requantize: bool = False) -> Plan:
+    """The output of averaging `inputs` (ordered oldest first) with `weights`. With `requantize`, quantized
+    weights are folded in float64 for the writer that quantizes them again (formats/quantized.py)."""
     check_compatible(inputs)
-    plan = Plan(inputs=inputs, weights=weights)
+    plan = Plan(inputs=inputs, weights=weights, requantize=requantize)
+    if requantize:
+        quantized = [(name, src) for name, src in inputs[-1].tensors.items() if src.quantization]
+        if not quantized:
+            raise UsageError(None, "requantize: the inputs hold no FP8 or MXFP4 weights")
+        if problems := [(name, p) for name, src in quantized if (p := requantize_problem(src))]:
+            raise UnsupportedError(inputs[-1].path, f"cannot quantize {problems[0][0]} again ({problems[0][1]}): only block- and row-scaled FP8 is "
+                                   "written in its scheme again; leave out requantize to write the exact mean dequantized")
     primary_of: dict[tuple, str] = {}
     aliases: dict[str, list[PlanEntry]] = {}
     for name, ref in inputs[0].tensors.items():
@@ -156,13 +178,15 @@ def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtyp
         floating = is_floating(ref.dtype)
         entry = PlanEntry(
             name=name,
-            dtype=(out_dtype or ref.dtype) if floating else ref.dtype,
+            dtype=(out_dtype or (DEQUANTIZED_DTYPE if ref.quantization else ref.dtype)) if floating else ref.dtype,
             shape=ref.shape,
             sources=sources,
             weights=list(weights.scales) if floating else None,
             divisor=weights.divisor,
             accum_dtype=accumulator_for(ref.dtype, accum) if floating else None,
         )
+        if requantize and ref.quantization:
+            entry.dtype = entry.accum_dtype = torch.float64
         keys = tuple(src.alias_key for src in sources)
         if all(k is not None for k in keys) and keys in primary_of:
             entry.alias_of = primary_of[keys]
