@@ -324,7 +324,7 @@ def _start_and_catch_writing(args: list[str], rank: int) -> tuple[subprocess.Pop
 def test_a_rank_killed_mid_write_fails_the_job_and_leaves_nothing(tmp_path, killed):
     inputs = _nan_run(tmp_path / "run")
     (inputs[2] / "model.safetensors").unlink()
-    save_file({k: v.nan_to_num() for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")
+    save_file({k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")  # not a copy
     out = tmp_path / "out"
     args = ["average", *map(str, inputs), "-o", str(out), "--max-shard-size", "4MB", "--memory-budget", "2MB", "--no-fsync"]
     agent, pid = _start_and_catch_writing(args, rank=killed)
@@ -345,7 +345,7 @@ def test_a_rank_killed_mid_write_fails_the_job_and_leaves_nothing(tmp_path, kill
 def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     inputs = _nan_run(tmp_path / "run")
     (inputs[2] / "model.safetensors").unlink()
-    save_file({k: v.nan_to_num() for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")
+    save_file({k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")  # not a copy
     out = tmp_path / "out"
     args = ["average", *map(str, inputs), "-o", str(out), "--memory-budget", "2MB", "--no-fsync", "--rank-timeout", "3"]
     agent, pid = _start_and_catch_writing(args, rank=1)
@@ -406,7 +406,8 @@ def test_a_share_of_the_read_back_checks_only_its_files_and_catches_a_bad_crc(tm
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
-    assert ckptavg("average", *[save_layout_file(tensors, tmp_path / f"in{i}.safetensors") for i in range(2)], "-o", tmp_path / "out",
+    halves = [{n: t * 0 for n, t in tensors.items()}, {n: t * 2 for n, t in tensors.items()}]  # two inputs (not copies) whose mean is `tensors`, exactly
+    assert ckptavg("average", *[save_layout_file(h, tmp_path / f"in{i}.safetensors") for i, h in enumerate(halves)], "-o", tmp_path / "out",
                    "--max-shard-size", "20KB", "-q").returncode == 0
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
