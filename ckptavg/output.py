@@ -273,3 +273,50 @@ def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None, dequan
             raise OutputError(path, f"cannot copy to the output: {e}") from e
         copied.append(path.name)
     return copied
+
+
+# What an output is named: a folder, or one file of a format ckptavg writes
+
+DEFAULT_SHARD_SIZE = "5GB"
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
+# File formats of checkpoints, models and archives that ckptavg does not write: an output named so would
+# otherwise become a folder of that name. Any other suffix (`run.v2`, `merged-0.5`) is a folder's name.
+NOT_WRITTEN = (
+    ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".hdf5", ".keras", ".msgpack", ".npz", ".npy", ".pkl", ".pickle",
+    ".joblib", ".pb", ".tflite", ".nemo", ".tar", ".zip", ".gz", ".tgz", ".xz", ".zst", ".7z", ".json", ".yaml", ".yml",
+)
+WRITTEN = ("a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
+           "or one .pt/.pth/.bin/.pth.tar file (a state dict)")
+
+
+def refuse_file_suffix(out: Path) -> None:
+    """An output named like a file format ckptavg does not write (or like one it writes, in capitals) is refused,
+    so that `-o merged.ckpt` or `-o x.gguf` never becomes a folder of that name."""
+    name = out.name.lower()
+    if name.endswith(".safetensors") or name.endswith(PT_SUFFIXES):
+        if not (out.suffix == ".safetensors" or out.name.endswith(PT_SUFFIXES)):
+            kept = len(name) - len(next(s for s in (".safetensors", *PT_SUFFIXES) if name.endswith(s)))
+            raise UsageError(out, f"write the suffix in lower case ({out.name[:kept]}{name[kept:]}); ckptavg writes {WRITTEN}")
+        return
+    suffix = out.suffix.lower()
+    if suffix == ".ckpt":
+        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {WRITTEN}")
+    if suffix in NOT_WRITTEN:
+        raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {WRITTEN}")
+
+
+def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
+    """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
+    with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
+    if out_format not in ("auto", "safetensors", "pt"):
+        raise UsageError(None, f"--format {out_format!r}: expected safetensors or pt")
+    refuse_file_suffix(out)
+    if out.suffix == ".safetensors":
+        if out_format == "pt":
+            raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")
+        return "safetensors", True
+    if out.name.endswith(PT_SUFFIXES):
+        if out_format == "safetensors":
+            raise UsageError(None, f"--format safetensors with an output named {out.name}; name it .safetensors")
+        return "pt", True
+    return ("safetensors" if out_format == "auto" else out_format), False

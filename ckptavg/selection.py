@@ -239,7 +239,7 @@ def refuse_run_folder(path: Path) -> None:
 def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:
     """Describe every path; fill metrics that one checkpoint records for another (Lightning best_k_models)."""
     from ckptavg.formats.base import FILES
-    from ckptavg.hub import describe_hub, is_hub
+    from ckptavg.hub import is_hub
 
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
     described: list[tuple[Candidate, dict[str, dict[str, float]]]] = []
@@ -247,7 +247,7 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
     try:  # an hf:// input may stand for several checkpoints (a repo's checkpoint-N folders, step branches, Trainer commits)
         for p in paths:
             if is_hub(p):
-                described.extend(describe_hub(p, table, options))
+                described.extend(_hub_candidates(p, table, options))
                 continue
             candidate, others, ckpt = _describe(Path(p), table, options)
             described.append((candidate, others))
@@ -269,6 +269,38 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
         if c.ignored is None and c.step is None:
             c.ignored = "no step (name, trainer_state.json or checkpoint entries)"
     return candidates
+
+
+def _hub_candidates(text: str | Path, table: MetricsTable | None, options: LoadOptions | None) -> list[tuple[Candidate, dict[str, dict[str, float]]]]:
+    """The candidates of one hf:// input: a checkpoint whose weights are all in the cache is described like a local
+    one, under its pinned hf:// name; the others from what the Hub listing says (step, trainer_state.json)."""
+    from ckptavg.hub import list_checkpoints, mark_best
+
+    out = []
+    for row in list_checkpoints(text):
+        if row.folder is not None:
+            candidate, _ = describe(row.folder, table, options)
+            candidate.path = row.path
+            if candidate.ignored:
+                candidate.ignored = candidate.ignored.replace(str(row.folder), row.path)
+        else:
+            candidate = Candidate(path=row.path)
+            if row.problem is not None:
+                candidate.ignored = f"unreadable or incomplete: {row.problem}"
+            if row.trainer_state is not None:
+                state = row.trainer_state
+                candidate.metrics.update(trainer_state_metrics(state, row.step if row.step is not None else state.get("global_step")))
+                candidate.metric_sources.update({k: "trainer_state.json" for k in candidate.metrics})
+            if table is not None:
+                for key, value in table.lookup(Path(row.path), row.step).items():
+                    if key not in candidate.metrics:
+                        candidate.metrics[key] = value
+                        candidate.metric_sources[key] = "metrics file"
+        if candidate.step is None:
+            candidate.step, candidate.step_source = row.find_step()
+        out.append(candidate)
+    mark_best(out)
+    return [(c, {}) for c in out]
 
 
 def _mark_copies(candidates: list[Candidate], opened: dict[int, Checkpoint]) -> None:

@@ -22,7 +22,7 @@ from rich.console import Console
 from test_select import fake_run
 
 import ckptavg
-from ckptavg.averaging import output_layout
+from ckptavg.output import output_layout
 from ckptavg.errors import UsageError
 from ckptavg.render import ProgressDisplay
 from ckptavg.selection import Policy, gather, select
