@@ -135,7 +135,7 @@ def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
     assert s.codes is not None and s.scales is not None
     codes = _values_of_codes(s.codes.dtype).index_select(0, _read_bytes(s.codes, lo, hi - lo).int())
     if s.block == (0, 0):  # one scale for the whole tensor
-        return codes * _read_bytes(s.scales, 0, s.scales.nbytes).view(s.scales.dtype).to(torch.float64)
+        return codes.mul_(_read_bytes(s.scales, 0, s.scales.nbytes).view(s.scales.dtype).to(torch.float64))
     cols = s.shape[-1] if s.shape else 1
     rows = s.shape[-2] if len(s.shape) >= 2 else 1
     block_rows, block_cols = s.block
@@ -147,9 +147,24 @@ def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
     itemsize = s.scales.dtype.itemsize
     table = _read_bytes(s.scales, low * scale_cols * itemsize, (high - low) * scale_cols * itemsize)
     table = table.view(s.scales.dtype).to(torch.float64).reshape(high - low, scale_cols)
-    per_row = table[scale_row - low].repeat_interleave(block_cols, dim=1)[:, :cols]
-    start = lo - first_row * cols
-    return codes * per_row.reshape(-1)[start : start + hi - lo]
+    per_row = table.index_select(0, scale_row - low)  # [rows of the range, scale_cols]
+    at = lo
+    while at < hi:  # a partial first row, whole rows (scales broadcast over their blocks), a partial last row
+        r, c = divmod(at, cols)
+        i = r - first_row
+        if c == 0 and hi - at >= cols:
+            k = (hi - at) // cols
+            part = codes[at - lo : at - lo + k * cols].view(k, cols)
+            if cols % block_cols == 0:
+                part.view(k, scale_cols, block_cols).mul_(per_row[i : i + k].unsqueeze(-1))
+            else:
+                part.mul_(per_row[i : i + k].repeat_interleave(block_cols, dim=1)[:, :cols])
+            at += k * cols
+        else:
+            end = min(hi, (r + 1) * cols)
+            codes[at - lo : end - lo].mul_(per_row[i].repeat_interleave(block_cols)[c : c + end - at])
+            at = end
+    return codes
 
 
 @functools.cache
