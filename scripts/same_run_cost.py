@@ -23,12 +23,19 @@ from bench import evict  # noqa: E402  (scripts/ is on the path: this script's f
 
 def make_inputs(root: Path, models: int, size_gb: float) -> list[Path]:
     import torch
-    from safetensors.torch import save_file
 
     rows = 2048
     matrices = max(1, int(size_gb * 1e9 / 2 / (rows * rows)))
     start = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(rows, rows, generator=start) for i in range(matrices)}
+    return write_run(root, {f"layers.{i}.weight": torch.randn(rows, rows, generator=start) for i in range(matrices)}, models)
+
+
+def write_run(root: Path, base: dict, models: int) -> list[Path]:
+    """`models` bf16 checkpoints of one run, `checkpoint-100/`, `checkpoint-200/`, ...: `base` plus a little noise
+    each (written once: an existing one is kept)."""
+    import torch
+    from safetensors.torch import save_file
+
     paths = []
     for m in range(models):
         path = root / f"checkpoint-{(m + 1) * 100}" / "model.safetensors"

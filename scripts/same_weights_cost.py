@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import evict  # noqa: E402  (scripts/ is on the path: this script's folder)
+from same_run_cost import write_run  # noqa: E402
 
 HIDDEN = 1024
 
 
 def make_inputs(root: Path, models: int, size_gb: float) -> list[Path]:
     import torch
-    from safetensors.torch import save_file
 
     layers = max(1, int(size_gb * 1e9 / 2 / (4 * HIDDEN * HIDDEN)))
     start = torch.Generator().manual_seed(0)
@@ -38,15 +38,7 @@ def make_inputs(root: Path, models: int, size_gb: float) -> list[Path]:
             base[f"layers.{i}.{part}.bias"] = torch.randn(HIDDEN, generator=start)
         for norm in ("norm1", "norm2"):
             base[f"layers.{i}.{norm}.weight"] = torch.ones(HIDDEN)
-    paths = []
-    for m in range(models):
-        path = root / f"checkpoint-{(m + 1) * 100}" / "model.safetensors"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            g = torch.Generator().manual_seed(m + 1)
-            save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}, path)
-        paths.append(path)
-    return paths
+    return write_run(root, base, models)
 
 
 def main() -> None:
