@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,34 +15,34 @@ import torch
 from ckptavg import __version__
 from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
-from ckptavg.distributed import Unit, World, assign, fingerprint, join, owners, rank_progress, share_plan, split_work
+from ckptavg.distributed import World, job, join
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
-from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer, quantized_specs
+from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
-    RangeWriter,
     SafetensorsWriter,
     TensorSpec,
     TensorWriter,
     lay_out_files,
     shard_file_names,
     split_shards,
-    tensor_offsets,
     write_index,
     write_text,
 )
 from ckptavg.hub import localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
-from ckptavg.merge.engine import Engine, Progress, ProgressFn
-from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan
+from ckptavg.merge.engine import Engine, ProgressFn
+from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import (
     DEFAULT_SHARD_SIZE,
     RECIPE_FILE,
+    TensorFiles,
+    WriteOptions,
     check_destination,
     check_output_name,
     copy_model_files,
@@ -53,8 +52,8 @@ from ckptavg.output import (
 )
 from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
-from ckptavg.sizes import parse_size
-from ckptavg.verify import ChecksumWriter, crc32_combine, verify_output
+from ckptavg.sizes import parse_size, peak_rss
+from ckptavg.verify import ChecksumWriter, verify_output
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 
@@ -279,7 +278,7 @@ def average(
             check_destination(out_path, overwrite, plan.output_bytes)
         if world is not None:
             report.world_size = world.size
-            _agree(world, plan, out_path, out_format, shard_bytes)
+            job.agree(world, plan, out_path, out_format, shard_bytes)
             agreed = True
         if on_plan and leader:
             on_plan(report)
@@ -308,16 +307,6 @@ def average(
         FILES.close()
         if world is not None:
             world.close()
-
-
-def _agree(world: World, plan: Plan, out: Path | None, out_format: str, shard_bytes: int) -> None:
-    """Every rank must have built the same plan (the same inputs seen on the shared filesystem, the same
-    options) before any writes: a rank that sees something else fails the job, naming what differs."""
-    mine = fingerprint(plan, [out, out_format, shard_bytes])
-    for rank, theirs in enumerate(world.gather("plan", {"fingerprint": mine})):
-        if theirs["fingerprint"] != mine:
-            raise UsageError(None, f"rank {rank} built a different plan than rank {world.rank} (different inputs, files or options on its node?); "
-                             "every rank must see the same checkpoints at the same paths")
 
 
 def _plan(
@@ -400,38 +389,14 @@ def file_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-@dataclass(frozen=True)
-class WriteOptions:
-    """How the output is written: the options of `average` that reach the writer and the engine."""
-
-    overwrite: bool
-    shard_bytes: int
-    device: torch.device
-    dtype: str | None
-    out_format: str = "auto"
-    memory_budget: int | None = None
-    fsync: bool = True
-    verify: bool = False
-
-
-@dataclass
-class _TensorFiles:
-    """The safetensors files of an output: their names, paths in the staging area, tensors and metadata."""
-
-    names: list[str]
-    paths: list[Path]
-    shards: list[list[TensorSpec]]
-    metadata: dict[str, str]
-
-
-def _tensor_files(plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict) -> _TensorFiles:
+def _tensor_files(plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict) -> TensorFiles:
     if plan.output_kind == "adapter":
-        return _TensorFiles([ADAPTER_WEIGHTS], [tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"})
+        return TensorFiles([ADAPTER_WEIGHTS], [tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"})
     if single_file:
-        return _TensorFiles([out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))})
+        return TensorFiles([out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))})
     shards = split_shards(specs, shard_bytes)
     names = shard_file_names(len(shards))
-    return _TensorFiles(names, [tmp / name for name in names], shards, {"format": "pt"})
+    return TensorFiles(names, [tmp / name for name in names], shards, {"format": "pt"})
 
 
 def _write_output(
@@ -448,7 +413,7 @@ def _write_output(
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(None, f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder")
     recipe = _recipe(report)
-    specs = specs_of(plan)
+    specs = output_specs(plan)
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
         raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
     shared = world is not None and kind == "safetensors"
@@ -456,7 +421,7 @@ def _write_output(
     try:
         if world is not None and not world.leader:
             files = _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe) if shared else None
-            return _follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
+            return job.follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             files, writer = None, None
             if kind == "pt":
@@ -471,7 +436,7 @@ def _write_output(
                 assert world is not None and files is not None
                 lay_out_files(files.paths, files.shards, files.metadata)
                 world.post("staged", {})
-                bytes_read, crcs = _lead(plan, files, options, world, on_progress)
+                bytes_read, crcs = job.lead(plan, files, options, world, on_progress)
                 report.bytes_written = sum(p.stat().st_size for p in files.paths)
             else:
                 if world is not None:
@@ -481,7 +446,7 @@ def _write_output(
                     writer = SafetensorsWriter(files.paths, files.shards, files.metadata, durable=options.fsync)
                 bytes_read, crcs, report.bytes_written = _run_engine(plan, writer, options, specs, on_progress)
                 if world is not None:
-                    _gather_shares(world, on_progress, plan.read_bytes, _share_report(0, [], []))
+                    job.gather_shares(world, on_progress, plan.read_bytes, job.share_report(0, [], []))
             if single_file:
                 if options.verify:
                     _verify(tmp, out_path, specs, crcs, report, on_progress)
@@ -500,7 +465,7 @@ def _write_output(
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
-def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: _TensorFiles | None, options: WriteOptions) -> None:
+def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: TensorFiles | None, options: WriteOptions) -> None:
     """Beside the weights of a folder output: the index, an adapter's config, and the model files copied from
     the newest input."""
     if files is not None and len(files.names) > 1:
@@ -532,90 +497,6 @@ def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: 
     return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
 
 
-# A job of several ranks (distributed.py): each writes its share in place; rank 0 waits for all before finishing.
-
-
-def _write_my_share(plan: Plan, files: _TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> dict:
-    """Fold this rank's units and write them at their places in the files rank 0 laid out; returns the report
-    this rank posts (bytes read, its units and their CRC-32s with --verify, peak memory)."""
-    all_units = split_work(plan, world.size)
-    units = assign(all_units, world.size)[world.rank]
-    where = tensor_offsets(files.paths, files.shards, files.metadata)
-    ranges = []
-    for unit in units:
-        entry = plan.entries[unit.entry]
-        path, offset = where[entry.name]
-        ranges.append((path, offset + unit.first * entry.dtype.itemsize, unit.count * entry.dtype.itemsize))
-    writer = RangeWriter(files.paths, ranges, durable=options.fsync, checksums=options.verify)
-    engine = Engine(share_plan(plan, units), options.device, options.memory_budget, workers=world.fold_workers)
-    try:
-        engine.run(writer, rank_progress(world, plan.read_bytes, len(all_units), on_progress))
-        writer.finish()
-    finally:
-        writer.abort()
-    world.progress(engine.bytes_read, len(units))
-    return _share_report(engine.bytes_read, units, writer.crcs)
-
-
-def _share_report(bytes_read: int, units: list[Unit], crcs: list[int]) -> dict:
-    return {"bytes_read": bytes_read, "units": [[u.entry, u.first, u.count] for u in units], "crcs": crcs, "peak_rss": peak_rss()}
-
-
-def _follow(
-    plan: Plan, files: _TensorFiles | None, world: World, on_progress: ProgressFn | None, options: WriteOptions, verify_in: Path | None,
-) -> int:
-    """A rank other than 0: once rank 0 has laid out the files, write this rank's share (none for a .pt
-    output), post its report, read back the files rank 0 gives it when verifying the folder `verify_in`, and
-    wait for rank 0 to finish the job. Returns the bytes this rank read."""
-    world.wait(["staged"], watch=[0])
-    mine = _write_my_share(plan, files, options, world, on_progress) if files is not None else _share_report(0, [], [])
-    world.post(f"done/{world.rank}", mine)
-    if verify_in is not None:
-        world.wait(["verify"], watch=[0])
-        _verify_my_files(world, verify_in, specs_of(plan), world.read("verify"), None)
-    world.wait(["finished"], watch=[0])
-    return mine["bytes_read"]
-
-
-def _lead(plan: Plan, files: _TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> tuple[int, dict[str, int]]:
-    """Rank 0: write its own share, then wait for every rank's. Returns (bytes read by all, each tensor's CRC-32
-    combined from the ranges' with --verify)."""
-    reports = _gather_shares(world, on_progress, plan.read_bytes, _write_my_share(plan, files, options, world, on_progress))
-    return sum(r["bytes_read"] for r in reports), _tensor_crcs(plan, reports) if options.verify else {}
-
-
-def _gather_shares(world: World, on_progress: ProgressFn | None, read_bytes: int, mine: dict) -> list[dict]:
-    """Rank 0: post its report and wait for every rank's, keeping the progress display moving with their beats."""
-    world.post("done/0", mine)
-
-    def tick() -> None:
-        if on_progress is not None:
-            others, units = world.others_progress
-            on_progress(Progress(min(read_bytes, others + mine["bytes_read"]), read_bytes, units, units, "waiting for the other ranks"))
-
-    keys = [f"done/{r}" for r in range(world.size)]
-    world.wait(keys, watch=range(world.size), on_tick=tick)
-    reports = [world.read(k) for k in keys]
-    world.peak_rss = max(r["peak_rss"] for r in reports)
-    return reports
-
-
-def _tensor_crcs(plan: Plan, reports: list[dict]) -> dict[str, int]:
-    """Each tensor's CRC-32 from the CRCs of the ranges the ranks wrote (in element order)."""
-    pieces: dict[str, list[tuple[int, int, int]]] = {}
-    for report in reports:
-        for (entry, first, count), crc in zip(report["units"], report["crcs"]):
-            e = plan.entries[entry]
-            pieces.setdefault(e.name, []).append((first, count * e.dtype.itemsize, crc))
-    crcs = {}
-    for e in plan.entries:
-        crc = 0
-        for _, nbytes, piece in sorted(pieces.get(e.name, [])):
-            crc = crc32_combine(crc, piece, nbytes)
-        crcs[e.name] = crc
-    return crcs
-
-
 def _verify(
     tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None,
     world: World | None = None,
@@ -626,40 +507,10 @@ def _verify(
     if world is None:
         hashes = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
     else:
-        files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-        ranks = owners([p.stat().st_size for p in files], world.size)
-        task = {"crcs": crcs, "owners": {p.name: rank for p, rank in zip(files, ranks)}, "out": str(out)}
-        world.post("verify", task)
-        hashes = _verify_my_files(world, tmp, specs, task, on_progress)
-        world.wait([f"verified/{r}" for r in range(1, world.size)], watch=range(world.size))
-        for r in range(1, world.size):
-            hashes.update({name: sha for name, sha in world.read(f"verified/{r}").items() if sha is not None})
+        hashes = job.verify_shared(world, tmp, out, specs, crcs, on_progress)
     report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}
     report.verified = True
     report.verify_seconds = time.perf_counter() - started
-
-
-def _verify_my_files(world: World, tmp: Path, specs: list[TensorSpec], task: dict, on_progress: ProgressFn | None) -> dict[str, str | None]:
-    """Read back the output files rank 0 gave this rank, check their tensors' CRC-32s; post and return their sha256."""
-    mine = {name for name, owner in task["owners"].items() if owner == world.rank}
-    hashes = verify_output(tmp, Path(task["out"]), specs, task["crcs"], on_progress, only=mine)
-    if not world.leader:
-        world.post(f"verified/{world.rank}", hashes)
-    return hashes
-
-
-def specs_of(plan: Plan) -> list[TensorSpec]:
-    """The tensors of the output files, in the order they are written (a requantized weight: codes, then scales)."""
-    if not plan.requantize:
-        return [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
-    specs = []
-    for e in plan.entries:
-        source = e.sources[0]
-        if isinstance(source, DequantizedSource):
-            specs.extend(TensorSpec(*spec) for spec in quantized_specs(e.name, source))
-        else:
-            specs.append(TensorSpec(e.name, e.dtype, e.shape))
-    return specs
 
 
 def disk_size(path: Path) -> int:
@@ -667,10 +518,6 @@ def disk_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _count_dtypes(dtypes: list[torch.dtype]) -> dict[str, int]:
@@ -695,7 +542,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         tensors=len(plan.entries),
         parameters=plan.parameters,
         input_dtypes=_count_dtypes([e.input_dtype for e in plan.entries]),
-        output_dtypes=_count_dtypes([spec.dtype for spec in specs_of(plan)]),
+        output_dtypes=_count_dtypes([spec.dtype for spec in output_specs(plan)]),
         accumulate=_count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
         copied_from_newest=plan.copied,
         tied=[list(pair) for pair in plan.tied],

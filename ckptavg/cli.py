@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     signals.keep_ignored_after_commit = True
-    distributed.ignore_signals_when_done = under_torchrun()
+    distributed.world.ignore_signals_when_done = under_torchrun()  # read by World when the job ends
     silent = follower()  # a torchrun rank other than 0: rank 0 reports the job's errors
     try:
         code = app(args=args, prog_name="ckptavg", standalone_mode=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+from dataclasses import dataclass
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import torch
 from ckptavg.checkpoint import real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.formats.base import dtype_name
+from ckptavg.formats.writer import TensorSpec
 from ckptavg.signals import committing
 
 MODEL_FILES = (
@@ -320,3 +322,30 @@ def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
             raise UsageError(None, f"--format safetensors with an output named {out.name}; name it .safetensors")
         return "pt", True
     return ("safetensors" if out_format == "auto" else out_format), False
+
+
+# How an output is written, and its files
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the output is written: the options of `average` that reach the writer and the engine."""
+
+    overwrite: bool
+    shard_bytes: int
+    device: torch.device
+    dtype: str | None
+    out_format: str = "auto"
+    memory_budget: int | None = None
+    fsync: bool = True
+    verify: bool = False
+
+
+@dataclass
+class TensorFiles:
+    """The safetensors files of an output: their names, paths in the staging area, tensors and metadata."""
+
+    names: list[str]
+    paths: list[Path]
+    shards: list[list[TensorSpec]]
+    metadata: dict[str, str]

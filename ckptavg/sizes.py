@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 from ckptavg.errors import UsageError
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -26,3 +28,8 @@ def format_size(n: int) -> str:
         if n >= unit and n % unit == 0:
             return f"{n // unit}{name.replace('I', 'i')}"
     return f"{n} bytes"
+
+
+def peak_rss() -> int:
+    """The most memory this process has held (resident), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -461,8 +461,8 @@ def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(dcp_fsdp2_ckpt
     from ckptavg.merge.adapters import build_adapter_plan
     from ckptavg.merge.engine import Engine
 
-    monkeypatch.setattr(distributed, "MIN_UNIT_BYTES", 256)
-    monkeypatch.setattr(distributed, "ALIGN", 8)
+    monkeypatch.setattr(distributed.split, "MIN_UNIT_BYTES", 256)
+    monkeypatch.setattr(distributed.split, "ALIGN", 8)
     lora = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:]
     cases = {
         "dcp": lambda: build_plan(*_opened(sorted(dcp_fsdp2_ckpts.glob("step-*")))),

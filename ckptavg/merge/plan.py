@@ -13,7 +13,8 @@ import torch
 
 from ckptavg.errors import MismatchError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating, slice_source
-from ckptavg.formats.quantized import requantize_problem
+from ckptavg.formats.quantized import DequantizedSource, quantized_specs, requantize_problem
+from ckptavg.formats.writer import TensorSpec
 from ckptavg.merge.weights import Weights
 
 
@@ -202,3 +203,17 @@ def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtyp
         ordered.extend(aliases[entry.name])
     plan.entries = ordered
     return plan
+
+
+def output_specs(plan: Plan) -> list[TensorSpec]:
+    """The tensors of the output files, in the order they are written (a requantized weight: codes, then scales)."""
+    if not plan.requantize:
+        return [TensorSpec(e.name, e.dtype, e.shape) for e in plan.entries]
+    specs = []
+    for e in plan.entries:
+        source = e.sources[0]
+        if isinstance(source, DequantizedSource):
+            specs.extend(TensorSpec(*spec) for spec in quantized_specs(e.name, source))
+        else:
+            specs.append(TensorSpec(e.name, e.dtype, e.shape))
+    return specs

@@ -1,31 +1,14 @@
-"""Many processes (torchrun): one job of WORLD_SIZE ranks that writes one output, byte for byte the output
-of one process.
-
-Every rank builds the same plan from the shared filesystem and takes a deterministic share of the work: the
-output tensors cut into units (element ranges), balanced by the bytes they read, longest first onto the least
-loaded rank. A rank reads only its units' bytes and writes them at their final offsets in the output files,
-which rank 0 lays out beforehand: headers, shard boundaries and sizes follow from the plan alone, never from
-the world size. No tensor moves between ranks.
-
-Control goes through torch.distributed's key-value store, the one torchrun's rendezvous set up, reached
-through a gloo process group: each rank posts its plan's fingerprint, its outcome and its progress there, and
-beats a counter every second. A rank waiting on another fails when that rank's counter has not moved for
-`timeout` seconds, naming it: a killed or hung rank ends the job within the timeout, while a long share on a
-live rank never trips it. Rank 0 renames the staged output into place only after every rank has reported
-success; any failure is posted, stops the other ranks at their next chunk, and is reported once, by rank 0.
-"""
+"""A rank's place in a job of several processes (torchrun, or a process group the caller initialised), and the
+key-value store the ranks coordinate through: posts, waits, beats, the failure of one rank told to all."""
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -34,15 +17,11 @@ from ckptavg.signals import STOP_SIGNALS
 
 if TYPE_CHECKING:  # the command line asks under_torchrun() before torch is imported
     from ckptavg.merge.engine import ProgressFn
-    from ckptavg.merge.plan import Plan
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BEAT_SECONDS = 1.0
 POLL_SECONDS = 0.05
 DEFAULT_TIMEOUT = 120.0
-UNITS_PER_RANK = 8  # pieces per rank: enough to even out the shares, few enough to keep each read long
-MIN_UNIT_BYTES = 16 << 20
-ALIGN = 4096  # elements: units start on page-friendly boundaries in every dtype
 
 
 class RankError(CkptavgError):
@@ -65,82 +44,6 @@ def follower() -> bool:
     """True in a torchrun job's ranks other than 0: they print nothing, and commands that read (select,
     inspect) leave the work to rank 0."""
     return under_torchrun() and int(os.environ["RANK"]) != 0
-
-
-# The share of each rank
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Elements [first, first + count) of the plan's entry `entry`, and the bytes reading them costs."""
-
-    entry: int
-    first: int
-    count: int
-    read_bytes: int
-
-
-def split_work(plan: Plan, world_size: int) -> list[Unit]:
-    """The plan's tensors cut into units of about 1/UNITS_PER_RANK of a rank's fair share of reading (at least
-    MIN_UNIT_BYTES), in output order. A tensor that can only be read whole (computed, or a strided view) is
-    one unit; zero-element tensors have none (rank 0 writes the headers that describe them)."""
-    from ckptavg.formats.base import readable_by_range
-    from ckptavg.merge.engine import active_inputs
-
-    piece = max(MIN_UNIT_BYTES, plan.read_bytes // (world_size * UNITS_PER_RANK))
-    units = []
-    for index, entry in enumerate(plan.entries):
-        if entry.numel == 0:
-            continue
-        per_element = entry.input_dtype.itemsize * len(active_inputs(entry))
-        step = entry.numel
-        if all(readable_by_range(entry.sources[i]) for i, _ in active_inputs(entry)):
-            step = max(ALIGN, piece // per_element // ALIGN * ALIGN)
-        for first in range(0, entry.numel, step):
-            count = min(step, entry.numel - first)
-            units.append(Unit(index, first, count, count * per_element))
-    return units
-
-
-def owners(costs: list[int], world_size: int) -> list[int]:
-    """The rank of each item: the costliest first onto the least loaded rank (ties to the highest rank: rank 0
-    also lays out, finishes and verifies the output). Longest-processing-time packing: the most and least
-    loaded ranks differ by at most the largest item."""
-    rank_of = [0] * len(costs)
-    loads = [(0, -rank) for rank in range(world_size)]
-    for item in sorted(range(len(costs)), key=lambda i: -costs[i]):  # sorted() is stable: equal items keep their order
-        load, rank = heapq.heappop(loads)
-        rank_of[item] = -rank
-        heapq.heappush(loads, (load + costs[item], rank))
-    return rank_of
-
-
-def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
-    """Each rank's units (see owners), each share in output order, so a rank writes its files front to back."""
-    shares: list[list[Unit]] = [[] for _ in range(world_size)]
-    for unit, rank in zip(units, owners([u.read_bytes for u in units], world_size)):
-        shares[rank].append(unit)
-    return shares
-
-
-def share_plan(plan: Plan, units: list[Unit]) -> Plan:
-    """The plan of one rank: its units as entries of their own."""
-    from ckptavg.merge.plan import Plan
-    entries = [plan.entries[u.entry].slice(u.first, u.count) for u in units]
-    return Plan(plan.inputs, plan.weights, entries, plan.output_kind, plan.adapter_config, plan.files_from)
-
-
-def fingerprint(plan: Plan, layout: Iterable[object]) -> str:
-    """What every rank must agree on before writing: each output tensor's recipe and the output's layout."""
-    described = [
-        (e.name, str(e.dtype), list(e.shape), e.weights, e.divisor, str(e.accum_dtype), e.alias_of, [str(s.path) for s in e.sources])
-        for e in plan.entries
-    ]
-    text = json.dumps([described, [str(x) for x in layout]], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# The job: ranks, the store, the beats
 
 
 class World:
