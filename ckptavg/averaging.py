@@ -32,10 +32,11 @@ from ckptavg.formats.writer import (
     write_index,
     write_text,
 )
+from ckptavg.globbing import expand
 from ckptavg.hub import localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
-from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
+from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs, short_dtype_name
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import (
@@ -179,8 +180,8 @@ def average(
         ema: decay of an exponential moving average over the ordered inputs (instead of weights).
         ema_half_life: an EMA in training steps with this half-life, honouring irregular spacing (instead of weights).
         order: "auto" (by step, else epoch, else as given) or "given".
-        dtype: output dtype of floating tensors ("bf16", "fp16", "fp32"); None keeps the input's.
-        accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64".
+        dtype: output dtype of floating tensors ("bf16", "fp16", "fp32", or torch's "bfloat16", ...); None keeps the input's.
+        accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64" (or "float32", "float64").
         device: "auto", "cpu", "cuda" or "cuda:N".
         max_shard_size: shard an output folder above this size (None: "5GB"); refused with a single-file output.
         key, use_ema, strip_prefixes: where the weights are inside each input; see LoadOptions.
@@ -217,11 +218,13 @@ def average(
         CkptavgError: bad inputs (InputError...), bad options (UsageError), unwritable output (OutputError).
     """
     started = time.perf_counter()
+    paths = expand(paths)  # a pattern no shell expanded: run/checkpoint-*
     if not paths:
         raise UsageError(None, "no inputs given")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
         raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
+    dtype, accum = (short_dtype_name(dtype) if dtype is not None else None), short_dtype_name(accum)
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise UsageError(None, f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
     if accum not in ("auto", "fp32", "fp64"):

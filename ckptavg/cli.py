@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click import exceptions as click_errors  # typer's own copy of click: the classes its parser raises
 
 from ckptavg import __version__, distributed, signals
 from ckptavg.distributed import follower, under_torchrun
@@ -38,11 +40,13 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]
+# main() takes --debug wherever it is given, before parsing; each command declares it only so that its --help lists it.
+DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, print its traceback too (or set CKPTAVG_DEBUG=1).")]
 KeyOpt = Annotated[str | None, typer.Option("--key", metavar="NAME", help="Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP save's model entries, or module for the 16-bit copy of a DeepSpeed save.")]
 UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")]
 StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Output dtype of floating tensors: bf16, fp16 or fp32 (default: the input's).")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", help="Output dtype of floating tensors: bf16, fp16 or fp32 (or torch's bfloat16, float16, float32). Default: the input's.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[str | None, typer.Option("--max-shard-size", metavar="SIZE", help="Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: refused with one.", show_default=False)]
 BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
 NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
@@ -65,7 +69,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Merge the checkpoints of a training run into one better model."""
 
@@ -74,12 +78,12 @@ def _root(
 def average(
     inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and /FOLDER optional (hf://org/run@main/checkpoint-500).", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", metavar="uniform|linear|W1,W2,...", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", metavar="SPEC", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
     ema_half_life: Annotated[float | None, typer.Option("--ema-half-life", metavar="STEPS", help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).")] = None,
-    order: Annotated[str, typer.Option("--order", metavar="auto|given", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
+    order: Annotated[str, typer.Option("--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
     dtype: DtypeOpt = None,
-    accum_dtype: Annotated[str, typer.Option("--accum-dtype", metavar="auto|fp32|fp64", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
+    accum_dtype: Annotated[str, typer.Option("--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,
     key: KeyOpt = None,
@@ -90,7 +94,7 @@ def average(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
-    adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="exact|params|merged", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
+    adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="MODE", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
     base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
     adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
@@ -102,6 +106,7 @@ def average(
     commit_message: CommitMessageOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Average checkpoints into one inference-only model (mean, weighted, linear or EMA).
 
@@ -111,9 +116,9 @@ def average(
 
         ckptavg average runs/checkpoint-* -o merged
 
-        ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o merged.safetensors --json
+        ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o m.safetensors --json
 
-        ckptavg average hf://org/run@main/checkpoint-{800,900,1000} -o merged --push-to-hub org/run-avg
+        ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
     """
     average_checkpoints = _deferred("ckptavg.averaging", "average")
     pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
@@ -197,6 +202,7 @@ def select(
     print0: Annotated[bool, typer.Option("--print0", "-0", help="End each path with a NUL instead of a newline, for xargs -0: safe with spaces and newlines in paths.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Print the checkpoints to average or keep, one path per line (NUL-terminated with --print0), in step order.
 
@@ -206,7 +212,8 @@ def select(
 
         ckptavg average $(ckptavg select runs/*/checkpoint-* --last 8) -o merged
 
-        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert --print0 | xargs -0 -r rm -r
+        ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert -0 \\
+            | xargs -0 -r rm -r
     """
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
@@ -259,6 +266,7 @@ def inspect(
     strip_prefix: StripOpt = None,
     json_output: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no report; errors and the exit code only (--json still prints).")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Show what a checkpoint holds: layout, tensors, dtypes, step, metrics and training state.
 
@@ -278,6 +286,11 @@ def inspect(
     from ckptavg.errors import InputError
     from ckptavg.summary import diff_checkpoints, diff_problems, inspect_checkpoint
 
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(None, f"--filter {pattern!r}: not a valid regular expression ({e})") from e
     asked = (("--fail-if-different", fail_if_different), ("--max-rel-l2", max_rel_l2 is not None), ("--min-cosine", min_cosine is not None))
     checks = [flag for flag, on in asked if on]
     if checks and diff is None:
@@ -306,7 +319,7 @@ def inspect(
     elif not quiet:
         print_inspect(report)
     if report.issues:
-        raise InputError(path, f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}")
+        raise InputError(report.path, f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}")
 
 
 @app.command()
@@ -314,7 +327,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
     dtype: DtypeOpt = None,
-    out_format: Annotated[str, typer.Option("--format", metavar="safetensors|pt", help="safetensors (default) or pt (a torch state dict; pytorch_model.bin in a folder).")] = "auto",
+    out_format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named .pt/.pth/.bin, else safetensors.")] = "auto",
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
@@ -335,6 +348,7 @@ def export(
     commit_message: CommitMessageOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Turn a training checkpoint into an inference-only model: the weights alone, no optimizer, scheduler, scaler, RNG or trainer state.
 
@@ -342,7 +356,7 @@ def export(
 
         ckptavg export runs/checkpoint-1000 -o model --dtype bf16
 
-        ckptavg export last.ckpt --use-ema --strip-prefix model. -o model.safetensors
+        ckptavg export last.ckpt --use-ema --strip-prefix model. -o m.safetensors
     """
     export_checkpoint = _deferred("ckptavg.exporting", "export")
     pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
@@ -376,6 +390,20 @@ def _flag_type_column(self: Any, ctx: Any) -> str | None:
 _option_type_column = typer.core.TyperOption.display_type_rich
 typer.core.TyperOption.display_type_rich = _flag_type_column  # type: ignore[method-assign]
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]  # its metavar says it
+
+
+def parser_message(e: typer.TyperException) -> str:
+    """A parsing error of click's in the words of ckptavg's other errors: one line, lower case, its suggestion kept
+    ("no such option --wieghts (did you mean --weights?)") instead of click's usage block and capitalised Error."""
+    if isinstance(e, click_errors.NoSuchOption):  # its possibilities come best first (difflib)
+        return f"no such option {e.option_name}" + (f" (did you mean {e.possibilities[0]}?)" if e.possibilities else "")
+    text = e.format_message() if isinstance(e, click_errors.ClickException) else str(e)
+    # "No such command 'averag'. Did you mean 'average'?", "Invalid value for '--ema': Input should be ...",
+    # "Missing argument 'CHECKPOINT'." become "no such command 'averag' (did you mean 'average'?)", "invalid value
+    # for --ema: input should be ...", "missing argument CHECKPOINT"
+    text = re.sub(r"\.? Did you mean (.+)\?$", r" (did you mean \1?)", text.strip())
+    text = re.sub(r"'(--?[\w-]+|[A-Z_]+)'", r"\1", text).removesuffix(".")
+    return re.sub(r"(^|: )([A-Z])(?=[a-z])", lambda m: m.group(1) + m.group(2).lower(), text)
 
 
 def exit_now(code: int) -> None:
@@ -424,7 +452,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # usage errors from the argument parser
-        e.show()
+        if isinstance(e, click_errors.NoArgsIsHelpError):  # `ckptavg` alone: the help
+            e.show()
+        else:
+            print_error(parser_message(e))
         sys.exit(getattr(e, "exit_code", EXIT_USAGE) or EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         if not silent:
@@ -439,5 +470,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        print_error(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print_error(f"internal error: {type(e).__name__}: {e}{hint}")
         sys.exit(1)

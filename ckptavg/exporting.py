@@ -27,5 +27,8 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None, merge: bool =
         from ckptavg.errors import UsageError
 
         raise UsageError(None, "--merge needs the adapter's base model: pass --base MODEL")
+    from ckptavg.globbing import expand_one
+
+    path = expand_one(path)  # one checkpoint, also from a pattern no shell expanded
     mode = "merged" if merge else "params"  # an adapter alone is written as it is, bit for bit
     return average([path], out, order="given", adapter_mode=mode, make_weights=lambda n: Weights("export", [1.0] * n), **options)

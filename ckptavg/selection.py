@@ -36,6 +36,7 @@ from ckptavg.discover import (
 )
 from ckptavg.errors import HostileInputError, InputError, UsageError
 from ckptavg.formats.base import Checkpoint
+from ckptavg.globbing import expand
 
 MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
@@ -98,6 +99,8 @@ class Policy:
                 raise UsageError(None, f"{flag} must be at least 1")
         if self.after_warmup is not None and not 0 <= self.after_warmup < 1:
             raise UsageError(None, "--after-warmup is a fraction of the run, in [0, 1)")
+        if isinstance(self.max_step, int) and self.min_step is not None and self.min_step > self.max_step:
+            raise UsageError(None, f"--min-step {self.min_step} is above --max-step {self.max_step}: no step can pass both")
 
 
 @dataclass
@@ -241,6 +244,7 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
     from ckptavg.formats.base import FILES
     from ckptavg.hub import is_hub
 
+    paths = expand(paths)  # a pattern no shell expanded: run/checkpoint-*
     table = load_metrics_file(Path(metrics_file)) if metrics_file else None
     described: list[tuple[Candidate, dict[str, dict[str, float]]]] = []
     opened: dict[int, Checkpoint] = {}

@@ -17,12 +17,13 @@ import torch
 
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
-from ckptavg.errors import InputError
+from ckptavg.errors import InputError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
 from ckptavg.formats.peft import describe_adapter
 from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
+from ckptavg.globbing import expand_one
 from ckptavg.merge.engine import Progress, ProgressFn
 from ckptavg.output import lock_name, old_name, tmp_name
 
@@ -355,6 +356,14 @@ def _open(path: Path, options: LoadOptions) -> Checkpoint:
         raise
 
 
+def name_filter(pattern: str | None) -> re.Pattern[str] | None:
+    """The regular expression tensor names are filtered by; a bad one is a usage error before any file is read."""
+    try:
+        return re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise UsageError(None, f"tensor name filter {pattern!r}: not a valid regular expression ({e})") from e
+
+
 def inspect_checkpoint(
     path: str | Path,
     options: LoadOptions = LoadOptions(),
@@ -367,6 +376,8 @@ def inspect_checkpoint(
     telling `on_progress` (a ReadProgress, phase "checking") the bytes read as it goes."""
     from ckptavg.hub import localize
 
+    regex = name_filter(pattern)
+    path = expand_one(path)  # a pattern no shell expanded, if it names one checkpoint
     local = localize([path], extra=("trainer_state.json",))  # an hf:// input: its files in the HF cache
     try:
         ckpt = local.open(local.paths[0], options) if local.sources else _open(Path(path), options)
@@ -416,7 +427,6 @@ def inspect_checkpoint(
             quantization=ckpt.quantization.to_dict() if ckpt.quantization else None,
         )
         if tensors:
-            regex = re.compile(pattern) if pattern else None
             report.tensor_list = [
                 TensorInfo(name, dtype_name(src.dtype), list(src.shape), src.nbytes)
                 for name, src in stored.items()
@@ -547,10 +557,11 @@ def diff_checkpoints(
     told the bytes read (a ReadProgress, phase "comparing") as it goes."""
     from ckptavg.hub import localize
 
+    regex = name_filter(pattern)
+    a, b = expand_one(a), expand_one(b)
     local = localize([a, b])
     try:
         left, right = (local.open(p, options) if str(p) in local.sources else _open(p, options) for p in local.paths)
-        regex = re.compile(pattern) if pattern else None
         names = [n for n in left.tensors if regex is None or regex.search(n)]
         report = DiffReport(
             a=local.label(left.path) if str(left.path) in local.sources else str(a),

@@ -107,6 +107,16 @@ class Plan:
 
 ACCUM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch's names for the same dtypes; the short names above are the ones options are checked against and reports show.
+DTYPE_ALIASES = {
+    "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "float64": "fp64", "double": "fp64",
+}
+
+
+def short_dtype_name(name: str) -> str:
+    """bf16/fp16/fp32/fp64 for torch's names of them too (bfloat16, torch.float16, half, ...); any other name unchanged."""
+    key = name.strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(key, key)
 DEQUANTIZED_DTYPE = torch.bfloat16  # what a dequantized FP8/MXFP4 weight is written as, unless --dtype says otherwise
 
 
