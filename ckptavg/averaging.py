@@ -69,7 +69,7 @@ class InputSummary:
     tensors: int
     bytes: int
     notes: list[str]
-    weights_from: str = ""  # which weights were taken from the input and why (raw or EMA, key, prefixes)
+    weights_from: str | None = None  # which weights were taken from the input and why (raw or EMA, key, prefixes); None: its tensors as stored
     hub: dict | None = None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
 
 
@@ -532,7 +532,7 @@ def _count_dtypes(dtypes: list[torch.dtype]) -> dict[str, int]:
 
 def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device, notes: list[str]) -> AverageReport:
     inputs = [
-        InputSummary(str(c.path), c.format, c.step, c.epoch, w, len(c.tensors), c.nbytes, list(c.notes), c.weights_from)
+        InputSummary(str(c.path), c.format, c.step, c.epoch, w, len(c.tensors), c.nbytes, list(c.notes), c.weights_from or None)
         for c, w in zip(plan.inputs, plan.weights.normalized)
     ]
     report = AverageReport(
@@ -546,7 +546,8 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         parameters=plan.parameters,
         input_dtypes=_count_dtypes([e.input_dtype for e in plan.entries]),
         output_dtypes=_count_dtypes([spec.dtype for spec in output_specs(plan)]),
-        accumulate=_count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
+        # an export accumulates nothing: each value passes through (scale 1), or is converted to the output dtype
+        accumulate={} if plan.weights.strategy == "export" else _count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
         copied_from_newest=plan.copied,
         tied=[list(pair) for pair in plan.tied],
         device=str(device),

@@ -78,7 +78,8 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
         lines.append(f"| {n} | `{_cell(where)}` | {_cell(asked)} | {step} | {item.get('weight', 0):.6g} |")
     lines += ["", "## How it was made", ""]
     if not export:
-        lines.append(f"- Strategy: {recipe.get('strategy')} (inputs ordered by {recipe.get('order')})")
+        order = "in the order given" if recipe.get("order") == "given" else f"ordered by {recipe.get('order')}"
+        lines.append(f"- Strategy: {recipe.get('strategy')} (inputs {order})")
     lines.append(f"- Input dtypes: {_counts(recipe.get('input_dtypes'))}; output dtypes: {_counts(recipe.get('output_dtypes'))}"
                  + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") and not export else ""))
     if recipe.get("copied_from_newest") and not export:

@@ -7,11 +7,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -66,8 +69,9 @@ def plan_line(report: AverageReport) -> str:
             parts.append("equal weights")
         elif n <= 4:
             parts.append("weights " + ", ".join(f"{w:.3g}" for w in weights))
-        else:
-            parts.append(f"weights {weights[0]:.3g} .. {weights[-1]:.3g}")
+        else:  # the range, then the ends: in training order the first input is the oldest
+            first, last = ("first", "last") if report.order == "given" else ("oldest", "newest")
+            parts.append(f"weights {min(weights):.3g}..{max(weights):.3g} ({first} {weights[0]:.3g}, {last} {weights[-1]:.3g})")
     if report.bytes_to_read:
         parts.append(f"{human_bytes(report.bytes_to_read)} to read")
     return ", ".join(parts)
@@ -247,6 +251,42 @@ def _fit(text: Text, width: int) -> Text:
     return text
 
 
+def shorten_path(path: str, width: int) -> str:
+    """`path` in at most `width` cells: whole when it fits, else its longest tail after `…` that starts at a
+    folder boundary (`…/run1/checkpoint-500`), else the last characters of its name."""
+    if cell_len(path) <= width:
+        return path
+    if width <= 1:
+        return "…" * width
+    for i, ch in enumerate(path):
+        if ch in "/\\" and cell_len(path[i:]) < width:
+            return "…" + path[i:]
+    tail = path
+    while tail and cell_len(tail) >= width:
+        tail = tail[1:]
+    return "…" + tail
+
+
+class _PathCell:
+    """A path in a table cell, shortened from the left to the column's width (see shorten_path), never
+    wrapped: `checkpoint-7` / `000` on two lines reads as two names. --json and piped output keep it whole."""
+
+    def __init__(self, path: str) -> None:
+        self.path = one_line(path)
+
+    @property
+    def shortest(self) -> int:
+        """The width of `…/name`, or of the whole path when shorter."""
+        name = self.path.rstrip("/\\").rsplit("/", 1)[-1]
+        return min(cell_len(self.path), cell_len(name) + 2)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(self.shortest, cell_len(self.path))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(shorten_path(self.path, options.max_width), no_wrap=True, overflow="crop")
+
+
 class _Rows:
     """The label / value lines of a summary. A value wraps at spaces under its own column at a terminal's
     width (a word longer than the line, such as a long path, is folded), never mid-word at the edge."""
@@ -267,24 +307,25 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _shared_weights_from(report: AverageReport) -> str | None:
-    """The weights_from every input shares, when they all share one."""
+    """The weights_from every input shares, when they all share one (None: their tensors as stored)."""
     found = {i.weights_from for i in report.inputs}
     return found.pop() if len(found) == 1 else None
 
 
 def inputs_table(report: AverageReport) -> Table:
     """The inputs in the order used; a `weights from` column only when the inputs do not all share one."""
-    column_for_weights = _shared_weights_from(report) is None
-    table = Table(title=f"inputs, ordered by {report.order}", title_justify="left", show_edge=False)
+    column_for_weights = len({i.weights_from for i in report.inputs}) > 1
+    order = "in the order given" if report.order == "given" else f"ordered by {report.order}"
+    table = Table(title=f"inputs, {order}", title_justify="left", show_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("input", overflow="fold", ratio=1)
+    table.add_column("input", ratio=1)
     for column in ("format", "step", "epoch", "weight"):
         table.add_column(column, justify="left" if column == "format" else "right", no_wrap=True)
     if column_for_weights:
         table.add_column("weights from", overflow="fold")
     for i, item in enumerate(report.inputs, 1):
         row = [
-            str(i), Text(item.path), item.format,
+            str(i), _PathCell(item.path), item.format,
             "-" if item.step is None else str(item.step),
             "-" if item.epoch is None else str(item.epoch),
             f"{item.weight:.4f}",
@@ -316,7 +357,11 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
         row("output", f"{report.output} (not written: dry run)" if report.output else "no output given (dry run)")
         row("dry run", f"would read {human_bytes(report.bytes_to_read)}; nothing written")
         return
-    row("output", f"{report.output}: {', '.join(report.output_files)}")
+    files = report.output_files
+    if report.output and files == [Path(report.output).name]:  # a single-file output: its name once
+        row("output", report.output)
+    else:
+        row("output", f"{report.output}: {', '.join(files)}")
     if report.copied_files:
         row("copied", ", ".join(report.copied_files))
     if report.verified:
@@ -329,9 +374,19 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
         row("pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: {report.pushed['commit_url']}")
     row(
         "done",
-        f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s "
-        f"({report.gb_per_s:.2f} GB/s), peak memory {human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
+        f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s"
+        f"{_rate(report)}, peak memory {human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
     )
+
+
+RATE_FROM_BYTES = 100_000_000  # below, a read rate measures the start-up (torch, opening files), not the disk
+
+
+def _rate(report: AverageReport) -> str:
+    """` (1.23 GB/s)` for a run that read enough to make the rate mean something, else nothing."""
+    if report.bytes_read < RATE_FROM_BYTES or report.seconds <= 0:
+        return ""
+    return f" ({human_bytes(report.bytes_read / report.seconds)}/s)"
 
 
 def print_summary(report: AverageReport, console: Console | None = None) -> None:
@@ -370,12 +425,11 @@ def print_error(message: str) -> None:
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def metric_chart(steps: list[int], values: list[float | None], chosen: list[bool], width: int = 72) -> list[str]:
-    """Two lines: the metric over steps as a sparkline (lower bar = lower value), and ▲ under chosen ones.
-
-    With more checkpoints than columns, each column stands for a run of consecutive checkpoints: it is marked
-    when any of them is chosen (and shows the chosen one's value), else it shows their mean. Every chosen
-    checkpoint is marked, however many there are.
+def metric_chart(steps: list[int], values: list[float | None], chosen: list[bool], width: int = 80) -> list[str]:
+    """Two lines of at most `width` cells: the metric over steps as a sparkline (lower bar = lower value) with
+    its range, and ▲ under each chosen checkpoint with the steps. With more checkpoints than columns, a column
+    stands for a run of consecutive checkpoints (see _chart_columns) and shows their mean, or a chosen one's
+    value: every chosen checkpoint is marked, each under its own column while they fit.
     """
     import math
 
@@ -387,60 +441,185 @@ def metric_chart(steps: list[int], values: list[float | None], chosen: list[bool
         level = 0 if high == low else round((min(max(value, low), high) - low) / (high - low) * (len(SPARK) - 1))
         return SPARK[level]
 
+    if not steps:
+        return []
     finite = [v for v in values if v is not None and math.isfinite(v)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
-    columns = min(len(steps), width)
+    value_range, step_range = f"{low:.4g} .. {high:.4g}", f"steps {steps[0]} .. {steps[-1]}"
     bars, marks = [], []
-    for col in range(columns):
-        members = range(col * len(steps) // columns, (col + 1) * len(steps) // columns)
-        pick = any(chosen[i] for i in members)
-        known = [values[i] for i in members if values[i] is not None and (chosen[i] or not pick)]
-        value = None if not known else known[0] if pick else sum(known) / len(known)
-        bars.append(f"[bold green]{spark(value)}[/]" if pick else f"[dim]{spark(value)}[/]")
-        marks.append("▲" if pick else " ")
-    return ["".join(bars) + f"  [dim]{low:.4g} .. {high:.4g}[/]", f"[green]{''.join(marks)}[/]  [dim]steps {steps[0]} .. {steps[-1]}[/]" if steps else ""]
+    for members in _chart_columns(chosen, max(8, width - 2 - max(len(value_range), len(step_range)))):
+        picked = sum(chosen[i] for i in members)
+        known = [values[i] for i in members if values[i] is not None and (chosen[i] or not picked)]
+        value = None if not known else known[0] if picked else sum(known) / len(known)
+        bars.append(f"[bold green]{spark(value)}[/]" if picked else f"[dim]{spark(value)}[/]")
+        marks.append(" " if not picked else "▲" if picked == 1 else str(picked) if picked < 10 else "+")
+    return ["".join(bars) + f"  [dim]{value_range}[/]", f"[green]{''.join(marks)}[/]  [dim]{step_range}[/]"]
 
 
-def print_selection(selection, quiet: bool, json_output: bool = False, invert: bool = False) -> None:
+def _chart_columns(chosen: list[bool], columns: int) -> list[range]:
+    """The checkpoints (by index) in at most `columns` runs of consecutive ones, one run per chart column.
+
+    One each when they fit. Else each chosen checkpoint has a column of its own, and the runs of others
+    between them share the remaining columns: at least one each, the rest in proportion to their length; when
+    there are more runs than columns left, the shortest go into the column of the chosen one before them. Only
+    with more chosen checkpoints than columns are the columns equal runs, sharing a mark (the count)."""
+    n, k = len(chosen), sum(chosen)
+    if n <= columns:
+        return [range(i, i + 1) for i in range(n)]
+    if k > columns:
+        return [range(col * n // columns, (col + 1) * n // columns) for col in range(columns)]
+    pieces: list[range] = []
+    start = 0
+    for i, pick in enumerate(chosen):
+        if pick:
+            pieces += ([range(start, i)] if start < i else []) + [range(i, i + 1)]
+            start = i + 1
+    pieces += [range(start, n)] if start < n else []
+    gaps = [piece for piece in pieces if not chosen[piece.start]]
+    free = columns - k
+    kept = sorted(gaps, key=len, reverse=True)[:free]  # the runs with a column of their own
+    extra, spare = free - len(kept), sum(len(g) - 1 for g in kept)
+    exact = {g.start: extra * (len(g) - 1) / spare if spare else 0.0 for g in kept}
+    share = {start: 1 + int(x) for start, x in exact.items()}
+    for start in sorted(exact, key=lambda s: int(exact[s]) - exact[s])[: free - sum(share.values())]:
+        share[start] += 1  # the largest remainders take the columns left
+    out: list[range] = []
+    carry = None  # a run without a column at the start goes into the first chosen column
+    for piece in pieces:
+        parts = 1 if chosen[piece.start] else share.get(piece.start, 0)
+        if parts == 0 and out:
+            out[-1] = range(out[-1].start, piece.stop)
+        elif parts == 0:
+            carry = piece.start
+        else:
+            first = piece.start if carry is None else carry
+            carry = None
+            out += [range(first if j == 0 else piece.start + j * len(piece) // parts, piece.start + (j + 1) * len(piece) // parts) for j in range(parts)]
+    return out
+
+
+COMPACT_ABOVE = 20  # rows: a longer select table shows its first and last rows and every chosen one
+COMPACT_ENDS = 3
+
+
+def print_selection(selection, quiet: bool, json_output: bool = False, invert: bool = False, console: Console | None = None) -> None:
     """Notes on stderr (ignored candidates, missing metrics, what the filters dropped, what --invert kept back)
     unless quiet; the table and chart too when stderr is a terminal and stdout is not JSON."""
+    err = console or stderr
     metric = selection.policy.metric
     if quiet:
         return
     for c in selection.ignored:
-        stderr.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
+        err.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
     missing = [c.path for c in selection.candidates if metric and c.ignored is None and c.rank_value(metric) is None]
     if missing and not selection.metric_hint:
-        stderr.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
+        err.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
     for note in selection.notes:
         if note != selection.metric_hint or invert or selection.chosen:  # else the error says it
-            stderr.print(f"note: {note}", markup=False)
+            err.print(f"note: {note}", markup=False)
     if invert:
         reasons: dict[str, list[str]] = {}
         for c in selection.kept_back:
             reasons.setdefault(c.kept_back, []).append(c.path)
         for reason, paths in reasons.items():
             shown = ", ".join(paths[:5]) + (f", ... ({len(paths)} in all)" if len(paths) > 5 else "")
-            stderr.print(f"note: --invert kept back ({reason}): {shown}", markup=False)
-    if json_output or not stderr.is_terminal:
+            err.print(f"note: --invert kept back ({reason}): {shown}", markup=False)
+    if json_output or not err.is_terminal:
         return
-    table = Table(show_edge=False, title=f"{len(selection.chosen)} of {len(selection.candidates)} chosen", title_justify="left")
-    for column in ("step", "checkpoint", metric or "metric", "chosen", "why"):
-        table.add_column(column, justify="right" if column in ("step", metric) else "left", overflow="fold")
-    for c in selection.candidates:
-        value = c.metric(metric)
-        why = "; ".join(c.why) or (c.ignored or "")
-        if invert and c.kept_back:
-            why += f"; kept back: {c.kept_back}"
-        table.add_row(
-            "-" if c.step is None else str(c.step), escape(c.path), "-" if value is None else f"{value:.5g}",
-            "[bold green]yes[/]" if c.chosen else "no", escape(why),
-        )
-    stderr.print(table)
+    err.print(selection_table(selection, invert, err.width))
     ranked = [c for c in selection.candidates if c.ignored is None]
     if metric and any(c.metric(metric) is not None for c in ranked):
-        for line in metric_chart([c.step for c in ranked], [c.metric(metric) for c in ranked], [c.chosen for c in ranked]):
-            stderr.print(line)
+        for line in metric_chart([c.step for c in ranked], [c.metric(metric) for c in ranked], [c.chosen for c in ranked], err.width):
+            err.print(line, soft_wrap=False, overflow="ellipsis")
+
+
+def _why(c, invert: bool) -> str:
+    why = "; ".join(c.why) or (c.ignored or "")
+    if invert and c.kept_back:
+        why += f"; kept back: {c.kept_back}"
+    return why
+
+
+def _shared_why(group: list, invert: bool) -> str | None:
+    """The reason all of `group` (two or more) share, else None."""
+    reasons = {_why(c, invert) for c in group}
+    return reasons.pop() if len(group) > 1 and len(reasons) == 1 else None
+
+
+def selection_table(selection, invert: bool = False, width: int | None = None) -> Table:
+    """Every candidate with its step, metric (with --metric), whether chosen and why.
+
+    A reason all the chosen (or all the others) share is said once, in the title, and no `why` column is left
+    when both are. Over COMPACT_ABOVE rows: the first and last COMPACT_ENDS rows and every chosen one (unless
+    more than COMPACT_ABOVE are chosen), each run of the others in one `… N more not chosen` row; --json lists
+    them all. At `width` columns the paths are shortened before the reasons wrap.
+    """
+    metric = selection.policy.metric
+    candidates = selection.candidates
+    chosen = [c for c in candidates if c.chosen]
+    others = [c for c in candidates if not c.chosen]
+    shared = {True: _shared_why(chosen, invert), False: _shared_why(others, invert)}
+    title = f"{len(chosen)} of {len(candidates)} chosen" + (f" ({shared[True]})" if shared[True] else "")
+    title += f"; the other {len(others)}: {shared[False]}" if shared[False] else ""
+    table = Table(show_edge=False, title=escape(title), title_justify="left")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("checkpoint")
+    if metric:
+        table.add_column(metric, justify="right", no_wrap=True)
+    table.add_column("chosen", no_wrap=True)
+    why_column = any(group and not shared[picked] for picked, group in ((True, chosen), (False, others)))
+    if why_column:
+        table.add_column("why")
+    n = len(candidates)
+    hidden: list = []
+
+    def add(step: str, name: object, value: str, picked: bool, why: str, style: str = "") -> None:
+        row = [step, name] + ([value] if metric else []) + [Text("yes", style="bold green") if picked else "no"]
+        table.add_row(*row, *([Text("" if shared[picked] else why, style=style)] if why_column else []))
+
+    def show(c) -> None:
+        value = c.metric(metric)
+        add("-" if c.step is None else str(c.step), _PathCell(c.path), "-" if value is None else f"{value:.5g}", c.chosen, _why(c, invert))
+
+    def flush() -> None:
+        if len(hidden) == 1:
+            show(hidden[0])
+        elif hidden:
+            picked = hidden[0].chosen
+            more = Text(f"… {len(hidden)} more {'chosen' if picked else 'not chosen'}", style="dim")
+            add("…", more, "", picked, _shared_why(hidden, invert) or "", "dim")
+        hidden.clear()
+
+    def key(c) -> tuple:
+        return (c.chosen, None if c.chosen else _why(c, invert))  # a hidden run of others shares its reason
+
+    for i, c in enumerate(candidates):
+        middle = n > COMPACT_ABOVE and COMPACT_ENDS <= i < n - COMPACT_ENDS
+        if middle and (not c.chosen or len(chosen) > COMPACT_ABOVE):
+            if hidden and key(hidden[0]) != key(c):
+                flush()
+            hidden.append(c)
+            continue
+        flush()
+        show(c)
+    flush()
+    if width is not None:
+        _paths_first(table, 1, width)
+    return table
+
+
+def _paths_first(table: Table, index: int, width: int) -> None:
+    """Cap the path column `index` so the other columns keep their natural width within `width` where the
+    paths' shortest form (`…/` and the name) allows: rich would otherwise narrow the widest columns alike,
+    wrapping a reason while a path could still give way."""
+
+    def least(cell: object) -> int:
+        return cell.shortest if isinstance(cell, _PathCell) else cell_len(cell.plain if isinstance(cell, Text) else str(cell))
+
+    others = sum(max(least(c) for c in [column.header, *column.cells]) + 2 for i, column in enumerate(table.columns) if i != index)
+    separators = len(table.columns) - 1
+    shortest = max(least(c) for c in [table.columns[index].header, *table.columns[index].cells])
+    table.columns[index].max_width = max(shortest, width - others - separators - 2)
 
 
 def adapter_line(a: dict) -> str:
@@ -507,33 +686,33 @@ def print_inspect(report) -> None:
             out.print(f"check        {issue.name}: {', '.join(p for p in problems if p)}", markup=False)
 
 
-def print_diff(report, limit: int = 20) -> None:
-    out = _stdout()
+def print_diff(report, limit: int = 20, console: Console | None = None) -> None:
+    """The tensors that differ most, then label / value lines; a number is never cut at the edge of the line."""
+    out = console or _stdout()
+    row = _Rows(out)
     table = Table(show_edge=False, title=escape(f"{report.a}  vs  {report.b}"), title_justify="left")
-    for column in ("tensor", "L2", "relative", "cosine", "max |a-b|"):
-        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    table.add_column("tensor", overflow="fold")
+    for column in ("L2", "relative", "cosine", "max |a-b|"):
+        table.add_column(column, justify="right", no_wrap=True)
     for t in sorted(report.tensors, key=lambda t: -t.relative)[:limit]:
-        table.add_row(t.name, f"{t.l2:.4g}", f"{t.relative:.4g}", f"{t.cosine:.6f}", f"{t.max_abs:.4g}")
+        table.add_row(Text(t.name), f"{t.l2:.4g}", f"{t.relative:.4g}", f"{t.cosine:.6f}", f"{t.max_abs:.4g}")
     if report.tensors:
         out.print(table)
     else:
-        out.print(table.title)
+        out.print(Text(f"{report.a}  vs  {report.b}"))
     if len(report.tensors) > limit:
         out.print(f"[dim]{len(report.tensors) - limit} more tensors (--json lists all)[/]")
     for label, names in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
         if names:
-            out.print(f"{label}    {len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}", markup=False)
+            row(label, f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
     for item in report.shape_mismatch:
-        out.print(f"shape        {item['name']}: {item['a']} vs {item['b']}", markup=False)
+        row("shape", f"{item['name']}: {item['a']} vs {item['b']}")
     if report.integer_tensors:
         names = report.integer_differs
         which = f": {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else ""
-        out.print(
-            f"integers     {len(names)} of {report.integer_tensors} integer/bool tensors differ{which} (not in the distances)",
-            markup=False,
-        )
+        row("integers", f"{len(names)} of {report.integer_tensors} integer/bool tensors differ{which} (not in the distances)")
     if not report.compared:
-        out.print(f"summary      nothing compared: {report.hint or 'no tensor of the same name and shape in both'}", markup=False)
+        row("summary", f"nothing compared: {report.hint or 'no tensor of the same name and shape in both'}")
         return
     verdict = "identical" if report.identical else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
     unmatched = [
@@ -542,7 +721,7 @@ def print_diff(report, limit: int = 20) -> None:
         if names
     ]
     also = f"; not compared: {', '.join(unmatched)}" if unmatched else ""
-    out.print(f"summary      {len(report.tensors)} floating tensors compared: {verdict}{also}", markup=False)
+    row("summary", f"{len(report.tensors)} floating tensors compared: {verdict}{also}")
 
 
 def print_export(report: AverageReport, console: Console | None = None) -> None:
@@ -559,7 +738,14 @@ def print_export(report: AverageReport, console: Console | None = None) -> None:
         row("input", f"{item.path} ({where})")
         if item.weights_from:
             row("weights from", item.weights_from)
-    row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}")
+    # nothing is accumulated in an export: each value passes through, or is converted to the output dtype
+    if report.adapter and report.adapter.get("mode") == "merged":
+        values = ""  # a note says what merging the adapter into its base did
+    elif report.input_dtypes == report.output_dtypes:
+        values = ", the values unchanged"
+    else:
+        values = f", converted from {_counts(report.input_dtypes)}"
+    row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}{values}")
     for note in list(report.notes) + [n for item in report.inputs for n in item.notes]:
         row("note", note)
     before, after = report.input_disk_bytes, report.output_disk_bytes

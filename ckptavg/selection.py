@@ -375,6 +375,18 @@ def find_spikes(values: list[float | None], k: float, window: int, mode: str) ->
     return out
 
 
+def _like(values: list[float]) -> Callable[[float], str]:
+    """A format for numbers beside a metric's values: the decimal places the metric is recorded with (as `:g`
+    shows each value: 0.4123 has 4), so a computed threshold does not print six decimals beside four."""
+    places = 0
+    for v in values:
+        text = f"{v:g}"
+        if "e" in text:
+            return lambda x: f"{x:g}"
+        places = max(places, len(text.partition(".")[2]))
+    return lambda x: f"{x:.{places}f}"
+
+
 def _noise(values: list[float]) -> float:
     """The noise level of a sequence: the MAD of its consecutive differences / sqrt(2)."""
     steps = [b - a for a, b in zip(values, values[1:])]
@@ -490,7 +502,8 @@ def select(
             notes.append(f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge spikes; none dropped")
         found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
         spikes = dict(zip(map(id, readable), found))
-        drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {spikes[id(c)][1]:g} (neighbours' median + {policy.spike_k:g} x MAD)", "--skip-spikes")
+        shown = _like([c.rank_value(metric) for c in judged])
+        drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + {policy.spike_k:g} x MAD)", "--skip-spikes")
     if policy.skip_nonfinite and has_nonfinite is not None:
         scan = _Scan(has_nonfinite, on_progress)
         scan.settle(pool, policy)
