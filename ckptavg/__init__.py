@@ -1,37 +1,110 @@
 """ckptavg: merge the checkpoints of a training run into one better model.
 
     import ckptavg
-    report = ckptavg.average(["run/checkpoint-800", "run/checkpoint-900"], "merged", weights="linear")
+    chosen = ckptavg.select(paths, last=4).chosen
+    report = ckptavg.average([c.path for c in chosen], "merged", weights="linear")
+    print(ckptavg.inspect("merged").parameters, ckptavg.diff("merged", chosen[-1].path).relative)
+
+Each function returns the report its command prints (`to_dict()` is its --json document) and raises a
+CkptavgError for a bad input, option or output, worded with the keyword arguments.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "average", "export", "AverageReport", "CkptavgError"]
+__all__ = [
+    "AverageReport",
+    "CkptavgError",
+    "DiffReport",
+    "InspectReport",
+    "Selection",
+    "__version__",
+    "average",
+    "diff",
+    "export",
+    "inspect",
+    "select",
+]
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
+    import os
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
     from ckptavg.averaging import AverageReport, average
     from ckptavg.errors import CkptavgError
     from ckptavg.exporting import export
+    from ckptavg.selection import Selection
+    from ckptavg.summary import DiffReport, InspectReport
 
-_LAZY = {"average": "ckptavg.averaging", "export": "ckptavg.exporting", "AverageReport": "ckptavg.averaging", "CkptavgError": "ckptavg.errors"}
+# Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
+_LAZY = {
+    "average": "ckptavg.averaging",
+    "export": "ckptavg.exporting",
+    "AverageReport": "ckptavg.averaging",
+    "Selection": "ckptavg.selection",
+    "InspectReport": "ckptavg.summary",
+    "DiffReport": "ckptavg.summary",
+    "CkptavgError": "ckptavg.errors",
+}
 
 # Error messages name command-line flags; from Python they name the keyword arguments instead.
-_SWITCHES = {"overwrite": "overwrite=True", "strict": "strict=True", "use-ema": "use_ema=True", "dry-run": "dry_run=True", "verify": "verify=True", "no-fsync": "fsync=False"}
-_KEYWORDS = {
-    "order": "order", "weights": "weights", "ema": "ema", "ema-half-life": "ema_half_life", "key": "key", "strip-prefix": "strip_prefixes",
-    "dtype": "dtype", "device": "device", "memory-budget": "memory_budget", "max-shard-size": "max_shard_size", "format": "out_format",
-    "accum-dtype": "accum",
+_SWITCHES = {
+    "overwrite": "overwrite=True",
+    "strict": "strict=True",
+    "use-ema": "use_ema=True",
+    "dry-run": "dry_run=True",
+    "verify": "verify=True",
+    "no-fsync": "fsync=False",
+    "requantize": "requantize=True",
+    "merge": "merge=True",
+    "skip-nonfinite": "skip_nonfinite=True",
+    "skip-spikes": "skip_spikes=True",
+    "tensors": "tensors=True",
+    "check": "check=True",
 }
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: ([A-Z_]+\b|[\w:]*[\d.,:][\w.,:]*|given|auto|linear|uniform|cpu|cuda|pt|safetensors))?")
+_KEYWORDS = {
+    "order": "order",
+    "weights": "weights",
+    "ema": "ema",
+    "ema-half-life": "ema_half_life",
+    "key": "key",
+    "strip-prefix": "strip_prefixes",
+    "dtype": "dtype",
+    "device": "device",
+    "memory-budget": "memory_budget",
+    "max-shard-size": "max_shard_size",
+    "format": "out_format",
+    "accum-dtype": "accum",
+    "adapter-mode": "adapter_mode",
+    "adapter-rank": "adapter_rank",
+    "base": "base",
+    "rank-timeout": "rank_timeout",
+    "last": "last",
+    "top-k": "top_k",
+    "metric": "metric",
+    "mode": "mode",
+    "every": "every",
+    "min-step": "min_step",
+    "max-step": "max_step",
+    "after-warmup": "after_warmup",
+    "spike-k": "spike_k",
+    "metrics": "metrics_file",
+    "filter": "pattern",
+}
+# A flag's value as the library writes it: a repr ('bf8', [1, -2], True, nan), a placeholder (DECAY), a number or size, a word.
+_VALUE = (
+    r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|(?:True|False|None|-?nan|-?inf)\b|[A-Z_]+\b|-?[\w:]*[\d.,:][\w.,:]*(?<![:.,])"
+    r"|(?:given|auto|linear|uniform|cpu|cuda|pt|safetensors|best|exact|params|merged|min|max)\b"
+)
+_AS_IS = r"'.*'|\".*\"|\[.*\]|\(.*\)|True|False|None|-?nan|-?inf|[A-Z_]+|-?[\d.]+(?:e-?\d+)?"
 
 
-def python_terms(text: str) -> str:
+def _python_terms(text: str) -> str:
     """`text` with the command line's flags written as the Python API's keyword arguments."""
+    import re
 
     def keyword(match: re.Match) -> str:
         flag, value = match.group(1), match.group(2)
@@ -42,30 +115,207 @@ def python_terms(text: str) -> str:
         name = _KEYWORDS[flag]
         if value is None:
             return f"{name}=..."
-        if flag == "strip-prefix":
+        if flag == "strip-prefix" and not value.startswith(("'", '"', "[")):
             return f"{name}=[{value!r}]"
-        return f"{name}={value}" if re.fullmatch(r"[A-Z_]+|[\d.]+", value) else f"{name}={value!r}"
+        return f"{name}={value}" if re.fullmatch(_AS_IS, value) else f"{name}={value!r}"
 
-    return _FLAG.sub(keyword, text).replace("-o OUT", "out=...").replace("pass -o ", "pass out=")
+    flags = re.compile(rf"(?<![\w-])--([a-z][a-z0-9-]*)(?: ({_VALUE}))?")
+    return flags.sub(keyword, text).replace("-o OUT", "out=...").replace("pass -o ", "pass out=")
 
 
-def _speaking_python(function: Any) -> Any:
-    from ckptavg.errors import CkptavgError
+def _speaking_python(function: Callable) -> Callable:
+    """`function`, its CkptavgErrors worded for a Python caller."""
+    import functools
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
+        from ckptavg.errors import CkptavgError
+
         try:
             return function(*args, **kwargs)
         except CkptavgError as e:
-            e.problem = python_terms(e.problem)
+            e.problem = _python_terms(e.problem)
             e.args = (e.message,)
             raise
 
     return call
 
 
+@_speaking_python
+def select(
+    paths: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    last: int | None = None,
+    top_k: int | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    every: int | None = None,
+    min_step: int | None = None,
+    max_step: int | str | None = None,
+    after_warmup: float | None = None,
+    skip_nonfinite: bool = False,
+    skip_spikes: bool = False,
+    spike_k: float = 3.0,
+    metrics_file: str | os.PathLike | None = None,
+    key: str | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Selection:
+    """Choose the checkpoints to average or keep, as `ckptavg select` does.
+
+    Args:
+        paths: checkpoint folders or files (a folder of a run's checkpoint-N/ folders is refused: list them), or hf://ORG/REPO.
+        last: the N newest (of those that pass the filters). top_k: the K best by `metric`; with `last`, the union.
+        metric: a metric name (trainer_state.json, checkpoint entries, `metrics_file`). mode: "min" or "max"; None:
+            what the checkpoints record, else the metric's name.
+        every, min_step, max_step, after_warmup: filters by step; max_step may be "best" (up to the best by `metric`).
+        skip_nonfinite: drop checkpoints holding NaN or Inf (reads their tensors). skip_spikes, spike_k: drop
+            checkpoints whose metric jumps beyond median + k*MAD of its neighbours.
+        metrics_file: CSV, JSON or JSONL of metrics by step or path. key: where the weights are (for skip_nonfinite).
+        on_progress: called with a ReadProgress while skip_nonfinite reads tensors.
+
+    Returns:
+        The Selection: `chosen` (in step order), `not_chosen`, `inverted` (what --invert prints, e.g. to delete),
+        `kept_back`, `ignored` (unreadable, incomplete, no step), `notes`, `to_dict()`. Nothing chosen is not an
+        error here: `chosen` is empty, and `metric_hint` says why when it can.
+    """
+    import os
+    from pathlib import Path
+
+    from ckptavg.checkpoint import LoadOptions
+    from ckptavg.checks import check_int, check_number, check_path, check_text
+    from ckptavg.errors import UsageError
+    from ckptavg.selection import Policy, gather
+    from ckptavg.selection import select as choose
+    from ckptavg.summary import first_nonfinite
+
+    items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    for flag, value in (("--last", last), ("--top-k", top_k), ("--every", every), ("--min-step", min_step)):
+        if value is not None:
+            check_int(flag, value)
+    if isinstance(max_step, str):
+        if max_step != "best":
+            raise UsageError(None, f"--max-step {max_step!r}: expected a step or 'best'")
+    elif max_step is not None:
+        check_int("--max-step", max_step)
+    if after_warmup is not None:
+        check_number("--after-warmup", after_warmup)
+    check_number("--spike-k", spike_k, 0, True)
+    check_text("--metric", metric)
+    check_text("--mode", mode)
+    check_text("--key", key)
+    if metrics_file is not None:
+        check_path("metrics_file", metrics_file)
+    policy = Policy(
+        last=last,
+        top_k=top_k,
+        metric=metric,
+        mode=mode,
+        every=every,
+        min_step=min_step,
+        max_step=max_step,
+        after_warmup=after_warmup,
+        skip_nonfinite=skip_nonfinite,
+        skip_spikes=skip_spikes,
+        spike_k=spike_k,
+    )
+    policy.check()
+    options = LoadOptions(key=key)
+    candidates = gather(items, metrics_file, options)
+    return choose(
+        candidates,
+        policy,
+        on_progress=on_progress,
+        has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes),
+    )
+
+
+@_speaking_python
+def inspect(
+    path: str | os.PathLike,
+    *,
+    tensors: bool = False,
+    pattern: str | None = None,
+    check: bool = False,
+    key: str | None = None,
+    use_ema: bool = False,
+    strip_prefixes: Sequence[str] = (),
+    on_progress: Callable[[Any], None] | None = None,
+) -> InspectReport:
+    """What a checkpoint holds, as `ckptavg inspect` shows it: layout, tensors, dtypes, step, metrics, training state.
+
+    Reads headers and pickle structure only (nothing in a pickle runs); `check` streams every tensor.
+
+    Args:
+        path: a checkpoint file or folder, or hf://ORG/REPO@REVISION/FOLDER.
+        tensors: list every tensor (`tensor_list`), those whose name matches the regular expression `pattern` if given.
+        check: read every tensor and list those with NaN, Inf or only zeros in `issues` (not an error here).
+        key, use_ema, strip_prefixes: where the weights are; as for `average`.
+        on_progress: called with a ReadProgress while `check` reads.
+
+    Returns:
+        The InspectReport (`to_dict()` is `inspect --json`).
+    """
+    from ckptavg.checkpoint import LoadOptions
+    from ckptavg.checks import check_path, check_prefixes, check_text
+    from ckptavg.summary import inspect_checkpoint
+
+    check_path("path", path)
+    _check_pattern(pattern)
+    check_text("--key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    return inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=on_progress)
+
+
+@_speaking_python
+def diff(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    pattern: str | None = None,
+    key: str | None = None,
+    use_ema: bool = False,
+    strip_prefixes: Sequence[str] = (),
+    on_progress: Callable[[Any], None] | None = None,
+) -> DiffReport:
+    """Compare two checkpoints tensor by tensor, as `ckptavg inspect A --diff B`: L2, relative L2, cosine, max |a-b|
+    per tensor and overall, computed in float64 while streaming.
+
+    Args:
+        a, b: checkpoint files or folders (or hf://...).
+        pattern: only tensors whose name matches this regular expression.
+        key, use_ema, strip_prefixes: where the weights are, for both; as for `average`.
+        on_progress: called with a ReadProgress as tensors are read.
+
+    Returns:
+        The DiffReport: `tensors` (per tensor), `relative`, `min_cosine`, `max_abs`, `identical`, `only_in_a`,
+        `only_in_b`, `shape_mismatch`; `compared` is 0 when nothing could be compared, and `hint` then says why.
+    """
+    from ckptavg.checkpoint import LoadOptions
+    from ckptavg.checks import check_path, check_prefixes, check_text
+    from ckptavg.summary import diff_checkpoints
+
+    check_path("a", a)
+    check_path("b", b)
+    _check_pattern(pattern)
+    check_text("--key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    return diff_checkpoints(a, b, options, pattern, on_progress=on_progress)
+
+
+def _check_pattern(pattern: object) -> None:
+    import re
+
+    from ckptavg.checks import check_text
+    from ckptavg.errors import UsageError
+
+    if check_text("--filter", pattern) is not None:
+        try:
+            re.compile(pattern)  # type: ignore[arg-type]
+        except re.error as e:
+            raise UsageError(None, f"--filter {pattern!r}: not a regular expression ({e})") from None
+
+
 def __getattr__(name: str) -> Any:
-    # Imported on first use so that `ckptavg --help` and `--version` answer without loading torch.
     if name in _LAZY:
         import importlib
 
@@ -78,4 +328,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(__all__)

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import torch
 from ckptavg import __version__
 from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
+from ckptavg.checks import check_choice, check_int, check_number, check_path, check_prefixes, check_size, check_text
 from ckptavg.distributed import World, job, join
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
@@ -34,10 +35,11 @@ from ckptavg.formats.writer import (
 )
 from ckptavg.globbing import expand
 from ckptavg.hub import localize
+from ckptavg.merge.adapters import MODES as ADAPTER_MODES
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs, short_dtype_name
-from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
+from ckptavg.merge.weights import Weights, check_weights, oldest_weight_warning, parse_weights
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import (
     DEFAULT_SHARD_SIZE,
@@ -53,7 +55,7 @@ from ckptavg.output import (
 )
 from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
-from ckptavg.sizes import parse_size, peak_rss
+from ckptavg.sizes import peak_rss
 from ckptavg.verify import ChecksumWriter, verify_output
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
@@ -143,7 +145,7 @@ def average(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike | None,
     *,
-    weights: str | None = None,
+    weights: str | Sequence[float] | None = None,
     ema: float | None = None,
     ema_half_life: float | None = None,
     order: str = "auto",
@@ -176,7 +178,7 @@ def average(
     Args:
         paths: checkpoint files or folders, in any layout ckptavg reads.
         out: a folder (sharded safetensors + index + model files) or a `.safetensors` file; None only with dry_run.
-        weights: None or "uniform" (mean), "linear" (1..N), or "1,2,3".
+        weights: None or "uniform" (mean), "linear" (1..N), or one weight per input: [1, 2, 3] or "1,2,3".
         ema: decay of an exponential moving average over the ordered inputs (instead of weights).
         ema_half_life: an EMA in training steps with this half-life, honouring irregular spacing (instead of weights).
         order: "auto" (by step, else epoch, else as given) or "given".
@@ -218,23 +220,22 @@ def average(
         CkptavgError: bad inputs (InputError...), bad options (UsageError), unwritable output (OutputError).
     """
     started = time.perf_counter()
+    # Every option's value first, before any input is opened or the output looked at.
+    dtype = short_dtype_name(dtype) if isinstance(dtype, str) else dtype
+    accum = short_dtype_name(accum) if isinstance(accum, str) else accum
+    paths = _check_paths(paths, out, base)
+    device = str(device) if isinstance(device, torch.device) else device
+    weights = check_weights(weights, ema, ema_half_life)
+    shard_bytes, budget, strip_prefixes = _check_options(
+        dtype, accum, order, device, max_shard_size, memory_budget, key, strip_prefixes, out_format, adapter_mode, adapter_rank,
+        rank_timeout,
+    )
     paths = expand(paths)  # a pattern no shell expanded: run/checkpoint-*
     if not paths:
         raise UsageError(None, "no inputs given")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
         raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
-    dtype, accum = (short_dtype_name(dtype) if dtype is not None else None), short_dtype_name(accum)
-    if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise UsageError(None, f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
-    if accum not in ("auto", "fp32", "fp64"):
-        raise UsageError(None, f"--accum-dtype {accum!r}: expected auto, fp32 or fp64")
-    if order not in ("auto", "given"):
-        raise UsageError(None, f"--order {order!r}: expected auto or given")
-    if rank_timeout is not None and not rank_timeout > 0:
-        raise UsageError(None, f"--rank-timeout {rank_timeout:g}: expected a number of seconds above 0")
-    shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
-    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     notes: list[str] = []
     if out_path is not None:
         if output_layout(out_path, out_format)[1] and max_shard_size is not None:
@@ -310,6 +311,49 @@ def average(
         FILES.close()
         if world is not None:
             world.close()
+
+
+def _check_paths(paths: object, out: object, base: object) -> list[str | os.PathLike]:
+    """The inputs as a list (one path alone is one input, not its characters), each a str or os.PathLike."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+        raise UsageError(None, f"paths {paths!r}: expected a list of checkpoint paths")
+    for name, value in (("out", out), ("base", base)):
+        if value is not None:
+            check_path(name, value)
+    return [check_path("paths", p) for p in items]
+
+
+def _check_options(
+    dtype: object, accum: object, order: object, device: object, max_shard_size: object, memory_budget: object, key: object,
+    strip_prefixes: object, out_format: object, adapter_mode: object, adapter_rank: object, rank_timeout: object,
+) -> tuple[int, int | None, tuple[str, ...]]:
+    """Each option's type and value (a UsageError naming it); returns the shard size and memory budget in bytes and
+    the prefixes to strip."""
+    if dtype is not None:
+        check_choice("--dtype", dtype, OUTPUT_DTYPES)
+    check_choice("--accum-dtype", accum, ("auto", "fp32", "fp64"))
+    check_choice("--order", order, ("auto", "given"))
+    if not (isinstance(device, str) and (device == "auto" or _device_type(device) in ("cpu", "cuda"))):
+        raise UsageError(None, f"--device {device!r}: expected auto, cpu, cuda or cuda:N")  # whether CUDA is there: choose_device
+    shard_bytes = check_size("--max-shard-size", max_shard_size if max_shard_size is not None else DEFAULT_SHARD_SIZE)
+    budget = check_size("--memory-budget", memory_budget) if memory_budget is not None else None
+    check_text("--key", key)
+    prefixes = check_prefixes("--strip-prefix", strip_prefixes)
+    check_choice("--format", out_format, ("auto", "safetensors", "pt"))
+    check_choice("--adapter-mode", adapter_mode, ADAPTER_MODES)
+    if adapter_rank is not None:
+        check_int("--adapter-rank", adapter_rank, low=1)
+    if rank_timeout is not None:
+        check_number("--rank-timeout", rank_timeout, 0, True, what="a number of seconds")
+    return shard_bytes, budget, prefixes
+
+
+def _device_type(name: str) -> str | None:
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return None
 
 
 def _plan(

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptavg.discover import StepInfo, merge_steps, steps_from_entries, steps_from_path
+from ckptavg.discover import (
+    RECIPE_FILE,
+    StepInfo,
+    merge_steps,
+    recipe_from_text,
+    recipe_in_zip,
+    steps_from_entries,
+    steps_from_path,
+    steps_from_recipe,
+)
 from ckptavg.errors import InputError, UnsupportedError, UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.dcp import dcp_folder, open_dcp
@@ -166,8 +175,12 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     if kind == "safetensors":
         if options.key or options.use_ema:
             raise UsageError(path, "--key and --use-ema apply to PyTorch pickles; a safetensors file holds one flat set of tensors")
-        tensors, _metadata = read_safetensors(weights_file)
-        return Checkpoint(path=path, format="safetensors", tensors=tensors, files=[weights_file])
+        tensors, metadata = read_safetensors(weights_file)
+        ckpt = Checkpoint(path=path, format="safetensors", tensors=tensors, files=[weights_file])
+        # a .safetensors file ckptavg wrote: its recipe in the metadata
+        found = steps_from_recipe(recipe_from_text(metadata.get("ckptavg")), "ckptavg metadata")
+        ckpt.step, ckpt.epoch, ckpt.step_source = found.step, found.epoch, found.source
+        return ckpt
     if weights_file.suffix == ".safetensors":
         notes.append(f"{weights_file.name} is a PyTorch pickle despite its name (recognised by its bytes)")
     pickle_file = PickleFile(weights_file)
@@ -191,7 +204,8 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
         weights_key=where,
         pickle=pickle_file,
     )
-    found = steps_from_entries(meta)
+    recipe = None if pickle_file.legacy else recipe_in_zip(weights_file)  # a .pt file ckptavg wrote
+    found = merge_steps(steps_from_entries(meta), steps_from_recipe(recipe, f"{RECIPE_FILE} record"))
     ckpt.step, ckpt.epoch, ckpt.step_source = found.step, found.epoch, found.source
     return ckpt
 
@@ -385,8 +399,8 @@ def _strip_compiled(path: Path, tensors: dict[str, TensorSource]) -> tuple[dict[
 
 
 def _read_step(ckpt: Checkpoint) -> None:
-    """Step and epoch: a folder's name and trainer_state.json, then the checkpoint's entries, then a file's
-    name and its folder's."""
+    """Step and epoch: a folder's recipe (ckptavg.json, when ckptavg wrote it), name and trainer_state.json, then
+    the checkpoint's entries (or a ckptavg file's recipe), then a file's name and its folder's."""
     entries = StepInfo(ckpt.step, ckpt.epoch, ckpt.step_source)
     found = [steps_from_path(ckpt.path), entries] if ckpt.path.is_dir() else [entries, steps_from_path(ckpt.path)]
     merged = merge_steps(*found)

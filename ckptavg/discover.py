@@ -2,7 +2,9 @@
 
 Steps come from the folder or file name (`checkpoint-N`, Lightning `step=N`/`epoch=N`, fairseq
 `checkpoint_E_U.pt`), from `trainer_state.json`, or from the checkpoint's own entries (`global_step`,
-`step`, `epoch`). Metrics come from `trainer_state.json`'s log history, from entries stored in the
+`step`, `epoch`); a model ckptavg wrote has them in its recipe (`ckptavg.json`): an export is at its
+input's step, an average at its newest input's, so that exports and averages can be ordered and averaged
+again. Metrics come from `trainer_state.json`'s log history, from entries stored in the
 checkpoint (`metrics`, `best_metric`, Lightning's ModelCheckpoint state), or from a metrics file.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ NAME_PATTERNS = (
     (re.compile(r"^checkpoint(\d+)\.pt$"), "epoch", "file name"),
     (re.compile(r"^checkpoint-(\d+)\.pth\.tar$"), "epoch", "file name (timm)"),
 )
+RECIPE_FILE = "ckptavg.json"  # what ckptavg records about an output it wrote (output.py)
 STEP_KEYS = ("global_step", "global_steps", "step", "num_updates", "iteration", "iter")
 
 
@@ -49,6 +53,10 @@ def steps_from_path(path: Path) -> StepInfo:
     name, then its folder's (`checkpoint-N/model.safetensors`, DeepSpeed `global_stepN/..._model_states.pt`)."""
     folder = path if path.is_dir() else path.parent
     infos = [] if folder == path else [steps_from_name(path.name)]
+    recipe = read_recipe(folder)
+    written = recipe.get("written") if recipe else None
+    if folder == path or isinstance(written, list) and path.name in written:  # a ckptavg output, or its one weights file
+        infos.insert(0, steps_from_recipe(recipe, RECIPE_FILE))
     infos.append(steps_from_name(folder.name))
     if folder == path or folder.name.startswith("checkpoint"):
         infos.append(steps_from_trainer_state(read_trainer_state(folder)))
@@ -65,6 +73,56 @@ def read_trainer_state(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_recipe(folder: Path) -> dict | None:
+    """The recipe (ckptavg.json) of a folder ckptavg wrote, or None."""
+    path = folder / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return recipe_from_text(path.read_text())
+    except OSError:
+        return None
+
+
+def recipe_from_text(text: str | bytes | None) -> dict | None:
+    """A recipe from its JSON text (a .safetensors output's `ckptavg` metadata entry, a .pt output's record)."""
+    try:
+        data = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "ckptavg" else None
+
+
+def recipe_in_zip(path: Path) -> dict | None:
+    """The recipe a .pt output of ckptavg keeps as a record of its zip archive (torch.load ignores it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = (i for i in archive.infolist() if i.filename.count("/") == 1 and i.filename.endswith("/" + RECIPE_FILE))
+            info = next(records, None)
+            if info is None or info.file_size > 1 << 24:
+                return None
+            return recipe_from_text(archive.read(info))
+    except (OSError, zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError):
+        return None
+
+
+def steps_from_recipe(recipe: dict | None, where: str) -> StepInfo:
+    """The step and epoch of a model ckptavg wrote: an export's input's, an average's newest input's (by step,
+    else by epoch); `where` names the recipe in the source, e.g. "ckptavg.json (exported from step 300)"."""
+    inputs = [i for i in (recipe or {}).get("inputs") or [] if isinstance(i, dict)]
+    for which in ("step", "epoch"):
+        known = [i for i in inputs if _int(i.get(which)) is not None]
+        if known:
+            newest = max(known, key=lambda i: i[which])
+            break
+    else:
+        return StepInfo()
+    at = f"step {newest[which]}" if which == "step" else f"epoch {newest[which]}"
+    exported = (recipe or {}).get("strategy") == "export"
+    how = f"exported from {at}" if exported else f"averaged from {len(inputs)} checkpoints, the newest at {at}"
+    return StepInfo(step=_int(newest.get("step")), epoch=_int(newest.get("epoch")), source=f"{where} ({how})")
 
 
 def steps_from_trainer_state(state: dict | None) -> StepInfo:

@@ -15,7 +15,7 @@ def parse_size(text: str) -> int:
     number = value.rstrip("KMGTIB")
     try:
         size = int(float(number) * UNITS[value[len(number):]])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OverflowError) as e:  # OverflowError: 'inf'
         raise UsageError(None, f"size {text!r} is not like 5GB, 500MB or 2GiB") from e
     if size <= 0:
         raise UsageError(None, f"size {text!r} must be positive")

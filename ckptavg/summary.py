@@ -126,6 +126,7 @@ class InspectReport:
     bytes_by_dtype: dict[str, int]
     step: int | None
     epoch: int | None
+    step_source: str | None  # where the step was read: folder name, trainer_state.json, ckptavg.json (exported from step N), ...
     metrics: dict[str, float]
     training_state: dict[str, int]
     prefix: str
@@ -411,6 +412,7 @@ def inspect_checkpoint(
             bytes_by_dtype=by_dtype,
             step=ckpt.step,
             epoch=ckpt.epoch,
+            step_source=ckpt.step_source,
             metrics=metrics,
             training_state=training_state(ckpt),
             prefix=prefix,

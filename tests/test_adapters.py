@@ -121,7 +121,7 @@ def test_one_adapter_with_weight_one_reproduces_itself_in_every_mode(request, tm
         ckptavg.average([one], tmp_path / "exact")
         assert_close(adapter_deltas(tmp_path / "exact"), adapter_deltas(one))
     else:
-        with pytest.raises(UnsupportedError, match="DoRA.*--adapter-mode merged --base MODEL"):
+        with pytest.raises(UnsupportedError, match="DoRA.*adapter_mode='merged' base=MODEL"):
             ckptavg.average([one], tmp_path / "exact")
     ckptavg.average([one], tmp_path / "merged", adapter_mode="merged", base=base)
     got = load_file(tmp_path / "merged" / "model.safetensors")

@@ -18,7 +18,8 @@ from ckptavg.summary import common_prefix, wrapper_prefix
 
 SCHEMA = {
     "path": str, "format": str, "files": list, "tensors": int, "parameters": int, "tensor_bytes": int,
-    "bytes_by_dtype": dict, "step": (int, type(None)), "epoch": (int, type(None)), "metrics": dict,
+    "bytes_by_dtype": dict, "step": (int, type(None)), "epoch": (int, type(None)), "step_source": (str, type(None)),
+    "metrics": dict,
     "training_state": dict, "prefix": str, "wrapper_prefix": (str, type(None)), "wrapper": (str, type(None)),
     "model_type": (str, type(None)), "architectures": list, "weights_key": (str, type(None)), "top_level_keys": list,
     "opaque_globals": list, "notes": list, "leftovers": list, "adapter": (dict, type(None)), "quantization": (dict, type(None)), "tensor_list": (list, type(None)),
