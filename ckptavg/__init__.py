@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ckptavg.version import __version__
+
 __all__ = [
     "AverageReport",
     "CkptavgError",

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ckptavg import __version__
 from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_choice, check_int, check_number, check_path, check_prefixes, check_size, check_text
@@ -57,6 +56,7 @@ from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
 from ckptavg.sizes import peak_rss
 from ckptavg.verify import ChecksumWriter, verify_output
+from ckptavg.version import __version__
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from typer._click import exceptions as click_errors  # typer's own copy of click: the classes its parser raises
 
-from ckptavg import __version__, distributed, signals
+from ckptavg import distributed, signals
 from ckptavg.distributed import follower, under_torchrun
 from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
 from ckptavg.render import (
@@ -31,6 +31,7 @@ from ckptavg.render import (
     print_selection,
     print_summary,
 )
+from ckptavg.version import __version__
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -26,7 +26,10 @@ def natural_key(path: str) -> list[int | str]:
 
 
 def is_pattern(path: str | os.PathLike) -> bool:
-    """Whether `path` is a glob pattern to expand: no such file or folder, a glob character, not an hf:// input."""
+    """Whether `path` is a glob pattern to expand: no such file or folder, a glob character, not an hf:// input.
+    A value that is not a path is left to the option checks that name it."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
     text = os.fspath(path)
     if not GLOB_CHARS.search(text) or os.path.lexists(text):
         return False
