@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-from dataclasses import dataclass
 import os
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from ckptavg.checkpoint import real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.formats.base import dtype_name
+from ckptavg.formats.detect import is_training_file
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.signals import committing
 
@@ -102,7 +103,6 @@ def model_files(folder: Path) -> list[Path]:
 
 
 RECIPE_FILE = "ckptavg.json"
-TRAINING_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "rng_state.pth", "latest", "zero_to_fp32.py")
 
 
 def check_output_name(out: Path) -> None:
@@ -156,7 +156,7 @@ def describe_foreign(out: Path) -> str:
         return f"is a symlink to {os.readlink(out)}, not a ckptavg output; {advice}"
     if out.is_dir():
         names = foreign_files(out)
-        training = [n for n in names if n in TRAINING_FILES or n.startswith(("optimizer", "global_step", "rng_state"))]
+        training = [n for n in names if is_training_file(n)]
         kind = "a training checkpoint" if training else "not a ckptavg output"
         if (out / RECIPE_FILE).is_file() and len(names) < len(list(out.iterdir())):
             kind = "a ckptavg output with files added since"

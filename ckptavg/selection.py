@@ -36,13 +36,14 @@ from ckptavg.discover import (
 )
 from ckptavg.errors import HostileInputError, InputError, UsageError
 from ckptavg.formats.base import Checkpoint
+from ckptavg.formats.detect import CHECKPOINT_FOLDER
 from ckptavg.globbing import expand
 
 MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
 SPIKE_MIN_VALUES = 4  # a value, two neighbours, and a third value for the noise floor of the others
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
-CHECKPOINT_DIR = re.compile(r"(checkpoint|step)-(\d+)")  # Trainer's checkpoint-N, torchtitan's and NeMo's step-N
+CHECKPOINT_DIR = CHECKPOINT_FOLDER
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import json
 import math
 import os
 import re
@@ -15,10 +14,11 @@ from typing import Any
 
 import torch
 
-from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.checkpoint import EMA_KEYS, LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.detect import TRAINING_FILES, read_model_config
 from ckptavg.formats.peft import describe_adapter
 from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
@@ -26,6 +26,7 @@ from ckptavg.formats.unpickle import Opaque, TensorRef
 from ckptavg.globbing import expand_one
 from ckptavg.merge.engine import Progress, ProgressFn
 from ckptavg.output import lock_name, old_name, tmp_name
+from ckptavg.sizes import human_bytes
 
 CHUNK_BYTES = 32 << 20
 TRAINING_STATE = {
@@ -33,13 +34,7 @@ TRAINING_STATE = {
     "scheduler": ("scheduler", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "lr_scheduler_state_dict"),
     "scaler": ("scaler", "grad_scaler", "amp", "scaler_state_dict", "MixedPrecision"),
     "rng": ("rng_state", "rng", "rng_states", "random_state", "cuda_rng_state", "torch_rng_state", "numpy_rng_state"),
-    "ema": ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model"),
-}
-TRAINING_FILES = {
-    "optimizer": ("optimizer.pt", "optimizer.bin"),
-    "scheduler": ("scheduler.pt",),
-    "scaler": ("scaler.pt",),
-    "rng": ("rng_state.pth",),
+    "ema": EMA_KEYS,
 }
 # Name levels that training wrappers put before a model's own names, whatever the checkpoint.
 WRAPPERS = {
@@ -196,7 +191,8 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
     if optimizer_files:
         found["optimizer"] = found.get("optimizer", 0) + sum(f.stat().st_size for f in optimizer_files)
     if ckpt.path.is_dir():
-        for kind, names in TRAINING_FILES.items():
+        for kind in ("optimizer", "scheduler", "scaler", "rng"):  # the trainer's own files are not training state to drop
+            names = TRAINING_FILES[kind]
             for name in names:
                 if (ckpt.path / name).is_file():
                     found[kind] = found.get(kind, 0) + (ckpt.path / name).stat().st_size
@@ -208,12 +204,8 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
 
 def model_config(ckpt: Checkpoint) -> dict[str, Any] | None:
     """The transformers config.json beside the weights (one with a model_type or architectures), else None."""
-    folder = ckpt.folder or (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
+    config = read_model_config(ckpt.folder or (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent))
+    if config is None:
         return None
     if not (isinstance(config.get("model_type"), str) or isinstance(config.get("architectures"), list)):
         return None
@@ -337,7 +329,6 @@ def find_leftovers(path: Path) -> list[Leftovers]:
 
 def leftovers_sentence(leftovers: list[Leftovers]) -> str:
     """The leftovers in one sentence, for an error message."""
-    from ckptavg.render import human_bytes
 
     parts = []
     for item in leftovers:
