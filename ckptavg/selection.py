@@ -584,7 +584,7 @@ class _Scan:
                     break  # what replaces it may change the rest: plan again
 
     def _read(self, c: Candidate, remaining: list[Candidate]) -> None:
-        from ckptavg.summary import ReadProgress
+        from ckptavg.inspection import ReadProgress
 
         # the bytes to read: those read so far and the plan's rest (a read that stops at a NaN shortens it)
         total = self.bytes_done + sum(x.tensor_bytes for x in remaining)
