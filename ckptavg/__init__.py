@@ -38,7 +38,7 @@ if _TYPE_CHECKING:
     from ckptavg.errors import CkptavgError
     from ckptavg.exporting import export
     from ckptavg.selection import Selection
-    from ckptavg.summary import DiffReport, InspectReport
+    from ckptavg.inspection import DiffReport, InspectReport
 
 # Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
 _LAZY = {
@@ -46,8 +46,8 @@ _LAZY = {
     "export": "ckptavg.exporting",
     "AverageReport": "ckptavg.averaging",
     "Selection": "ckptavg.selection",
-    "InspectReport": "ckptavg.summary",
-    "DiffReport": "ckptavg.summary",
+    "InspectReport": "ckptavg.inspection",
+    "DiffReport": "ckptavg.inspection",
     "CkptavgError": "ckptavg.errors",
 }
 
@@ -187,7 +187,7 @@ def select(
     from ckptavg.errors import UsageError
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
-    from ckptavg.summary import first_nonfinite
+    from ckptavg.inspection import first_nonfinite
 
     items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for flag, value in (("--last", last), ("--top-k", top_k), ("--every", every), ("--min-step", min_step)):
@@ -258,7 +258,7 @@ def inspect(
     """
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.checks import check_path, check_prefixes, check_text
-    from ckptavg.summary import inspect_checkpoint
+    from ckptavg.inspection import inspect_checkpoint
 
     check_path("path", path)
     _check_pattern(pattern)
@@ -293,7 +293,7 @@ def diff(
     """
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.checks import check_path, check_prefixes, check_text
-    from ckptavg.summary import diff_checkpoints
+    from ckptavg.inspection import diff_checkpoints
 
     check_path("a", a)
     check_path("b", b)

@@ -9,12 +9,12 @@ and the ckptavg version. Built with huggingface_hub's ModelCard and ModelCardDat
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from ckptavg.formats.detect import read_model_config
 from ckptavg.formats.writer import write_text
 
 CARD_FILE = "README.md"
@@ -52,11 +52,7 @@ def library_name(folder: Path) -> str | None:
     """peft for an adapter; transformers for a config.json that names its architectures."""
     if (folder / "adapter_config.json").is_file():
         return "peft"
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return "transformers" if isinstance(config, dict) and config.get("architectures") else None
+    return "transformers" if (read_model_config(folder) or {}).get("architectures") else None
 
 
 def card_body(recipe: dict[str, Any], name: str | None = None) -> str:

@@ -30,9 +30,9 @@ from ckptavg.formats.dcp import dcp_folder, open_dcp
 from ckptavg.formats.dcp_hf import dcp_hf_folder, open_dcp_hf, refuse_lone_shard
 from ckptavg.formats.deepspeed import open_deepspeed
 from ckptavg.formats.deepspeed import save_folder as deepspeed_save
-from ckptavg.formats.detect import refuse_unsupported_folder, sniff, weight_files_in
-from ckptavg.formats.quantized import dequantized, read_config
+from ckptavg.formats.detect import CHECKPOINT_FOLDER, refuse_unsupported_folder, sniff, weight_files_in
 from ckptavg.formats.peft import WEIGHT_FILES, adapter_weights_file, read_adapter_config
+from ckptavg.formats.quantized import dequantized, read_config
 from ckptavg.formats.safetensors_io import read_safetensors
 from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is_tensor_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
@@ -158,7 +158,7 @@ def _weights_file_of_folder(folder: Path) -> Path:
     refuse_unsupported_folder(folder)
     candidates = weight_files_in(folder)
     if not candidates:
-        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"(checkpoint|step)-\d+", p.name))
+        runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and CHECKPOINT_FOLDER.fullmatch(p.name))
         if runs:
             raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/{runs[0].split('-')[0]}-*")
         raise InputError(folder, "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)")

@@ -222,7 +222,7 @@ def select(
     from ckptavg.errors import InputError
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
-    from ckptavg.summary import first_nonfinite
+    from ckptavg.inspection import first_nonfinite
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
@@ -285,7 +285,7 @@ def inspect(
         return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
-    from ckptavg.summary import diff_checkpoints, diff_problems, inspect_checkpoint
+    from ckptavg.inspection import diff_checkpoints, diff_problems, inspect_checkpoint
 
     if pattern is not None:
         try:

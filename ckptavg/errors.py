@@ -31,7 +31,8 @@ class InputError(CkptavgError):
 
 
 class UnsupportedError(InputError):
-    """An input is a known layout that ckptavg does not merge (quantized, DeepSpeed, DCP)."""
+    """An input is a known layout that ckptavg does not merge: GPTQ/AWQ/bitsandbytes weights, a ZeRO-3 model-states
+    file alone, a quantized scale without its weight, a complex tensor, ..."""
 
 
 class MismatchError(InputError):
@@ -51,6 +52,9 @@ class StrictError(InputError):
 
 
 class UsageError(CkptavgError):
+    """A bad option or value, or a request that contradicts the inputs (copies of one checkpoint, an order that
+    cannot be known): exit 2."""
+
     exit_code = EXIT_USAGE
 
 

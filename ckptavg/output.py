@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import fcntl
 import json
-from dataclasses import dataclass
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ckptavg.checkpoint import real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.formats.base import dtype_name
+from ckptavg.formats.detect import is_training_file
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.signals import committing
+from ckptavg.sizes import human_bytes
 
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -102,7 +106,6 @@ def model_files(folder: Path) -> list[Path]:
 
 
 RECIPE_FILE = "ckptavg.json"
-TRAINING_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "rng_state.pth", "latest", "zero_to_fp32.py")
 
 
 def check_output_name(out: Path) -> None:
@@ -156,7 +159,7 @@ def describe_foreign(out: Path) -> str:
         return f"is a symlink to {os.readlink(out)}, not a ckptavg output; {advice}"
     if out.is_dir():
         names = foreign_files(out)
-        training = [n for n in names if n in TRAINING_FILES or n.startswith(("optimizer", "global_step", "rng_state"))]
+        training = [n for n in names if is_training_file(n)]
         kind = "a training checkpoint" if training else "not a ckptavg output"
         if (out / RECIPE_FILE).is_file() and len(names) < len(list(out.iterdir())):
             kind = "a ckptavg output with files added since"
@@ -349,3 +352,114 @@ class TensorFiles:
     paths: list[Path]
     shards: list[list[TensorSpec]]
     metadata: dict[str, str]
+
+
+# What a killed run left beside an output, for `inspect` and the errors that name a path
+
+LEFTOVER_KINDS = (("partial", tmp_name), ("old", old_name), ("lock", lock_name))
+LEFTOVER_NAME = re.compile(r"\.(?P<out>.+)\.ckptavg-(?P<kind>partial|old|lock)")
+
+
+@dataclass
+class Leftovers:
+    """What a ckptavg run to `output` leaves beside it while it writes, or after it was killed (SIGKILL)."""
+
+    output: str
+    files: list[dict[str, Any]]  # path, kind (partial, old, lock), bytes
+    bytes: int
+    live: bool  # a running ckptavg holds the lock of `output`: these are its work in progress
+    pid: int | None  # that run's pid, from the lock file
+    output_exists: bool
+    advice: str
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed)."""
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _lock_holder(lock: Path) -> tuple[bool, int | None]:
+    """(whether a live ckptavg run holds this output lock, its pid). Tries a shared flock without waiting:
+    a run holds it exclusively while it writes, and a killed run's lock is free. (A run starting in the same
+    microseconds would find it taken for that instant and fail as if a run were writing.)"""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return True, int(text) if text.isdigit() else None
+        except OSError:
+            return False, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+def leftovers_of(out: Path) -> Leftovers | None:
+    """What a ckptavg run to `out` left beside it (`.OUT.ckptavg-partial`, `-old`, `-lock`); None when nothing."""
+    files = []
+    for kind, name_of in LEFTOVER_KINDS:
+        path = name_of(out)
+        if path.exists() or path.is_symlink():
+            files.append({"path": str(path), "kind": kind, "bytes": _tree_bytes(path)})
+    if not files:
+        return None
+    live, pid = _lock_holder(lock_name(out)) if any(f["kind"] == "lock" for f in files) else (False, None)
+    exists = out.exists() or out.is_symlink()
+    if live:
+        advice = f"a ckptavg run{f' (pid {pid})' if pid else ''} is writing {out.name} now: its work in progress, leave it"
+    else:
+        advice = (
+            f"left by an interrupted ckptavg run (none holds the lock now): the next run to {out.name} removes them, "
+            "or delete them by hand"
+        )
+        if not exists and any(f["kind"] == "old" for f in files):
+            advice += f"; {old_name(out).name} is the previous {out.name}, killed while being replaced: rename it back to keep it"
+    return Leftovers(str(out), files, sum(f["bytes"] for f in files), live, pid, exists, advice)
+
+
+def find_leftovers(path: Path) -> list[Leftovers]:
+    """Leftovers of a run to `path` itself, and, when `path` is a folder, of runs to anything inside it."""
+    found = []
+    outputs = [path]
+    if path.is_dir():
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            names = []
+        for name in names:
+            match = LEFTOVER_NAME.fullmatch(name)
+            if match and path / match["out"] not in outputs:
+                outputs.append(path / match["out"])
+    for out in outputs:
+        item = leftovers_of(out)
+        if item is not None:
+            found.append(item)
+    return found
+
+
+def leftovers_sentence(leftovers: list[Leftovers]) -> str:
+    """The leftovers in one sentence, for an error message."""
+
+    parts = []
+    for item in leftovers:
+        files = ", ".join(f"{Path(f['path']).name} ({human_bytes(f['bytes'])})" for f in item.files)
+        parts.append(f"{files} in {Path(item.output).parent}: {item.advice}")
+    return "; ".join(parts)

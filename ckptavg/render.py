@@ -18,6 +18,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from ckptavg.sizes import human_bytes
+
 if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
     from ckptavg.merge.engine import Progress
@@ -28,14 +30,6 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 def _stdout() -> Console:
     # Piped output keeps whole paths on one line, so scripts can grep it; a terminal gets its own width.
     return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def print_json(data: dict) -> None:

@@ -14,6 +14,7 @@ import json
 import torch
 
 from ckptavg.formats.base import Checkpoint, is_floating
+from ckptavg.formats.detect import read_model_config
 from ckptavg.merge.plan import Plan
 
 SAMPLE = 1 << 16  # elements read from each sampled tensor of each input
@@ -33,13 +34,8 @@ def different_runs(plan: Plan) -> list[str]:
 
 
 def _config(ckpt: Checkpoint) -> dict | None:
-    if ckpt.folder is None or not (ckpt.folder / "config.json").is_file():
-        return None
-    try:
-        data = json.loads((ckpt.folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return {k: v for k, v in data.items() if k not in CONFIG_KEYS_IGNORED} if isinstance(data, dict) else None
+    data = read_model_config(ckpt.folder)
+    return {k: v for k, v in data.items() if k not in CONFIG_KEYS_IGNORED} if data is not None else None
 
 
 def _config_difference(inputs: list[Checkpoint]) -> str | None:

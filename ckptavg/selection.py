@@ -36,13 +36,14 @@ from ckptavg.discover import (
 )
 from ckptavg.errors import HostileInputError, InputError, UsageError
 from ckptavg.formats.base import Checkpoint
+from ckptavg.formats.detect import CHECKPOINT_FOLDER
 from ckptavg.globbing import expand
 
 MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
 SPIKE_MIN_VALUES = 4  # a value, two neighbours, and a third value for the noise floor of the others
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
-CHECKPOINT_DIR = re.compile(r"(checkpoint|step)-(\d+)")  # Trainer's checkpoint-N, torchtitan's and NeMo's step-N
+CHECKPOINT_DIR = CHECKPOINT_FOLDER
 
 
 @dataclass
@@ -583,7 +584,7 @@ class _Scan:
                     break  # what replaces it may change the rest: plan again
 
     def _read(self, c: Candidate, remaining: list[Candidate]) -> None:
-        from ckptavg.summary import ReadProgress
+        from ckptavg.inspection import ReadProgress
 
         # the bytes to read: those read so far and the plan's rest (a read that stops at a NaN shortens it)
         total = self.bytes_done + sum(x.tensor_bytes for x in remaining)

@@ -33,3 +33,12 @@ def format_size(n: int) -> str:
 def peak_rss() -> int:
     """The most memory this process has held (resident), in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def human_bytes(n: float) -> str:
+    """A size for people to read: 3 B, 1.50 KB, 2.14 GB (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"

@@ -353,7 +353,7 @@ class HubStandin:
 
 SERVER = r"""
 import json, os, sys, traceback
-import torch, ckptavg.cli, ckptavg.averaging, ckptavg.exporting, ckptavg.selection, ckptavg.summary
+import torch, ckptavg.cli, ckptavg.averaging, ckptavg.exporting, ckptavg.selection, ckptavg.inspection
 # Each call must import huggingface_hub itself, after its environment is set: that is when it reads it.
 assert "huggingface_hub" not in sys.modules, "ckptavg imported huggingface_hub at import time"
 print("ready", flush=True)

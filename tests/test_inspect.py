@@ -14,7 +14,7 @@ import torch
 from conftest import make_state, save_layout
 from safetensors.torch import save_file
 
-from ckptavg.summary import common_prefix, wrapper_prefix
+from ckptavg.inspection import common_prefix, wrapper_prefix
 
 SCHEMA = {
     "path": str, "format": str, "files": list, "tensors": int, "parameters": int, "tensor_bytes": int,

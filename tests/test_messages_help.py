@@ -20,7 +20,7 @@ from ckptavg.cli import app
 from ckptavg.errors import InputError, UsageError
 from ckptavg.globbing import expand, expand_one
 from ckptavg.selection import Policy
-from ckptavg.summary import inspect_checkpoint
+from ckptavg.inspection import inspect_checkpoint
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 COMMANDS = ("average", "select", "inspect", "export")
@@ -66,12 +66,12 @@ def test_a_bad_filter_regex_is_a_usage_error_naming_the_option(torch_run, cli):
 
 
 def test_internal_error_hints_at_debug_only_without_it(torch_run, cli, monkeypatch):
-    import ckptavg.summary
+    import ckptavg.inspection
 
     def broken(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(ckptavg.summary, "inspect_checkpoint", broken)
+    monkeypatch.setattr(ckptavg.inspection, "inspect_checkpoint", broken)
     plain = cli("inspect", steps_in(torch_run)[0])
     assert (
         plain.code == 1 and one_error_line(plain.err) == "internal error: ValueError: boom (run with --debug for the traceback)"

@@ -26,7 +26,7 @@ from ckptavg.output import output_layout
 from ckptavg.errors import UsageError
 from ckptavg.render import ProgressDisplay
 from ckptavg.selection import Policy, gather, select
-from ckptavg.summary import ReadProgress, first_nonfinite
+from ckptavg.inspection import ReadProgress, first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

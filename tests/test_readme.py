@@ -267,7 +267,7 @@ def files(root: Path) -> list[str]:
 # to the installed entry point when the server is not there. CKPTAVG_README_SLOW=1 runs the installed one.
 SERVER = r"""
 import json, os, signal, socket, sys
-import torch, ckptavg.cli, ckptavg.averaging, ckptavg.exporting, ckptavg.selection, ckptavg.summary
+import torch, ckptavg.cli, ckptavg.averaging, ckptavg.exporting, ckptavg.selection, ckptavg.inspection
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(sys.argv[1])

@@ -21,7 +21,7 @@ import ckptavg
 from ckptavg.checkpoint import LoadOptions
 from ckptavg.render import plan_line, print_diff, print_export, print_selection, print_summary, shorten_path
 from ckptavg.selection import Policy, gather, select
-from ckptavg.summary import diff_checkpoints
+from ckptavg.inspection import diff_checkpoints
 
 ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -22,7 +22,7 @@ from test_select import fake_run, lines
 
 from ckptavg.render import metric_chart
 from ckptavg.selection import Policy, gather, select
-from ckptavg.summary import first_nonfinite
+from ckptavg.inspection import first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 

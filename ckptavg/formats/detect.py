@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ckptavg.errors import InputError, UnsupportedError
+from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from ckptavg.formats.peft import WEIGHT_FILES as ADAPTER_WEIGHT_FILES
 
-TRAINING_STATE_FILES = {
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state.pth",
-    "trainer_state.json", "custom_checkpoint_0.pkl",
+# The files of a training checkpoint that are not the model, by kind (Trainer, accelerate, DeepSpeed)
+TRAINING_FILES = {
+    "optimizer": ("optimizer.pt", "optimizer.bin"),
+    "scheduler": ("scheduler.pt",),
+    "scaler": ("scaler.pt",),
+    "rng": ("rng_state.pth",),
+    "trainer": ("trainer_state.json", "training_args.bin", "custom_checkpoint_0.pkl"),
+    "deepspeed": ("latest", "zero_to_fp32.py"),
 }
+TRAINING_STATE_FILES = frozenset(name for names in TRAINING_FILES.values() for name in names)
+TRAINING_PREFIXES = ("optimizer", "global_step", "rng_state")  # optimizer_0.bin, global_step500/, rng_state_3.pth
+# A run's checkpoint folders: the Trainer's checkpoint-N, torchtitan's and NeMo's step-N
+CHECKPOINT_FOLDER = re.compile(r"(checkpoint|step)-(\d+)")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -41,18 +56,44 @@ def refuse_unsupported_folder(folder: Path) -> None:
         raise InputError(folder, "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written last)")
 
 
-def weight_files_in(folder: Path) -> list[Path]:
-    """Candidate weight files of a folder, best layout first; index files stand for their shards."""
+def is_training_file(name: str) -> bool:
+    """A file of a training checkpoint that is not the model (optimizer, scheduler, RNG, trainer state, ...)."""
+    return name in TRAINING_STATE_FILES or name.startswith(TRAINING_PREFIXES)
+
+
+def weight_names(names: Iterable[str]) -> list[str]:
+    """The weight files among a folder's file names, in the order the reader picks them: an adapter's weights with
+    its config; else the first of the usual names or indexes; else every safetensors file; else every other weight
+    file that is not training state. One rule for a local folder and a Hub repo's folder."""
+    names = set(names)
+    if ADAPTER_CONFIG_FILE in names:
+        found = [n for n in ADAPTER_WEIGHT_FILES if n in names][:1]
+        return [*found, ADAPTER_CONFIG_FILE] if found else []
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file() or (folder / name).is_symlink():
-            return [folder / name]
-    indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+        if name in names:
+            return [name]
+    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json")) or sorted(n for n in names if n.endswith(".bin.index.json"))
     if indexes:
         return indexes
-    safetensors = sorted(folder.glob("*.safetensors"))
+    safetensors = sorted(n for n in names if n.endswith(".safetensors"))
     if safetensors:
         return safetensors
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.name not in TRAINING_STATE_FILES and not p.name.startswith("rng_state")
-    )
+    return sorted(n for n in names if Path(n).suffix in WEIGHT_SUFFIXES and not is_training_file(n))
+
+
+def weight_files_in(folder: Path) -> list[Path]:
+    """Candidate weight files of a folder, best layout first; index files stand for their shards (not an adapter's:
+    formats/peft.py reads those)."""
+    names = [p.name for p in folder.iterdir() if p.is_file() or p.is_symlink()]
+    return [folder / n for n in weight_names(set(names) - {ADAPTER_CONFIG_FILE})]
+
+
+def read_model_config(folder: Path | None) -> dict[str, Any] | None:
+    """The folder's config.json as a dict; None when there is none or it is not a JSON object."""
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None

@@ -18,7 +18,6 @@ Anything else that looks quantized is refused, naming the tensor and the scheme.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from ckptavg.errors import InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource, dtype_name, tensor_buffer
+from ckptavg.formats.detect import read_model_config
 
 FP8 = {
     torch.float8_e4m3fn: "e4m3",
@@ -223,13 +223,7 @@ def stored_tensors(tensors: dict[str, TensorSource]) -> dict[str, TensorSource]:
 
 def read_config(folder: Path | None) -> dict | None:
     """config.json's quantization_config, if the folder has one."""
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    quant = (read_model_config(folder) or {}).get("quantization_config")
     return quant if isinstance(quant, dict) else None
 
 

@@ -17,9 +17,9 @@ and refs, from the cache or the Hub), `inputs` (hf:// inputs made local), `listi
 plain rows for `select`) and `push` (an output uploaded).
 """
 
+from ckptavg.formats.detect import weight_names
 from ckptavg.hub.inputs import Localized, local_path, localize
 from ckptavg.hub.listing import HubCheckpoint, list_checkpoints, mark_best
-from ckptavg.hub.names import weight_names
 from ckptavg.hub.push import PushFailed, check_push, push, push_report
 from ckptavg.hub.spec import HubSource, HubSpec, is_hub
 

@@ -13,12 +13,13 @@ from typing import Any
 
 from ckptavg.discover import steps_from_name
 from ckptavg.errors import CkptavgError, InputError, MismatchError
+from ckptavg.formats.detect import CHECKPOINT_FOLDER as CHECKPOINT_DIR
+from ckptavg.formats.detect import weight_names
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
-from ckptavg.hub.names import folder_files, model_file_names, weight_names
+from ckptavg.hub.names import folder_files, model_file_names
 from ckptavg.hub.repo import CachedRepo, NotCached, OnlineRepo, hub_error, is_network_error, open_repo
 from ckptavg.hub.spec import COMMIT, HubSource, HubSpec, is_hub
 
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 TRAINER_COMMIT = re.compile(r"Training in progress,? (step|epoch) (\d+)")
 TRAINER_STATE = "trainer_state.json"
 

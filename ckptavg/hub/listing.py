@@ -13,8 +13,20 @@ from typing import Protocol
 
 from ckptavg.discover import steps_from_name
 from ckptavg.errors import CkptavgError, InputError
-from ckptavg.hub.inputs import CHECKPOINT_DIR, TRAINER_COMMIT, TRAINER_STATE, Input, find_step, is_cached, join, plan_input, quiet_progress_bars, where
-from ckptavg.hub.names import folder_files, weight_names
+from ckptavg.formats.detect import weight_names
+from ckptavg.hub.inputs import (
+    CHECKPOINT_DIR,
+    TRAINER_COMMIT,
+    TRAINER_STATE,
+    Input,
+    find_step,
+    is_cached,
+    join,
+    plan_input,
+    quiet_progress_bars,
+    where,
+)
+from ckptavg.hub.names import folder_files
 from ckptavg.hub.repo import CachedRepo, NotCached, hub_error, open_repo
 from ckptavg.hub.spec import HubSource, HubSpec
 

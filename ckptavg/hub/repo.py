@@ -9,7 +9,6 @@ from ckptavg.errors import InputError
 from ckptavg.hub.spec import COMMIT
 
 
-
 class NotCached(Exception):
     pass
 

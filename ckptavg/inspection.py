@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -15,17 +12,18 @@ from typing import Any
 
 import torch
 
-from ckptavg.checkpoint import LoadOptions, open_checkpoint
+from ckptavg.checkpoint import EMA_KEYS, LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.detect import TRAINING_FILES, read_model_config
 from ckptavg.formats.peft import describe_adapter
 from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
 from ckptavg.globbing import expand_one
 from ckptavg.merge.engine import Progress, ProgressFn
-from ckptavg.output import lock_name, old_name, tmp_name
+from ckptavg.output import Leftovers, find_leftovers, leftovers_sentence
 
 CHUNK_BYTES = 32 << 20
 TRAINING_STATE = {
@@ -33,13 +31,7 @@ TRAINING_STATE = {
     "scheduler": ("scheduler", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "lr_scheduler_state_dict"),
     "scaler": ("scaler", "grad_scaler", "amp", "scaler_state_dict", "MixedPrecision"),
     "rng": ("rng_state", "rng", "rng_states", "random_state", "cuda_rng_state", "torch_rng_state", "numpy_rng_state"),
-    "ema": ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model"),
-}
-TRAINING_FILES = {
-    "optimizer": ("optimizer.pt", "optimizer.bin"),
-    "scheduler": ("scheduler.pt",),
-    "scaler": ("scaler.pt",),
-    "rng": ("rng_state.pth",),
+    "ema": EMA_KEYS,
 }
 # Name levels that training wrappers put before a model's own names, whatever the checkpoint.
 WRAPPERS = {
@@ -51,8 +43,6 @@ WRAPPERS = {
 # The attribute a LightningModule commonly holds its model in: a wrapper level only in a Lightning checkpoint.
 LIGHTNING_ATTRIBUTES = ("model", "net", "network", "module")
 LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops", "callbacks", "hyper_parameters")
-LEFTOVER_KINDS = (("partial", tmp_name), ("old", old_name), ("lock", lock_name))
-LEFTOVER_NAME = re.compile(r"\.(?P<out>.+)\.ckptavg-(?P<kind>partial|old|lock)")
 
 
 @dataclass(frozen=True)
@@ -98,19 +88,6 @@ class TensorIssue:
     nan: int = 0
     inf: int = 0
     all_zero: bool = False
-
-
-@dataclass
-class Leftovers:
-    """What a ckptavg run to `output` leaves beside it while it writes, or after it was killed (SIGKILL)."""
-
-    output: str
-    files: list[dict[str, Any]]  # path, kind (partial, old, lock), bytes
-    bytes: int
-    live: bool  # a running ckptavg holds the lock of `output`: these are its work in progress
-    pid: int | None  # that run's pid, from the lock file
-    output_exists: bool
-    advice: str
 
 
 @dataclass
@@ -196,7 +173,8 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
     if optimizer_files:
         found["optimizer"] = found.get("optimizer", 0) + sum(f.stat().st_size for f in optimizer_files)
     if ckpt.path.is_dir():
-        for kind, names in TRAINING_FILES.items():
+        for kind in ("optimizer", "scheduler", "scaler", "rng"):  # the trainer's own files are not training state to drop
+            names = TRAINING_FILES[kind]
             for name in names:
                 if (ckpt.path / name).is_file():
                     found[kind] = found.get(kind, 0) + (ckpt.path / name).stat().st_size
@@ -208,12 +186,8 @@ def training_state(ckpt: Checkpoint) -> dict[str, int]:
 
 def model_config(ckpt: Checkpoint) -> dict[str, Any] | None:
     """The transformers config.json beside the weights (one with a model_type or architectures), else None."""
-    folder = ckpt.folder or (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
+    config = read_model_config(ckpt.folder or (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent))
+    if config is None:
         return None
     if not (isinstance(config.get("model_type"), str) or isinstance(config.get("architectures"), list)):
         return None
@@ -251,99 +225,6 @@ def wrapper_prefix(prefix: str, lightning: bool, config: dict[str, Any] | None) 
     if not taken:
         return None, None
     return "".join(level + "." for level in taken), " + ".join(kinds)
-
-
-def _tree_bytes(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder (links not followed)."""
-    try:
-        if not path.is_dir() or path.is_symlink():
-            return path.lstat().st_size
-    except OSError:
-        return 0
-    total = 0
-    for root, _dirs, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _lock_holder(lock: Path) -> tuple[bool, int | None]:
-    """(whether a live ckptavg run holds this output lock, its pid). Tries a shared flock without waiting:
-    a run holds it exclusively while it writes, and a killed run's lock is free. (A run starting in the same
-    microseconds would find it taken for that instant and fail as if a run were writing.)"""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False, None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return True, int(text) if text.isdigit() else None
-        except OSError:
-            return False, None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, None
-    finally:
-        os.close(fd)
-
-
-def leftovers_of(out: Path) -> Leftovers | None:
-    """What a ckptavg run to `out` left beside it (`.OUT.ckptavg-partial`, `-old`, `-lock`); None when nothing."""
-    files = []
-    for kind, name_of in LEFTOVER_KINDS:
-        path = name_of(out)
-        if path.exists() or path.is_symlink():
-            files.append({"path": str(path), "kind": kind, "bytes": _tree_bytes(path)})
-    if not files:
-        return None
-    live, pid = _lock_holder(lock_name(out)) if any(f["kind"] == "lock" for f in files) else (False, None)
-    exists = out.exists() or out.is_symlink()
-    if live:
-        advice = f"a ckptavg run{f' (pid {pid})' if pid else ''} is writing {out.name} now: its work in progress, leave it"
-    else:
-        advice = (
-            f"left by an interrupted ckptavg run (none holds the lock now): the next run to {out.name} removes them, "
-            "or delete them by hand"
-        )
-        if not exists and any(f["kind"] == "old" for f in files):
-            advice += f"; {old_name(out).name} is the previous {out.name}, killed while being replaced: rename it back to keep it"
-    return Leftovers(str(out), files, sum(f["bytes"] for f in files), live, pid, exists, advice)
-
-
-def find_leftovers(path: Path) -> list[Leftovers]:
-    """Leftovers of a run to `path` itself, and, when `path` is a folder, of runs to anything inside it."""
-    found = []
-    outputs = [path]
-    if path.is_dir():
-        try:
-            names = sorted(os.listdir(path))
-        except OSError:
-            names = []
-        for name in names:
-            match = LEFTOVER_NAME.fullmatch(name)
-            if match and path / match["out"] not in outputs:
-                outputs.append(path / match["out"])
-    for out in outputs:
-        item = leftovers_of(out)
-        if item is not None:
-            found.append(item)
-    return found
-
-
-def leftovers_sentence(leftovers: list[Leftovers]) -> str:
-    """The leftovers in one sentence, for an error message."""
-    from ckptavg.render import human_bytes
-
-    parts = []
-    for item in leftovers:
-        files = ", ".join(f"{Path(f['path']).name} ({human_bytes(f['bytes'])})" for f in item.files)
-        parts.append(f"{files} in {Path(item.output).parent}: {item.advice}")
-    return "; ".join(parts)
 
 
 def _open(path: Path, options: LoadOptions) -> Checkpoint:
