@@ -25,6 +25,7 @@ import torch
 from ckptavg.discover import steps_from_name
 from ckptavg.errors import UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource, read_exact, readable_by_range, tensor_buffer
+from ckptavg.formats.quantized import stored_tensors
 
 SAMPLE_BYTES = 64  # bytes read at each sampled place of a tensor (its start; then its middle and end)
 READERS = 8  # inputs sampled at once
@@ -77,7 +78,7 @@ def _named_for_its_step(path: Path) -> bool:
 
 
 def _layout(ckpt: Checkpoint) -> tuple:
-    return tuple(sorted((name, str(src.dtype), src.shape) for name, src in ckpt.tensors.items()))
+    return tuple(sorted((name, str(src.dtype), src.shape) for name, src in stored_tensors(ckpt.tensors).items()))
 
 
 def _alike(checkpoints: Sequence[Checkpoint], members: list[int], part: str) -> list[list[int]]:
@@ -97,7 +98,7 @@ def _sample(ckpt: Checkpoint, part: str) -> bytes:
     of one run apart), or its middle and last ("middle and tail", for those still alike). Tensors that cannot be
     read by range are left to the full comparison. Read in file order: one forward pass over a cold page cache."""
     ranges = []
-    for name, src in ckpt.tensors.items():
+    for name, src in stored_tensors(ckpt.tensors).items():
         if src.nbytes and readable_by_range(src):
             size = min(SAMPLE_BYTES, src.nbytes)
             starts = [0] if part == "head" else sorted({(src.nbytes - size) // 2, src.nbytes - size})
@@ -199,8 +200,9 @@ def _identical(a: Checkpoint, b: Checkpoint) -> bool:
     range go first and the smallest first: inputs that only look alike (no tensor could be sampled) part cheaply."""
     if _same_files(a, b):
         return True
-    for name in sorted(a.tensors, key=lambda n: (not readable_by_range(a.tensors[n]), a.tensors[n].nbytes, n)):
-        if not _same_tensor(a.tensors[name], b.tensors[name]):
+    left, right = stored_tensors(a.tensors), stored_tensors(b.tensors)  # quantized weights: their codes and scales
+    for name in sorted(left, key=lambda n: (not readable_by_range(left[n]), left[n].nbytes, n)):
+        if not _same_tensor(left[name], right[name]):
             return False
     return True
 

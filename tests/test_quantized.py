@@ -362,3 +362,13 @@ def test_any_element_range_reads_the_same_values(gpt_oss_run, tmp_path):
             hi = lo + int(torch.randint(1, 40_000, (1,), generator=g))
             hi = min(hi, whole.numel())
             assert torch.equal(source.values(lo, hi), whole[lo:hi]), (lo, hi)
+
+
+def test_a_copy_of_an_fp8_checkpoint_is_told_by_its_stored_bytes(fp8_run, cli, tmp_path):
+    """The copies check compares what the files hold (codes and scales), never the dequantized float64 values."""
+    import shutil
+
+    folders, _ = fp8_run
+    copy = shutil.copytree(folders[1], tmp_path / "checkpoint_best")
+    result = cli("average", folders[0], folders[1], copy, "-o", tmp_path / "out")
+    assert result.code == 2 and "holds the same weights as" in result.err, result.err
