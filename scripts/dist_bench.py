@@ -102,7 +102,18 @@ def main() -> None:
         make_dcp(source, args.size_gb)
         warm(source)
         out = root / "dcp-ref.pt"
-        ref = measure([sys.executable, "-W", "ignore", "-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", str(source), str(out)])
+        ref = measure(
+            [
+                sys.executable,
+                "-W",
+                "ignore",
+                "-m",
+                "torch.distributed.checkpoint.format_utils",
+                "dcp_to_torch",
+                str(source),
+                str(out),
+            ]
+        )
         out.unlink()
         mine = measure([*ckptavg, str(source), "-o", str(root / "dcp-out")], env)
         fast = measure([*ckptavg, "--no-fsync", str(source), "-o", str(root / "dcp-out")], env)
@@ -112,14 +123,21 @@ def main() -> None:
         warm(run)
         out = root / "zero3-ref"
         shutil.rmtree(out, ignore_errors=True)
-        ref = measure([sys.executable, "-W", "ignore", str(run / "zero_to_fp32.py"), str(run), str(out), "--safe_serialization"], {"DS_ACCELERATOR": "cpu"})
+        ref = measure(
+            [sys.executable, "-W", "ignore", str(run / "zero_to_fp32.py"), str(run), str(out), "--safe_serialization"],
+            {"DS_ACCELERATOR": "cpu"},
+        )
         mine = measure([*ckptavg, str(run), "-o", str(root / "zero3-out")], env)
         fast = measure([*ckptavg, "--no-fsync", str(run), "-o", str(root / "zero3-out")], env)
         rows.append((f"ZeRO-3, {args.size_gb / 2:g} GB model", "zero_to_fp32.py", ref, mine, fast))
     print("ckptavg fsyncs its output by default (durable); the references do not: --no-fsync writes as they do")
-    print(f"{'checkpoint':34s} {'reference':18s} {'ref wall':>9s} {'ref RSS':>9s} {'ckptavg':>9s} {'no-fsync':>9s} {'RSS':>8s} {'time x':>7s} {'RSS x':>6s}")
+    print(
+        f"{'checkpoint':34s} {'reference':18s} {'ref wall':>9s} {'ref RSS':>9s} {'ckptavg':>9s} {'no-fsync':>9s} {'RSS':>8s} {'time x':>7s} {'RSS x':>6s}"
+    )
     for label, name, (rt, rr), (mt, mr), (ft, _) in rows:
-        print(f"{label:34s} {name:18s} {rt:8.2f}s {rr / 1e9:8.2f}G {mt:8.2f}s {ft:8.2f}s {mr / 1e9:7.2f}G {mt / rt:7.2f} {mr / rr:6.2f}")
+        print(
+            f"{label:34s} {name:18s} {rt:8.2f}s {rr / 1e9:8.2f}G {mt:8.2f}s {ft:8.2f}s {mr / 1e9:7.2f}G {mt / rt:7.2f} {mr / rr:6.2f}"
+        )
 
 
 if __name__ == "__main__":
