@@ -281,7 +281,10 @@ def average(
         if ema_half_life is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
             raise UsageError(
                 None,
-                f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use --ema DECAY instead",
+                (
+                    f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
+                    "--ema DECAY instead"
+                ),
             )
         steps = [c.step for c in checkpoints]
         strategy = (
@@ -426,8 +429,9 @@ def _plan(
 def _adapter_note(adapter: AdapterSummary, n: int) -> str:
     if adapter.mode == "exact" and adapter.error_max is not None:
         return (
-            f"{adapter.kind} adapters: the exact mean of the {n} changes truncated by SVD to rank {adapter.rank_out}; each module's change "
-            f"is off the exact mean by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst})"
+            f"{adapter.kind} adapters: the exact mean of the {n} changes truncated by SVD to rank {adapter.rank_out}; "
+            f"each module's change is off the exact mean by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} "
+            f"({adapter.error_worst})"
         )
     if adapter.mode == "exact":
         return (
@@ -437,7 +441,10 @@ def _adapter_note(adapter: AdapterSummary, n: int) -> str:
     if adapter.mode == "merged":
         return f"{adapter.kind} adapters merged into the base model {adapter.base}: base + the weighted mean of the {n} changes"
     if adapter.rank_in is None:
-        return f"{adapter.kind} adapters averaged parameter-wise: their effect is linear in their parameters, so this is the exact mean of their effects"
+        return (
+            f"{adapter.kind} adapters averaged parameter-wise: their effect is linear in their parameters, so this is the exact "
+            "mean of their effects"
+        )
     if adapter.error_max is None:
         return f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}"
     return (
@@ -455,7 +462,10 @@ def _warnings(
     found = []
     if decay is not None:
         n = len(plan.inputs)
-        advice = f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or use --ema-half-life STEPS"
+        advice = (
+            f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or "
+            "use --ema-half-life STEPS"
+        )
         found.append(oldest_weight_warning(plan.weights, advice))
     if half_life is not None and steps[0] is not None and steps[-1] is not None:
         found.append(
@@ -539,7 +549,10 @@ def _write_output(
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,
-            f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder",
+            (
+                f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name "
+                "a folder"
+            ),
         )
     recipe = _recipe(report)
     specs = output_specs(plan)

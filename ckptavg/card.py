@@ -92,7 +92,8 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
         lines.append(f"- Copied from the newest input, not averaged: {', '.join(recipe['copied_from_newest'][:5])}")
     if recipe.get("verified"):
         lines.append(
-            "- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in ckptavg.json)"
+            "- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in "
+            "ckptavg.json)"
         )
     lines.append(f"- ckptavg {recipe.get('version')}, {recipe.get('created')}")
     lines += [

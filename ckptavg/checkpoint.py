@@ -68,7 +68,7 @@ class LoadOptions:
 
 
 def missing_input(path: Path) -> InputError:
-    """ "No such file or folder", with the Hub's spelling when the name looks like a mistyped Hub input."""
+    """The error "No such file or folder", with the Hub's spelling when the name looks like a mistyped Hub input."""
     hint = "; a Hub input is written hf://ORG/REPO[@REVISION][/FOLDER]" if str(path)[:3].lower() == "hf:" else ""
     return InputError(path, f"no such file or folder{hint}")
 
@@ -175,7 +175,10 @@ def _weights_file_of_folder(folder: Path) -> Path:
         if runs:
             raise InputError(
                 folder,
-                f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/{runs[0].split('-')[0]}-*",
+                (
+                    f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. "
+                    f"{folder}/{runs[0].split('-')[0]}-*"
+                ),
             )
         raise InputError(
             folder,
@@ -240,10 +243,15 @@ def _check_deepspeed(path: Path, top: dict, tensors: dict[str, TensorSource], no
     if any(src.numel == 0 for src in tensors.values()):  # ZeRO-3 leaves every parameter empty here (buffers stay whole)
         raise UnsupportedError(
             path,
-            "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the *_optim_states.pt files; pass its folder (global_stepN/, or the run folder) instead: ckptavg reads the FP32 masters from the optimizer partitions",
+            (
+                "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the "
+                "*_optim_states.pt files; pass its folder (global_stepN/, or the run folder) instead: ckptavg reads the FP32 "
+                "masters from the optimizer partitions"
+            ),
         )
     notes.append(
-        "DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py extracts them)"
+        "DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py "
+        "extracts them)"
     )
 
 
@@ -265,7 +273,10 @@ def _weights_reason(where: str | None, options: LoadOptions, top: dict) -> str:
     averaging = _lightning_averaging(top)
     if averaging and where == "state_dict":
         ema = " (--use-ema)" if options.use_ema else ""
-        return f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are 'current_model_state' (--key current_model_state)"
+        return (
+            f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are "
+            "'current_model_state' (--key current_model_state)"
+        )
     if options.use_ema:
         return f"EMA weights {where!r} (--use-ema)"
     return f"{where!r}"

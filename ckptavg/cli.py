@@ -48,7 +48,10 @@ KeyOpt = Annotated[
     typer.Option(
         "--key",
         metavar="NAME",
-        help="Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP save's model entries, or module for the 16-bit copy of a DeepSpeed save.",
+        help=(
+            "Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP "
+            "save's model entries, or module for the 16-bit copy of a DeepSpeed save."
+        ),
     ),
 ]
 UseEmaOpt = Annotated[
@@ -65,7 +68,9 @@ DtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         metavar="DTYPE",
-        help="Output dtype of floating tensors: bf16, fp16 or fp32 (or torch's bfloat16, float16, float32). Default: the input's.",
+        help=(
+            "Output dtype of floating tensors: bf16, fp16 or fp32 (or torch's bfloat16, float16, float32). Default: the input's."
+        ),
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
@@ -74,7 +79,10 @@ ShardOpt = Annotated[
     typer.Option(
         "--max-shard-size",
         metavar="SIZE",
-        help="Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: refused with one.",
+        help=(
+            "Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: "
+            "refused with one."
+        ),
         show_default=False,
     ),
 ]
@@ -83,7 +91,10 @@ BudgetOpt = Annotated[
     typer.Option(
         "--memory-budget",
         metavar="SIZE",
-        help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.",
+        help=(
+            "Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does "
+            "not grow with the model or the number of inputs."
+        ),
         show_default=False,
     ),
 ]
@@ -91,14 +102,20 @@ NoFsyncOpt = Annotated[
     bool,
     typer.Option(
         "--no-fsync",
-        help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.",
+        help=(
+            "Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss "
+            "soon after may leave it incomplete."
+        ),
     ),
 ]
 VerifyOpt = Annotated[
     bool,
     typer.Option(
         "--verify",
-        help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.",
+        help=(
+            "Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while "
+            "writing. Records each file's sha256 in ckptavg.json and the --json report."
+        ),
     ),
 ]
 PushOpt = Annotated[
@@ -106,7 +123,10 @@ PushOpt = Annotated[
     typer.Option(
         "--push-to-hub",
         metavar="ORG/NAME",
-        help="Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if missing. The local output is written first and kept; a failed upload exits 3.",
+        help=(
+            "Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if "
+            "missing. The local output is written first and kept; a failed upload exits 3."
+        ),
         show_default=False,
     ),
 ]
@@ -136,14 +156,21 @@ RankTimeoutOpt = Annotated[
     typer.Option(
         "--rank-timeout",
         metavar="SECONDS",
-        help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.",
+        help=(
+            "Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, "
+            "naming it."
+        ),
     ),
 ]
 RequantizeOpt = Annotated[
     bool,
     typer.Option(
         "--requantize",
-        help="FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in --dtype (bf16 by default).",
+        help=(
+            "FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size "
+            "and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in "
+            "--dtype (bf16 by default)."
+        ),
     ),
 ]
 OverwriteOpt = Annotated[
@@ -177,7 +204,11 @@ def average(
         list[Path],
         typer.Argument(
             metavar="CHECKPOINT",
-            help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and /FOLDER optional (hf://org/run@main/checkpoint-500).",
+            help=(
+                "Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, "
+                "torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and "
+                "/FOLDER optional (hf://org/run@main/checkpoint-500)."
+            ),
             show_default=False,
         ),
     ],
@@ -187,7 +218,10 @@ def average(
             "-o",
             "--output",
             metavar="OUT",
-            help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.",
+            help=(
+                "Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: "
+                ".safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused."
+            ),
         ),
     ] = None,
     weights: Annotated[
@@ -211,7 +245,10 @@ def average(
         typer.Option(
             "--ema-half-life",
             metavar="STEPS",
-            help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).",
+            help=(
+                "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
+                "checkpoints (needs every input's step)."
+            ),
         ),
     ] = None,
     order: Annotated[
@@ -242,7 +279,11 @@ def average(
         typer.Option(
             "--adapter-mode",
             metavar="MODE",
-            help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).",
+            help=(
+                "PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; "
+                "rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or "
+                "merged (a full model: --base + the mean change; exact for DoRA too)."
+            ),
         ),
     ] = "exact",
     base: Annotated[
@@ -267,7 +308,10 @@ def average(
         bool,
         typer.Option(
             "--strict",
-            help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.",
+            help=(
+                "Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an "
+                "error: exit 1, nothing written. For CI."
+            ),
         ),
     ] = False,
     push_to_hub: PushOpt = None,
@@ -289,7 +333,7 @@ def average(
         ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o m.safetensors --json
 
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
-    """
+    """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
     average_checkpoints = _deferred("ckptavg.averaging", "average")
     pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
 
@@ -396,7 +440,10 @@ def select(
         list[Path],
         typer.Argument(
             metavar="CHECKPOINT",
-            help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt; hf://ORG/REPO (its checkpoints: checkpoint-N/ folders, step branches or Trainer commits, printed pinned to a commit).",
+            help=(
+                "Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt; hf://ORG/REPO (its checkpoints: checkpoint-N/ "
+                "folders, step branches or Trainer commits, printed pinned to a commit)."
+            ),
             show_default=False,
         ),
     ],
@@ -419,7 +466,11 @@ def select(
         typer.Option(
             "--mode",
             metavar="min|max",
-            help="min: lower is better (losses); max: higher is better (accuracy). Default: what the checkpoints record (Lightning's ModelCheckpoint mode, timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's name (loss, error, perplexity: min; acc*, top1, bleu, f1, score: max), else an error asking for it.",
+            help=(
+                "min: lower is better (losses); max: higher is better (accuracy). Default: what the checkpoints record "
+                "(Lightning's ModelCheckpoint mode, timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's "
+                "name (loss, error, perplexity: min; acc*, top1, bleu, f1, score: max), else an error asking for it."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -451,7 +502,10 @@ def select(
         bool,
         typer.Option(
             "--invert",
-            help="Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable or incomplete one, or one without a step.",
+            help=(
+                "Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable "
+                "or incomplete one, or one without a step."
+            ),
         ),
     ] = False,
     print0: Annotated[
@@ -476,14 +530,14 @@ def select(
 
         ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert -0 \\
             | xargs -0 -r rm -r
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
+    from ckptavg.inspection import first_nonfinite
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
-    from ckptavg.inspection import first_nonfinite
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
@@ -549,7 +603,10 @@ def inspect(
         typer.Option(
             "--diff",
             metavar="B",
-            help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|. Nothing compared (no tensor of the same name and shape) is exit 1.",
+            help=(
+                "Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|. Nothing compared (no tensor of the "
+                "same name and shape) is exit 1."
+            ),
         ),
     ] = None,
     fail_if_different: Annotated[
@@ -564,7 +621,10 @@ def inspect(
         typer.Option(
             "--max-rel-l2",
             metavar="X",
-            help="With --diff: exit 1 when the relative L2 of all floating tensors exceeds X, or a tensor is missing on one side or of another shape.",
+            help=(
+                "With --diff: exit 1 when the relative L2 of all floating tensors exceeds X, or a tensor is missing on one side "
+                "or of another shape."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -573,7 +633,10 @@ def inspect(
         typer.Option(
             "--min-cosine",
             metavar="X",
-            help="With --diff: exit 1 when a floating tensor's cosine is below X, or a tensor is missing on one side or of another shape.",
+            help=(
+                "With --diff: exit 1 when a floating tensor's cosine is below X, or a tensor is missing on one side or of "
+                "another shape."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -598,7 +661,7 @@ def inspect(
         ckptavg inspect epoch=3-step=400.ckpt --tensors --filter 'attn'
 
         ckptavg inspect merged --diff runs/checkpoint-1000 --max-rel-l2 0.01
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():
         return
     from ckptavg.checkpoint import LoadOptions
@@ -654,7 +717,10 @@ def export(
         Path,
         typer.Argument(
             metavar="CHECKPOINT",
-            help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).",
+            help=(
+                "A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the "
+                "Hub (revision and folder optional)."
+            ),
             show_default=False,
         ),
     ],
@@ -673,7 +739,10 @@ def export(
         typer.Option(
             "--format",
             metavar="FORMAT",
-            help="safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named .pt/.pth/.bin, else safetensors.",
+            help=(
+                "safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named "
+                ".pt/.pth/.bin, else safetensors."
+            ),
         ),
     ] = "auto",
     key: KeyOpt = None,
@@ -717,7 +786,7 @@ def export(
         ckptavg export runs/checkpoint-1000 -o model --dtype bf16
 
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o m.safetensors
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks, in the command list too)
     export_checkpoint = _deferred("ckptavg.exporting", "export")
     pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 

@@ -133,7 +133,10 @@ def check_output_name(out: Path) -> None:
     ):
         raise UsageError(
             None,
-            f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o {Path(out) / 'merged'}",
+            (
+                f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o "
+                f"{Path(out) / 'merged'}"
+            ),
         )
 
 

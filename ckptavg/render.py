@@ -219,7 +219,10 @@ class ProgressDisplay:
         if p is not None and getattr(p, "detail", ""):  # a read (select --skip-nonfinite, inspect --check/--diff)
             detail = p.detail
         elif p is not None and self.phase == "verifying":
-            detail = f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of {p.tensors_total})"
+            detail = (
+                f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of "
+                f"{p.tensors_total})"
+            )
         elif p is not None and done >= total:
             detail = "writing the last chunks to the disk…"
         elif p is not None:
@@ -385,7 +388,8 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
     row(
         "done",
         f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s"
-        f"{_rate(report)}, peak memory {human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
+        f"{_rate(report)}, peak memory "
+        f"{human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
     )
 
 
@@ -408,7 +412,10 @@ def print_summary(report: AverageReport, console: Console | None = None) -> None
     if n == 1:
         row(
             "strategy",
-            f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one checkpoint's weights",
+            (
+                f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one "
+                "checkpoint's weights"
+            ),
         )
     else:
         ranks = f" ({report.world_size} ranks, each its share)" if report.world_size > 1 else ""
@@ -418,7 +425,10 @@ def print_summary(report: AverageReport, console: Console | None = None) -> None
         row("weights from", shared if n == 1 else f"{shared} (all {n} inputs)")
     row(
         "tensors",
-        f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}; accumulated in {_counts(report.accumulate)}",
+        (
+            f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}; accumulated in "
+            f"{_counts(report.accumulate)}"
+        ),
     )
     for note in grouped_notes(report):
         row("note", note)
@@ -665,7 +675,8 @@ def adapter_line(a: dict) -> str:
         base += f"@{a['revision']}"
     extras = [k for k in ("rank_pattern", "alpha_pattern") if a.get(k)] + (["lora_bias"] if a.get("lora_bias") else [])
     return (
-        f"adapter      {a['kind']} r={a.get('r', '-')} lora_alpha={a.get('lora_alpha', '-')}{' ' + ', '.join(extras) if extras else ''}; "
+        f"adapter      {a['kind']} r={a.get('r', '-')} "
+        f"lora_alpha={a.get('lora_alpha', '-')}{' ' + ', '.join(extras) if extras else ''}; "
         f"targets {targets}; modules_to_save {', '.join(a.get('modules_to_save') or []) or '-'}; base {base}; "
         f"{a['lora_parameters']:,} LoRA parameters in {a['modules']} modules, {a['full_parameters']:,} in full tensors"
     )
@@ -674,12 +685,14 @@ def adapter_line(a: dict) -> str:
 def print_inspect(report) -> None:
     out = _stdout()
     out.print(
-        f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), {human_bytes(sum(f['bytes'] for f in report.files))}"
+        f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), "
+        f"{human_bytes(sum(f['bytes'] for f in report.files))}"
     )
     out.print(f"tensors      {report.tensors} ({report.parameters:,} parameters, {human_bytes(report.tensor_bytes)})")
     out.print("dtypes       " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report.bytes_by_dtype.items()))
     out.print(
-        f"step         {report.step if report.step is not None else '-'}   epoch {report.epoch if report.epoch is not None else '-'}"
+        f"step         {report.step if report.step is not None else '-'}   epoch "
+        f"{report.epoch if report.epoch is not None else '-'}"
     )
     if report.adapter:
         out.print(adapter_line(report.adapter), markup=False, soft_wrap=True)

@@ -529,7 +529,8 @@ def select(
         judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
         if len(judged) < SPIKE_MIN_VALUES:
             notes.append(
-                f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge spikes; none dropped"
+                f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge "
+                "spikes; none dropped"
             )
         found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
         spikes = dict(zip(map(id, readable), found))
@@ -537,7 +538,8 @@ def select(
         drop(
             lambda c: spikes[id(c)] is None,
             lambda c: (
-                f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + {policy.spike_k:g} x MAD)"
+                f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + "
+                f"{policy.spike_k:g} x MAD)"
             ),
             "--skip-spikes",
         )

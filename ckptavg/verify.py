@@ -207,7 +207,10 @@ def verify_output(
         if src.dtype != spec.dtype or tuple(src.shape) != tuple(spec.shape):
             raise OutputError(
                 out,
-                f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as {dtype_name(spec.dtype)} {list(spec.shape)}",
+                (
+                    f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as "
+                    f"{dtype_name(spec.dtype)} {list(spec.shape)}"
+                ),
             )
         by_file.setdefault(src.path, []).append((name, src))
     tensor_files = sorted(by_file)
@@ -225,7 +228,10 @@ def verify_output(
             if crc != crcs[name]:
                 raise OutputError(
                     out,
-                    f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})",
+                    (
+                        f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 "
+                        f"{crc:08x}, expected {crcs[name]:08x})"
+                    ),
                 )
     for path in other_files:
         if path in mine:

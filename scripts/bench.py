@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ckptavg.merge.engine import CACHE_BLOCK_ELEMENTS, fold_block
+from ckptavg.merge.engine import CACHE_BLOCK_ELEMENTS, fold_block  # noqa: E402  (after the project is put on the path)
 
 # What both peer scripts share: loading one checkpoint whole (a sharded folder or a .pt's "model"), the
 # argument list, and the output file.
@@ -402,7 +402,8 @@ def check_errors(inputs: list[Path], outputs: dict[str, Path]) -> dict[str, dict
 def print_table(title: str, rows: list[Row], total: int, floors: dict[str, float]) -> None:
     print(f"\n{title}")
     print(
-        f"{'':28s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} {'max |err|':>10s} {'wrong %':>8s}"
+        f"{'':28s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} "
+        f"{'max |err|':>10s} {'wrong %':>8s}"
     )
     for r in rows:
         rss = f"{max(r.rss) / 1e9:.2f} GB" if r.rss else "-"
@@ -415,7 +416,8 @@ def print_table(title: str, rows: list[Row], total: int, floors: dict[str, float
             else f"{'-':>10s} {'-':>8s}"
         )
         print(
-            f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} {r.median / floors[r.cache]:8.2f} {rss:>9s} {err}"
+            f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} "
+            f"{r.median / floors[r.cache]:8.2f} {rss:>9s} {err}"
         )
 
 
@@ -435,7 +437,8 @@ def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> Non
         ymax = max(pt[col] for pts in series.values() for pt in pts) * 1.15 or 1
         parts.append(f'<text x="{x0 + w / 2}" y="18" text-anchor="middle" font-weight="bold">{title} vs GB of inputs read</text>')
         parts.append(
-            f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="black"/>'
+            f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="black"/>'
+            f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="black"/>'
         )
         for i in range(6):
             xv, yv = xmax * i / 5, ymax * i / 5
@@ -450,7 +453,8 @@ def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> Non
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{colors[k % 4]}" stroke-width="2"/>')
             for pt in pts:
                 parts.append(
-                    f'<circle cx="{x0 + w * pt[0] / xmax:.1f}" cy="{y0 + h - h * pt[col] / ymax:.1f}" r="3" fill="{colors[k % 4]}"/>'
+                    f'<circle cx="{x0 + w * pt[0] / xmax:.1f}" cy="{y0 + h - h * pt[col] / ymax:.1f}" r="3" '
+                    f'fill="{colors[k % 4]}"/>'
                 )
             if p == 0:
                 parts.append(f'<text x="{x0 + 10}" y="{y0 + 14 + 16 * k}" fill="{colors[k % 4]}">{label}</text>')
@@ -479,7 +483,8 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
     dd = [
         "sh",
         "-c",
-        f'dd if=/dev/zero of="{scratch}" bs=16M count={max(1, (total // args.models) >> 24)} conv=fsync 2>/dev/null; rm "{scratch}"',
+        f'dd if=/dev/zero of="{scratch}" bs=16M count={max(1, (total // args.models) >> 24)} conv=fsync 2>/dev/null; '
+        f'rm "{scratch}"',
     ]
     rows.append(measure("durable write of the output", "-", dd, args.repeat, files, None))
     rows.append(measure("startup (import torch)", "-", [sys.executable, "-c", "import torch"], args.repeat, files, None))

@@ -255,7 +255,8 @@ def main() -> None:
         if rows[("read floor (cat)", c)]["walls"]
     }
     print(
-        f"\n{'':26s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} {'GPU peak':>9s}"
+        f"\n{'':26s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} "
+        f"{'GPU peak':>9s}"
     )
     for row in rows.values():
         for key in ("peak_rss", "gpu_peak_allocated", "gpu_peak_reserved"):
@@ -270,7 +271,8 @@ def main() -> None:
         gpu = f"{row['gpu_peak_allocated'] / 2**20:.0f} MiB" if row["gpu_peak_allocated"] else "-"
         x = f"{row['x_floor']:8.2f}" if row["x_floor"] else f"{'-':>8s}"
         print(
-            f"{row['label']:26s} {row['cache']:5s} {row['median']:9.2f} {row['min']:6.2f}-{row['max']:<6.2f} {row['gb_per_s']:6.2f} {x} {rss:>9s} {gpu:>9s}"
+            f"{row['label']:26s} {row['cache']:5s} {row['median']:9.2f} {row['min']:6.2f}-{row['max']:<6.2f} "
+            f"{row['gb_per_s']:6.2f} {x} {rss:>9s} {gpu:>9s}"
         )
     results["floors_s"] = floors
     results["rows"] = list(rows.values())

@@ -41,7 +41,8 @@ def run(inputs: list[str], drop: bool) -> None:
         size = sum(Path(f).stat().st_size for f in files)
         label = "with DONTNEED" if drop else "without DONTNEED"
         print(
-            f"{label:17s} output pages cached: {sum(map(int, resident)) / 1e6:6.0f} MB of {size / 1e6:.0f} MB; Cached grew {grew} MiB"
+            f"{label:17s} output pages cached: {sum(map(int, resident)) / 1e6:6.0f} MB of {size / 1e6:.0f} MB; Cached grew "
+            f"{grew} MiB"
         )
     finally:
         os.posix_fadvise = advise

@@ -240,18 +240,23 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
                 rows.setdefault((f"ckptavg, {k} proc", cache), []).append(r)
                 inner = r["report"]["seconds"] if r["report"] else float("nan")
                 print(
-                    f"  round {round_ + 1}: {k} proc {cache}: {r['wall']:.2f} s (ckptavg's own {inner:.2f} s), ranks max {r['rss_ranks_max'] / 1e9:.2f} GB "
-                    f"sum {r['rss_ranks_sum'] / 1e9:.2f} GB, time -v {r['time_v_max_rss'] / 1e9:.2f} GB, identical {r['identical']}",
+                    f"  round {round_ + 1}: {k} proc {cache}: {r['wall']:.2f} s (ckptavg's own {inner:.2f} s), "
+                    f"ranks max {r['rss_ranks_max'] / 1e9:.2f} GB sum {r['rss_ranks_sum'] / 1e9:.2f} GB, "
+                    f"time -v {r['time_v_max_rss'] / 1e9:.2f} GB, identical {r['identical']}",
                     file=sys.stderr,
                 )
     floors = {cache: statistics.median(x["wall"] for x in rows[("read floor (cat)", cache)]) for cache in args.caches}
     title = (
-        f"bf16: {args.models} x {args.size_gb:g} GB sharded safetensors, {total / 1e9:.2f} GB read, output in {args.max_shard_size} shards, "
-        f"fsync {'off (--no-fsync)' if args.no_fsync else 'on'}, {os.cpu_count()} cores, median of {args.repeat} (min-max), "
+        f"bf16: {args.models} x {args.size_gb:g} GB sharded safetensors, {total / 1e9:.2f} GB read, "
+        f"output in {args.max_shard_size} shards, fsync {'off (--no-fsync)' if args.no_fsync else 'on'}, {os.cpu_count()} cores, "
+        f"median of {args.repeat} (min-max), "
         f"x floor = over the cat floor of the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items())})"
     )
     print(f"\n{title}")
-    head = f"{'':24s} {'cache':5s} {'median s':>8s} {'min-max s':>12s} {'GB/s':>5s} {'x floor':>7s} {'own s':>6s} {'rank max':>8s} {'rank sum':>8s} {'time -v':>7s}  identical"
+    head = (
+        f"{'':24s} {'cache':5s} {'median s':>8s} {'min-max s':>12s} {'GB/s':>5s} {'x floor':>7s} {'own s':>6s} {'rank max':>8s} "
+        f"{'rank sum':>8s} {'time -v':>7s}  identical"
+    )
     print(head)
     table = []
     for (label, cache), runs in rows.items():
@@ -274,7 +279,10 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
                 "rss_by_process": runs[-1]["rss"],
             }
             text += f"{statistics.median(own) if own else float('nan'):6.2f} " if own else f"{'-':>6s} "
-            text += f"{line['rss_ranks_max'] / 1e9:5.2f} GB {line['rss_ranks_sum'] / 1e9:5.2f} GB {line['time_v_max_rss'] / 1e9:4.2f} GB"
+            text += (
+                f"{line['rss_ranks_max'] / 1e9:5.2f} GB {line['rss_ranks_sum'] / 1e9:5.2f} GB "
+                f"{line['time_v_max_rss'] / 1e9:4.2f} GB"
+            )
         if "identical" in runs[0]:
             line["identical"] = all(x["identical"] for x in runs)
             line["differs"] = sorted({d for x in runs for d in x["differs"]})
@@ -359,9 +367,9 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(args.dir / "sim-q", ignore_errors=True)
     title = (
-        f"simulation: {args.sim_models} x {args.sim_size_gb:g} GB bf16, {total / 1e9:.2f} GB read, warm cache, --no-fsync, node link "
-        f"{args.sim_node_mbps:g} MB/s{f', filesystem {args.sim_fs_mbps:g} MB/s where stated' if fs_bw else ''}, median of {args.repeat}, "
-        f"OMP_NUM_THREADS {args.sim_omp or 'torchrun default (1 when K > 1)'}; "
+        f"simulation: {args.sim_models} x {args.sim_size_gb:g} GB bf16, {total / 1e9:.2f} GB read, warm cache, --no-fsync, "
+        f"node link {args.sim_node_mbps:g} MB/s{f', filesystem {args.sim_fs_mbps:g} MB/s where stated' if fs_bw else ''}, "
+        f"median of {args.repeat}, OMP_NUM_THREADS {args.sim_omp or 'torchrun default (1 when K > 1)'}; "
         f"model = startup (same processes unthrottled) + read bytes / min(nodes x node link, filesystem)"
     )
     print(f"\n{title}")
@@ -383,8 +391,9 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
         phase = stats([max(x["last"] for x in r["ranks"]) - min(x["first"] for x in r["ranks"]) for r in runs[label]])
         read_model = total / bw
         print(
-            f"{label:22s} {procs:5d} {bw / 1e6:6.0f} MB/s {model:7.2f} {s['median']:6.2f} {s['min']:5.2f}-{s['max']:<6.2f} {s['median'] / model:5.2f} "
-            f"{read_model:12.2f} {phase['median']:12.2f} {phase['min']:5.2f}-{phase['max']:<6.2f} {phase['median'] / read_model:5.2f} {imbalance:14.3f}"
+            f"{label:22s} {procs:5d} {bw / 1e6:6.0f} MB/s {model:7.2f} {s['median']:6.2f} {s['min']:5.2f}-{s['max']:<6.2f} "
+            f"{s['median'] / model:5.2f} {read_model:12.2f} {phase['median']:12.2f} {phase['min']:5.2f}-{phase['max']:<6.2f} "
+            f"{phase['median'] / read_model:5.2f} {imbalance:14.3f}"
         )
         table.append(
             {
@@ -485,11 +494,12 @@ def split_part(args: argparse.Namespace, results: dict) -> None:
     out_file = {spec.name: j for j, sh in enumerate(out_shards) for spec in sh}
     rows = []
     print(
-        f"\nsplit: {n_inputs} x {total / 1e9:.1f} GB bf16 (Llama-2-70B shapes, {len(shapes)} tensors, {shard + 1} input shards each, "
-        f"{len(out_shards)} output shards of <= 5 GB): ckptavg's split_work + assign, per rank"
+        f"\nsplit: {n_inputs} x {total / 1e9:.1f} GB bf16 (Llama-2-70B shapes, {len(shapes)} tensors, "
+        f"{shard + 1} input shards each, {len(out_shards)} output shards of <= 5 GB): ckptavg's split_work + assign, per rank"
     )
     print(
-        f"{'ranks':>6s} {'units':>6s} {'unit GB max':>11s} {'read GB/rank':>12s} {'max/mean':>8s} {'units/rank':>10s} {'input files/rank':>16s} {'output files/rank':>17s}"
+        f"{'ranks':>6s} {'units':>6s} {'unit GB max':>11s} {'read GB/rank':>12s} {'max/mean':>8s} {'units/rank':>10s} "
+        f"{'input files/rank':>16s} {'output files/rank':>17s}"
     )
     for world in args.split_worlds:
         started = time.perf_counter()
@@ -515,7 +525,8 @@ def split_part(args: argparse.Namespace, results: dict) -> None:
         rows.append(row)
         print(
             f"{world:6d} {len(units):6d} {row['unit_bytes_max'] / 1e9:11.2f} {mean / 1e9:12.2f} {row['imbalance']:8.4f} "
-            f"{min(map(len, shares)):4d}-{max(map(len, shares)):<5d} {min(in_files):8d}-{max(in_files):<7d} {min(out_files):8d}-{max(out_files):<8d}"
+            f"{min(map(len, shares)):4d}-{max(map(len, shares)):<5d} {min(in_files):8d}-{max(in_files):<7d} "
+            f"{min(out_files):8d}-{max(out_files):<8d}"
         )
     results["split"] = {
         "inputs": n_inputs,

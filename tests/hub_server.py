@@ -352,7 +352,8 @@ class HubStandin:
             data["base_model_relation"] not in ("adapter", "merge", "quantized", "finetune") or base is None
         ):
             errors.append(
-                f"base_model_relation: {data['base_model_relation']!r} needs base_model and one of adapter, merge, quantized, finetune"
+                f"base_model_relation: {data['base_model_relation']!r} needs base_model and one of adapter, merge, quantized, "
+                "finetune"
             )
         if not all(isinstance(t, str) for t in data.get("tags") or []):
             errors.append("tags: a list of strings")

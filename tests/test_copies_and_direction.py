@@ -223,8 +223,8 @@ def test_select_counts_hard_links_once(cli, timm_ckpts):
     assert result.code == 0, result.err
     assert lines(result) == [str(timm_ckpts / f"checkpoint-{e}.pth.tar") for e in range(4)]
     assert (
-        f"note: ignored {timm_ckpts / 'last.pth.tar'}: holds the same weights as {timm_ckpts / 'checkpoint-3.pth.tar'} (a link to the same file)"
-        in result.err
+        f"note: ignored {timm_ckpts / 'last.pth.tar'}: "
+        f"holds the same weights as {timm_ckpts / 'checkpoint-3.pth.tar'} (a link to the same file)" in result.err
     )
 
 

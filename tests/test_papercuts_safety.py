@@ -22,11 +22,11 @@ from rich.console import Console
 from test_select import fake_run
 
 import ckptavg
-from ckptavg.output import output_layout
 from ckptavg.errors import UsageError
+from ckptavg.inspection import ReadProgress, first_nonfinite
+from ckptavg.output import output_layout
 from ckptavg.render import ProgressDisplay
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import ReadProgress, first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

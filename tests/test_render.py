@@ -26,7 +26,8 @@ from ckptavg.verify import VerifyProgress
 VENV_BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PLAIN_LINE = re.compile(
-    r"^ckptavg: (averaging|exporting|verifying) \d+% [\d.]+ [KMGT]?B of [\d.]+ [KMGT]?B(, [\d.]+ [KMGT]?B/s)?(, \d+(\.\d)? (s|min|h) left)?$"
+    r"^ckptavg: (averaging|exporting|verifying) \d+% [\d.]+ [KMGT]?B of [\d.]+ [KMGT]?B"
+    r"(, [\d.]+ [KMGT]?B/s)?(, \d+(\.\d)? (s|min|h) left)?$"
 )
 
 

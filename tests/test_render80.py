@@ -19,9 +19,9 @@ from test_select import fake_run
 
 import ckptavg
 from ckptavg.checkpoint import LoadOptions
+from ckptavg.inspection import diff_checkpoints
 from ckptavg.render import plan_line, print_diff, print_export, print_selection, print_summary, shorten_path
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import diff_checkpoints
 
 ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -20,9 +20,9 @@ from runs import eval_losses
 from safetensors.torch import save_file
 from test_select import fake_run, lines
 
+from ckptavg.inspection import first_nonfinite
 from ckptavg.render import metric_chart
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 
@@ -42,7 +42,10 @@ def drop_eval_loss(folder: Path) -> None:
 
 def retention(run: Path, *extra: str) -> subprocess.CompletedProcess:
     """The README's retention recipe, through a real shell, a real xargs and a real rm."""
-    command = f"{CKPTAVG} select {shlex.quote(str(run))}/checkpoint-* --metric eval_loss --top-k 2 --last 1 --invert {' '.join(extra)} | xargs -r rm -r"
+    command = (
+        f"{CKPTAVG} select {shlex.quote(str(run))}/checkpoint-* --metric eval_loss --top-k 2 --last 1 --invert "
+        f"{' '.join(extra)} | xargs -r rm -r"
+    )
     return subprocess.run(
         command,
         shell=True,
@@ -341,7 +344,8 @@ def test_run_folder_says_what_to_pass(cli, tmp_path):
     result = cli("select", tmp_path / "run", "--last", "2")
     assert result.code == 1
     assert result.err.splitlines() == [
-        f"error: {tmp_path}/run: holds checkpoint folders (checkpoint-2, checkpoint-4, checkpoint-6, ...), not weights; pass {tmp_path}/run/checkpoint-* instead"
+        f"error: {tmp_path}/run: holds checkpoint folders (checkpoint-2, checkpoint-4, checkpoint-6, ...), not weights; pass "
+        f"{tmp_path}/run/checkpoint-* instead"
     ]
 
 
@@ -349,9 +353,9 @@ def test_metric_typo_lists_the_metrics_and_the_closest(cli, tmp_path):
     paths = fake_run(tmp_path, [1, 2, 3], losses={1: 3.0, 2: 2.0, 3: 1.0})
     result = cli("select", *paths, "--metric", "eval_lossx", "--top-k", "2")
     assert result.code == 1
-    assert (
-        result.err.splitlines()[-1]
-        == "error: no checkpoint chosen (3 candidates, 0 ignored); no checkpoint has eval_lossx (did you mean eval_loss?); metrics found: eval_loss"
+    assert result.err.splitlines()[-1] == (
+        "error: no checkpoint chosen (3 candidates, 0 ignored); no checkpoint has eval_lossx (did you mean eval_loss?); "
+        "metrics found: eval_loss"
     )
     assert "eval_lossx" not in "".join(result.err.splitlines()[:-1])  # said once, in the error
     kept = cli("select", *paths, "--metric", "eval_lossx", "--top-k", "2", "--invert")  # a deletion list: nothing, and why

@@ -102,7 +102,10 @@ class World:
         problem = str(error) if isinstance(error, CkptavgError) else f"internal error: {type(error).__name__}: {error}"
         self.interrupted = self.interrupted or isinstance(error, Interrupted)
         if isinstance(error, Interrupted) and error.exit_code == EXIT_SIGTERM:
-            problem = "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was written"
+            problem = (
+                "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was "
+                "written"
+            )
         value = {"rank": self.rank if about is None else about, "by": self.rank, "problem": problem, "code": code}
         try:
             self._store.compare_set("failed", "", json.dumps(value))  # type: ignore[attr-defined]

@@ -389,7 +389,10 @@ def _check_tiling(folder: Path, entry: Entry) -> None:
         ):
             raise InputError(
                 folder,
-                f"{entry.name}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's {list(entry.size)}",
+                (
+                    f"{entry.name}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's "
+                    f"{list(entry.size)}"
+                ),
             )
         total += math.prod(c.sizes)
     boxes = [c for c in entry.chunks if math.prod(c.sizes)]
@@ -497,8 +500,9 @@ def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
     taken = {prefix + name for name in model}
     others = [n for n in entries if n not in taken]
     notes = [
-        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s){serialized}, tensors in up to {sharded} chunk(s); "
-        f"model entries: {producer}" + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
+        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s){serialized}, "
+        f"tensors in up to {sharded} chunk(s); model entries: {producer}"
+        + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
     ]
     return Checkpoint(
         path=path,

@@ -47,7 +47,10 @@ def save_folder(path: Path) -> Path | None:
     if len(tags) > 1:
         raise InputError(
             path,
-            f"holds several DeepSpeed saves ({', '.join(t.name for t in tags[:3])}, ...) and no `latest`: pass the ones to use, e.g. {path}/global_step*",
+            (
+                f"holds several DeepSpeed saves ({', '.join(t.name for t in tags[:3])}, ...) and no `latest`: pass the ones to "
+                f"use, e.g. {path}/global_step*"
+            ),
         )
     return tags[0] if tags else None
 
@@ -104,7 +107,10 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
         if any(src.numel == 0 for src in tensors.values()):
             raise UnsupportedError(
                 model_files[0],
-                "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop --key module to read the FP32 masters",
+                (
+                    "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop --key module to read "
+                    "the FP32 masters"
+                ),
             )
         notes.append("the 16-bit module weights of the model states (--key module)")
         ckpt = Checkpoint(
@@ -121,7 +127,10 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
     if not optim_files:
         raise InputError(
             folder,
-            "has no *optim_states.pt, which hold the FP32 master weights; pass --key module for the 16-bit weights of the model states",
+            (
+                "has no *optim_states.pt, which hold the FP32 master weights; pass --key module for the 16-bit weights of the "
+                "model states"
+            ),
         )
     pickles = [PickleFile(f) for f in optim_files]
     optims = [as_dict(as_dict(p.obj).get("optimizer_state_dict") if as_dict(p.obj) else None) or {} for p in pickles]
@@ -133,7 +142,10 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
     if len(optim_files) != world:
         raise InputError(
             folder,
-            f"has {len(optim_files)} optimizer state file(s), but partition_count says {world}: a partial save, or files of two saves mixed",
+            (
+                f"has {len(optim_files)} optimizer state file(s), but partition_count says {world}: a partial save, or files of "
+                "two saves mixed"
+            ),
         )
     groups = [as_dict(g) or {} for g in top["param_shapes"]]
     tensors: dict[str, TensorSource] = {}

@@ -57,7 +57,10 @@ def refuse_unsupported_folder(folder: Path) -> None:
     if any(name.endswith(".distcp") for name in children):
         raise InputError(
             folder,
-            "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written last)",
+            (
+                "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written "
+                "last)"
+            ),
         )
 
 

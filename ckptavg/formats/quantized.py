@@ -81,8 +81,8 @@ class Quantization:
         block = f" (block size {self.block_from})" if self.block_from else ""
         dropped = f"; {len(self.dropped)} activation scale(s) left out ({self.dropped[0]}, ...)" if self.dropped else ""
         return (
-            f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values (code x scale, exact in float64), "
-            f"their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}"
+            f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values "
+            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}"
         )
 
     def to_dict(self) -> dict:
@@ -257,13 +257,19 @@ def refuse_other_schemes(path: Path, names: list[str], config: dict | None) -> N
             if name.endswith(suffix):
                 raise UnsupportedError(
                     path,
-                    f"tensor {name}: {scheme} quantized weights; ckptavg reads FP8 and MXFP4 weights: average the unquantized checkpoints, then quantize the result",
+                    (
+                        f"tensor {name}: {scheme} quantized weights; ckptavg reads FP8 and MXFP4 weights: average the "
+                        "unquantized checkpoints, then quantize the result"
+                    ),
                 )
     method = (config or {}).get("quant_method")
     if method and method not in KNOWN_METHODS:
         raise UnsupportedError(
             path,
-            f"{method} quantized model (config.json's quantization_config); ckptavg reads FP8 and MXFP4 weights: average the unquantized checkpoints, then quantize the result",
+            (
+                f"{method} quantized model (config.json's quantization_config); ckptavg reads FP8 and MXFP4 weights: average "
+                "the unquantized checkpoints, then quantize the result"
+            ),
         )
 
 
@@ -290,7 +296,10 @@ def _block_size(
         if not fits:
             raise InputError(
                 path,
-                f"{name}: {count} scales for {size} elements along an axis fit no block size; give it in config.json's quantization_config.weight_block_size",
+                (
+                    f"{name}: {count} scales for {size} elements along an axis fit no block size; give it in config.json's "
+                    "quantization_config.weight_block_size"
+                ),
             )
         sizes.append(fits[0])
     return (sizes[0], sizes[1]), "inferred from the shapes: config.json gives no weight_block_size"
@@ -445,17 +454,26 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
         ):
             raise UnsupportedError(
                 path,
-                f"tensor {name} looks like MXFP4 exponents but {name.removesuffix('_scales')}_blocks is not in this file (in another shard? pass the whole folder)",
+                (
+                    f"tensor {name} looks like MXFP4 exponents but {name.removesuffix('_scales')}_blocks is not in this file "
+                    "(in another shard? pass the whole folder)"
+                ),
             )
         if name.endswith("_blocks") and src.dtype == torch.uint8 and f"{name.removesuffix('_blocks')}_scales" not in tensors:
             raise UnsupportedError(
                 path,
-                f"tensor {name} looks like MXFP4 blocks but {name.removesuffix('_blocks')}_scales is not in this file (in another shard? pass the whole folder)",
+                (
+                    f"tensor {name} looks like MXFP4 blocks but {name.removesuffix('_blocks')}_scales is not in this file (in "
+                    "another shard? pass the whole folder)"
+                ),
             )
         if E8M0 is not None and src.dtype == E8M0:
             raise UnsupportedError(
                 path,
-                f"tensor {name} is F8_E8M0 (exponent scales) outside a known quantization scheme; ckptavg reads MXFP4 as *_blocks + *_scales",
+                (
+                    f"tensor {name} is F8_E8M0 (exponent scales) outside a known quantization scheme; ckptavg reads MXFP4 as "
+                    "*_blocks + *_scales"
+                ),
             )
 
 

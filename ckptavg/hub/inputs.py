@@ -62,7 +62,8 @@ def plan_input(spec: HubSpec, repo: CachedRepo, extra: Sequence[str]) -> Input:
             }
         )
         hint = (
-            f"; it holds checkpoint folders ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): name one, e.g. {spec.pinned(spec.revision, join(spec.subfolder, runs[0]))}"
+            f"; it holds checkpoint folders ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): name one, e.g. "
+            f"{spec.pinned(spec.revision, join(spec.subfolder, runs[0]))}"
             if runs
             else ""
         )

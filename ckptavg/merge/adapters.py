@@ -65,7 +65,10 @@ def check_adapters(inputs: list[Checkpoint]) -> AdapterConfig | None:
         full = next(c for c in inputs if c.adapter is None)
         raise MismatchError(
             full.path,
-            f"is a full model and {adapters[0].path} a PEFT adapter: average adapters with adapters (or merge them into their base with --adapter-mode merged --base MODEL)",
+            (
+                f"is a full model and {adapters[0].path} a PEFT adapter: average adapters with adapters (or merge them into "
+                "their base with --adapter-mode merged --base MODEL)"
+            ),
         )
     first = adapters[0].adapter
     for ckpt in adapters[1:]:
@@ -74,12 +77,18 @@ def check_adapters(inputs: list[Checkpoint]) -> AdapterConfig | None:
             if a != b:
                 raise MismatchError(
                     ckpt.adapter.path,
-                    f"{label} is {_show(b)} but {_show(a)} in {first.path}: these adapters change the model differently and cannot be averaged",
+                    (
+                        f"{label} is {_show(b)} but {_show(a)} in {first.path}: these adapters change the model differently and "
+                        "cannot be averaged"
+                    ),
                 )
     if first.peft_type in NONLINEAR_TYPES:
         raise UnsupportedError(
             first.path,
-            f"{first.peft_type} adapters cannot be averaged: {NONLINEAR_TYPES[first.peft_type]}, so no average of their parameters is the average of their effect",
+            (
+                f"{first.peft_type} adapters cannot be averaged: {NONLINEAR_TYPES[first.peft_type]}, so no average of their "
+                "parameters is the average of their effect"
+            ),
         )
     if first.peft_type != "LORA" and first.peft_type not in LINEAR_TYPES:
         raise UnsupportedError(
@@ -131,7 +140,10 @@ def build_adapter_plan(
         if config.use_dora:
             raise UnsupportedError(
                 config.path,
-                "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use --adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params",
+                (
+                    "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use "
+                    "--adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params"
+                ),
             )
         kept = [i for i, w in enumerate(weights.normalized) if w != 0]
         for module, parts in modules.items():

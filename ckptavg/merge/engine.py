@@ -154,7 +154,10 @@ def _align(n: int) -> int:
 def _too_small(budget: int, needed: int, width: int) -> UsageError:
     return UsageError(
         None,
-        f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least {math.ceil(needed / 2**20)}MiB",
+        (
+            f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least "
+            f"{math.ceil(needed / 2**20)}MiB"
+        ),
     )
 
 

@@ -129,7 +129,10 @@ def parse_weights(
         if steps is None or any(s is None for s in steps):
             raise UsageError(
                 None,
-                "--ema-half-life needs the training step of every input (from checkpoint-N, trainer_state.json, step= or global_step)",
+                (
+                    "--ema-half-life needs the training step of every input (from checkpoint-N, trainer_state.json, step= or "
+                    "global_step)"
+                ),
             )
         return ema_half_life([int(s) for s in steps if s is not None], half_life)
     if ema_decay is not None:
