@@ -37,8 +37,8 @@ if _TYPE_CHECKING:
     from ckptavg.averaging import AverageReport, average
     from ckptavg.errors import CkptavgError
     from ckptavg.exporting import export
-    from ckptavg.selection import Selection
     from ckptavg.inspection import DiffReport, InspectReport
+    from ckptavg.selection import Selection
 
 # Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
 _LAZY = {
@@ -185,9 +185,9 @@ def select(
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.checks import check_int, check_number, check_path, check_text
     from ckptavg.errors import UsageError
+    from ckptavg.inspection import first_nonfinite
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
-    from ckptavg.inspection import first_nonfinite
 
     items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for flag, value in (("--last", last), ("--top-k", top_k), ("--every", every), ("--min-step", min_step)):

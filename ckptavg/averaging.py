@@ -71,8 +71,12 @@ class InputSummary:
     tensors: int
     bytes: int
     notes: list[str]
-    weights_from: str | None = None  # which weights were taken from the input and why (raw or EMA, key, prefixes); None: its tensors as stored
-    hub: dict | None = None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
+    weights_from: str | None = (
+        None  # which weights were taken from the input and why (raw or EMA, key, prefixes); None: its tensors as stored
+    )
+    hub: dict | None = (
+        None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
+    )
 
 
 @dataclass
@@ -227,7 +231,17 @@ def average(
     device = str(device) if isinstance(device, torch.device) else device
     weights = check_weights(weights, ema, ema_half_life)
     shard_bytes, budget, strip_prefixes = _check_options(
-        dtype, accum, order, device, max_shard_size, memory_budget, key, strip_prefixes, out_format, adapter_mode, adapter_rank,
+        dtype,
+        accum,
+        order,
+        device,
+        max_shard_size,
+        memory_budget,
+        key,
+        strip_prefixes,
+        out_format,
+        adapter_mode,
+        adapter_rank,
         rank_timeout,
     )
     paths = expand(paths)  # a pattern no shell expanded: run/checkpoint-*
@@ -239,8 +253,11 @@ def average(
     notes: list[str] = []
     if out_path is not None:
         if output_layout(out_path, out_format)[1] and max_shard_size is not None:
-            raise UsageError(None, f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
-                             "(leave it out, or name a folder)")
+            raise UsageError(
+                None,
+                f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                "(leave it out, or name a folder)",
+            )
         check_output_name(out_path)
 
     options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
@@ -249,7 +266,9 @@ def average(
     agreed = False
     try:
         torch_device = choose_device(device, world.local_rank if world else None)
-        local = localize(paths, base, out=out_path if leader and not dry_run else None, overwrite=overwrite)  # hf:// inputs → the HF cache
+        local = localize(
+            paths, base, out=out_path if leader and not dry_run else None, overwrite=overwrite
+        )  # hf:// inputs → the HF cache
         checkpoints = [local.open(p, options) for p in local.paths]
         base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
         refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
@@ -260,15 +279,34 @@ def average(
         checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
         notes.extend(order_notes)
         if ema_half_life is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
-            raise UsageError(None, f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use --ema DECAY instead")
+            raise UsageError(
+                None,
+                (
+                    f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
+                    "--ema DECAY instead"
+                ),
+            )
         steps = [c.step for c in checkpoints]
-        strategy = make_weights(len(checkpoints)) if make_weights else parse_weights(weights, ema, len(checkpoints), ema_half_life, steps)
+        strategy = (
+            make_weights(len(checkpoints))
+            if make_weights
+            else parse_weights(weights, ema, len(checkpoints), ema_half_life, steps)
+        )
         require_order(given, ordered_by, order, strategy.strategy)
         if note := order_note(given, checkpoints, strategy.strategy):
             notes.append(note)
         if requantize and world is not None:
             raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
-        plan, adapter = _plan(checkpoints, strategy, OUTPUT_DTYPES[dtype] if dtype else None, accum, adapter_mode, base_model, adapter_rank, requantize)
+        plan, adapter = _plan(
+            checkpoints,
+            strategy,
+            OUTPUT_DTYPES[dtype] if dtype else None,
+            accum,
+            adapter_mode,
+            base_model,
+            adapter_rank,
+            requantize,
+        )
         report = _report(plan, ordered_by, out_path, torch_device, notes)
         local.annotate(report.inputs)
         if adapter is not None:
@@ -325,8 +363,18 @@ def _check_paths(paths: object, out: object, base: object) -> list[str | os.Path
 
 
 def _check_options(
-    dtype: object, accum: object, order: object, device: object, max_shard_size: object, memory_budget: object, key: object,
-    strip_prefixes: object, out_format: object, adapter_mode: object, adapter_rank: object, rank_timeout: object,
+    dtype: object,
+    accum: object,
+    order: object,
+    device: object,
+    max_shard_size: object,
+    memory_budget: object,
+    key: object,
+    strip_prefixes: object,
+    out_format: object,
+    adapter_mode: object,
+    adapter_rank: object,
+    rank_timeout: object,
 ) -> tuple[int, int | None, tuple[str, ...]]:
     """Each option's type and value (a UsageError naming it); returns the shard size and memory budget in bytes and
     the prefixes to strip."""
@@ -357,13 +405,21 @@ def _device_type(name: str) -> str | None:
 
 
 def _plan(
-    checkpoints: list[Checkpoint], strategy: Weights, out_dtype: torch.dtype | None, accum: str, adapter_mode: str, base: Checkpoint | None,
-    rank: int | None = None, requantize: bool = False,
+    checkpoints: list[Checkpoint],
+    strategy: Weights,
+    out_dtype: torch.dtype | None,
+    accum: str,
+    adapter_mode: str,
+    base: Checkpoint | None,
+    rank: int | None = None,
+    requantize: bool = False,
 ) -> tuple[Plan, AdapterSummary | None]:
     """The plan: tensors averaged as they are, or PEFT adapters averaged by what they do (merge/adapters.py)."""
     if check_adapters(checkpoints) is None:
         if base is not None or rank is not None:
-            raise UsageError(None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models")
+            raise UsageError(
+                None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models"
+            )
         return build_plan(checkpoints, strategy, out_dtype, accum, requantize), None
     if requantize:
         raise UsageError(None, "--requantize applies to FP8 weights; the inputs are PEFT adapters")
@@ -372,32 +428,51 @@ def _plan(
 
 def _adapter_note(adapter: AdapterSummary, n: int) -> str:
     if adapter.mode == "exact" and adapter.error_max is not None:
-        return (f"{adapter.kind} adapters: the exact mean of the {n} changes truncated by SVD to rank {adapter.rank_out}; each module's change "
-                f"is off the exact mean by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst})")
+        return (
+            f"{adapter.kind} adapters: the exact mean of the {n} changes truncated by SVD to rank {adapter.rank_out}; "
+            f"each module's change is off the exact mean by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} "
+            f"({adapter.error_worst})"
+        )
     if adapter.mode == "exact":
-        return (f"{adapter.kind} adapters averaged exactly: each module's change is the weighted mean of the {n} changes, "
-                f"as one adapter of rank {adapter.rank_out} (their factors stacked, the scalings in lora_A, lora_alpha = r)")
+        return (
+            f"{adapter.kind} adapters averaged exactly: each module's change is the weighted mean of the {n} changes, "
+            f"as one adapter of rank {adapter.rank_out} (their factors stacked, the scalings in lora_A, lora_alpha = r)"
+        )
     if adapter.mode == "merged":
         return f"{adapter.kind} adapters merged into the base model {adapter.base}: base + the weighted mean of the {n} changes"
     if adapter.rank_in is None:
-        return f"{adapter.kind} adapters averaged parameter-wise: their effect is linear in their parameters, so this is the exact mean of their effects"
+        return (
+            f"{adapter.kind} adapters averaged parameter-wise: their effect is linear in their parameters, so this is the exact "
+            "mean of their effects"
+        )
     if adapter.error_max is None:
         return f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}"
-    return (f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "
-            f"mean of the changes by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst}); "
-            "--adapter-mode exact has no such error")
+    return (
+        f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "
+        f"mean of the changes by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst}); "
+        "--adapter-mode exact has no such error"
+    )
 
 
-def _warnings(plan: Plan, decay: float | None, half_life: float | None, steps: list[int | None], check_same_run: bool) -> list[str]:
+def _warnings(
+    plan: Plan, decay: float | None, half_life: float | None, steps: list[int | None], check_same_run: bool
+) -> list[str]:
     """What looks wrong about this run although it can be done: an EMA that is mostly its oldest input,
     inputs that look like different training runs."""
     found = []
     if decay is not None:
         n = len(plan.inputs)
-        advice = f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or use --ema-half-life STEPS"
+        advice = (
+            f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or "
+            "use --ema-half-life STEPS"
+        )
         found.append(oldest_weight_warning(plan.weights, advice))
     if half_life is not None and steps[0] is not None and steps[-1] is not None:
-        found.append(oldest_weight_warning(plan.weights, f"a half-life under the {steps[-1] - steps[0]} steps the inputs span gives it less"))
+        found.append(
+            oldest_weight_warning(
+                plan.weights, f"a half-life under the {steps[-1] - steps[0]} steps the inputs span gives it less"
+            )
+        )
     if check_same_run and len(plan.inputs) > 1:
         found.extend(different_runs(plan))
     return [w for w in found if w]
@@ -421,8 +496,13 @@ def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
     target = real_path(out)
     target_identity = file_identity(target) if target.exists() else None
     for ckpt in checkpoints:
-        if target == real_path(ckpt.path) or target_identity in {identity for identity, (owner, _) in seen.items() if owner is ckpt}:
-            raise OutputError(out, "is one of the inputs; ckptavg never replaces an input: choose another output (or leave it out of the inputs)")
+        if target == real_path(ckpt.path) or target_identity in {
+            identity for identity, (owner, _) in seen.items() if owner is ckpt
+        }:
+            raise OutputError(
+                out,
+                "is one of the inputs; ckptavg never replaces an input: choose another output (or leave it out of the inputs)",
+            )
         for file in ckpt.files:
             if target in real_path(file).parents:
                 raise OutputError(out, f"holds the input {ckpt.path}; writing there would replace it, choose another output")
@@ -436,18 +516,27 @@ def file_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _tensor_files(plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict) -> TensorFiles:
+def _tensor_files(
+    plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict
+) -> TensorFiles:
     if plan.output_kind == "adapter":
         return TensorFiles([ADAPTER_WEIGHTS], [tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"})
     if single_file:
-        return TensorFiles([out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))})
+        return TensorFiles(
+            [out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
+        )
     shards = split_shards(specs, shard_bytes)
     names = shard_file_names(len(shards))
     return TensorFiles(names, [tmp / name for name in names], shards, {"format": "pt"})
 
 
 def _write_output(
-    plan: Plan, report: AverageReport, out_path: Path, options: WriteOptions, on_progress: ProgressFn | None, world: World | None = None,
+    plan: Plan,
+    report: AverageReport,
+    out_path: Path,
+    options: WriteOptions,
+    on_progress: ProgressFn | None,
+    world: World | None = None,
 ) -> int:
     """Run the plan into `out_path` (a folder or one file), staged and renamed into place.
 
@@ -458,7 +547,13 @@ def _write_output(
     """
     kind, single_file = output_layout(out_path, options.out_format)
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
-        raise UsageError(None, f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name a folder")
+        raise UsageError(
+            None,
+            (
+                f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name "
+                "a folder"
+            ),
+        )
     recipe = _recipe(report)
     specs = output_specs(plan)
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
@@ -467,13 +562,22 @@ def _write_output(
     verify_shared = options.verify and shared and not single_file  # the ranks read the folder's files back between them
     try:
         if world is not None and not world.leader:
-            files = _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe) if shared else None
+            files = (
+                _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe)
+                if shared
+                else None
+            )
             return job.follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             files, writer = None, None
             if kind == "pt":
                 report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer = TorchWriter(tmp if single_file else tmp / report.output_files[0], specs, durable=options.fsync, recipe=json.dumps(recipe) if single_file else None)
+                writer = TorchWriter(
+                    tmp if single_file else tmp / report.output_files[0],
+                    specs,
+                    durable=options.fsync,
+                    recipe=json.dumps(recipe) if single_file else None,
+                )
                 if not single_file and len(specs) and plan.output_bytes > options.shard_bytes:
                     report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
             else:
@@ -499,11 +603,15 @@ def _write_output(
                     _verify(tmp, out_path, specs, crcs, report, on_progress)
             else:
                 _finish_folder(plan, report, tmp, files, options)
-                report.output_files.append(write_card(tmp, recipe, out_path.name, verified=options.verify))  # README.md, from the recipe; --verify covers it
+                report.output_files.append(
+                    write_card(tmp, recipe, out_path.name, verified=options.verify)
+                )  # README.md, from the recipe; --verify covers it
                 if options.verify:  # after the copies, so that the recipe records every file's sha256
                     _verify(tmp, out_path, specs, crcs, report, on_progress, world if verify_shared else None)
                     recipe["verified"] = True
-                    recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
+                    recipe["files"] = {
+                        name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()
+                    }
                 recipe["written"] = report.output_files + report.copied_files
                 write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
                 report.output_files.append(RECIPE_FILE)
@@ -529,13 +637,17 @@ def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: TensorFi
         report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
 
 
-def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None) -> tuple[int, dict[str, int], int]:
+def _run_engine(
+    plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None
+) -> tuple[int, dict[str, int], int]:
     """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
     checked = ChecksumWriter(writer, specs) if options.verify else None
     engine = Engine(plan, options.device, options.memory_budget)
     target = checked or writer
     if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
-        target = Fp8Requantizer(target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries])
+        target = Fp8Requantizer(
+            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
+        )
     try:
         engine.run(target, on_progress)
         target.finish()
@@ -545,7 +657,12 @@ def _run_engine(plan: Plan, writer: TensorWriter, options: WriteOptions, specs: 
 
 
 def _verify(
-    tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: AverageReport, on_progress: ProgressFn | None = None,
+    tmp: Path,
+    out: Path,
+    specs: list[TensorSpec],
+    crcs: dict[str, int],
+    report: AverageReport,
+    on_progress: ProgressFn | None = None,
     world: World | None = None,
 ) -> None:
     """--verify: read the staged output back and check it against the CRC-32s kept while writing. The ranks of
@@ -591,7 +708,9 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         input_dtypes=_count_dtypes([e.input_dtype for e in plan.entries]),
         output_dtypes=_count_dtypes([spec.dtype for spec in output_specs(plan)]),
         # an export accumulates nothing: each value passes through (scale 1), or is converted to the output dtype
-        accumulate={} if plan.weights.strategy == "export" else _count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
+        accumulate={}
+        if plan.weights.strategy == "export"
+        else _count_dtypes([e.accum_dtype for e in plan.entries if e.accum_dtype is not None]),
         copied_from_newest=plan.copied,
         tied=[list(pair) for pair in plan.tied],
         device=str(device),
@@ -600,9 +719,13 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
         bytes_to_read=plan.read_bytes,
     )
     if plan.copied and plan.weights.strategy != "export":
-        report.notes.append(f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}")
+        report.notes.append(
+            f"{len(plan.copied)} integer/bool tensor(s) copied from the newest input, not averaged: {', '.join(plan.copied[:3])}"
+        )
     if plan.tied:
-        report.notes.append(f"{len(plan.tied)} tied tensor(s) computed once and written under both names: {plan.tied[0][0]} = {plan.tied[0][1]}")
+        report.notes.append(
+            f"{len(plan.tied)} tied tensor(s) computed once and written under both names: {plan.tied[0][0]} = {plan.tied[0][1]}"
+        )
     return report
 
 
@@ -613,7 +736,17 @@ def _recipe(report: AverageReport) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "strategy": report.strategy,
         "order": report.order,
-        "inputs": [{"path": i.path, "step": i.step, "epoch": i.epoch, "weight": i.weight, "format": i.format, **({"hub": i.hub} if i.hub else {})} for i in report.inputs],
+        "inputs": [
+            {
+                "path": i.path,
+                "step": i.step,
+                "epoch": i.epoch,
+                "weight": i.weight,
+                "format": i.format,
+                **({"hub": i.hub} if i.hub else {}),
+            }
+            for i in report.inputs
+        ],
         "input_dtypes": report.input_dtypes,
         "output_dtypes": report.output_dtypes,
         "accumulate": report.accumulate,

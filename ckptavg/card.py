@@ -60,15 +60,23 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
     export = recipe.get("strategy") == "export"
     lines = [f"# {name or 'model'}", ""]
     if export:
-        lines.append(f"The weights of one training checkpoint, exported for inference with ckptavg {recipe.get('version')}: "
-                     "no optimizer, scheduler or trainer state.")
+        lines.append(
+            f"The weights of one training checkpoint, exported for inference with ckptavg {recipe.get('version')}: "
+            "no optimizer, scheduler or trainer state."
+        )
     else:
-        lines.append(f"An average of {len(inputs)} checkpoints of a training run, made with ckptavg {recipe.get('version')} "
-                     f"(strategy: {recipe.get('strategy')}).")
+        lines.append(
+            f"An average of {len(inputs)} checkpoints of a training run, made with ckptavg {recipe.get('version')} "
+            f"(strategy: {recipe.get('strategy')})."
+        )
     lines += ["", "## Inputs", "", "| # | Checkpoint | Revision asked | Step | Weight |", "|---|---|---|---|---|"]
     for n, item in enumerate(inputs, 1):
         hub = item.get("hub") or {}
-        where = f"{hub['repo']}@{hub['commit']}" + (f"/{hub['subfolder']}" if hub.get("subfolder") else "") if hub else item.get("path")
+        where = (
+            f"{hub['repo']}@{hub['commit']}" + (f"/{hub['subfolder']}" if hub.get("subfolder") else "")
+            if hub
+            else item.get("path")
+        )
         asked = (hub.get("revision") or "main") if hub else ""
         step = item.get("step") if item.get("step") is not None else ""
         lines.append(f"| {n} | `{_cell(where)}` | {_cell(asked)} | {step} | {item.get('weight', 0):.6g} |")
@@ -76,15 +84,29 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
     if not export:
         order = "in the order given" if recipe.get("order") == "given" else f"ordered by {recipe.get('order')}"
         lines.append(f"- Strategy: {recipe.get('strategy')} (inputs {order})")
-    lines.append(f"- Input dtypes: {_counts(recipe.get('input_dtypes'))}; output dtypes: {_counts(recipe.get('output_dtypes'))}"
-                 + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") and not export else ""))
+    lines.append(
+        f"- Input dtypes: {_counts(recipe.get('input_dtypes'))}; output dtypes: {_counts(recipe.get('output_dtypes'))}"
+        + (f"; accumulated in {_counts(recipe.get('accumulate'))}" if recipe.get("accumulate") and not export else "")
+    )
     if recipe.get("copied_from_newest") and not export:
         lines.append(f"- Copied from the newest input, not averaged: {', '.join(recipe['copied_from_newest'][:5])}")
     if recipe.get("verified"):
-        lines.append("- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in ckptavg.json)")
+        lines.append(
+            "- Verified: every tensor was read back from the disk and matched what was written (sha256 of each file in "
+            "ckptavg.json)"
+        )
     lines.append(f"- ckptavg {recipe.get('version')}, {recipe.get('created')}")
-    lines += ["", "Command:", "", "```bash", command_line(recipe), "```", "",
-              "`ckptavg.json` beside this card holds the full recipe.", ""]
+    lines += [
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command_line(recipe),
+        "```",
+        "",
+        "`ckptavg.json` beside this card holds the full recipe.",
+        "",
+    ]
     return "\n".join(lines)
 
 

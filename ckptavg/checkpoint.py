@@ -38,7 +38,16 @@ from ckptavg.formats.torch_io import PickleFile, as_dict, check_no_quantized, is
 from ckptavg.formats.unpickle import Opaque, TensorRef
 
 WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params", "weights")
-EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model", "ema_weights", "averaged_model")
+EMA_KEYS = (
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+    "ema_state_dict",
+    "model_ema_state_dict",
+    "ema_model",
+    "ema_weights",
+    "averaged_model",
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class LoadOptions:
 
 
 def missing_input(path: Path) -> InputError:
-    """"No such file or folder", with the Hub's spelling when the name looks like a mistyped Hub input."""
+    """The error "No such file or folder", with the Hub's spelling when the name looks like a mistyped Hub input."""
     hint = "; a Hub input is written hf://ORG/REPO[@REVISION][/FOLDER]" if str(path)[:3].lower() == "hf:" else ""
     return InputError(path, f"no such file or folder{hint}")
 
@@ -139,7 +148,9 @@ def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOpti
     if not ckpt.tensors:
         raise InputError(path, "no tensors found")
     if options.dequantize:
-        ckpt.tensors, ckpt.quantization = dequantized(path, ckpt.tensors, read_config(folder or (path if path.is_dir() else path.parent)))
+        ckpt.tensors, ckpt.quantization = dequantized(
+            path, ckpt.tensors, read_config(folder or (path if path.is_dir() else path.parent))
+        )
     if ckpt.quantization is not None:
         ckpt.format = f"{ckpt.format}, {ckpt.quantization.scheme}"
         ckpt.notes.append(ckpt.quantization.describe())
@@ -148,7 +159,9 @@ def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOpti
     unmatched = [p for p in options.strip_prefixes if not removed.get(p)]
     if unmatched:
         ckpt.notes.append(f"--strip-prefix {', '.join(unmatched)} matched no tensor name")
-    done = [f"{p} removed" for p in options.strip_prefixes if removed.get(p)] + ([f"_orig_mod. removed (torch.compile) from {compiled} names"] if compiled else [])
+    done = [f"{p} removed" for p in options.strip_prefixes if removed.get(p)] + (
+        [f"_orig_mod. removed (torch.compile) from {compiled} names"] if compiled else []
+    )
     ckpt.weights_from = "; ".join(part for part in [ckpt.weights_from, *done] if part)
     _read_step(ckpt)
     return ckpt
@@ -160,8 +173,17 @@ def _weights_file_of_folder(folder: Path) -> Path:
     if not candidates:
         runs = sorted(p.name for p in folder.iterdir() if p.is_dir() and CHECKPOINT_FOLDER.fullmatch(p.name))
         if runs:
-            raise InputError(folder, f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. {folder}/{runs[0].split('-')[0]}-*")
-        raise InputError(folder, "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)")
+            raise InputError(
+                folder,
+                (
+                    f"holds checkpoint folders ({', '.join(runs[:3])}, ...), not weights; pass them instead, e.g. "
+                    f"{folder}/{runs[0].split('-')[0]}-*"
+                ),
+            )
+        raise InputError(
+            folder,
+            "no weights found (looked for *.safetensors, model.safetensors.index.json, pytorch_model.bin, *.pt, *.pth, *.ckpt)",
+        )
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates[:4])
         raise InputError(folder, f"several weight files ({names}); name the one to use")
@@ -174,7 +196,9 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     notes = []
     if kind == "safetensors":
         if options.key or options.use_ema:
-            raise UsageError(path, "--key and --use-ema apply to PyTorch pickles; a safetensors file holds one flat set of tensors")
+            raise UsageError(
+                path, "--key and --use-ema apply to PyTorch pickles; a safetensors file holds one flat set of tensors"
+            )
         tensors, metadata = read_safetensors(weights_file)
         ckpt = Checkpoint(path=path, format="safetensors", tensors=tensors, files=[weights_file])
         # a .safetensors file ckptavg wrote: its recipe in the metadata
@@ -217,8 +241,18 @@ def _check_deepspeed(path: Path, top: dict, tensors: dict[str, TensorSource], no
     if not deepspeed:
         return
     if any(src.numel == 0 for src in tensors.values()):  # ZeRO-3 leaves every parameter empty here (buffers stay whole)
-        raise UnsupportedError(path, "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the *_optim_states.pt files; pass its folder (global_stepN/, or the run folder) instead: ckptavg reads the FP32 masters from the optimizer partitions")
-    notes.append("DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py extracts them)")
+        raise UnsupportedError(
+            path,
+            (
+                "DeepSpeed ZeRO-3 model states: its parameters have zero elements here, the weights are partitioned across the "
+                "*_optim_states.pt files; pass its folder (global_stepN/, or the run folder) instead: ckptavg reads the FP32 "
+                "masters from the optimizer partitions"
+            ),
+        )
+    notes.append(
+        "DeepSpeed model states: the 16-bit module weights (the FP32 masters are in the optimizer states; zero_to_fp32.py "
+        "extracts them)"
+    )
 
 
 def _lightning_averaging(top: dict) -> str | None:
@@ -239,7 +273,10 @@ def _weights_reason(where: str | None, options: LoadOptions, top: dict) -> str:
     averaging = _lightning_averaging(top)
     if averaging and where == "state_dict":
         ema = " (--use-ema)" if options.use_ema else ""
-        return f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are 'current_model_state' (--key current_model_state)"
+        return (
+            f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are "
+            "'current_model_state' (--key current_model_state)"
+        )
     if options.use_ema:
         return f"EMA weights {where!r} (--use-ema)"
     return f"{where!r}"
@@ -265,7 +302,9 @@ def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict
         for key, value in _ema_candidates(top):
             check_no_quantized(path, value)
             return _unwrap_averaged_model(value), key, top
-        raise InputError(path, f"carries no EMA weights (looked for {', '.join(EMA_KEYS)}); drop --use-ema or name the entry with --key")
+        raise InputError(
+            path, f"carries no EMA weights (looked for {', '.join(EMA_KEYS)}); drop --use-ema or name the entry with --key"
+        )
     for key in WEIGHT_KEYS:
         value = as_dict(top.get(key))
         if value is not None and is_tensor_dict(value):
@@ -276,7 +315,9 @@ def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict
         return top, None, {}
     for key in WEIGHT_KEYS:
         if isinstance(top.get(key), Opaque):
-            raise InputError(path, f"entry {key!r} is a pickled {top[key]._global} object, not a state dict; save model.state_dict() instead")
+            raise InputError(
+                path, f"entry {key!r} is a pickled {top[key]._global} object, not a state dict; save model.state_dict() instead"
+            )
     raise InputError(path, f"no weights found: no state dict among the top-level keys {_key_list(top)}; choose one with --key")
 
 
@@ -336,7 +377,9 @@ def _open_index(path: Path, index_file: Path, options: LoadOptions) -> Checkpoin
         shard_path = real_path(folder / shard)
         if shard_path.parent != folder and not _hf_cache_blob(folder, shard, shard_path):
             link = (folder / shard).is_symlink() and real_path((folder / shard).parent) == folder
-            raise InputError(index_file, f"shard {shard!r} is {'a symlink that leads ' if link else ''}outside the checkpoint folder")
+            raise InputError(
+                index_file, f"shard {shard!r} is {'a symlink that leads ' if link else ''}outside the checkpoint folder"
+            )
         if not (folder / shard).exists() and not (folder / shard).is_symlink():
             raise InputError(index_file, f"shard {shard} is missing")
         check_readable(folder / shard, folder_ok=False)
@@ -357,12 +400,16 @@ def _hf_cache_blob(folder: Path, shard: str, target: Path) -> bool:
     repo's `blobs/`, where huggingface_hub keeps every file's bytes. The shard's name must still be a plain name."""
     repo = target.parent.parent
     return (
-        Path(shard).name == shard and target.parent.name == "blobs" and repo.name.startswith("models--")
+        Path(shard).name == shard
+        and target.parent.name == "blobs"
+        and repo.name.startswith("models--")
         and (repo / "snapshots") in folder.parents
     )
 
 
-def _strip_prefixes(path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]) -> tuple[dict[str, TensorSource], dict[str, int]]:
+def _strip_prefixes(
+    path: Path, tensors: dict[str, TensorSource], prefixes: tuple[str, ...]
+) -> tuple[dict[str, TensorSource], dict[str, int]]:
     """The tensors renamed without `prefixes` (each removed at most once, in order), and how many names lost each."""
     removed = {p: 0 for p in prefixes}
     if not prefixes:
@@ -405,4 +452,3 @@ def _read_step(ckpt: Checkpoint) -> None:
     found = [steps_from_path(ckpt.path), entries] if ckpt.path.is_dir() else [entries, steps_from_path(ckpt.path)]
     merged = merge_steps(*found)
     ckpt.step, ckpt.epoch, ckpt.step_source = merged.step, merged.epoch, merged.source
-

@@ -43,22 +43,143 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one J
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]
 # main() takes --debug wherever it is given, before parsing; each command declares it only so that its --help lists it.
 DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, print its traceback too (or set CKPTAVG_DEBUG=1).")]
-KeyOpt = Annotated[str | None, typer.Option("--key", metavar="NAME", help="Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP save's model entries, or module for the 16-bit copy of a DeepSpeed save.")]
-UseEmaOpt = Annotated[bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")]
-StripOpt = Annotated[list[str] | None, typer.Option("--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", help="Output dtype of floating tensors: bf16, fp16 or fp32 (or torch's bfloat16, float16, float32). Default: the input's.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        metavar="NAME",
+        help=(
+            "Where the weights are: the entry of a PyTorch checkpoint (state_dict, model; a/b for nested), the prefix of a DCP "
+            "save's model entries, or module for the 16-bit copy of a DeepSpeed save."
+        ),
+    ),
+]
+UseEmaOpt = Annotated[
+    bool, typer.Option("--use-ema", help="Take the EMA weights each checkpoint carries (state_dict_ema, model_ema, ema, ...).")
+]
+StripOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--strip-prefix", metavar="PREFIX", help="Remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod."
+    ),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        help=(
+            "Output dtype of floating tensors: bf16, fp16 or fp32 (or torch's bfloat16, float16, float32). Default: the input's."
+        ),
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-ShardOpt = Annotated[str | None, typer.Option("--max-shard-size", metavar="SIZE", help="Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: refused with one.", show_default=False)]
-BudgetOpt = Annotated[str | None, typer.Option("--memory-budget", metavar="SIZE", help="Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does not grow with the model or the number of inputs.", show_default=False)]
-NoFsyncOpt = Annotated[bool, typer.Option("--no-fsync", help="Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss soon after may leave it incomplete.")]
-VerifyOpt = Annotated[bool, typer.Option("--verify", help="Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while writing. Records each file's sha256 in ckptavg.json and the --json report.")]
-PushOpt = Annotated[str | None, typer.Option("--push-to-hub", metavar="ORG/NAME", help="Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if missing. The local output is written first and kept; a failed upload exits 3.", show_default=False)]
-PrivateOpt = Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private (an existing repo keeps its visibility).")]
-PushRevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="BRANCH", help="With --push-to-hub: the branch to push to, created if missing (default: main).", show_default=False)]
-CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message (default: what was averaged or exported).", show_default=False)]
-RankTimeoutOpt = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", help="Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, naming it.")]
-RequantizeOpt = Annotated[bool, typer.Option("--requantize", help="FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in --dtype (bf16 by default).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        help=(
+            "Shard the output folder above this size, e.g. 5GB, 500MB (default 5GB). A single-file output is never sharded: "
+            "refused with one."
+        ),
+        show_default=False,
+    ),
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        metavar="SIZE",
+        help=(
+            "Buffers the engine may use, e.g. 64MB (default: 64MiB on a CPU, 512MiB of pinned memory with CUDA). Memory does "
+            "not grow with the model or the number of inputs."
+        ),
+        show_default=False,
+    ),
+]
+NoFsyncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-fsync",
+        help=(
+            "Do not wait for the output to reach the disk before renaming it into place: faster on slow disks, but a power loss "
+            "soon after may leave it incomplete."
+        ),
+    ),
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help=(
+            "Read the output back from the disk before it is renamed into place: every tensor must match a CRC-32 kept while "
+            "writing. Records each file's sha256 in ckptavg.json and the --json report."
+        ),
+    ),
+]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help=(
+            "Then upload the output folder (weights, config, tokenizer, ckptavg.json, model card) to this Hub repo, created if "
+            "missing. The local output is written first and kept; a failed upload exits 3."
+        ),
+        show_default=False,
+    ),
+]
+PrivateOpt = Annotated[
+    bool, typer.Option("--private", help="With --push-to-hub: create the repo private (an existing repo keeps its visibility).")
+]
+PushRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        metavar="BRANCH",
+        help="With --push-to-hub: the branch to push to, created if missing (default: main).",
+        show_default=False,
+    ),
+]
+CommitMessageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--commit-message",
+        metavar="TEXT",
+        help="With --push-to-hub: the commit message (default: what was averaged or exported).",
+        show_default=False,
+    ),
+]
+RankTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--rank-timeout",
+        metavar="SECONDS",
+        help=(
+            "Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, "
+            "naming it."
+        ),
+    ),
+]
+RequantizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--requantize",
+        help=(
+            "FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size "
+            "and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in "
+            "--dtype (bf16 by default)."
+        ),
+    ),
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.",
+    ),
+]
 
 
 def _print_version(value: bool) -> None:
@@ -69,7 +190,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Merge the checkpoints of a training run into one better model."""
@@ -77,14 +200,70 @@ def _root(
 
 @app.command()
 def average(
-    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and /FOLDER optional (hf://org/run@main/checkpoint-500).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: .safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", metavar="SPEC", help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).")] = None,
-    ema: Annotated[float | None, typer.Option("--ema", metavar="DECAY", help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.")] = None,
-    ema_half_life: Annotated[float | None, typer.Option("--ema-half-life", metavar="STEPS", help="EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the checkpoints (needs every input's step).")] = None,
-    order: Annotated[str, typer.Option("--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order.")] = "auto",
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help=(
+                "Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, "
+                "torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and "
+                "/FOLDER optional (hf://org/run@main/checkpoint-500)."
+            ),
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUT",
+            help=(
+                "Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: "
+                ".safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused."
+            ),
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            metavar="SPEC",
+            help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(
+            "--ema",
+            metavar="DECAY",
+            help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.",
+        ),
+    ] = None,
+    ema_half_life: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-half-life",
+            metavar="STEPS",
+            help=(
+                "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
+                "checkpoints (needs every input's step)."
+            ),
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option(
+            "--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order."
+        ),
+    ] = "auto",
     dtype: DtypeOpt = None,
-    accum_dtype: Annotated[str, typer.Option("--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64.")] = "auto",
+    accum_dtype: Annotated[
+        str,
+        typer.Option(
+            "--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64."
+        ),
+    ] = "auto",
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,
     key: KeyOpt = None,
@@ -95,12 +274,46 @@ def average(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
-    adapter_mode: Annotated[str, typer.Option("--adapter-mode", metavar="MODE", help="PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or merged (a full model: --base + the mean change; exact for DoRA too).")] = "exact",
-    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.")] = None,
-    adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.")] = None,
+    adapter_mode: Annotated[
+        str,
+        typer.Option(
+            "--adapter-mode",
+            metavar="MODE",
+            help=(
+                "PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; "
+                "rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or "
+                "merged (a full model: --base + the mean change; exact for DoRA too)."
+            ),
+        ),
+    ] = "exact",
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            metavar="MODEL",
+            help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.",
+        ),
+    ] = None,
+    adapter_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--adapter-rank",
+            metavar="R",
+            help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.",
+        ),
+    ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an error: exit 1, nothing written. For CI.")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help=(
+                "Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an "
+                "error: exit 1, nothing written. For CI."
+            ),
+        ),
+    ] = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -120,27 +333,63 @@ def average(
         ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o m.safetensors --json
 
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
-    """
+    """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
     average_checkpoints = _deferred("ckptavg.averaging", "average")
     pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
 
     _run_and_render(
-        lambda **callbacks: pushed(average_checkpoints(
-            inputs, output,
-            weights=weights, ema=ema, ema_half_life=ema_half_life, strict=strict, order=order, adapter_mode=adapter_mode, base=base, adapter_rank=adapter_rank, dtype=dtype, accum=accum_dtype, device=device,
-            max_shard_size=max_shard_size, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            overwrite=overwrite, dry_run=dry_run, memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout,
-            requantize=requantize, **callbacks,
-        )),
-        print_summary, json_output, quiet, inputs=len(inputs),
+        lambda **callbacks: pushed(
+            average_checkpoints(
+                inputs,
+                output,
+                weights=weights,
+                ema=ema,
+                ema_half_life=ema_half_life,
+                strict=strict,
+                order=order,
+                adapter_mode=adapter_mode,
+                base=base,
+                adapter_rank=adapter_rank,
+                dtype=dtype,
+                accum=accum_dtype,
+                device=device,
+                max_shard_size=max_shard_size,
+                key=key,
+                use_ema=use_ema,
+                strip_prefixes=strip_prefix or (),
+                overwrite=overwrite,
+                dry_run=dry_run,
+                memory_budget=memory_budget,
+                fsync=not no_fsync,
+                verify=verify,
+                rank_timeout=rank_timeout,
+                requantize=requantize,
+                **callbacks,
+            )
+        ),
+        print_summary,
+        json_output,
+        quiet,
+        inputs=len(inputs),
     )
 
 
-def _push_after(repo: str | None, output: Path | None, out_format: str, dry_run: bool, private: bool, revision: str | None, message: str | None) -> Callable[[Any], Any]:
+def _push_after(
+    repo: str | None,
+    output: Path | None,
+    out_format: str,
+    dry_run: bool,
+    private: bool,
+    revision: str | None,
+    message: str | None,
+) -> Callable[[Any], Any]:
     """--push-to-hub: checked now, before any work; returns what uploads a finished report's output (hub.py)."""
     if not repo:
         if private or revision or message:
-            raise UsageError(None, f"{'--private' if private else '--revision' if revision else '--commit-message'} applies with --push-to-hub REPO")
+            raise UsageError(
+                None,
+                f"{'--private' if private else '--revision' if revision else '--commit-message'} applies with --push-to-hub REPO",
+            )
         return lambda report: report
     _deferred("ckptavg.hub", "check_push")(repo, output, out_format, dry_run)
     if follower():  # under torchrun, rank 0 uploads the job's output once
@@ -158,7 +407,9 @@ def _deferred(module: str, name: str) -> Callable[..., Any]:
     return call
 
 
-def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json_output: bool, quiet: bool, inputs: int = 0) -> None:
+def _run_and_render(
+    run: Callable[..., Any], render: Callable[[Any], None], json_output: bool, quiet: bool, inputs: int = 0
+) -> None:
     """Run a job with the progress display wired to its callbacks (a status line from the start, while torch
     is imported and the `inputs` are opened), print its warnings on stderr (also with --json; not with --quiet),
     then its report as JSON or for people."""
@@ -185,22 +436,86 @@ def _run_and_render(run: Callable[..., Any], render: Callable[[Any], None], json
 
 @app.command()
 def select(
-    inputs: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help="Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt; hf://ORG/REPO (its checkpoints: checkpoint-N/ folders, step branches or Trainer commits, printed pinned to a commit).", show_default=False)],
-    last: Annotated[int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", metavar="NAME", help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", metavar="min|max", help="min: lower is better (losses); max: higher is better (accuracy). Default: what the checkpoints record (Lightning's ModelCheckpoint mode, timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's name (loss, error, perplexity: min; acc*, top1, bleu, f1, score: max), else an error asking for it.", show_default=False)] = None,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help=(
+                "Checkpoint folders or files: runs/*/checkpoint-*, ckpts/*.ckpt; hf://ORG/REPO (its checkpoints: checkpoint-N/ "
+                "folders, step branches or Trainer commits, printed pinned to a commit)."
+            ),
+            show_default=False,
+        ),
+    ],
+    last: Annotated[
+        int | None, typer.Option("--last", metavar="N", help="The N newest (of those that pass the filters).")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", metavar="K", help="The K best by --metric. With --last: the union of both.")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            metavar="NAME",
+            help="Metric name, e.g. eval_loss (trainer_state.json, checkpoint entries, --metrics file).",
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            metavar="min|max",
+            help=(
+                "min: lower is better (losses); max: higher is better (accuracy). Default: what the checkpoints record "
+                "(Lightning's ModelCheckpoint mode, timm's CheckpointSaver, the Trainer's greater_is_better), else the metric's "
+                "name (loss, error, perplexity: min; acc*, top1, bleu, f1, score: max), else an error asking for it."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     every: Annotated[int | None, typer.Option("--every", metavar="K", help="Only steps that are multiples of K.")] = None,
     min_step: Annotated[int | None, typer.Option("--min-step", metavar="S", help="Only steps >= S.")] = None,
-    max_step: Annotated[str | None, typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric.")] = None,
-    after_warmup: Annotated[float | None, typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5.")] = None,
-    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")] = False,
-    skip_spikes: Annotated[bool, typer.Option("--skip-spikes", help="Drop checkpoints whose metric jumps beyond median + k*MAD of its neighbours.")] = False,
+    max_step: Annotated[
+        str | None,
+        typer.Option("--max-step", metavar="S|best", help="Only steps <= S; 'best': up to the best checkpoint by --metric."),
+    ] = None,
+    after_warmup: Annotated[
+        float | None,
+        typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5."),
+    ] = None,
+    skip_nonfinite: Annotated[
+        bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")
+    ] = False,
+    skip_spikes: Annotated[
+        bool, typer.Option("--skip-spikes", help="Drop checkpoints whose metric jumps beyond median + k*MAD of its neighbours.")
+    ] = False,
     spike_k: Annotated[float, typer.Option("--spike-k", metavar="K", help="k for --skip-spikes.")] = 3.0,
-    metrics_file: Annotated[Path | None, typer.Option("--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output).")] = None,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics", metavar="FILE", help="CSV, JSON or JSONL of metrics by step or path (e.g. an eval job's output)."
+        ),
+    ] = None,
     key: KeyOpt = None,
-    invert: Annotated[bool, typer.Option("--invert", help="Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable or incomplete one, or one without a step.")] = False,
-    print0: Annotated[bool, typer.Option("--print0", "-0", help="End each path with a NUL instead of a newline, for xargs -0: safe with spaces and newlines in paths.")] = False,
+    invert: Annotated[
+        bool,
+        typer.Option(
+            "--invert",
+            help=(
+                "Print the checkpoints NOT chosen, e.g. for deletion; never the newest, one without the --metric, an unreadable "
+                "or incomplete one, or one without a step."
+            ),
+        ),
+    ] = False,
+    print0: Annotated[
+        bool,
+        typer.Option(
+            "--print0",
+            "-0",
+            help="End each path with a NUL instead of a newline, for xargs -0: safe with spaces and newlines in paths.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -215,31 +530,43 @@ def select(
 
         ckptavg select ckpts/* --metric eval_loss --top-k 3 --last 1 --invert -0 \\
             | xargs -0 -r rm -r
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
+    from ckptavg.inspection import first_nonfinite
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
-    from ckptavg.inspection import first_nonfinite
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
     if print0 and json_output:
         raise UsageError(None, "--print0 and --json: choose one (--json lists the paths in JSON)")
     policy = Policy(
-        last=last, top_k=top_k, metric=metric, mode=mode, every=every, min_step=min_step,
-        max_step=int(max_step) if max_step and max_step.isdigit() else max_step, after_warmup=after_warmup,
-        skip_nonfinite=skip_nonfinite, skip_spikes=skip_spikes, spike_k=spike_k,
+        last=last,
+        top_k=top_k,
+        metric=metric,
+        mode=mode,
+        every=every,
+        min_step=min_step,
+        max_step=int(max_step) if max_step and max_step.isdigit() else max_step,
+        after_warmup=after_warmup,
+        skip_nonfinite=skip_nonfinite,
+        skip_spikes=skip_spikes,
+        spike_k=spike_k,
     )
     policy.check()
     options = LoadOptions(key=key)
     display = ProgressDisplay(enabled=not quiet, inputs=len(inputs))
     with display.running():
         candidates = gather(inputs, metrics_file, options)
-        selection = choose(candidates, policy, on_progress=display.update,
-                           has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes))
+        selection = choose(
+            candidates,
+            policy,
+            on_progress=display.update,
+            has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes),
+        )
     print_selection(selection, quiet, json_output=json_output, invert=invert)
     if json_output:
         print_json(selection.to_dict())
@@ -249,24 +576,78 @@ def select(
         sys.stdout.flush()
     if not selection.chosen and not invert:
         hint = f"; {selection.metric_hint}" if selection.metric_hint else ""
-        raise InputError(None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored){hint}")
+        raise InputError(
+            None, f"no checkpoint chosen ({len(selection.candidates)} candidates, {len(selection.ignored)} ignored){hint}"
+        )
 
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint file or folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help="A checkpoint file or folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).",
+            show_default=False,
+        ),
+    ],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: name, dtype, shape, bytes.")] = False,
-    pattern: Annotated[str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")] = False,
-    diff: Annotated[Path | None, typer.Option("--diff", metavar="B", help="Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|. Nothing compared (no tensor of the same name and shape) is exit 1.")] = None,
-    fail_if_different: Annotated[bool, typer.Option("--fail-if-different", help="With --diff: exit 1 unless A and B hold the same tensors, same shapes, same values (for CI).")] = False,
-    max_rel_l2: Annotated[float | None, typer.Option("--max-rel-l2", metavar="X", help="With --diff: exit 1 when the relative L2 of all floating tensors exceeds X, or a tensor is missing on one side or of another shape.", show_default=False)] = None,
-    min_cosine: Annotated[float | None, typer.Option("--min-cosine", metavar="X", help="With --diff: exit 1 when a floating tensor's cosine is below X, or a tensor is missing on one side or of another shape.", show_default=False)] = None,
+    pattern: Annotated[
+        str | None, typer.Option("--filter", metavar="REGEX", help="Only tensors whose name matches (with --tensors or --diff).")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Stream every tensor: report NaN/Inf and all-zero tensors; exit 1 when any.")
+    ] = False,
+    diff: Annotated[
+        Path | None,
+        typer.Option(
+            "--diff",
+            metavar="B",
+            help=(
+                "Compare with checkpoint B: per-tensor L2, relative L2, cosine, max |a-b|. Nothing compared (no tensor of the "
+                "same name and shape) is exit 1."
+            ),
+        ),
+    ] = None,
+    fail_if_different: Annotated[
+        bool,
+        typer.Option(
+            "--fail-if-different",
+            help="With --diff: exit 1 unless A and B hold the same tensors, same shapes, same values (for CI).",
+        ),
+    ] = False,
+    max_rel_l2: Annotated[
+        float | None,
+        typer.Option(
+            "--max-rel-l2",
+            metavar="X",
+            help=(
+                "With --diff: exit 1 when the relative L2 of all floating tensors exceeds X, or a tensor is missing on one side "
+                "or of another shape."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            "--min-cosine",
+            metavar="X",
+            help=(
+                "With --diff: exit 1 when a floating tensor's cosine is below X, or a tensor is missing on one side or of "
+                "another shape."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
     json_output: JsonOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no report; errors and the exit code only (--json still prints).")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress bar and no report; errors and the exit code only (--json still prints)."),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a checkpoint holds: layout, tensors, dtypes, step, metrics and training state.
@@ -280,7 +661,7 @@ def inspect(
         ckptavg inspect epoch=3-step=400.ckpt --tensors --filter 'attn'
 
         ckptavg inspect merged --diff runs/checkpoint-1000 --max-rel-l2 0.01
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():
         return
     from ckptavg.checkpoint import LoadOptions
@@ -292,7 +673,11 @@ def inspect(
             re.compile(pattern)
         except re.error as e:
             raise UsageError(None, f"--filter {pattern!r}: not a valid regular expression ({e})") from e
-    asked = (("--fail-if-different", fail_if_different), ("--max-rel-l2", max_rel_l2 is not None), ("--min-cosine", min_cosine is not None))
+    asked = (
+        ("--fail-if-different", fail_if_different),
+        ("--max-rel-l2", max_rel_l2 is not None),
+        ("--min-cosine", min_cosine is not None),
+    )
     checks = [flag for flag, on in asked if on]
     if checks and diff is None:
         raise UsageError(None, f"{checks[0]} applies with --diff B")
@@ -320,15 +705,46 @@ def inspect(
     elif not quiet:
         print_inspect(report)
     if report.issues:
-        raise InputError(report.path, f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}")
+        raise InputError(
+            report.path,
+            f"{len(report.issues)} tensor(s) with NaN, Inf or only zeros: {', '.join(i.name for i in report.issues[:3])}",
+        )
 
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the Hub (revision and folder optional).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="Output folder, or a .safetensors / .pt file. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.")] = None,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help=(
+                "A training checkpoint: .pt/.pth/.ckpt/.bin or a checkpoint-N/ folder, or hf://ORG/REPO@REVISION/FOLDER on the "
+                "Hub (revision and folder optional)."
+            ),
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUT",
+            help="Output folder, or a .safetensors / .pt file. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused.",
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
-    out_format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named .pt/.pth/.bin, else safetensors.")] = "auto",
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help=(
+                "safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named "
+                ".pt/.pth/.bin, else safetensors."
+            ),
+        ),
+    ] = "auto",
     key: KeyOpt = None,
     use_ema: UseEmaOpt = False,
     strip_prefix: StripOpt = None,
@@ -339,8 +755,20 @@ def export(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
-    merge: Annotated[bool, typer.Option("--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too).")] = False,
-    base: Annotated[Path | None, typer.Option("--base", metavar="MODEL", help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.")] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge", help="A PEFT adapter: merge it into its --base model and write the full model (exact for DoRA too)."
+        ),
+    ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            metavar="MODEL",
+            help="The adapter's base model (a local folder or file, or hf://ORG/REPO@REVISION), for --merge.",
+        ),
+    ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
     push_to_hub: PushOpt = None,
@@ -358,17 +786,38 @@ def export(
         ckptavg export runs/checkpoint-1000 -o model --dtype bf16
 
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o m.safetensors
-    """
+    """  # noqa: E501  (one line per paragraph: typer keeps the line breaks, in the command list too)
     export_checkpoint = _deferred("ckptavg.exporting", "export")
     pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     _run_and_render(
-        lambda **callbacks: pushed(export_checkpoint(
-            checkpoint, output, merge=merge, base=base, dtype=dtype, key=key, use_ema=use_ema, strip_prefixes=strip_prefix or (),
-            max_shard_size=max_shard_size, device=device, overwrite=overwrite, dry_run=dry_run, out_format=out_format,
-            memory_budget=memory_budget, fsync=not no_fsync, verify=verify, rank_timeout=rank_timeout, requantize=requantize, **callbacks,
-        )),
-        print_export, json_output, quiet, inputs=1,
+        lambda **callbacks: pushed(
+            export_checkpoint(
+                checkpoint,
+                output,
+                merge=merge,
+                base=base,
+                dtype=dtype,
+                key=key,
+                use_ema=use_ema,
+                strip_prefixes=strip_prefix or (),
+                max_shard_size=max_shard_size,
+                device=device,
+                overwrite=overwrite,
+                dry_run=dry_run,
+                out_format=out_format,
+                memory_budget=memory_budget,
+                fsync=not no_fsync,
+                verify=verify,
+                rank_timeout=rank_timeout,
+                requantize=requantize,
+                **callbacks,
+            )
+        ),
+        print_export,
+        json_output,
+        quiet,
+        inputs=1,
     )
 
 
@@ -423,7 +872,10 @@ def _tell_torchrun(message: str) -> None:
     if path and under_torchrun():
         try:
             with open(path, "w") as f:
-                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+                json.dump(
+                    {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}},
+                    f,
+                )
         except OSError:
             pass
 

@@ -245,4 +245,3 @@ def load_metrics_file(path: Path) -> MetricsTable:
         else:
             raise InputError(path, "metrics file: a record has neither a step nor a path")
     return table
-

@@ -14,8 +14,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None, merge: bool =
     or trainer state; config and tokenizer files copied beside it.
 
     Takes the options of `average` that apply to one input: dtype, key, use_ema, strip_prefixes,
-    max_shard_size, overwrite, out_format, device, memory_budget, fsync, verify, dry_run, on_progress, on_plan. The weights pass through
-    the accumulator unchanged (scale 1), so without --dtype the output is bit for bit the checkpoint's.
+    max_shard_size, overwrite, out_format, device, memory_budget, fsync, verify, dry_run, on_progress, on_plan.
+    The weights pass through the accumulator unchanged (scale 1), so without --dtype the output is bit for bit
+    the checkpoint's.
 
     A PEFT adapter is written as an adapter (adapter_model.safetensors + adapter_config.json), bit for bit;
     with merge=True and base=MODEL, merged into its base model as a full model.

@@ -27,7 +27,15 @@ from ckptavg.output import Leftovers, find_leftovers, leftovers_sentence
 
 CHUNK_BYTES = 32 << 20
 TRAINING_STATE = {
-    "optimizer": ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizer_state", "last_optimizer_state"),
+    "optimizer": (
+        "optimizer",
+        "optimizer_state_dict",
+        "optimizer_states",
+        "optim",
+        "opt",
+        "optimizer_state",
+        "last_optimizer_state",
+    ),
     "scheduler": ("scheduler", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "lr_scheduler_state_dict"),
     "scaler": ("scaler", "grad_scaler", "amp", "scaler_state_dict", "MixedPrecision"),
     "rng": ("rng_state", "rng", "rng_states", "random_state", "cuda_rng_state", "torch_rng_state", "numpy_rng_state"),
@@ -216,7 +224,7 @@ def wrapper_prefix(prefix: str, lightning: bool, config: dict[str, Any] | None) 
     if lightning and levels[0] in LIGHTNING_ATTRIBUTES:
         taken.append(levels[0])
         kinds.append(f"a LightningModule (self.{levels[0]})")
-    for level in levels[len(taken):]:
+    for level in levels[len(taken) :]:
         if level not in WRAPPERS:
             break
         taken.append(level)
@@ -448,7 +456,8 @@ def diff_checkpoints(
         names = [n for n in left.tensors if regex is None or regex.search(n)]
         report = DiffReport(
             a=local.label(left.path) if str(left.path) in local.sources else str(a),
-            b=local.label(right.path) if str(right.path) in local.sources else str(b), tensors=[],
+            b=local.label(right.path) if str(right.path) in local.sources else str(b),
+            tensors=[],
             only_in_a=[n for n in names if n not in right.tensors],
             only_in_b=[n for n in right.tensors if n not in left.tensors and (regex is None or regex.search(n))],
             shape_mismatch=[],
@@ -473,7 +482,9 @@ def diff_checkpoints(
             total_aa += aa
             total_dd += dd
             cosine = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else (1.0 if aa == bb == 0 else 0.0)
-            report.tensors.append(TensorDiff(name, math.sqrt(dd), math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf), cosine, max_abs))
+            report.tensors.append(
+                TensorDiff(name, math.sqrt(dd), math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf), cosine, max_abs)
+            )
         report.l2 = math.sqrt(total_dd)
         report.relative = math.sqrt(total_dd / total_aa) if total_aa > 0 else 0.0
         report.min_cosine = min((t.cosine for t in report.tensors), default=1.0)
@@ -498,8 +509,10 @@ def _nothing_compared(left: Checkpoint, right: Checkpoint, names: list[str], pat
         if advice:
             return "no tensor name in common" + advice
         first_a, first_b = next(iter(left.tensors), "-"), next(iter(right.tensors), "-")
-        return (f"no tensor name in common (A has {first_a}, ..., B has {first_b}, ...); "
-                "--strip-prefix PREFIX removes a prefix from both")
+        return (
+            f"no tensor name in common (A has {first_a}, ..., B has {first_b}, ...); "
+            "--strip-prefix PREFIX removes a prefix from both"
+        )
     return "every tensor in common has a different shape"
 
 
@@ -533,8 +546,9 @@ def diff_problems(
     if max_rel_l2 is not None and not report.relative <= max_rel_l2:
         problems.append(f"relative L2 {report.relative:.4g} above --max-rel-l2 {max_rel_l2:g}")
     if min_cosine is not None:
-        below = sorted((t for t in report.tensors if not t.cosine >= min_cosine),
-                       key=lambda t: (not math.isnan(t.cosine), t.cosine))
+        below = sorted(
+            (t for t in report.tensors if not t.cosine >= min_cosine), key=lambda t: (not math.isnan(t.cosine), t.cosine)
+        )
         if below:
             problems.append(f"{len(below)} tensor(s) below --min-cosine {min_cosine:g} ({below[0].name}: {below[0].cosine:.6f})")
     return problems

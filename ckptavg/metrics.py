@@ -113,7 +113,11 @@ def _timm_mode(pickle_file: PickleFile, top: dict) -> tuple[str, str] | None:
     history = (as_dict(top.get("saver")) or {}).get("checkpoint_files")
     ranked = []
     for entry in history if isinstance(history, (list, tuple)) else []:
-        value = scalar(pickle_file, entry[1], "saver/checkpoint_files") if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        value = (
+            scalar(pickle_file, entry[1], "saver/checkpoint_files")
+            if isinstance(entry, (list, tuple)) and len(entry) == 2
+            else None
+        )
         if value is not None:
             ranked.append(value)
     if len(set(ranked)) > 1 and ranked in (sorted(ranked), sorted(ranked, reverse=True)):
@@ -124,7 +128,9 @@ def _timm_mode(pickle_file: PickleFile, top: dict) -> tuple[str, str] | None:
     if isinstance(eval_metric, str):
         what = f" ({TIMM_EVAL_METRICS[eval_metric]})" if eval_metric in TIMM_EVAL_METRICS else ""
         lower = eval_metric == "loss"
-        return ("min" if lower else "max"), f"timm records eval_metric {eval_metric!r}{what} in {name}, {'lower' if lower else 'higher'} is better (train.py)"
+        return (
+            "min" if lower else "max"
+        ), f"timm records eval_metric {eval_metric!r}{what} in {name}, {'lower' if lower else 'higher'} is better (train.py)"
     return None
 
 

@@ -41,4 +41,6 @@ def order_note(given: list[Checkpoint], ordered: list[Checkpoint], strategy: str
     """Explicit weights follow training order: say so when it is not the order the paths were given in."""
     if strategy != "weighted" or [c.path for c in given] == [c.path for c in ordered]:
         return None
-    return "--weights apply in training order (oldest first), not in the order the paths were given: " + ", ".join(c.path.name for c in ordered)
+    return "--weights apply in training order (oldest first), not in the order the paths were given: " + ", ".join(
+        c.path.name for c in ordered
+    )

@@ -31,10 +31,24 @@ from ckptavg.signals import committing
 from ckptavg.sizes import human_bytes
 
 MODEL_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
-    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "image_processor_config.json", "feature_extractor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "feature_extractor_config.json",
 )
 MODEL_FILE_PATTERNS = ("configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "*.tiktoken")
 SPACE_MARGIN = 64 << 20
@@ -70,7 +84,9 @@ def output_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise OutputError(out, f"another ckptavg run (pid {holder}) is writing it; wait for it to finish or choose another output") from None
+            raise OutputError(
+                out, f"another ckptavg run (pid {holder}) is writing it; wait for it to finish or choose another output"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -110,8 +126,18 @@ RECIPE_FILE = "ckptavg.json"
 
 def check_output_name(out: Path) -> None:
     """`-o .`, `-o ..`, `-o /`, `-o ~`: a folder the user lives in, never a new output."""
-    if out.name in ("", ".", "..") or real_path(out) in (Path.cwd(), Path.home(), Path("/")) or real_path(out) in Path.cwd().parents:
-        raise UsageError(None, f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o {Path(out) / 'merged'}")
+    if (
+        out.name in ("", ".", "..")
+        or real_path(out) in (Path.cwd(), Path.home(), Path("/"))
+        or real_path(out) in Path.cwd().parents
+    ):
+        raise UsageError(
+            None,
+            (
+                f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o "
+                f"{Path(out) / 'merged'}"
+            ),
+        )
 
 
 def written_by_ckptavg(out: Path) -> bool:
@@ -191,7 +217,9 @@ def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
     if usage.total == 0:
         raise OutputError(out, f"cannot be written in {parent}: not a filesystem that holds files")
     if usage.free < needed_bytes + SPACE_MARGIN:
-        raise OutputError(out, f"not enough free space: the output needs {needed_bytes / 1e9:.2f} GB, {usage.free / 1e9:.2f} GB free")
+        raise OutputError(
+            out, f"not enough free space: the output needs {needed_bytes / 1e9:.2f} GB, {usage.free / 1e9:.2f} GB free"
+        )
 
 
 @contextmanager
@@ -287,11 +315,37 @@ PT_SUFFIXES = (".pt", ".pth", ".bin", ".pth.tar", ".pt.tar")
 # File formats of checkpoints, models and archives that ckptavg does not write: an output named so would
 # otherwise become a folder of that name. Any other suffix (`run.v2`, `merged-0.5`) is a folder's name.
 NOT_WRITTEN = (
-    ".ckpt", ".gguf", ".ggml", ".onnx", ".h5", ".hdf5", ".keras", ".msgpack", ".npz", ".npy", ".pkl", ".pickle",
-    ".joblib", ".pb", ".tflite", ".nemo", ".tar", ".zip", ".gz", ".tgz", ".xz", ".zst", ".7z", ".json", ".yaml", ".yml",
+    ".ckpt",
+    ".gguf",
+    ".ggml",
+    ".onnx",
+    ".h5",
+    ".hdf5",
+    ".keras",
+    ".msgpack",
+    ".npz",
+    ".npy",
+    ".pkl",
+    ".pickle",
+    ".joblib",
+    ".pb",
+    ".tflite",
+    ".nemo",
+    ".tar",
+    ".zip",
+    ".gz",
+    ".tgz",
+    ".xz",
+    ".zst",
+    ".7z",
+    ".json",
+    ".yaml",
+    ".yml",
 )
-WRITTEN = ("a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
-           "or one .pt/.pth/.bin/.pth.tar file (a state dict)")
+WRITTEN = (
+    "a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
+    "or one .pt/.pth/.bin/.pth.tar file (a state dict)"
+)
 
 
 def refuse_file_suffix(out: Path) -> None:

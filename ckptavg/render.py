@@ -76,7 +76,9 @@ class Throttle:
     `interval` seconds (30 s) after the last line; never in the first `quiet_for` seconds, so a short run
     prints nothing."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, step: float = 0.1, interval: float = 30.0, quiet_for: float = 1.0) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, step: float = 0.1, interval: float = 30.0, quiet_for: float = 1.0
+    ) -> None:
         self.clock, self.step, self.interval, self.quiet_for = clock, step, interval, quiet_for
         self.started = self.last_time = clock()
         self.last_bucket = 0
@@ -103,7 +105,9 @@ class ProgressDisplay:
     `enabled` false (--quiet): nothing at all.
     """
 
-    def __init__(self, enabled: bool, inputs: int = 0, console: Console | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, enabled: bool, inputs: int = 0, console: Console | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console or stderr
         self.enabled = enabled
         self.terminal = self.console.is_terminal
@@ -206,11 +210,19 @@ class ProgressDisplay:
             tail.pop()
         bar_width = max(bar_width, 1)
         filled = int(bar_width * min(fraction, 1.0))
-        out.append(_fit(Text.assemble((label, "bold"), ("━" * filled, "magenta"), ("━" * (bar_width - filled), "grey23"), tail_text), width))
+        out.append(
+            _fit(
+                Text.assemble((label, "bold"), ("━" * filled, "magenta"), ("━" * (bar_width - filled), "grey23"), tail_text),
+                width,
+            )
+        )
         if p is not None and getattr(p, "detail", ""):  # a read (select --skip-nonfinite, inspect --check/--diff)
             detail = p.detail
         elif p is not None and self.phase == "verifying":
-            detail = f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of {p.tensors_total})"
+            detail = (
+                f"reading the output back from the disk: {p.tensor} (file {min(p.tensors_done + 1, p.tensors_total)} of "
+                f"{p.tensors_total})"
+            )
         elif p is not None and done >= total:
             detail = "writing the last chunks to the disk…"
         elif p is not None:
@@ -228,7 +240,9 @@ class ProgressDisplay:
     def running(self) -> Iterator[ProgressDisplay]:
         """Shows the terminal display (when enabled and on a terminal) for the duration of the block."""
         if self.enabled and self.terminal:
-            self._live = Live(self, console=self.console, transient=True, refresh_per_second=10, redirect_stdout=False, redirect_stderr=False)
+            self._live = Live(
+                self, console=self.console, transient=True, refresh_per_second=10, redirect_stdout=False, redirect_stderr=False
+            )
             self._live.start()
         try:
             yield self
@@ -319,7 +333,9 @@ def inputs_table(report: AverageReport) -> Table:
         table.add_column("weights from", overflow="fold")
     for i, item in enumerate(report.inputs, 1):
         row = [
-            str(i), _PathCell(item.path), item.format,
+            str(i),
+            _PathCell(item.path),
+            item.format,
             "-" if item.step is None else str(item.step),
             "-" if item.epoch is None else str(item.epoch),
             f"{item.weight:.4f}",
@@ -363,13 +379,17 @@ def _output_rows(row: _Rows, report: AverageReport) -> None:
         for name, sha in report.sha256.items():
             row("sha256", f"{sha}  {name}")
     if report.pushed and "error" in report.pushed:
-        row("not pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: the upload failed (below); the output above is complete")
+        row(
+            "not pushed",
+            f"to {report.pushed['repo']}@{report.pushed['revision']}: the upload failed (below); the output above is complete",
+        )
     elif report.pushed:
         row("pushed", f"to {report.pushed['repo']}@{report.pushed['revision']}: {report.pushed['commit_url']}")
     row(
         "done",
         f"read {human_bytes(report.bytes_read)}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s"
-        f"{_rate(report)}, peak memory {human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
+        f"{_rate(report)}, peak memory "
+        f"{human_bytes(report.peak_rss_bytes)}{' (the largest rank)' if report.world_size > 1 else ''}",
     )
 
 
@@ -390,14 +410,26 @@ def print_summary(report: AverageReport, console: Console | None = None) -> None
     out.print(inputs_table(report))
     n = len(report.inputs)
     if n == 1:
-        row("strategy", f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one checkpoint's weights")
+        row(
+            "strategy",
+            (
+                f"{report.strategy} of 1 checkpoint on {report.device}: nothing was averaged; `ckptavg export` writes one "
+                "checkpoint's weights"
+            ),
+        )
     else:
         ranks = f" ({report.world_size} ranks, each its share)" if report.world_size > 1 else ""
         row("strategy", f"{report.strategy} of {n} checkpoints on {report.device}{ranks}")
     shared = _shared_weights_from(report)
     if shared:
         row("weights from", shared if n == 1 else f"{shared} (all {n} inputs)")
-    row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}; accumulated in {_counts(report.accumulate)}")
+    row(
+        "tensors",
+        (
+            f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}; accumulated in "
+            f"{_counts(report.accumulate)}"
+        ),
+    )
     for note in grouped_notes(report):
         row("note", note)
     _output_rows(row, report)
@@ -488,7 +520,10 @@ def _chart_columns(chosen: list[bool], columns: int) -> list[range]:
         else:
             first = piece.start if carry is None else carry
             carry = None
-            out += [range(first if j == 0 else piece.start + j * len(piece) // parts, piece.start + (j + 1) * len(piece) // parts) for j in range(parts)]
+            out += [
+                range(first if j == 0 else piece.start + j * len(piece) // parts, piece.start + (j + 1) * len(piece) // parts)
+                for j in range(parts)
+            ]
     return out
 
 
@@ -496,7 +531,9 @@ COMPACT_ABOVE = 20  # rows: a longer select table shows its first and last rows 
 COMPACT_ENDS = 3
 
 
-def print_selection(selection, quiet: bool, json_output: bool = False, invert: bool = False, console: Console | None = None) -> None:
+def print_selection(
+    selection, quiet: bool, json_output: bool = False, invert: bool = False, console: Console | None = None
+) -> None:
     """Notes on stderr (ignored candidates, missing metrics, what the filters dropped, what --invert kept back)
     unless quiet; the table and chart too when stderr is a terminal and stdout is not JSON."""
     err = console or stderr
@@ -507,7 +544,10 @@ def print_selection(selection, quiet: bool, json_output: bool = False, invert: b
         err.print(f"note: ignored {c.path}: {c.ignored}", markup=False)
     missing = [c.path for c in selection.candidates if metric and c.ignored is None and c.rank_value(metric) is None]
     if missing and not selection.metric_hint:
-        err.print(f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}", markup=False)
+        err.print(
+            f"note: no {metric} for {len(missing)} checkpoint(s): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}",
+            markup=False,
+        )
     for note in selection.notes:
         if note != selection.metric_hint or invert or selection.chosen:  # else the error says it
             err.print(f"note: {note}", markup=False)
@@ -523,7 +563,9 @@ def print_selection(selection, quiet: bool, json_output: bool = False, invert: b
     err.print(selection_table(selection, invert, err.width))
     ranked = [c for c in selection.candidates if c.ignored is None]
     if metric and any(c.metric(metric) is not None for c in ranked):
-        for line in metric_chart([c.step for c in ranked], [c.metric(metric) for c in ranked], [c.chosen for c in ranked], err.width):
+        for line in metric_chart(
+            [c.step for c in ranked], [c.metric(metric) for c in ranked], [c.chosen for c in ranked], err.width
+        ):
             err.print(line, soft_wrap=False, overflow="ellipsis")
 
 
@@ -573,7 +615,13 @@ def selection_table(selection, invert: bool = False, width: int | None = None) -
 
     def show(c) -> None:
         value = c.metric(metric)
-        add("-" if c.step is None else str(c.step), _PathCell(c.path), "-" if value is None else f"{value:.5g}", c.chosen, _why(c, invert))
+        add(
+            "-" if c.step is None else str(c.step),
+            _PathCell(c.path),
+            "-" if value is None else f"{value:.5g}",
+            c.chosen,
+            _why(c, invert),
+        )
 
     def flush() -> None:
         if len(hidden) == 1:
@@ -610,7 +658,9 @@ def _paths_first(table: Table, index: int, width: int) -> None:
     def least(cell: object) -> int:
         return cell.shortest if isinstance(cell, _PathCell) else cell_len(cell.plain if isinstance(cell, Text) else str(cell))
 
-    others = sum(max(least(c) for c in [column.header, *column.cells]) + 2 for i, column in enumerate(table.columns) if i != index)
+    others = sum(
+        max(least(c) for c in [column.header, *column.cells]) + 2 for i, column in enumerate(table.columns) if i != index
+    )
     separators = len(table.columns) - 1
     shortest = max(least(c) for c in [table.columns[index].header, *table.columns[index].cells])
     table.columns[index].max_width = max(shortest, width - others - separators - 2)
@@ -625,7 +675,8 @@ def adapter_line(a: dict) -> str:
         base += f"@{a['revision']}"
     extras = [k for k in ("rank_pattern", "alpha_pattern") if a.get(k)] + (["lora_bias"] if a.get("lora_bias") else [])
     return (
-        f"adapter      {a['kind']} r={a.get('r', '-')} lora_alpha={a.get('lora_alpha', '-')}{' ' + ', '.join(extras) if extras else ''}; "
+        f"adapter      {a['kind']} r={a.get('r', '-')} "
+        f"lora_alpha={a.get('lora_alpha', '-')}{' ' + ', '.join(extras) if extras else ''}; "
         f"targets {targets}; modules_to_save {', '.join(a.get('modules_to_save') or []) or '-'}; base {base}; "
         f"{a['lora_parameters']:,} LoRA parameters in {a['modules']} modules, {a['full_parameters']:,} in full tensors"
     )
@@ -633,10 +684,16 @@ def adapter_line(a: dict) -> str:
 
 def print_inspect(report) -> None:
     out = _stdout()
-    out.print(f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), {human_bytes(sum(f['bytes'] for f in report.files))}")
+    out.print(
+        f"[bold]{escape(report.path)}[/]  {report.format}, {len(report.files)} file(s), "
+        f"{human_bytes(sum(f['bytes'] for f in report.files))}"
+    )
     out.print(f"tensors      {report.tensors} ({report.parameters:,} parameters, {human_bytes(report.tensor_bytes)})")
     out.print("dtypes       " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report.bytes_by_dtype.items()))
-    out.print(f"step         {report.step if report.step is not None else '-'}   epoch {report.epoch if report.epoch is not None else '-'}")
+    out.print(
+        f"step         {report.step if report.step is not None else '-'}   epoch "
+        f"{report.epoch if report.epoch is not None else '-'}"
+    )
     if report.adapter:
         out.print(adapter_line(report.adapter), markup=False, soft_wrap=True)
     if report.metrics:
@@ -658,7 +715,10 @@ def print_inspect(report) -> None:
     if report.top_level_keys:
         out.print("keys         " + ", ".join(report.top_level_keys), markup=False)
     if report.opaque_globals:
-        out.print("not run      " + ", ".join(report.opaque_globals[:6]) + (" ..." if len(report.opaque_globals) > 6 else ""), markup=False)
+        out.print(
+            "not run      " + ", ".join(report.opaque_globals[:6]) + (" ..." if len(report.opaque_globals) > 6 else ""),
+            markup=False,
+        )
     for note in report.notes:
         out.print(f"note         {note}", markup=False)
     for item in report.leftovers:
@@ -676,7 +736,11 @@ def print_inspect(report) -> None:
         if not report.issues:
             out.print("check        every tensor is finite and none is all zeros")
         for issue in report.issues:
-            problems = [f"{issue.nan} NaN" if issue.nan else "", f"{issue.inf} Inf" if issue.inf else "", "all zeros" if issue.all_zero else ""]
+            problems = [
+                f"{issue.nan} NaN" if issue.nan else "",
+                f"{issue.inf} Inf" if issue.inf else "",
+                "all zeros" if issue.all_zero else "",
+            ]
             out.print(f"check        {issue.name}: {', '.join(p for p in problems if p)}", markup=False)
 
 
@@ -708,10 +772,18 @@ def print_diff(report, limit: int = 20, console: Console | None = None) -> None:
     if not report.compared:
         row("summary", f"nothing compared: {report.hint or 'no tensor of the same name and shape in both'}")
         return
-    verdict = "identical" if report.identical else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
+    verdict = (
+        "identical"
+        if report.identical
+        else f"relative L2 {report.relative:.4g}, min cosine {report.min_cosine:.6f}, max |a-b| {report.max_abs:.4g}"
+    )
     unmatched = [
         f"{len(names)} {label}"
-        for names, label in ((report.only_in_a, "only in A"), (report.only_in_b, "only in B"), (report.shape_mismatch, "of another shape"))
+        for names, label in (
+            (report.only_in_a, "only in A"),
+            (report.only_in_b, "only in B"),
+            (report.shape_mismatch, "of another shape"),
+        )
         if names
     ]
     also = f"; not compared: {', '.join(unmatched)}" if unmatched else ""
@@ -745,7 +817,9 @@ def print_export(report: AverageReport, console: Console | None = None) -> None:
     before, after = report.input_disk_bytes, report.output_disk_bytes
     if not report.dry_run and before:
         change = (1 - after / before) * 100
-        row("size", f"{human_bytes(before)} -> {human_bytes(after)} ({abs(change):.0f}% {'smaller' if change >= 0 else 'larger'})")
+        row(
+            "size", f"{human_bytes(before)} -> {human_bytes(after)} ({abs(change):.0f}% {'smaller' if change >= 0 else 'larger'})"
+        )
     elif before:
         row("size", f"{human_bytes(before)} on disk now, training state included")
     _output_rows(row, report)

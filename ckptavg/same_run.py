@@ -60,8 +60,14 @@ def _short(value: object) -> str:
 def _sampled_entries(plan: Plan) -> list:
     n = len(plan.inputs)
     matrices = [
-        e for e in plan.entries
-        if e.weights is not None and len(e.sources) == n and e.alias_of is None and len(e.shape) >= 2 and e.numel > 0 and is_floating(e.input_dtype)
+        e
+        for e in plan.entries
+        if e.weights is not None
+        and len(e.sources) == n
+        and e.alias_of is None
+        and len(e.shape) >= 2
+        and e.numel > 0
+        and is_floating(e.input_dtype)
     ]
     return sorted(matrices, key=lambda e: -e.numel)[:TENSORS]
 

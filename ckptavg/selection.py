@@ -92,7 +92,15 @@ class Policy:
     def check(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise UsageError(None, f"--mode {self.mode!r}: expected min or max")
-        needs_metric = [flag for flag, on in (("--top-k", self.top_k), ("--max-step best", self.max_step == "best"), ("--skip-spikes", self.skip_spikes)) if on]
+        needs_metric = [
+            flag
+            for flag, on in (
+                ("--top-k", self.top_k),
+                ("--max-step best", self.max_step == "best"),
+                ("--skip-spikes", self.skip_spikes),
+            )
+            if on
+        ]
         if needs_metric and not self.metric:
             raise UsageError(None, f"{needs_metric[0]} needs --metric NAME")
         for flag, value in (("--last", self.last), ("--top-k", self.top_k), ("--every", self.every)):
@@ -110,7 +118,9 @@ class Selection:
     policy: Policy
     notes: list[str] = field(default_factory=list)  # for stderr: what the filters dropped, what could not be judged
     metric_hint: str | None = None  # set when no checkpoint has the metric: the metrics found, the closest name
-    mode_source: str | None = None  # why the metric's direction is policy.mode: --mode, where a checkpoint records it, or its name
+    mode_source: str | None = (
+        None  # why the metric's direction is policy.mode: --mode, where a checkpoint records it, or its name
+    )
 
     @property
     def chosen(self) -> list[Candidate]:
@@ -149,7 +159,9 @@ class Selection:
         }
 
 
-def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions | None = None) -> tuple[Candidate, dict[str, dict[str, float]]]:
+def describe(
+    path: Path, table: MetricsTable | None = None, options: LoadOptions | None = None
+) -> tuple[Candidate, dict[str, dict[str, float]]]:
     """Step, epoch and metrics of one checkpoint from its name, trainer_state.json and pickle entries.
 
     The checkpoint is opened (headers and pickle structure only): one that is unreadable or incomplete is
@@ -160,7 +172,9 @@ def describe(path: Path, table: MetricsTable | None = None, options: LoadOptions
     return candidate, others
 
 
-def _describe(path: Path, table: MetricsTable | None, options: LoadOptions | None) -> tuple[Candidate, dict[str, dict[str, float]], Checkpoint | None]:
+def _describe(
+    path: Path, table: MetricsTable | None, options: LoadOptions | None
+) -> tuple[Candidate, dict[str, dict[str, float]], Checkpoint | None]:
     """describe(), and the opened checkpoint (None when unreadable) for the check for copies."""
     from ckptavg.metrics import checkpoint_metrics, recorded_modes, trainer_modes
 
@@ -234,13 +248,17 @@ def refuse_run_folder(path: Path) -> None:
 
     if not path.is_dir() or steps_from_name(path.name).step is not None or weight_files_in(path):
         return
-    runs = sorted((p.name for p in path.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name)), key=lambda n: int(n.split("-")[1]))
+    runs = sorted(
+        (p.name for p in path.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name)), key=lambda n: int(n.split("-")[1])
+    )
     if runs:
         shown = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
         raise InputError(path, f"holds checkpoint folders ({shown}), not weights; pass {path}/{runs[-1].split('-')[0]}-* instead")
 
 
-def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None) -> list[Candidate]:
+def gather(
+    paths: Sequence[str | Path], metrics_file: str | Path | None = None, options: LoadOptions | None = None
+) -> list[Candidate]:
     """Describe every path; fill metrics that one checkpoint records for another (Lightning best_k_models)."""
     from ckptavg.formats.base import FILES
     from ckptavg.hub import is_hub
@@ -276,7 +294,9 @@ def gather(paths: Sequence[str | Path], metrics_file: str | Path | None = None, 
     return candidates
 
 
-def _hub_candidates(text: str | Path, table: MetricsTable | None, options: LoadOptions | None) -> list[tuple[Candidate, dict[str, dict[str, float]]]]:
+def _hub_candidates(
+    text: str | Path, table: MetricsTable | None, options: LoadOptions | None
+) -> list[tuple[Candidate, dict[str, dict[str, float]]]]:
     """The candidates of one hf:// input: a checkpoint whose weights are all in the cache is described like a local
     one, under its pinned hf:// name; the others from what the Hub listing says (step, trainer_state.json)."""
     from ckptavg.hub import list_checkpoints, mark_best
@@ -294,7 +314,9 @@ def _hub_candidates(text: str | Path, table: MetricsTable | None, options: LoadO
                 candidate.ignored = f"unreadable or incomplete: {row.problem}"
             if row.trainer_state is not None:
                 state = row.trainer_state
-                candidate.metrics.update(trainer_state_metrics(state, row.step if row.step is not None else state.get("global_step")))
+                candidate.metrics.update(
+                    trainer_state_metrics(state, row.step if row.step is not None else state.get("global_step"))
+                )
                 candidate.metric_sources.update({k: "trainer_state.json" for k in candidate.metrics})
             if table is not None:
                 for key, value in table.lookup(Path(row.path), row.step).items():
@@ -429,15 +451,21 @@ def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None
             recorded.setdefault(*c.modes[metric])
     named = mode_from_name(metric)
     if len(recorded) > 1 and policy.mode is None:
-        raise UsageError(None, f"--metric {metric}: the checkpoints disagree on which way it is better ({recorded['max']}; but "
-                         f"{recorded['min']}); pass --mode max or --mode min")
+        raise UsageError(
+            None,
+            f"--metric {metric}: the checkpoints disagree on which way it is better ({recorded['max']}; but "
+            f"{recorded['min']}); pass --mode max or --mode min",
+        )
     if recorded:
         mode, why = next(iter(recorded.items()))
     elif named:
         mode, why = named[0], f"from the name ({named[1]}: {'lower' if named[0] == 'min' else 'higher'} is better)"
     elif policy.mode is None:
-        raise UsageError(None, f"--metric {metric}: no checkpoint records whether higher or lower is better, and the name does not say; "
-                         "pass --mode max (higher is better, e.g. an accuracy) or --mode min (lower is better, e.g. a loss)")
+        raise UsageError(
+            None,
+            f"--metric {metric}: no checkpoint records whether higher or lower is better, and the name does not say; "
+            "pass --mode max (higher is better, e.g. an accuracy) or --mode min (lower is better, e.g. a loss)",
+        )
     else:
         return policy.mode, "--mode", None
     if policy.mode is None:
@@ -500,11 +528,21 @@ def select(
         readable = [c for c in ordered if c.ignored is None]
         judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
         if len(judged) < SPIKE_MIN_VALUES:
-            notes.append(f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge spikes; none dropped")
+            notes.append(
+                f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge "
+                "spikes; none dropped"
+            )
         found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
         spikes = dict(zip(map(id, readable), found))
         shown = _like([c.rank_value(metric) for c in judged])
-        drop(lambda c: spikes[id(c)] is None, lambda c: f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + {policy.spike_k:g} x MAD)", "--skip-spikes")
+        drop(
+            lambda c: spikes[id(c)] is None,
+            lambda c: (
+                f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + "
+                f"{policy.spike_k:g} x MAD)"
+            ),
+            "--skip-spikes",
+        )
     if policy.skip_nonfinite and has_nonfinite is not None:
         scan = _Scan(has_nonfinite, on_progress)
         scan.settle(pool, policy)
@@ -513,8 +551,10 @@ def select(
         unread = [c for c in pool if id(c) not in scan.problems]
         if unread:
             read = len(scan.problems)
-            notes.append(f"--skip-nonfinite read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
-                         "the others were not read for NaN/Inf")
+            notes.append(
+                f"--skip-nonfinite read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
+                "the others were not read for NaN/Inf"
+            )
     best, _, top, last = _pick(pool, policy)
     if best is not None:
         drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
@@ -536,7 +576,11 @@ def select(
         if not c.chosen:
             c.why.append("not among " + " or ".join(s for s in selectors if s))
     _keep_back([c for c in ordered if c.ignored is None], metric)
-    hint = metric_hint(candidates, metric) if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None) else None
+    hint = (
+        metric_hint(candidates, metric)
+        if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None)
+        else None
+    )
     if hint:
         notes.append(hint)
     return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint, mode_source=mode_source)

@@ -6,7 +6,18 @@ import resource
 
 from ckptavg.errors import UsageError
 
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -14,7 +25,7 @@ def parse_size(text: str) -> int:
     value = text.strip().upper()
     number = value.rstrip("KMGTIB")
     try:
-        size = int(float(number) * UNITS[value[len(number):]])
+        size = int(float(number) * UNITS[value[len(number) :]])
     except (ValueError, KeyError, OverflowError) as e:  # OverflowError: 'inf'
         raise UsageError(None, f"size {text!r} is not like 5GB, 500MB or 2GiB") from e
     if size <= 0:

@@ -148,7 +148,9 @@ def sha256_of(path: Path, advance: Callable[[int], None] | None = None) -> str:
     return digest.hexdigest()
 
 
-def _read_back(path: Path, sources: list[tuple[str, TensorSource]], advance: Callable[[int], None] | None = None) -> tuple[str, dict[str, int]]:
+def _read_back(
+    path: Path, sources: list[tuple[str, TensorSource]], advance: Callable[[int], None] | None = None
+) -> tuple[str, dict[str, int]]:
     """One pass over `path` from the disk: its sha256, and the CRC-32 of each tensor's span."""
     digest = hashlib.sha256()
     crcs = {name: 0 for name, _ in sources}
@@ -174,7 +176,12 @@ def _read_back(path: Path, sources: list[tuple[str, TensorSource]], advance: Cal
 
 
 def verify_output(
-    staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None = None, only: Collection[str] | None = None,
+    staged: Path,
+    out: Path,
+    specs: list[TensorSpec],
+    crcs: dict[str, int],
+    on_progress: ProgressFn | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, str | None]:
     """Check the staged output (a folder or one file) against the specs and CRCs of what was written.
 
@@ -198,7 +205,13 @@ def verify_output(
     for name, src in written.tensors.items():
         spec = expected[name]
         if src.dtype != spec.dtype or tuple(src.shape) != tuple(spec.shape):
-            raise OutputError(out, f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as {dtype_name(spec.dtype)} {list(spec.shape)}")
+            raise OutputError(
+                out,
+                (
+                    f"verification failed: {name} reads back as {dtype_name(src.dtype)} {list(src.shape)}, written as "
+                    f"{dtype_name(spec.dtype)} {list(spec.shape)}"
+                ),
+            )
         by_file.setdefault(src.path, []).append((name, src))
     tensor_files = sorted(by_file)
     names = {path.name for path in tensor_files}
@@ -213,7 +226,13 @@ def verify_output(
         counter.finish()
         for name, crc in read_crcs.items():
             if crc != crcs[name]:
-                raise OutputError(out, f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 {crc:08x}, expected {crcs[name]:08x})")
+                raise OutputError(
+                    out,
+                    (
+                        f"verification failed: {name} in {path.name} reads back different bytes than were written (CRC-32 "
+                        f"{crc:08x}, expected {crcs[name]:08x})"
+                    ),
+                )
     for path in other_files:
         if path in mine:
             hashes[path.name] = sha256_of(path, counter.start(path))

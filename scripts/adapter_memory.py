@@ -27,8 +27,15 @@ def build(root: Path, adapters: int) -> tuple[Path, list[Path]]:
     base = root / "base"
     if not (base / "config.json").exists():
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                                          num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+        config = transformers.LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            tie_word_embeddings=False,
+        )
         transformers.LlamaForCausalLM(config).save_pretrained(base, max_shard_size="5GB")
     runs = []
     for i in range(adapters):
@@ -70,7 +77,12 @@ def main() -> None:
     for mode in ("merged", "exact"):
         out = root / f"out-{mode}"
         extra = ["--base", str(base)] if mode == "merged" else []
-        rows.append((f"average --adapter-mode {mode}", measure([*cli, "average", *map(str, runs), "-o", str(out), "--overwrite", "-q", "--adapter-mode", mode, *extra])))
+        rows.append(
+            (
+                f"average --adapter-mode {mode}",
+                measure([*cli, "average", *map(str, runs), "-o", str(out), "--overwrite", "-q", "--adapter-mode", mode, *extra]),
+            )
+        )
     print(f"base model {size / 1e9:.2f} GB fp32, {args.adapters} LoRA adapters (r=16, 7 targets x 16 layers)")
     for label, (seconds, rss) in rows:
         print(f"{label:36s} {seconds:6.2f} s   peak RSS {rss / 1e6:7.1f} MB")

@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ckptavg.merge.engine import CACHE_BLOCK_ELEMENTS, fold_block
+from ckptavg.merge.engine import CACHE_BLOCK_ELEMENTS, fold_block  # noqa: E402  (after the project is put on the path)
 
 # What both peer scripts share: loading one checkpoint whole (a sharded folder or a .pt's "model"), the
 # argument list, and the output file.
@@ -67,7 +67,9 @@ out.mkdir()
 save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
 """
 
-NAIVE = PEER_LOAD + r"""
+NAIVE = (
+    PEER_LOAD
+    + r"""
 states = [load(p) for p in inputs]
 merged = {}
 for name in states[0]:
@@ -75,9 +77,13 @@ for name in states[0]:
     for s in states[1:]:
         acc += s[name].float()
     merged[name] = (acc / len(states)).to(states[0][name].dtype)
-""" + PEER_SAVE
+"""
+    + PEER_SAVE
+)
 
-FAIRSEQ = PEER_LOAD + r"""
+FAIRSEQ = (
+    PEER_LOAD
+    + r"""
 params = None
 for path in inputs:
     state = load(path)
@@ -88,7 +94,9 @@ for path in inputs:
             params[k] += p.float() if p.dtype == torch.float16 else p
     del state
 merged = {k: (p.div_(len(inputs)) if p.is_floating_point() else p // len(inputs)) for k, p in params.items()}
-""" + PEER_SAVE
+"""
+    + PEER_SAVE
+)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -99,9 +107,17 @@ def llama_shape(size_gb: float, bytes_per_param: int) -> dict:
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((size_gb * 1e9 / bytes_per_param - 2 * vocab * hidden) / per_layer))
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": vocab,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
     }
 
 
@@ -140,8 +156,13 @@ def make_inputs(root: Path, kind: str, n: int, size_gb: float, first: int = 0) -
         if kind == "pt":
             state = {
                 "model": tensors,
-                "optimizer": {"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.randn_like(t), "exp_avg_sq": torch.rand_like(t)} for i, t in enumerate(tensors.values())},
-                              "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "params": list(range(len(tensors)))}]},
+                "optimizer": {
+                    "state": {
+                        i: {"step": torch.tensor(float(step)), "exp_avg": torch.randn_like(t), "exp_avg_sq": torch.rand_like(t)}
+                        for i, t in enumerate(tensors.values())
+                    },
+                    "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "params": list(range(len(tensors)))}],
+                },
                 "step": step,
             }
             root.mkdir(parents=True, exist_ok=True)
@@ -263,10 +284,19 @@ class Row:
         return statistics.median(self.walls)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "cache": self.cache, "walls": self.walls, "peak_rss": self.rss, "error": self.error, "note": self.note}
+        return {
+            "label": self.label,
+            "cache": self.cache,
+            "walls": self.walls,
+            "peak_rss": self.rss,
+            "error": self.error,
+            "note": self.note,
+        }
 
 
-def measure(label: str, cache: str, cmd: list[str] | None, repeat: int, files: list[str], out: Path | None, keep: Path | None = None) -> Row:
+def measure(
+    label: str, cache: str, cmd: list[str] | None, repeat: int, files: list[str], out: Path | None, keep: Path | None = None
+) -> Row:
     """Run cmd `repeat` times with a warm or cold page cache; keep the last output at `keep` for the error check."""
     row = Row(label, cache)
     for i in range(repeat):
@@ -303,10 +333,27 @@ def mergekit_path(args: argparse.Namespace) -> tuple[str | None, str]:
     constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(constraints), f"torch=={torch.__version__.split('+')[0]}", "mergekit"], check=True, capture_output=True, text=True, timeout=900)
+        subprocess.run(
+            [
+                str(venv / "bin" / "pip"),
+                "install",
+                "-q",
+                "-c",
+                str(constraints),
+                f"torch=={torch.__version__.split('+')[0]}",
+                "mergekit",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         return str(exe), ""
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        return None, f"skipped: could not install mergekit from PyPI ({str(getattr(e, 'stderr', '') or e).strip().splitlines()[-1:]})"
+        return (
+            None,
+            f"skipped: could not install mergekit from PyPI ({str(getattr(e, 'stderr', '') or e).strip().splitlines()[-1:]})",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -354,14 +401,24 @@ def check_errors(inputs: list[Path], outputs: dict[str, Path]) -> dict[str, dict
 
 def print_table(title: str, rows: list[Row], total: int, floors: dict[str, float]) -> None:
     print(f"\n{title}")
-    print(f"{'':28s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} {'max |err|':>10s} {'wrong %':>8s}")
+    print(
+        f"{'':28s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} "
+        f"{'max |err|':>10s} {'wrong %':>8s}"
+    )
     for r in rows:
         rss = f"{max(r.rss) / 1e9:.2f} GB" if r.rss else "-"
         if not r.walls:
             print(f"{r.label:28s} {r.cache:5s} {r.note}")
             continue
-        err = f"{r.error['max_abs_error']:10.2e} {100 * r.error['wrongly_rounded_share']:7.2f}%" if r.error else f"{'-':>10s} {'-':>8s}"
-        print(f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} {r.median / floors[r.cache]:8.2f} {rss:>9s} {err}")
+        err = (
+            f"{r.error['max_abs_error']:10.2e} {100 * r.error['wrongly_rounded_share']:7.2f}%"
+            if r.error
+            else f"{'-':>10s} {'-':>8s}"
+        )
+        print(
+            f"{r.label:28s} {r.cache:5s} {r.median:9.2f} {min(r.walls):6.2f}-{max(r.walls):<6.2f} {total / r.median / 1e9:6.2f} "
+            f"{r.median / floors[r.cache]:8.2f} {rss:>9s} {err}"
+        )
 
 
 def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> None:
@@ -370,14 +427,19 @@ def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> Non
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     panels = [("wall time (s)", 1), ("peak RSS (GB)", 2)]
     xmax = max(x for pts in series.values() for x, *_ in pts) * 1.05
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
     panel_w = width / 2
     for p, (title, col) in enumerate(panels):
         x0, y0, w, h = p * panel_w + pad, 30, panel_w - pad - 20, height - 30 - pad
         ymax = max(pt[col] for pts in series.values() for pt in pts) * 1.15 or 1
         parts.append(f'<text x="{x0 + w / 2}" y="18" text-anchor="middle" font-weight="bold">{title} vs GB of inputs read</text>')
-        parts.append(f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="black"/>')
+        parts.append(
+            f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="black"/>'
+            f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="black"/>'
+        )
         for i in range(6):
             xv, yv = xmax * i / 5, ymax * i / 5
             parts.append(f'<text x="{x0 + w * i / 5}" y="{y0 + h + 16}" text-anchor="middle">{xv:.0f}</text>')
@@ -390,7 +452,10 @@ def plot(path: Path, series: dict[str, list[tuple[float, float, float]]]) -> Non
             coords = " ".join(f"{x0 + w * pt[0] / xmax:.1f},{y0 + h - h * pt[col] / ymax:.1f}" for pt in sorted(pts))
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{colors[k % 4]}" stroke-width="2"/>')
             for pt in pts:
-                parts.append(f'<circle cx="{x0 + w * pt[0] / xmax:.1f}" cy="{y0 + h - h * pt[col] / ymax:.1f}" r="3" fill="{colors[k % 4]}"/>')
+                parts.append(
+                    f'<circle cx="{x0 + w * pt[0] / xmax:.1f}" cy="{y0 + h - h * pt[col] / ymax:.1f}" r="3" '
+                    f'fill="{colors[k % 4]}"/>'
+                )
             if p == 0:
                 parts.append(f'<text x="{x0 + 10}" y="{y0 + 14 + 16 * k}" fill="{colors[k % 4]}">{label}</text>')
     parts.append("</svg>")
@@ -415,7 +480,12 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
     floor_row.walls = [fold_floor(args.models, in_dtype, total, os.cpu_count() or 1) for _ in range(args.repeat)]
     rows.append(floor_row)
     scratch = args.dir / "dd.tmp"
-    dd = ["sh", "-c", f'dd if=/dev/zero of="{scratch}" bs=16M count={max(1, (total // args.models) >> 24)} conv=fsync 2>/dev/null; rm "{scratch}"']
+    dd = [
+        "sh",
+        "-c",
+        f'dd if=/dev/zero of="{scratch}" bs=16M count={max(1, (total // args.models) >> 24)} conv=fsync 2>/dev/null; '
+        f'rm "{scratch}"',
+    ]
     rows.append(measure("durable write of the output", "-", dd, args.repeat, files, None))
     rows.append(measure("startup (import torch)", "-", [sys.executable, "-c", "import torch"], args.repeat, files, None))
     ckptavg_cmd = [args.ckptavg, "average", *map(str, paths), "-o", str(out), "--quiet"]
@@ -424,8 +494,10 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
         rows.append(measure("ckptavg average", cache, ckptavg_cmd, args.repeat, files, out, kept / f"ckptavg-{kind}"))
     outputs["ckptavg average"] = kept / f"ckptavg-{kind}"
     rows.append(measure("ckptavg average --no-fsync", "warm", [*ckptavg_cmd, "--no-fsync"], args.repeat, files, out))
-    peers = [("naive load-all (FP32 sum)", [sys.executable, "-c", NAIVE, *map(str, paths), str(out)]),
-             ("fairseq-style running sum", [sys.executable, "-c", FAIRSEQ, *map(str, paths), str(out)])]
+    peers = [
+        ("naive load-all (FP32 sum)", [sys.executable, "-c", NAIVE, *map(str, paths), str(out)]),
+        ("fairseq-style running sum", [sys.executable, "-c", FAIRSEQ, *map(str, paths), str(out)]),
+    ]
     if kind != "pt" and mergekit:
         config = args.dir / f"mergekit-{kind}.yml"
         models = "\n".join(f"  - model: {p}\n    parameters:\n      weight: 1.0" for p in paths)
@@ -452,12 +524,16 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
     for r in rows:
         if r.label in errors:
             r.error = errors[r.label]
-    floors = {cache: max(r.median for r in rows if r.walls and r.cache in (cache, "-") and "floor" in r.label) for cache in args.caches}
+    floors = {
+        cache: max(r.median for r in rows if r.walls and r.cache in (cache, "-") and "floor" in r.label) for cache in args.caches
+    }
     floors["-"] = floors.get("warm", min(floors.values()))
-    title = (f"{kind}: {args.models} x {args.size_gb:g} GB checkpoints, {total / 1e9:.2f} GB of weights read "
-             f"({sum(Path(f).stat().st_size for f in files) / 1e9:.2f} GB of files), {os.cpu_count()} cores, "
-             f"median of {args.repeat} ({args.peer_repeat} for peers); x floor = over the larger of the fold floor "
-             f"and the read floor with the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items() if c != '-')})")
+    title = (
+        f"{kind}: {args.models} x {args.size_gb:g} GB checkpoints, {total / 1e9:.2f} GB of weights read "
+        f"({sum(Path(f).stat().st_size for f in files) / 1e9:.2f} GB of files), {os.cpu_count()} cores, "
+        f"median of {args.repeat} ({args.peer_repeat} for peers); x floor = over the larger of the fold floor "
+        f"and the read floor with the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items() if c != '-')})"
+    )
     print_table(title, rows, total, floors)
     results[kind] = {"title": title, "weight_bytes": total, "floors": floors, "rows": [r.to_dict() for r in rows]}
     for p in outputs.values():
@@ -469,14 +545,24 @@ def compare(args: argparse.Namespace, kind: str, mergekit: str | None, mergekit_
 def scaling(args: argparse.Namespace, results: dict) -> dict[str, list[tuple[float, float, float]]]:
     out = args.dir / "out"
     one = args.size_gb
-    n_label, size_label = f"N inputs of {one:g} GB (2, 4, 8, 16)", f"4 inputs of {', '.join(f'{one * k:g}' for k in (0.5, 1, 2, 4))} GB"
+    n_label, size_label = (
+        f"N inputs of {one:g} GB (2, 4, 8, 16)",
+        f"4 inputs of {', '.join(f'{one * k:g}' for k in (0.5, 1, 2, 4))} GB",
+    )
     series: dict[str, list[tuple[float, float, float]]] = {n_label: [], size_label: [], "read floor (cat, warm)": []}
     table = []
 
     def point(label: str, paths: list[Path]) -> tuple[float, float, float, float]:
         files = input_files(paths)
         total = weight_bytes(paths)
-        row = measure(f"ckptavg {label}", "warm", [args.ckptavg, "average", *map(str, paths), "-o", str(out), "--quiet"], args.repeat, files, out)
+        row = measure(
+            f"ckptavg {label}",
+            "warm",
+            [args.ckptavg, "average", *map(str, paths), "-o", str(out), "--quiet"],
+            args.repeat,
+            files,
+            out,
+        )
         cat = measure("cat", "warm", ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], args.repeat, files, None)
         table.append((label, total, row.median, max(row.rss), cat.median))
         return total, row.median, max(row.rss) / 1e9, cat.median

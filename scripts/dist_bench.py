@@ -54,7 +54,9 @@ def make_dcp(folder: Path, size_gb: float) -> None:
         n = int({size_gb} * 1e9 / 4 / 16)
         g = torch.Generator().manual_seed(0)
         model = {{f"layers.{{i}}.weight": torch.randn(n // 4096, 4096, generator=g) for i in range(16)}}
-        optim = {{f"state.{{k}}.{{m}}": torch.randn(v.shape, generator=g) for k, v in model.items() for m in ("exp_avg", "exp_avg_sq")}}
+        optim = {{
+            f"state.{{k}}.{{m}}": torch.randn(v.shape, generator=g) for k, v in model.items() for m in ("exp_avg", "exp_avg_sq")
+        }}
         save({{"model": model, "optimizer": optim}}, checkpoint_id="{folder}")
     """
     subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True)
@@ -74,8 +76,17 @@ def make_zero3(root: Path, size_gb: float) -> Path:
         deepspeed.init_distributed(dist_backend="gloo")
         n = int({size_gb} * 1e9 / 4 / 16)
         torch.manual_seed(0)
-        model = torch.nn.Sequential(*[torch.nn.Linear(4096, n // 4096, bias=False) if i % 2 == 0 else torch.nn.Linear(n // 4096, 4096, bias=False) for i in range(16)])
-        config = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}, "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "torch_adam": True}}}}}}
+        model = torch.nn.Sequential(
+            *[
+                torch.nn.Linear(4096, n // 4096, bias=False) if i % 2 == 0 else torch.nn.Linear(n // 4096, 4096, bias=False)
+                for i in range(16)
+            ]
+        )
+        config = {{
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {{"stage": 3}},
+            "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "torch_adam": True}}}},
+        }}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         loss = engine(torch.randn(1, 4096)).sum()
         engine.backward(loss)
@@ -102,7 +113,18 @@ def main() -> None:
         make_dcp(source, args.size_gb)
         warm(source)
         out = root / "dcp-ref.pt"
-        ref = measure([sys.executable, "-W", "ignore", "-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", str(source), str(out)])
+        ref = measure(
+            [
+                sys.executable,
+                "-W",
+                "ignore",
+                "-m",
+                "torch.distributed.checkpoint.format_utils",
+                "dcp_to_torch",
+                str(source),
+                str(out),
+            ]
+        )
         out.unlink()
         mine = measure([*ckptavg, str(source), "-o", str(root / "dcp-out")], env)
         fast = measure([*ckptavg, "--no-fsync", str(source), "-o", str(root / "dcp-out")], env)
@@ -112,14 +134,23 @@ def main() -> None:
         warm(run)
         out = root / "zero3-ref"
         shutil.rmtree(out, ignore_errors=True)
-        ref = measure([sys.executable, "-W", "ignore", str(run / "zero_to_fp32.py"), str(run), str(out), "--safe_serialization"], {"DS_ACCELERATOR": "cpu"})
+        ref = measure(
+            [sys.executable, "-W", "ignore", str(run / "zero_to_fp32.py"), str(run), str(out), "--safe_serialization"],
+            {"DS_ACCELERATOR": "cpu"},
+        )
         mine = measure([*ckptavg, str(run), "-o", str(root / "zero3-out")], env)
         fast = measure([*ckptavg, "--no-fsync", str(run), "-o", str(root / "zero3-out")], env)
         rows.append((f"ZeRO-3, {args.size_gb / 2:g} GB model", "zero_to_fp32.py", ref, mine, fast))
     print("ckptavg fsyncs its output by default (durable); the references do not: --no-fsync writes as they do")
-    print(f"{'checkpoint':34s} {'reference':18s} {'ref wall':>9s} {'ref RSS':>9s} {'ckptavg':>9s} {'no-fsync':>9s} {'RSS':>8s} {'time x':>7s} {'RSS x':>6s}")
+    print(
+        f"{'checkpoint':34s} {'reference':18s} {'ref wall':>9s} {'ref RSS':>9s} {'ckptavg':>9s} {'no-fsync':>9s} {'RSS':>8s} "
+        f"{'time x':>7s} {'RSS x':>6s}"
+    )
     for label, name, (rt, rr), (mt, mr), (ft, _) in rows:
-        print(f"{label:34s} {name:18s} {rt:8.2f}s {rr / 1e9:8.2f}G {mt:8.2f}s {ft:8.2f}s {mr / 1e9:7.2f}G {mt / rt:7.2f} {mr / rr:6.2f}")
+        print(
+            f"{label:34s} {name:18s} {rt:8.2f}s {rr / 1e9:8.2f}G {mt:8.2f}s {ft:8.2f}s {mr / 1e9:7.2f}G {mt / rt:7.2f} "
+            f"{mr / rr:6.2f}"
+        )
 
 
 if __name__ == "__main__":

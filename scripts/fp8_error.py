@@ -30,7 +30,10 @@ def main() -> None:
             continue
         exact = sum(dequantize(s[name], s[f"{name}_scale_inv"]) for s in inputs) / len(inputs)
         got = dequantize(out[name], out[f"{name}_scale_inv"]) if out[name].dtype == torch.float8_e4m3fn else out[name].double()
-        print(f"{name}: relative L2 {((got - exact).norm() / exact.norm()).item():.3e}, max |error| {(got - exact).abs().max().item():.3e}")
+        print(
+            f"{name}: relative L2 {((got - exact).norm() / exact.norm()).item():.3e}, max |error| "
+            f"{(got - exact).abs().max().item():.3e}"
+        )
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def choose_dir(given: Path | None, needed: float) -> tuple[Path | None, str]:
 
 def run_ckptavg(argv: list[str], stats_file: Path) -> tuple[float, dict]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(stats_file), *argv], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(stats_file), *argv], capture_output=True, text=True, env=ENV, cwd=ROOT
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"ckptavg {' '.join(argv[:2])}... exited {result.returncode}: {result.stderr.strip()[-1500:]}")
@@ -139,11 +141,15 @@ def run_ckptavg(argv: list[str], stats_file: Path) -> tuple[float, dict]:
 
 def sha256s(folder: Path) -> dict[str, str]:
     """sha256 of each weight file and index of an output folder (the recipe, which holds a date, left out)."""
-    return {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.suffix == ".safetensors" or f.name.endswith(".index.json")}
+    return {
+        f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.suffix == ".safetensors" or f.name.endswith(".index.json")
+    }
 
 
 def torchrun_support() -> bool:
-    result = subprocess.run([sys.executable, "-m", "ckptavg", "average", "--help"], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "ckptavg", "average", "--help"], capture_output=True, text=True, env=ENV, cwd=ROOT
+    )
     return "torchrun" in (result.stdout + result.stderr).lower()
 
 
@@ -159,8 +165,14 @@ def main() -> None:
     deadline = time.monotonic() + args.deadline if args.deadline else float("inf")
 
     cuda = torch.cuda.is_available()
-    results: dict = {"models": args.models, "size_gb": args.size_gb, "repeat": args.repeat, "cpu_count": os.cpu_count(),
-                     "cuda": cuda, "memory_budget_cuda_default": CUDA_MEMORY_BUDGET}
+    results: dict = {
+        "models": args.models,
+        "size_gb": args.size_gb,
+        "repeat": args.repeat,
+        "cpu_count": os.cpu_count(),
+        "cuda": cuda,
+        "memory_budget_cuda_default": CUDA_MEMORY_BUDGET,
+    }
     folder, fstype = choose_dir(args.dir, args.models * args.size_gb * 1e9 * 1.1 + 3 * args.size_gb * 1e9)
     if folder is None:
         results["skipped"] = f"no local disk with room for the inputs: {fstype}"
@@ -174,14 +186,24 @@ def main() -> None:
     files = input_files(paths)
     total = sum(Path(f).stat().st_size for f in files)
     results["input_bytes"] = total
-    print(f"{args.models} inputs, {total / 1e9:.2f} GB in {folder} ({fstype}), made or found in {results['make_inputs_s']:.1f} s", flush=True)
+    print(
+        f"{args.models} inputs, {total / 1e9:.2f} GB in {folder} ({fstype}), made or found in {results['make_inputs_s']:.1f} s",
+        flush=True,
+    )
 
     devices = ["cuda", "cpu"] if cuda else ["cpu"]
     rows: dict[tuple[str, str], dict] = {}
     plan = [("read floor (cat)", "warm"), ("read floor (cat)", "cold"), ("startup (import torch)", "-")]
     plan += [(f"ckptavg --device {d}", c) for d in devices for c in ("warm", "cold")]
     for label, cache in plan:
-        rows[(label, cache)] = {"label": label, "cache": cache, "walls": [], "peak_rss": [], "gpu_peak_allocated": [], "gpu_peak_reserved": []}
+        rows[(label, cache)] = {
+            "label": label,
+            "cache": cache,
+            "walls": [],
+            "peak_rss": [],
+            "gpu_peak_allocated": [],
+            "gpu_peak_reserved": [],
+        }
     outputs = {d: folder / f"out-{d}" for d in devices}
     stats_file = folder / "stats.json"
     last_round = 0.0
@@ -211,7 +233,9 @@ def main() -> None:
                 else:
                     device = label.split()[-1]
                     shutil.rmtree(outputs[device], ignore_errors=True)
-                    wall, stats = run_ckptavg(["average", *map(str, paths), "-o", str(outputs[device]), "--device", device, "--quiet"], stats_file)
+                    wall, stats = run_ckptavg(
+                        ["average", *map(str, paths), "-o", str(outputs[device]), "--device", device, "--quiet"], stats_file
+                    )
             except (RuntimeError, subprocess.CalledProcessError) as e:
                 row["error"] = str(e)
                 print(f"  {label} ({cache}): FAILED {e}", flush=True)
@@ -225,8 +249,15 @@ def main() -> None:
             print(f"  run {r + 1}: {label} ({cache}) {wall:.2f} s{extra}", flush=True)
         last_round = time.monotonic() - round_started
 
-    floors = {c: statistics.median(rows[("read floor (cat)", c)]["walls"]) for c in ("warm", "cold") if rows[("read floor (cat)", c)]["walls"]}
-    print(f"\n{'':26s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} {'GPU peak':>9s}")
+    floors = {
+        c: statistics.median(rows[("read floor (cat)", c)]["walls"])
+        for c in ("warm", "cold")
+        if rows[("read floor (cat)", c)]["walls"]
+    }
+    print(
+        f"\n{'':26s} {'cache':5s} {'median s':>9s} {'min-max s':>13s} {'GB/s':>6s} {'x floor':>8s} {'peak RSS':>9s} "
+        f"{'GPU peak':>9s}"
+    )
     for row in rows.values():
         for key in ("peak_rss", "gpu_peak_allocated", "gpu_peak_reserved"):
             row[key] = max(row[key]) if row[key] else None
@@ -239,7 +270,10 @@ def main() -> None:
         rss = f"{row['peak_rss'] / 1e9:.2f} GB" if row["peak_rss"] else "-"
         gpu = f"{row['gpu_peak_allocated'] / 2**20:.0f} MiB" if row["gpu_peak_allocated"] else "-"
         x = f"{row['x_floor']:8.2f}" if row["x_floor"] else f"{'-':>8s}"
-        print(f"{row['label']:26s} {row['cache']:5s} {row['median']:9.2f} {row['min']:6.2f}-{row['max']:<6.2f} {row['gb_per_s']:6.2f} {x} {rss:>9s} {gpu:>9s}")
+        print(
+            f"{row['label']:26s} {row['cache']:5s} {row['median']:9.2f} {row['min']:6.2f}-{row['max']:<6.2f} "
+            f"{row['gb_per_s']:6.2f} {x} {rss:>9s} {gpu:>9s}"
+        )
     results["floors_s"] = floors
     results["rows"] = list(rows.values())
 
@@ -264,7 +298,9 @@ def main() -> None:
         results["targets"] = {"skipped": "no CUDA device: the --device cuda rows were not run"}
 
     if not torchrun_support():
-        results["torchrun"] = {"skipped": "ckptavg has no torchrun support yet (`ckptavg average --help` does not mention torchrun)"}
+        results["torchrun"] = {
+            "skipped": "ckptavg has no torchrun support yet (`ckptavg average --help` does not mention torchrun)"
+        }
     elif not cuda:
         results["torchrun"] = {"skipped": "no CUDA device"}
     else:
@@ -272,10 +308,31 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         warm(files)
         # Two ranks, each folding its share on its GPU (cuda:LOCAL_RANK, both on cuda:0 with one GPU).
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg", "average", *map(str, paths), "-o", str(out), "--device", "cuda", "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ckptavg",
+            "average",
+            *map(str, paths),
+            "-o",
+            str(out),
+            "--device",
+            "cuda",
+            "--quiet",
+        ]
         t = time.perf_counter()
         result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
-        results["torchrun"] = {"cmd": " ".join(cmd[:8]) + " ...", "exit": result.returncode, "wall_s_warm": time.perf_counter() - t, "stderr_tail": result.stderr[-1500:]}
+        results["torchrun"] = {
+            "cmd": " ".join(cmd[:8]) + " ...",
+            "exit": result.returncode,
+            "wall_s_warm": time.perf_counter() - t,
+            "stderr_tail": result.stderr[-1500:],
+        }
         if result.returncode == 0 and outputs["cpu"].exists():
             results["torchrun"]["output_equals_cpu_output"] = sha256s(out) == sha256s(outputs["cpu"])
         shutil.rmtree(out, ignore_errors=True)

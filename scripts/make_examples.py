@@ -82,8 +82,14 @@ def train(out: Path, steps: int = 800, save_every: int = 100, seconds: float = 3
             history.append({"step": step, "eval_loss": round(eval_loss, 4)})
             folder = out / f"checkpoint-{step}"
             folder.mkdir(exist_ok=True)
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors", metadata={"format": "pt"})
-            (folder / "config.json").write_text(json.dumps({"model_type": "ckptavg-demo-char-mlp", "vocab": vocab, "context": CONTEXT, "torch_dtype": "float32"}))
+            save_file(
+                {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                folder / "model.safetensors",
+                metadata={"format": "pt"},
+            )
+            (folder / "config.json").write_text(
+                json.dumps({"model_type": "ckptavg-demo-char-mlp", "vocab": vocab, "context": CONTEXT, "torch_dtype": "float32"})
+            )
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history}, indent=1))
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save({"cpu_rng_state": torch.get_rng_state()}, folder / "rng_state.pth")

@@ -35,10 +35,15 @@ def run(inputs: list[str], drop: bool) -> None:
         ckptavg.average(inputs, out)
         grew = cached_mib() - before
         files = [str(p) for p in out.glob("*.safetensors")]
-        resident = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *files], capture_output=True, text=True, check=True).stdout.split()
+        resident = subprocess.run(
+            ["fincore", "-b", "-n", "-o", "RES", *files], capture_output=True, text=True, check=True
+        ).stdout.split()
         size = sum(Path(f).stat().st_size for f in files)
         label = "with DONTNEED" if drop else "without DONTNEED"
-        print(f"{label:17s} output pages cached: {sum(map(int, resident)) / 1e6:6.0f} MB of {size / 1e6:.0f} MB; Cached grew {grew} MiB")
+        print(
+            f"{label:17s} output pages cached: {sum(map(int, resident)) / 1e6:6.0f} MB of {size / 1e6:.0f} MB; Cached grew "
+            f"{grew} MiB"
+        )
     finally:
         os.posix_fadvise = advise
         shutil.rmtree(out.parent, ignore_errors=True)

@@ -92,10 +92,16 @@ def main() -> None:
     FILES.close()
     gb = sum(p.stat().st_size for p in paths) / 1e9
     a, b = statistics.median(without), statistics.median(with_check)
-    print(f"inputs: {args.models} x {gb / args.models:.2f} GB bf16, {len(plan.entries)} tensors; cold page cache, medians of {args.repeat}")
+    print(
+        f"inputs: {args.models} x {gb / args.models:.2f} GB bf16, {len(plan.entries)} tensors; cold page cache, medians of "
+        f"{args.repeat}"
+    )
     print(f"average without the check:   {a:7.3f} s  ({min(without):.3f}-{max(without):.3f})")
     print(f"average with the check:      {b:7.3f} s  ({min(with_check):.3f}-{max(with_check):.3f})  = {b / a - 1:+.2%}")
-    print(f"the check alone, cold:       {alone_cold:7.3f} s  = {alone_cold / a:6.2%} of the run (its reads are the first ones the run makes)")
+    print(
+        f"the check alone, cold:       {alone_cold:7.3f} s  = {alone_cold / a:6.2%} of the run "
+        "(its reads are the first ones the run makes)"
+    )
     print(f"the check alone, warm:       {alone_warm:7.3f} s  = {alone_warm / a:6.2%} of the run")
 
 

@@ -103,13 +103,22 @@ def main() -> None:
     tensors = len(open_checkpoint(folders[0]).tensors)
     FILES.close()
     a, b = statistics.median(without), statistics.median(with_check)
-    print(f"inputs: {args.models} x {gb / args.models:.3f} GB bf16, {tensors} tensors each; cold page cache, medians of {args.repeat}")
+    print(
+        f"inputs: {args.models} x {gb / args.models:.3f} GB bf16, {tensors} tensors each; cold page cache, medians of "
+        f"{args.repeat}"
+    )
     print(f"average without the check:   {a:7.3f} s  ({min(without):.3f}-{max(without):.3f})")
     print(f"average with the check:      {b:7.3f} s  ({min(with_check):.3f}-{max(with_check):.3f})  = {b / a - 1:+.2%}")
-    print(f"the check inside those runs: {statistics.median(in_run):7.3f} s  = {statistics.median(in_run) / b:6.2%} of the run (median; {min(in_run):.3f}-{max(in_run):.3f})")
+    print(
+        f"the check inside those runs: {statistics.median(in_run):7.3f} s  = {statistics.median(in_run) / b:6.2%} of the run "
+        f"(median; {min(in_run):.3f}-{max(in_run):.3f})"
+    )
     print(f"the check alone, cold:       {alone_cold:7.3f} s  = {alone_cold / a:6.2%} of the run")
     print(f"the check alone, warm:       {alone_warm:7.3f} s  = {alone_warm / a:6.2%} of the run")
-    print(f"with a copy of the newest, cold (one pair read in full, then refused): {copy_cold:.3f} s = {copy_cold / a:.2%} of the run")
+    print(
+        f"with a copy of the newest, cold (one pair read in full, then refused): "
+        f"{copy_cold:.3f} s = {copy_cold / a:.2%} of the run"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # Sourced by demo.sh and test.sh: a virtual environment with ckptavg installed, without ever pulling a
 # CUDA build of torch when a working torch is already there.
 #   VENV=path   where the environment lives (default .venv)
-#   EXTRAS=test install the test extra too
+#   EXTRAS=test install the test extra too (a comma list: EXTRAS=test,dev)
 #   TORCH_SPEC  the torch to install when none works yet (default torch==2.13.0: a local CPU wheel here)
 set -euo pipefail
 VENV=${VENV:-.venv}

@@ -69,7 +69,9 @@ def install() -> None:
     per_node = int(os.environ.get("CKPTAVG_SIM_RANKS_PER_NODE", "1"))
     node_bw = float(os.environ["CKPTAVG_SIM_NODE_BW"])
     fs_bw = float(os.environ.get("CKPTAVG_SIM_FS_BW", "0") or 0)
-    folder = Path(os.environ.get("CKPTAVG_SIM_DIR") or f"/dev/shm/ckptavg-sim-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}")
+    folder = Path(
+        os.environ.get("CKPTAVG_SIM_DIR") or f"/dev/shm/ckptavg-sim-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     queues = []
     if node_bw > 0:

@@ -56,7 +56,16 @@ import bench  # noqa: E402  (scripts/bench.py: inputs, eviction, the cat floor)
 from ckptavg.verify import sha256_of  # noqa: E402  (bench put the project on the path)
 
 PY = sys.executable
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -140,12 +149,20 @@ def run_job(cmd: list[str], env: dict[str, str]) -> dict:
     report = None
     if "{" in out:
         try:
-            report = json.loads(out[out.index("{"):])
+            report = json.loads(out[out.index("{") :])
         except json.JSONDecodeError:
             report = None
     ranks = {k: v for k, v in peaks.items() if k.startswith("rank") or k == "main"}
-    return {"wall": wall, "time_v_max_rss": tree_max, "rss": peaks, "rss_ranks_max": max(ranks.values(), default=0),
-            "rss_ranks_sum": sum(ranks.values()), "loadavg_before": load, "report": report, "stderr_tail": err[-600:]}
+    return {
+        "wall": wall,
+        "time_v_max_rss": tree_max,
+        "rss": peaks,
+        "rss_ranks_max": max(ranks.values(), default=0),
+        "rss_ranks_sum": sum(ranks.values()),
+        "loadavg_before": load,
+        "report": report,
+        "stderr_tail": err[-600:],
+    }
 
 
 def output_hashes(out: Path) -> dict[str, str]:
@@ -182,13 +199,26 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
     startup_cmd = {1: [PY, "-c", "import torch"]}
     for k in args.procs:
         if k > 1:
-            startup_cmd[k] = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k), "--no-python", PY, "-c",
-                              "import torch, torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"]
+            startup_cmd[k] = [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(k),
+                "--no-python",
+                PY,
+                "-c",
+                "import torch, torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()",
+            ]
     for round_ in range(args.repeat):
         for k in args.procs:
             r = run_job(startup_cmd[k], clean_env())
             rows.setdefault((f"startup floor, {k} proc", "-"), []).append(r)
-            print(f"  round {round_ + 1}: startup floor {k} proc: {r['wall']:.2f} s, max rank {r['rss_ranks_max'] / 1e9:.2f} GB", file=sys.stderr)
+            print(
+                f"  round {round_ + 1}: startup floor {k} proc: {r['wall']:.2f} s, max rank {r['rss_ranks_max'] / 1e9:.2f} GB",
+                file=sys.stderr,
+            )
         for cache in args.caches:
             bench.evict(files) if cache == "cold" else bench.warm(files)
             wall, _ = bench.timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
@@ -209,14 +239,24 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 rows.setdefault((f"ckptavg, {k} proc", cache), []).append(r)
                 inner = r["report"]["seconds"] if r["report"] else float("nan")
-                print(f"  round {round_ + 1}: {k} proc {cache}: {r['wall']:.2f} s (ckptavg's own {inner:.2f} s), ranks max {r['rss_ranks_max'] / 1e9:.2f} GB "
-                      f"sum {r['rss_ranks_sum'] / 1e9:.2f} GB, time -v {r['time_v_max_rss'] / 1e9:.2f} GB, identical {r['identical']}", file=sys.stderr)
+                print(
+                    f"  round {round_ + 1}: {k} proc {cache}: {r['wall']:.2f} s (ckptavg's own {inner:.2f} s), "
+                    f"ranks max {r['rss_ranks_max'] / 1e9:.2f} GB sum {r['rss_ranks_sum'] / 1e9:.2f} GB, "
+                    f"time -v {r['time_v_max_rss'] / 1e9:.2f} GB, identical {r['identical']}",
+                    file=sys.stderr,
+                )
     floors = {cache: statistics.median(x["wall"] for x in rows[("read floor (cat)", cache)]) for cache in args.caches}
-    title = (f"bf16: {args.models} x {args.size_gb:g} GB sharded safetensors, {total / 1e9:.2f} GB read, output in {args.max_shard_size} shards, "
-             f"fsync {'off (--no-fsync)' if args.no_fsync else 'on'}, {os.cpu_count()} cores, median of {args.repeat} (min-max), "
-             f"x floor = over the cat floor of the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items())})")
+    title = (
+        f"bf16: {args.models} x {args.size_gb:g} GB sharded safetensors, {total / 1e9:.2f} GB read, "
+        f"output in {args.max_shard_size} shards, fsync {'off (--no-fsync)' if args.no_fsync else 'on'}, {os.cpu_count()} cores, "
+        f"median of {args.repeat} (min-max), "
+        f"x floor = over the cat floor of the same cache ({', '.join(f'{c} {v:.2f} s' for c, v in floors.items())})"
+    )
     print(f"\n{title}")
-    head = f"{'':24s} {'cache':5s} {'median s':>8s} {'min-max s':>12s} {'GB/s':>5s} {'x floor':>7s} {'own s':>6s} {'rank max':>8s} {'rank sum':>8s} {'time -v':>7s}  identical"
+    head = (
+        f"{'':24s} {'cache':5s} {'median s':>8s} {'min-max s':>12s} {'GB/s':>5s} {'x floor':>7s} {'own s':>6s} {'rank max':>8s} "
+        f"{'rank sum':>8s} {'time -v':>7s}  identical"
+    )
     print(head)
     table = []
     for (label, cache), runs in rows.items():
@@ -231,11 +271,18 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
             text += f"{'-':>5s} {'-':>7s} "
         if "rss" in runs[0]:
             own = [x["report"]["seconds"] for x in runs if x.get("report")]
-            line |= {"own_seconds": stats(own) if own else None, "rss_ranks_max": max(x["rss_ranks_max"] for x in runs),
-                     "rss_ranks_sum": max(x["rss_ranks_sum"] for x in runs), "time_v_max_rss": max(x["time_v_max_rss"] for x in runs),
-                     "rss_by_process": runs[-1]["rss"]}
+            line |= {
+                "own_seconds": stats(own) if own else None,
+                "rss_ranks_max": max(x["rss_ranks_max"] for x in runs),
+                "rss_ranks_sum": max(x["rss_ranks_sum"] for x in runs),
+                "time_v_max_rss": max(x["time_v_max_rss"] for x in runs),
+                "rss_by_process": runs[-1]["rss"],
+            }
             text += f"{statistics.median(own) if own else float('nan'):6.2f} " if own else f"{'-':>6s} "
-            text += f"{line['rss_ranks_max'] / 1e9:5.2f} GB {line['rss_ranks_sum'] / 1e9:5.2f} GB {line['time_v_max_rss'] / 1e9:4.2f} GB"
+            text += (
+                f"{line['rss_ranks_max'] / 1e9:5.2f} GB {line['rss_ranks_sum'] / 1e9:5.2f} GB "
+                f"{line['time_v_max_rss'] / 1e9:4.2f} GB"
+            )
         if "identical" in runs[0]:
             line["identical"] = all(x["identical"] for x in runs)
             line["differs"] = sorted({d for x in runs for d in x["differs"]})
@@ -243,8 +290,14 @@ def bench_part(args: argparse.Namespace, results: dict) -> None:
             text += f"  {'yes' if line['identical'] else 'NO: ' + ','.join(line['differs'])} ({runs[0]['files']} files)"
         print(text)
         table.append(line)
-    results["bench"] = {"title": title, "read_bytes": total, "floors": floors, "rows": table,
-                        "reference_hashes": reference, "runs": {f"{k[0]} | {k[1]}": v for k, v in rows.items()}}
+    results["bench"] = {
+        "title": title,
+        "read_bytes": total,
+        "floors": floors,
+        "rows": table,
+        "reference_hashes": reference,
+        "runs": {f"{k[0]} | {k[1]}": v for k, v in rows.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- part 2
@@ -257,12 +310,28 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
     total = bench.weight_bytes(paths)
     out = args.dir / "sim-out"
     node_bw, fs_bw = args.sim_node_mbps * 1e6, args.sim_fs_mbps * 1e6
-    script = [str(bench.ROOT / "scripts" / "throttled_ckptavg.py"), "average", *map(str, paths), "-o", str(out), "--quiet", "--json", "--no-fsync"]
+    script = [
+        str(bench.ROOT / "scripts" / "throttled_ckptavg.py"),
+        "average",
+        *map(str, paths),
+        "-o",
+        str(out),
+        "--quiet",
+        "--json",
+        "--no-fsync",
+    ]
     # (label, processes, ranks per node, node bytes/s, fs bytes/s)
-    configs = [("1 node", 1, 1, node_bw, 0.0), ("2 nodes", 2, 1, node_bw, 0.0), ("4 nodes", 4, 1, node_bw, 0.0),
-               ("2 nodes x 2 ranks", 4, 2, node_bw, 0.0)]
+    configs = [
+        ("1 node", 1, 1, node_bw, 0.0),
+        ("2 nodes", 2, 1, node_bw, 0.0),
+        ("4 nodes", 4, 1, node_bw, 0.0),
+        ("2 nodes x 2 ranks", 4, 2, node_bw, 0.0),
+    ]
     if fs_bw:
-        configs += [(f"2 nodes, fs {args.sim_fs_mbps:g} MB/s", 2, 1, node_bw, fs_bw), (f"4 nodes, fs {args.sim_fs_mbps:g} MB/s", 4, 1, node_bw, fs_bw)]
+        configs += [
+            (f"2 nodes, fs {args.sim_fs_mbps:g} MB/s", 2, 1, node_bw, fs_bw),
+            (f"4 nodes, fs {args.sim_fs_mbps:g} MB/s", 4, 1, node_bw, fs_bw),
+        ]
     if args.sim_rows:
         configs = [c for c in configs if c[0] in args.sim_rows.split(",")]
     omp = {"OMP_NUM_THREADS": str(args.sim_omp)} if args.sim_omp else {}
@@ -271,14 +340,25 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
     for round_ in range(args.repeat):
         for procs in sorted({c[1] for c in configs}):  # the unthrottled time: startup + the work on this machine
             shutil.rmtree(out, ignore_errors=True)
-            r = run_job(launcher(procs, script), clean_env(omp | {"CKPTAVG_SIM_NODE_BW": "0", "CKPTAVG_SIM_DIR": str(args.dir / "sim-q" / f"u{procs}-{round_}")}))
+            r = run_job(
+                launcher(procs, script),
+                clean_env(omp | {"CKPTAVG_SIM_NODE_BW": "0", "CKPTAVG_SIM_DIR": str(args.dir / "sim-q" / f"u{procs}-{round_}")}),
+            )
             runs.setdefault(f"unthrottled, {procs} proc", []).append(r)
             print(f"  sim round {round_ + 1}: unthrottled {procs} proc: {r['wall']:.2f} s", file=sys.stderr)
         for label, procs, per_node, nbw, fbw in configs:
             shutil.rmtree(out, ignore_errors=True)
             queues = args.dir / "sim-q" / f"{label.replace(' ', '_').replace(',', '')}-{round_}"
             shutil.rmtree(queues, ignore_errors=True)
-            env = clean_env(omp | {"CKPTAVG_SIM_NODE_BW": str(nbw), "CKPTAVG_SIM_RANKS_PER_NODE": str(per_node), "CKPTAVG_SIM_FS_BW": str(fbw), "CKPTAVG_SIM_DIR": str(queues)})
+            env = clean_env(
+                omp
+                | {
+                    "CKPTAVG_SIM_NODE_BW": str(nbw),
+                    "CKPTAVG_SIM_RANKS_PER_NODE": str(per_node),
+                    "CKPTAVG_SIM_FS_BW": str(fbw),
+                    "CKPTAVG_SIM_DIR": str(queues),
+                }
+            )
             r = run_job(launcher(procs, script), env)
             r["ranks"] = [json.loads((queues / f"rank-{i}.json").read_text()) for i in range(procs)]
             runs.setdefault(label, []).append(r)
@@ -286,13 +366,17 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
             print(f"  sim round {round_ + 1}: {label}: {r['wall']:.2f} s; ranks read {per_rank}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(args.dir / "sim-q", ignore_errors=True)
-    title = (f"simulation: {args.sim_models} x {args.sim_size_gb:g} GB bf16, {total / 1e9:.2f} GB read, warm cache, --no-fsync, node link "
-             f"{args.sim_node_mbps:g} MB/s{f', filesystem {args.sim_fs_mbps:g} MB/s where stated' if fs_bw else ''}, median of {args.repeat}, "
-             f"OMP_NUM_THREADS {args.sim_omp or 'torchrun default (1 when K > 1)'}; "
-             f"model = startup (same processes unthrottled) + read bytes / min(nodes x node link, filesystem)")
+    title = (
+        f"simulation: {args.sim_models} x {args.sim_size_gb:g} GB bf16, {total / 1e9:.2f} GB read, warm cache, --no-fsync, "
+        f"node link {args.sim_node_mbps:g} MB/s{f', filesystem {args.sim_fs_mbps:g} MB/s where stated' if fs_bw else ''}, "
+        f"median of {args.repeat}, OMP_NUM_THREADS {args.sim_omp or 'torchrun default (1 when K > 1)'}; "
+        f"model = startup (same processes unthrottled) + read bytes / min(nodes x node link, filesystem)"
+    )
     print(f"\n{title}")
-    print(f"{'':22s} {'procs':>5s} {'bandwidth':>10s} {'model s':>7s} {'wall s':>6s} {'min-max s':>12s} {'ratio':>5s} "
-          f"{'read model s':>12s} {'read phase s':>12s} {'min-max s':>12s} {'ratio':>5s} {'bytes max/mean':>14s}")
+    print(
+        f"{'':22s} {'procs':>5s} {'bandwidth':>10s} {'model s':>7s} {'wall s':>6s} {'min-max s':>12s} {'ratio':>5s} "
+        f"{'read model s':>12s} {'read phase s':>12s} {'min-max s':>12s} {'ratio':>5s} {'bytes max/mean':>14s}"
+    )
     table = []
     for label, procs, per_node, nbw, fbw in configs:
         nodes = procs // per_node
@@ -306,18 +390,42 @@ def sim_part(args: argparse.Namespace, results: dict) -> None:
         # the read phase: from the job's first throttled read to its last (CLOCK_MONOTONIC is the same in every process)
         phase = stats([max(x["last"] for x in r["ranks"]) - min(x["first"] for x in r["ranks"]) for r in runs[label]])
         read_model = total / bw
-        print(f"{label:22s} {procs:5d} {bw / 1e6:6.0f} MB/s {model:7.2f} {s['median']:6.2f} {s['min']:5.2f}-{s['max']:<6.2f} {s['median'] / model:5.2f} "
-              f"{read_model:12.2f} {phase['median']:12.2f} {phase['min']:5.2f}-{phase['max']:<6.2f} {phase['median'] / read_model:5.2f} {imbalance:14.3f}")
-        table.append({"label": label, "procs": procs, "ranks_per_node": per_node, "nodes": nodes, "node_bw": nbw, "fs_bw": fbw, "bandwidth": bw,
-                      "startup": startup, "model": model, "wall": s, "ratio": s["median"] / model, "read_model": read_model, "read_phase": phase,
-                      "read_ratio": phase["median"] / read_model, "rank_bytes": loads,
-                      "rank_read_spans": spans, "imbalance": imbalance})
+        print(
+            f"{label:22s} {procs:5d} {bw / 1e6:6.0f} MB/s {model:7.2f} {s['median']:6.2f} {s['min']:5.2f}-{s['max']:<6.2f} "
+            f"{s['median'] / model:5.2f} {read_model:12.2f} {phase['median']:12.2f} {phase['min']:5.2f}-{phase['max']:<6.2f} "
+            f"{phase['median'] / read_model:5.2f} {imbalance:14.3f}"
+        )
+        table.append(
+            {
+                "label": label,
+                "procs": procs,
+                "ranks_per_node": per_node,
+                "nodes": nodes,
+                "node_bw": nbw,
+                "fs_bw": fbw,
+                "bandwidth": bw,
+                "startup": startup,
+                "model": model,
+                "wall": s,
+                "ratio": s["median"] / model,
+                "read_model": read_model,
+                "read_phase": phase,
+                "read_ratio": phase["median"] / read_model,
+                "rank_bytes": loads,
+                "rank_read_spans": spans,
+                "imbalance": imbalance,
+            }
+        )
     for procs in sorted({c[1] for c in configs}):
         s = stats([x["wall"] for x in runs[f"unthrottled, {procs} proc"]])
         print(f"{'unthrottled':22s} {procs:5d} {'-':>10s} {'-':>7s} {s['median']:6.2f} {s['min']:5.2f}-{s['max']:<6.2f}")
         table.append({"label": "unthrottled", "procs": procs, "wall": s})
-    results["sim"] = {"title": title, "read_bytes": total, "rows": table,
-                      "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "stderr_tail"} for r in v] for k, v in runs.items()}}
+    results["sim"] = {
+        "title": title,
+        "read_bytes": total,
+        "rows": table,
+        "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "stderr_tail"} for r in v] for k, v in runs.items()},
+    }
     if not args.keep_sim_inputs:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -331,9 +439,17 @@ def llama70b_shapes() -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h)}
     for layer in range(80):
         p = f"model.layers.{layer}."
-        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                   p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
 
 
@@ -358,16 +474,33 @@ def split_part(args: argparse.Namespace, results: dict) -> None:
             shard, at = shard + 1, 0
         where[name] = (shard, at)
         at += nbytes
-    entries = [PlanEntry(name, torch.bfloat16, shape,
-                         [TensorSource(Path(f"/ckpt/{k}/model-{where[name][0] + 1:05d}.safetensors"), where[name][1], torch.bfloat16, shape) for k in range(n_inputs)],
-                         [1.0] * n_inputs, float(n_inputs), torch.float32) for name, shape in shapes.items()]
+    entries = [
+        PlanEntry(
+            name,
+            torch.bfloat16,
+            shape,
+            [
+                TensorSource(Path(f"/ckpt/{k}/model-{where[name][0] + 1:05d}.safetensors"), where[name][1], torch.bfloat16, shape)
+                for k in range(n_inputs)
+            ],
+            [1.0] * n_inputs,
+            float(n_inputs),
+            torch.float32,
+        )
+        for name, shape in shapes.items()
+    ]
     plan = Plan([], None, entries)  # type: ignore[arg-type]
     out_shards = split_shards([TensorSpec(e.name, e.dtype, e.shape) for e in entries], 5_000_000_000)
     out_file = {spec.name: j for j, sh in enumerate(out_shards) for spec in sh}
     rows = []
-    print(f"\nsplit: {n_inputs} x {total / 1e9:.1f} GB bf16 (Llama-2-70B shapes, {len(shapes)} tensors, {shard + 1} input shards each, "
-          f"{len(out_shards)} output shards of <= 5 GB): ckptavg's split_work + assign, per rank")
-    print(f"{'ranks':>6s} {'units':>6s} {'unit GB max':>11s} {'read GB/rank':>12s} {'max/mean':>8s} {'units/rank':>10s} {'input files/rank':>16s} {'output files/rank':>17s}")
+    print(
+        f"\nsplit: {n_inputs} x {total / 1e9:.1f} GB bf16 (Llama-2-70B shapes, {len(shapes)} tensors, "
+        f"{shard + 1} input shards each, {len(out_shards)} output shards of <= 5 GB): ckptavg's split_work + assign, per rank"
+    )
+    print(
+        f"{'ranks':>6s} {'units':>6s} {'unit GB max':>11s} {'read GB/rank':>12s} {'max/mean':>8s} {'units/rank':>10s} "
+        f"{'input files/rank':>16s} {'output files/rank':>17s}"
+    )
     for world in args.split_worlds:
         started = time.perf_counter()
         units = split_work(plan, world)
@@ -377,38 +510,68 @@ def split_part(args: argparse.Namespace, results: dict) -> None:
         in_files = [len({(k, where[entries[u.entry].name][0]) for u in sh for k in range(n_inputs)}) for sh in shares]
         out_files = [len({out_file[entries[u.entry].name] for u in sh}) for sh in shares]
         mean = sum(loads) / world
-        row = {"ranks": world, "units": len(units), "unit_bytes_max": max(u.read_bytes for u in units), "read_mean": mean,
-               "read_max": max(loads), "imbalance": max(loads) / mean, "units_per_rank": [min(map(len, shares)), max(map(len, shares))],
-               "input_files_per_rank": [min(in_files), max(in_files)], "output_files_per_rank": [min(out_files), max(out_files)],
-               "split_seconds": seconds}
+        row = {
+            "ranks": world,
+            "units": len(units),
+            "unit_bytes_max": max(u.read_bytes for u in units),
+            "read_mean": mean,
+            "read_max": max(loads),
+            "imbalance": max(loads) / mean,
+            "units_per_rank": [min(map(len, shares)), max(map(len, shares))],
+            "input_files_per_rank": [min(in_files), max(in_files)],
+            "output_files_per_rank": [min(out_files), max(out_files)],
+            "split_seconds": seconds,
+        }
         rows.append(row)
-        print(f"{world:6d} {len(units):6d} {row['unit_bytes_max'] / 1e9:11.2f} {mean / 1e9:12.2f} {row['imbalance']:8.4f} "
-              f"{min(map(len, shares)):4d}-{max(map(len, shares)):<5d} {min(in_files):8d}-{max(in_files):<7d} {min(out_files):8d}-{max(out_files):<8d}")
-    results["split"] = {"inputs": n_inputs, "checkpoint_bytes": total, "input_shards": shard + 1, "output_shards": len(out_shards),
-                        "tensors": len(shapes), "rows": rows}
+        print(
+            f"{world:6d} {len(units):6d} {row['unit_bytes_max'] / 1e9:11.2f} {mean / 1e9:12.2f} {row['imbalance']:8.4f} "
+            f"{min(map(len, shares)):4d}-{max(map(len, shares)):<5d} {min(in_files):8d}-{max(in_files):<7d} "
+            f"{min(out_files):8d}-{max(out_files):<8d}"
+        )
+    results["split"] = {
+        "inputs": n_inputs,
+        "checkpoint_bytes": total,
+        "input_shards": shard + 1,
+        "output_shards": len(out_shards),
+        "tensors": len(shapes),
+        "rows": rows,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/ckptavg-bench-tr"), help="inputs under DIR/bf16 (made or reused), outputs beside them")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/tmp/ckptavg-bench-tr"),
+        help="inputs under DIR/bf16 (made or reused), outputs beside them",
+    )
     parser.add_argument("--procs", default="1,2,4", help="numbers of processes; the first must be 1 (the reference output)")
     parser.add_argument("--caches", default="cold,warm")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each round runs every row once")
     parser.add_argument("--no-fsync", action="store_true", help="pass --no-fsync to ckptavg (default: fsync on, as the product)")
-    parser.add_argument("--max-shard-size", default="200MB", help="ckptavg's --max-shard-size: several output shards and an index to compare")
+    parser.add_argument(
+        "--max-shard-size", default="200MB", help="ckptavg's --max-shard-size: several output shards and an index to compare"
+    )
     parser.add_argument("--keep-reference", action="store_true", help="keep the 1-process output in DIR/ref-1proc")
     parser.add_argument("--parts", default="bench,sim,split", help="bench, sim, split (any of them, comma-separated)")
     parser.add_argument("--split-inputs", type=int, default=10, help="split: number of 70B checkpoints")
     parser.add_argument("--split-worlds", default="8,64,512", help="split: world sizes")
     parser.add_argument("--sim-models", type=int, default=6)
-    parser.add_argument("--sim-size-gb", type=float, default=0.36, help="per input (make_inputs' smallest Llama shape is 0.36 GB)")
+    parser.add_argument(
+        "--sim-size-gb", type=float, default=0.36, help="per input (make_inputs' smallest Llama shape is 0.36 GB)"
+    )
     parser.add_argument("--sim-node-mbps", type=float, default=100.0, help="simulated node link, MB/s (1e6 bytes)")
-    parser.add_argument("--sim-fs-mbps", type=float, default=200.0, help="simulated filesystem limit for the last rows, MB/s; 0: none")
+    parser.add_argument(
+        "--sim-fs-mbps", type=float, default=200.0, help="simulated filesystem limit for the last rows, MB/s; 0: none"
+    )
     parser.add_argument("--keep-sim-inputs", action="store_true")
     parser.add_argument("--sim-rows", help="only these simulated rows (labels, comma-separated), e.g. '2 nodes,4 nodes'")
-    parser.add_argument("--sim-omp", type=int, help="OMP_NUM_THREADS for every simulated run (a rank's fold workers); default torchrun's")
+    parser.add_argument(
+        "--sim-omp", type=int, help="OMP_NUM_THREADS for every simulated run (a rank's fold workers); default torchrun's"
+    )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     args.procs = [int(x) for x in args.procs.split(",")]

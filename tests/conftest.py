@@ -84,7 +84,9 @@ def save_layout(state: dict[str, torch.Tensor], root: Path, layout: str, step: i
         return root
     if layout == "pt":
         path = root / "model.pt"
-        torch.save({"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1}]}, "step": step}, path)
+        torch.save(
+            {"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1}]}, "step": step}, path
+        )
         return path
     if layout == "pt-legacy":
         path = root / "model.pt"
@@ -109,7 +111,11 @@ def save_layout(state: dict[str, torch.Tensor], root: Path, layout: str, step: i
 
         path = root / f"checkpoint_1_{step or 0}.pt"
         torch.save(
-            {"model": state, "args": argparse.Namespace(arch="tiny", lr=[0.1]), "extra_state": {"rng": np.random.RandomState(0).get_state()}},
+            {
+                "model": state,
+                "args": argparse.Namespace(arch="tiny", lr=[0.1]),
+                "extra_state": {"rng": np.random.RandomState(0).get_state()},
+            },
             path,
             pickle_protocol=2,
         )

@@ -191,18 +191,29 @@ def _launch(job: str, args: list[str], extra_env: dict[str, str] | None = None, 
     would wait in a collective until gloo's timeout) and the error carries every rank's output tail.
     """
     env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_WORLD_SIZE=str(WORLD_SIZE), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}),
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(WORLD_SIZE),
+        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        **(extra_env or {}),
     )
     with tempfile.TemporaryDirectory(prefix=f"dist_runs_{job}_") as logs:
         procs, outs = [], []
         for rank in range(WORLD_SIZE):
             out = open(Path(logs) / f"rank{rank}.log", "w+")
             outs.append(out)
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, job, *args], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                stdout=out, stderr=subprocess.STDOUT, text=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, job, *args],
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + timeout
         failed = False
         try:
@@ -376,10 +387,15 @@ def _child_tp(root: Path, mesh) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(3)
-    model = parallelize_module(_TPNet(), mesh, {
-        # uneven hidden width (9 = 5 + 4): fc1's output stays a DTensor so that fc2 sees its true global shape
-        "fc1": ColwiseParallel(use_local_output=False), "fc2": RowwiseParallel(),
-    })
+    model = parallelize_module(
+        _TPNet(),
+        mesh,
+        {
+            # uneven hidden width (9 = 5 + 4): fc1's output stays a DTensor so that fc2 sees its true global shape
+            "fc1": ColwiseParallel(use_local_output=False),
+            "fc2": RowwiseParallel(),
+        },
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     for step in range(1, max(DCP_SAVE_STEPS) + 1):
         g = _batch_gen(step, 0)  # tensor parallelism: every rank sees the same batch

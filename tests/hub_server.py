@@ -52,7 +52,9 @@ class HubRepo:
         parent = self.branches.get(branch, self.branches.get("main"))
         tree = dict(self.commits[parent].files) if parent and keep else {}
         tree.update(files)
-        digest = hashlib.sha1(json.dumps([parent, title, len(self.commits), sorted((k, _sha256(v)) for k, v in tree.items())]).encode())
+        digest = hashlib.sha1(
+            json.dumps([parent, title, len(self.commits), sorted((k, _sha256(v)) for k, v in tree.items())]).encode()
+        )
         sha = digest.hexdigest()
         self.commits[sha] = Commit(sha, title, tree, parent, f"2026-01-{len(self.commits) + 1:02d}T00:00:00.000Z")
         self.branches[branch] = sha
@@ -188,7 +190,9 @@ class HubStandin:
             self.unknown.append((method, path))
         self._error(h, method, 404, None, "no such route in the stand-in")
 
-    def _send(self, h: BaseHTTPRequestHandler, method: str, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, h: BaseHTTPRequestHandler, method: str, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         h.send_response(status)
         for key, value in (headers or {}).items():
             h.send_header(key, value)
@@ -200,7 +204,9 @@ class HubStandin:
     def _json(self, h: BaseHTTPRequestHandler, method: str, data: object, status: int = 200) -> None:
         self._send(h, method, status, json.dumps(data).encode(), {"Content-Type": "application/json"})
 
-    def _error(self, h: BaseHTTPRequestHandler, method: str, status: int, code: str | None, message: str, commit: str | None = None) -> None:
+    def _error(
+        self, h: BaseHTTPRequestHandler, method: str, status: int, code: str | None, message: str, commit: str | None = None
+    ) -> None:
         headers = {"X-Error-Message": message, "Content-Type": "application/json"}
         if code:
             headers["X-Error-Code"] = code
@@ -230,14 +236,26 @@ class HubStandin:
         def ref(kind: str, name: str, sha: str) -> dict:
             return {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
 
-        self._json(h, method, {"branches": [ref("heads", n, s) for n, s in r.branches.items()], "tags": [ref("tags", n, s) for n, s in r.tags.items()], "converts": []})
+        self._json(
+            h,
+            method,
+            {
+                "branches": [ref("heads", n, s) for n, s in r.branches.items()],
+                "tags": [ref("tags", n, s) for n, s in r.tags.items()],
+                "converts": [],
+            },
+        )
 
     def _commits(self, h, method, repo, rev, query=None, body=b""):
         sha = self._revision(h, method, repo, rev)
         if sha is None:
             return
         history = self.repos[repo].history(sha)
-        self._json(h, method, [{"id": c.sha, "title": c.title, "message": "", "authors": [{"user": "trainer"}], "date": c.date} for c in history])
+        self._json(
+            h,
+            method,
+            [{"id": c.sha, "title": c.title, "message": "", "authors": [{"user": "trainer"}], "date": c.date} for c in history],
+        )
 
     def _paths_info(self, h, method, repo, rev, query=None, body=b""):
         sha = self._revision(h, method, repo, rev)
@@ -251,8 +269,15 @@ class HubStandin:
                 continue
             data = r.commits[sha].files[path]
             last = next(c for c in r.history(sha) if c.parent is None or r.commits[c.parent].files.get(path) != c.files.get(path))
-            out.append({"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest(),
-                        "lastCommit": {"id": last.sha, "title": last.title, "date": last.date}})
+            out.append(
+                {
+                    "type": "file",
+                    "path": path,
+                    "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest(),
+                    "lastCommit": {"id": last.sha, "title": last.title, "date": last.date},
+                }
+            )
         self._json(h, method, out)
 
     def _harnesses(self, h, method, query=None, body=b""):
@@ -266,13 +291,18 @@ class HubStandin:
         data = self.repos[repo].commits[sha].files.get(file)
         if data is None:
             return self._error(h, method, 404, "EntryNotFound", f"{file} does not exist", commit=sha)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{_sha256(data)}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{_sha256(data)}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         status, part = 200, data
         ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range") or "")
         if ranged:
             start = int(ranged.group(1))
             end = min(int(ranged.group(2)) if ranged.group(2) else len(data) - 1, len(data) - 1)
-            status, part = 206, data[start:end + 1]
+            status, part = 206, data[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         if method == "GET":
             with self.lock:
@@ -287,7 +317,13 @@ class HubStandin:
         repo_id = f"{payload.get('organization')}/{payload['name']}"
         if repo_id in self.repos:  # the Hub's 409 names the repo's URL, which huggingface_hub reads
             body = json.dumps({"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}).encode()
-            return self._send(h, method, 409, body, {"X-Error-Message": "You already created this model repo", "Content-Type": "application/json"})
+            return self._send(
+                h,
+                method,
+                409,
+                body,
+                {"X-Error-Message": "You already created this model repo", "Content-Type": "application/json"},
+            )
         self.repos[repo_id] = HubRepo()
         self.repos[repo_id].private = payload.get("visibility") == "private" or bool(payload.get("private"))
         self._json(h, method, {"url": f"{self.url}/{repo_id}"})
@@ -308,10 +344,17 @@ class HubStandin:
             errors.append("metadata must be a mapping")
             data = {}
         base = data.get("base_model")
-        if base is not None and not all(isinstance(b, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", b) for b in (base if isinstance(base, list) else [base])):
+        if base is not None and not all(
+            isinstance(b, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", b) for b in (base if isinstance(base, list) else [base])
+        ):
             errors.append(f"base_model: not a repo id or list of repo ids: {base!r}")
-        if "base_model_relation" in data and (data["base_model_relation"] not in ("adapter", "merge", "quantized", "finetune") or base is None):
-            errors.append(f"base_model_relation: {data['base_model_relation']!r} needs base_model and one of adapter, merge, quantized, finetune")
+        if "base_model_relation" in data and (
+            data["base_model_relation"] not in ("adapter", "merge", "quantized", "finetune") or base is None
+        ):
+            errors.append(
+                f"base_model_relation: {data['base_model_relation']!r} needs base_model and one of adapter, merge, quantized, "
+                "finetune"
+            )
         if not all(isinstance(t, str) for t in data.get("tags") or []):
             errors.append("tags: a list of strings")
         if "library_name" in data and not isinstance(data["library_name"], str):
@@ -332,7 +375,11 @@ class HubStandin:
 
     def _preupload(self, h, method, repo, rev, query=None, body=b""):
         files = json.loads(body)["files"]
-        self._json(h, method, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+        self._json(
+            h,
+            method,
+            {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]},
+        )
 
     def _commit(self, h, method, repo, rev, query=None, body=b""):
         if self.fail_commits:  # what the Hub answers an account over its storage quota; not a status huggingface_hub retries
@@ -397,8 +444,13 @@ class CkptavgRunner:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.calls = 0
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
         assert self.process.stdout is not None
         assert self.process.stdout.readline().strip() == "ready"
 

@@ -69,8 +69,15 @@ def tiny_base(root: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, attention_bias=True, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_bias=True,
+        tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(root, safe_serialization=True)
@@ -83,7 +90,13 @@ def tiny_gpt2_base(root: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(root, safe_serialization=True)
@@ -100,8 +113,16 @@ def _data(n: int = 48) -> list[dict]:
     return data
 
 
-def lora_run(root: Path, base: Path, *, max_steps: int = MAX_STEPS, save_steps: int = SAVE_STEPS,
-             learning_rate: float = 5e-2, seed: int = 0, **lora_kwargs) -> Path:
+def lora_run(
+    root: Path,
+    base: Path,
+    *,
+    max_steps: int = MAX_STEPS,
+    save_steps: int = SAVE_STEPS,
+    learning_rate: float = 5e-2,
+    seed: int = 0,
+    **lora_kwargs,
+) -> Path:
     """Train a LoRA adapter on `base` with transformers.Trainer; returns `root` holding checkpoint-N/ folders.
 
     lora_kwargs go to peft.LoraConfig on top of r=4, lora_alpha=8, target_modules=[q_proj, v_proj],
@@ -116,9 +137,18 @@ def lora_run(root: Path, base: Path, *, max_steps: int = MAX_STEPS, save_steps: 
         model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         model = peft.get_peft_model(model, peft.LoraConfig(**config))
         args = transformers.TrainingArguments(
-            output_dir=str(root), max_steps=max_steps, save_steps=save_steps, logging_steps=save_steps,
-            per_device_train_batch_size=4, learning_rate=learning_rate, report_to=[], use_cpu=True, seed=seed,
-            dataloader_num_workers=0, disable_tqdm=True, label_names=["labels"],
+            output_dir=str(root),
+            max_steps=max_steps,
+            save_steps=save_steps,
+            logging_steps=save_steps,
+            per_device_train_batch_size=4,
+            learning_rate=learning_rate,
+            report_to=[],
+            use_cpu=True,
+            seed=seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            label_names=["labels"],
         )
         transformers.Trainer(model=model, args=args, train_dataset=_data()).train()
     return root
@@ -213,7 +243,7 @@ def adapter_deltas(folder: Path, base: Path | None = None) -> dict[str, torch.Te
     for key in sorted(tensors):
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected adapter key {key!r}")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         if name.endswith(".lora_A.weight"):
             module = name[: -len(".lora_A.weight")]
             A, B = tensors[key], tensors[f"{PREFIX}{module}.lora_B.weight"]
@@ -252,7 +282,7 @@ def adapter_replacements(folder: Path) -> dict[str, torch.Tensor]:
     (`base_model.model.model.embed_tokens.base_layer.weight` -> `model.embed_tokens.weight`)."""
     out = {}
     for key, tensor in adapter_tensors(folder).items():
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         if any(part in name for part in _LORA_PARTS):
             continue
         out[name.replace(".base_layer.", ".")] = tensor

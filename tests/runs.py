@@ -23,9 +23,20 @@ def hf_trainer_run(root: Path) -> Path:
     for item in data:
         item["labels"] = item["input_ids"]
     args = transformers.TrainingArguments(
-        output_dir=str(root), max_steps=10, save_steps=2, eval_strategy="steps", eval_steps=2, logging_steps=2,
-        per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=5e-3, report_to=[], use_cpu=True,
-        seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(root),
+        max_steps=10,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:16])
     trainer.train()
@@ -47,7 +58,9 @@ def _regression(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
 
 
-def lightning_fit(root: Path, callbacks: list | None = None, max_epochs: int = 4, compiled: bool = False, scheduler: bool = True) -> Path:
+def lightning_fit(
+    root: Path, callbacks: list | None = None, max_epochs: int = 4, compiled: bool = False, scheduler: bool = True
+) -> Path:
     """lightning.Trainer with ModelCheckpoint(monitor='val_loss', save_top_k=-1) and `callbacks`: epoch=E-step=S.ckpt
     files of a LightningModule around _Tiny (torch.compile'd with `compiled`, names then model._orig_mod.*)."""
     import lightning as L
@@ -78,8 +91,14 @@ def lightning_fit(root: Path, callbacks: list | None = None, max_epochs: int = 4
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, monitor="val_loss", save_top_k=-1, filename="{epoch}-{step}")
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", callbacks=[*(callbacks or []), checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        callbacks=[*(callbacks or []), checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
     )
     trainer.fit(Module(), loader, loader)
     return root
@@ -108,8 +127,14 @@ def plain_torch_run(root: Path) -> Path:
                 val = nn.functional.mse_loss(model(x), y).item()
             model.train()
             torch.save(
-                {"step": step, "epoch": 0, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                 "metrics": {"val_loss": val}, "rng_state": torch.get_rng_state()},
+                {
+                    "step": step,
+                    "epoch": 0,
+                    "model_state_dict": model.state_dict(),
+                    "optimizer_state_dict": optimizer.state_dict(),
+                    "metrics": {"val_loss": val},
+                    "rng_state": torch.get_rng_state(),
+                },
                 root / f"step_{step}.pt",
             )
     return root

@@ -40,7 +40,7 @@ def mean_of(dicts: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
 
 
 def assert_close(got: dict, want: dict, tol: float = 2e-6) -> None:
-    assert got.keys() == want.keys(), (set(got) ^ set(want))
+    assert got.keys() == want.keys(), set(got) ^ set(want)
     for name in want:
         scale = max(1.0, float(want[name].abs().max()))
         err = float((got[name].double() - want[name].double()).abs().max())
@@ -57,7 +57,12 @@ def test_exact_change_is_the_mean_of_the_changes(request, tmp_path, variant):
     inputs = checkpoints(run)
     report = ckptavg.average(inputs, tmp_path / "out")
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ckptavg.json",
+    ]
     config = adapter_config(out)
     assert config["r"] == config["lora_alpha"] == 4 * len(inputs) and config["use_rslora"] is False
     assert report.adapter["mode"] == "exact" and report.adapter["rank_out"] == 4 * len(inputs)
@@ -65,12 +70,15 @@ def test_exact_change_is_the_mean_of_the_changes(request, tmp_path, variant):
     assert_close(adapter_replacements(out), mean_of([adapter_replacements(c) for c in inputs], [1.0] * len(inputs)))
 
 
-@pytest.mark.parametrize("strategy,weights", [
-    ({"weights": "linear"}, [1.0, 2.0, 3.0, 4.0]),
-    ({"weights": "0,1,0,3"}, [0.0, 1.0, 0.0, 3.0]),
-    ({"ema": 0.5}, [0.125, 0.125, 0.25, 0.5]),
-    ({"ema_half_life": 3.0}, [0.125, 0.125, 0.25, 0.5]),
-])
+@pytest.mark.parametrize(
+    "strategy,weights",
+    [
+        ({"weights": "linear"}, [1.0, 2.0, 3.0, 4.0]),
+        ({"weights": "0,1,0,3"}, [0.0, 1.0, 0.0, 3.0]),
+        ({"ema": 0.5}, [0.125, 0.125, 0.25, 0.5]),
+        ({"ema_half_life": 3.0}, [0.125, 0.125, 0.25, 0.5]),
+    ],
+)
 def test_exact_follows_every_weighting(tmp_path, lora_rslora, strategy, weights):
     inputs = checkpoints(lora_rslora)
     report = ckptavg.average(list(reversed(inputs)), tmp_path / "out", **strategy)
@@ -92,9 +100,13 @@ def test_exact_output_loads_in_peft_without_a_warning_and_gives_the_mean_model(t
         import peft
         import transformers
 
-        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "out")).eval()
+        model = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "out")
+        ).eval()
     ids = sample_ids()
-    torch.testing.assert_close(logits(model, ids), logits({k: v.float() for k, v in want.items()}, ids, base=base), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model, ids), logits({k: v.float() for k, v in want.items()}, ids, base=base), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("variant", ["lora_plain", "lora_dora", "lora_modules_to_save", "lora_gpt2", "lora_bias"])
@@ -115,7 +127,9 @@ def test_one_adapter_with_weight_one_reproduces_itself_in_every_mode(request, tm
     run = request.getfixturevalue(variant)
     one, base = checkpoints(run)[-1], base_of(run)
     ckptavg.average([one], tmp_path / "params", adapter_mode="params")
-    assert all(torch.equal(load_file(tmp_path / "params" / "adapter_model.safetensors")[k], v) for k, v in adapter_tensors(one).items())
+    assert all(
+        torch.equal(load_file(tmp_path / "params" / "adapter_model.safetensors")[k], v) for k, v in adapter_tensors(one).items()
+    )
     assert adapter_config(tmp_path / "params") == adapter_config(one)
     if variant != "lora_dora":
         ckptavg.average([one], tmp_path / "exact")
@@ -140,7 +154,9 @@ def test_params_reports_its_error_against_exact(tmp_path, lora_plain):
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
         b_key = key.replace("lora_A", "lora_B")
         exact = sum(s * t[b_key].double() @ t[key].double() for t in tensors) / len(tensors)
-        params = s * (sum(t[b_key].double() for t in tensors) / len(tensors)) @ (sum(t[key].double() for t in tensors) / len(tensors))
+        params = (
+            s * (sum(t[b_key].double() for t in tensors) / len(tensors)) @ (sum(t[key].double() for t in tensors) / len(tensors))
+        )
         errors[module] = float((params - exact).norm() / exact.norm())
     assert report.adapter["errors"].keys() == errors.keys()
     for module, error in errors.items():
@@ -174,8 +190,15 @@ def test_an_adapter_is_a_folder(cli, tmp_path, lora_plain):
 def test_export_writes_the_adapter_alone_and_merge_writes_the_model(cli, tmp_path, lora_dora):
     one, base = checkpoints(lora_dora)[-1], base_of(lora_dora)
     assert cli("export", one, "-o", tmp_path / "adapter").code == 0
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
-    assert all(torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")[k], v) for k, v in adapter_tensors(one).items())
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ckptavg.json",
+    ]
+    assert all(
+        torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")[k], v) for k, v in adapter_tensors(one).items()
+    )
     assert cli("export", one, "--merge", "--base", base, "-o", tmp_path / "model").code == 0
     got = load_file(tmp_path / "model" / "model.safetensors")
     assert_close(got, merged_state(base, one), tol=1e-5)
@@ -232,7 +255,9 @@ def test_ia3_adapters_are_averaged_parameter_wise(tmp_path, peft_base):
     assert_close(load_file(tmp_path / "out" / "adapter_model.safetensors"), want, tol=1e-7)
     assert adapter_config(tmp_path / "out") == adapter_config(inputs[0])
     ids = sample_ids()
-    torch.testing.assert_close(logits(tmp_path / "out", ids, base=peft_base), logits(load_ia3(peft_base, want), ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(tmp_path / "out", ids, base=peft_base), logits(load_ia3(peft_base, want), ids), rtol=1e-5, atol=1e-5
+    )
 
 
 def load_ia3(base: Path, tensors: dict[str, torch.Tensor]):
@@ -240,7 +265,10 @@ def load_ia3(base: Path, tensors: dict[str, torch.Tensor]):
     import peft
     import transformers
 
-    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(base)), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(str(base)),
+        peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     peft.set_peft_model_state_dict(model, {k: v.float() for k, v in tensors.items()})
     return model.eval()
 

@@ -12,7 +12,18 @@ import ckptavg
 from ckptavg.errors import OutputError
 from ckptavg.merge.engine import fold
 
-LAYOUTS = ["safetensors", "safetensors-folder", "safetensors-sharded", "bin", "bin-sharded", "pt", "pt-legacy", "lightning", "fairseq", "hf-trainer"]
+LAYOUTS = [
+    "safetensors",
+    "safetensors-folder",
+    "safetensors-sharded",
+    "bin",
+    "bin-sharded",
+    "pt",
+    "pt-legacy",
+    "lightning",
+    "fairseq",
+    "hf-trainer",
+]
 
 
 def assert_exact(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -177,7 +188,13 @@ def test_config_and_tokenizer_copied_never_training_state(tmp_path):
     paths = [save_layout(make_state(s), tmp_path, "hf-trainer", step=s + 1) for s in range(2)]
     ckptavg.average(paths, tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["README.md", "ckptavg.json", "config.json", "model.safetensors", "tokenizer_config.json"]  # README.md: the model card
+    assert names == [
+        "README.md",
+        "ckptavg.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]  # README.md: the model card
     recipe = json.loads((tmp_path / "out" / "ckptavg.json").read_text())
     assert [i["step"] for i in recipe["inputs"]] == [1, 2] and recipe["version"] == ckptavg.__version__
 

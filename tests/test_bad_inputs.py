@@ -267,13 +267,16 @@ class Calls:
         return (self.func, self.args)
 
 
-@pytest.mark.parametrize("func, args", [
-    (eval, ("__import__('os').system('touch {marker}')",)),
-    (exec, ("open('{marker}', 'w')",)),
-    (__import__("subprocess").call, (["touch", "{marker}"],)),
-    (__import__("runpy").run_path, ("{marker}",)),
-    (getattr, (Calls(__import__, "os"), "system")),
-])
+@pytest.mark.parametrize(
+    "func, args",
+    [
+        (eval, ("__import__('os').system('touch {marker}')",)),
+        (exec, ("open('{marker}', 'w')",)),
+        (__import__("subprocess").call, (["touch", "{marker}"],)),
+        (__import__("runpy").run_path, ("{marker}",)),
+        (getattr, (Calls(__import__, "os"), "system")),
+    ],
+)
 def test_dangerous_callables_are_refused_by_name(cli, tmp_path, good, func, args):
     marker = tmp_path / "pwned"
     args = tuple(a.format(marker=marker) if isinstance(a, str) else a for a in args)

@@ -25,7 +25,17 @@ def test_json_summary(cli, tmp_path):
     assert report["copied_from_newest"] == ["norm.num_batches_tracked", "mask"]
     assert report["output_files"] == ["model.safetensors", "README.md", "ckptavg.json"]
     assert report["copied_files"] == ["config.json", "tokenizer_config.json"]
-    for key in ("tensors", "parameters", "bytes_read", "bytes_written", "seconds", "gb_per_s", "peak_rss_bytes", "version", "device"):
+    for key in (
+        "tensors",
+        "parameters",
+        "bytes_read",
+        "bytes_written",
+        "seconds",
+        "gb_per_s",
+        "peak_rss_bytes",
+        "version",
+        "device",
+    ):
         assert key in report
     # integer tensors (8 + 7 bytes) are read from the newest input only
     assert report["peak_rss_bytes"] > 0 and report["bytes_read"] == sum(i["bytes"] for i in report["inputs"]) - 2 * 15

@@ -42,7 +42,9 @@ def timm_top1_run(root: Path) -> Path:
     model = _Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     args = argparse.Namespace(model="tiny", epochs=4, eval_metric="top1", checkpoint_hist=10)
-    saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, checkpoint_dir=str(root), recovery_dir=str(root), max_history=10)
+    saver = CheckpointSaver(
+        model=model, optimizer=optimizer, args=args, checkpoint_dir=str(root), recovery_dir=str(root), max_history=10
+    )
     x, y = _regression()
     with mock.patch("os.link", side_effect=OSError(95, "Operation not supported")):
         for epoch, top1 in enumerate(TIMM_TOP1):
@@ -80,10 +82,18 @@ def lightning_acc_run(root: Path) -> Path:
     L.seed_everything(0, verbose=False)
     x, y = _regression()
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, monitor="val_acc", mode="max", save_top_k=-1, save_last=True, filename="{epoch}-{step}")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=root, monitor="val_acc", mode="max", save_top_k=-1, save_last=True, filename="{epoch}-{step}"
+    )
     trainer = L.Trainer(
-        max_epochs=4, accelerator="cpu", callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=True,
+        max_epochs=4,
+        accelerator="cpu",
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
     )
     trainer.fit(Module(), loader, loader)
     return root
@@ -100,8 +110,10 @@ def fairseq_run(root: Path) -> Path:
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         state = {
-            "model": model.state_dict(), "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "num_updates": 100 * epoch}],
-            "extra_state": {"train_iterator": {"epoch": epoch}, "val_loss": 3.0 / epoch}, "last_optimizer_state": {},
+            "model": model.state_dict(),
+            "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "num_updates": 100 * epoch}],
+            "extra_state": {"train_iterator": {"epoch": epoch}, "val_loss": 3.0 / epoch},
+            "last_optimizer_state": {},
         }
         torch.save(state, root / f"checkpoint{epoch}.pt")
     shutil.copyfile(root / f"checkpoint{FAIRSEQ_BEST}.pt", root / "checkpoint_best.pt")
@@ -131,9 +143,27 @@ def fairseq_copies(tmp_path_factory):
 
 # (fixture, glob, the copy refused first, the checkpoint it copies, the checkpoints named for their step or epoch)
 RUNS = {
-    "timm": ("timm_copies", "*.pth.tar", "model_best.pth.tar", "checkpoint-1.pth.tar", [f"checkpoint-{e}.pth.tar" for e in range(4)]),
-    "lightning": ("lightning_copies", "*.ckpt", "last.ckpt", "epoch=3-step=16.ckpt", [f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(4)]),
-    "fairseq": ("fairseq_copies", "*.pt", "checkpoint_best.pt", f"checkpoint{FAIRSEQ_BEST}.pt", [f"checkpoint{e}.pt" for e in (1, 2, 3)]),
+    "timm": (
+        "timm_copies",
+        "*.pth.tar",
+        "model_best.pth.tar",
+        "checkpoint-1.pth.tar",
+        [f"checkpoint-{e}.pth.tar" for e in range(4)],
+    ),
+    "lightning": (
+        "lightning_copies",
+        "*.ckpt",
+        "last.ckpt",
+        "epoch=3-step=16.ckpt",
+        [f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(4)],
+    ),
+    "fairseq": (
+        "fairseq_copies",
+        "*.pt",
+        "checkpoint_best.pt",
+        f"checkpoint{FAIRSEQ_BEST}.pt",
+        [f"checkpoint{e}.pt" for e in (1, 2, 3)],
+    ),
 }
 
 
@@ -153,7 +183,10 @@ def test_average_of_a_folder_with_copies_is_refused_naming_both(cli, tmp_path, r
     assert not any((root / copy).samefile(root / n) for n in named)  # a copy, not a hard link
     result = cli("average", *sorted(root.glob(pattern)), "-o", tmp_path / "out")
     assert result.code == 2, result.err
-    assert result.err.strip().splitlines()[-1] == f"error: {root / copy}: holds the same weights as {root / original} (a copy); drop one of them"
+    assert (
+        result.err.strip().splitlines()[-1]
+        == f"error: {root / copy}: holds the same weights as {root / original} (a copy); drop one of them"
+    )
     assert not (tmp_path / "out").exists()
 
     strip = ["--strip-prefix", "model."] if run == "lightning" else []
@@ -172,7 +205,10 @@ def test_select_prints_each_set_of_weights_once(cli, request, run):
     result = cli("select", *files, "--last", "10")
     assert result.code == 0, result.err
     assert sorted(lines(result)) == sorted(str(root / n) for n in named)
-    assert f"note: ignored {root / copy}: holds the same weights as {root / original} (a copy); only that one is a candidate" in result.err
+    assert (
+        f"note: ignored {root / copy}: holds the same weights as {root / original} (a copy); only that one is a candidate"
+        in result.err
+    )
     data = json.loads(cli("select", *files, "--last", "10", "--json").out)
     assert data["copies"][str(root / copy)] == str(root / original)
     assert len(data["copies"]) == len(files) - len(named)
@@ -186,7 +222,10 @@ def test_select_counts_hard_links_once(cli, timm_ckpts):
     result = cli("select", *sorted(timm_ckpts.glob("*.pth.tar")), "--last", "10")
     assert result.code == 0, result.err
     assert lines(result) == [str(timm_ckpts / f"checkpoint-{e}.pth.tar") for e in range(4)]
-    assert f"note: ignored {timm_ckpts / 'last.pth.tar'}: holds the same weights as {timm_ckpts / 'checkpoint-3.pth.tar'} (a link to the same file)" in result.err
+    assert (
+        f"note: ignored {timm_ckpts / 'last.pth.tar'}: "
+        f"holds the same weights as {timm_ckpts / 'checkpoint-3.pth.tar'} (a link to the same file)" in result.err
+    )
 
 
 def test_timm_top1_without_mode_picks_the_highest(cli, timm_copies):
@@ -197,7 +236,10 @@ def test_timm_top1_without_mode_picks_the_highest(cli, timm_copies):
     best = sorted(range(4), key=lambda e: -TIMM_TOP1[e])[:2]
     assert [Path(p).name for p in data["chosen"]] == [f"checkpoint-{e}.pth.tar" for e in sorted(best)]
     assert data["mode"] == "max" and data["policy"]["mode"] == "max"
-    assert data["mode_source"] == "timm records eval_metric 'top1' (top-1 accuracy) in checkpoint-0.pth.tar, higher is better (train.py)"
+    assert (
+        data["mode_source"]
+        == "timm records eval_metric 'top1' (top-1 accuracy) in checkpoint-0.pth.tar, higher is better (train.py)"
+    )
     assert f"note: mode max for 'metric': {data['mode_source']}; --mode min to override" in result.err
     # later checkpoints also carry the saver's history, best first: its order is the `decreasing` flag itself
     later = json.loads(cli("select", *files[2:], "--metric", "metric", "--top-k", "1", "--json").out)
@@ -231,7 +273,9 @@ def test_best_follows_the_same_direction(cli, lightning_copies):
     scores = {c["step"]: c["metrics"]["val_acc"] for c in data["candidates"]}
     best = max(scores, key=scores.get)
     assert best != min(scores, key=scores.get)
-    assert data["mode"] == "max" and [c["step"] for c in data["candidates"] if c["chosen"]] == [s for s in sorted(scores) if s <= best]
+    assert data["mode"] == "max" and [c["step"] for c in data["candidates"] if c["chosen"]] == [
+        s for s in sorted(scores) if s <= best
+    ]
 
 
 def test_spikes_follow_the_same_direction(cli, tmp_path):
@@ -244,14 +288,18 @@ def test_spikes_follow_the_same_direction(cli, tmp_path):
     assert result.code == 0, result.err
     assert json.loads(result.out)["chosen"] == [str(p) for p in paths if not p.name.endswith("-300")]
     assert "mode max for 'eval_accuracy': from the name" in result.err
-    as_loss = json.loads(cli("select", *paths, "--metrics", metrics, "--metric", "eval_accuracy", "--skip-spikes", "--mode", "min", "--json").out)
+    as_loss = json.loads(
+        cli("select", *paths, "--metrics", metrics, "--metric", "eval_accuracy", "--skip-spikes", "--mode", "min", "--json").out
+    )
     assert str(tmp_path / "checkpoint-300") in as_loss["chosen"]
 
 
 def test_name_says_the_direction_else_mode_is_asked_for(cli, tmp_path, fairseq_copies):
     files = [fairseq_copies / f"checkpoint{e}.pt" for e in (1, 2, 3)]
     metrics = tmp_path / "eval.json"
-    metrics.write_text(json.dumps({str(100 * e): {"valid_accuracy": a, "valid_quality": a} for e, a in zip((1, 2, 3), (0.61, 0.74, 0.70))}))
+    metrics.write_text(
+        json.dumps({str(100 * e): {"valid_accuracy": a, "valid_quality": a} for e, a in zip((1, 2, 3), (0.61, 0.74, 0.70))})
+    )
     named = cli("select", *files, "--metrics", metrics, "--metric", "valid_accuracy", "--top-k", "1", "--json")
     assert named.code == 0, named.err
     data = json.loads(named.out)
@@ -265,7 +313,9 @@ def test_name_says_the_direction_else_mode_is_asked_for(cli, tmp_path, fairseq_c
     assert "pass --mode max" in unknown.err and "--mode min" in unknown.err
     given = cli("select", *files, "--metrics", metrics, "--metric", "valid_quality", "--top-k", "1", "--mode", "max")
     assert [Path(p).name for p in lines(given)] == ["checkpoint2.pt"]
-    listed = cli("select", *files, "--metrics", metrics, "--metric", "valid_quality", "--last", "2")  # nothing ranked by it: no direction needed
+    listed = cli(
+        "select", *files, "--metrics", metrics, "--metric", "valid_quality", "--last", "2"
+    )  # nothing ranked by it: no direction needed
     assert listed.code == 0 and len(lines(listed)) == 2
 
 
@@ -281,14 +331,33 @@ def test_trainer_greater_is_better_is_read_from_training_args(cli, tmp_path, hf_
     data = json.loads(result.out)
     assert [c["step"] for c in data["candidates"] if c["chosen"]] == sorted(sorted(losses, key=losses.get)[:2])
     assert data["mode"] == "min"
-    assert "the Trainer's training_args.bin in checkpoint-" in data["mode_source"] and "greater_is_better=False" in data["mode_source"]
+    assert (
+        "the Trainer's training_args.bin in checkpoint-" in data["mode_source"]
+        and "greater_is_better=False" in data["mode_source"]
+    )
 
 
-@pytest.mark.parametrize(("name", "mode"), [
-    ("eval_loss", "min"), ("val/acc", "max"), ("eval_accuracy", "max"), ("train_loss_epoch", "min"), ("val_acc_step", "max"),
-    ("top1", "max"), ("eval_exact_match", "max"), ("eval_rougeL", "max"), ("perplexity", "min"), ("eval_wer", "min"),
-    ("valid_ppl", "min"), ("word_error_rate", "min"), ("eval_f1", "max"), ("bleu", "max"), ("metric", None), ("eval_runtime", None),
-])
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        ("eval_loss", "min"),
+        ("val/acc", "max"),
+        ("eval_accuracy", "max"),
+        ("train_loss_epoch", "min"),
+        ("val_acc_step", "max"),
+        ("top1", "max"),
+        ("eval_exact_match", "max"),
+        ("eval_rougeL", "max"),
+        ("perplexity", "min"),
+        ("eval_wer", "min"),
+        ("valid_ppl", "min"),
+        ("word_error_rate", "min"),
+        ("eval_f1", "max"),
+        ("bleu", "max"),
+        ("metric", None),
+        ("eval_runtime", None),
+    ],
+)
 def test_direction_from_the_name(name, mode):
     found = mode_from_name(name)
     assert (found[0] if found else None) == mode
@@ -308,7 +377,10 @@ def test_copies_are_found_without_reading_whole_tensors(fairseq_copies, monkeypa
     real = same_weights._identical
     monkeypatch.setattr(same_weights, "_identical", lambda a, b: compared.append((a.path.name, b.path.name)) or real(a, b))
     groups = same_weight_groups(checkpoints)
-    assert [[files[i].name for i in g] for g in groups] == [["checkpoint2.pt", "checkpoint_best.pt"], ["checkpoint3.pt", "checkpoint_last.pt"]]
+    assert [[files[i].name for i in g] for g in groups] == [
+        ["checkpoint2.pt", "checkpoint_best.pt"],
+        ["checkpoint3.pt", "checkpoint_last.pt"],
+    ]
     assert sorted(compared) == [("checkpoint2.pt", "checkpoint_best.pt"), ("checkpoint3.pt", "checkpoint_last.pt")]
 
 

@@ -29,7 +29,17 @@ from ckptavg.merge.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
-LAYOUTS = ["safetensors", "safetensors-folder", "safetensors-sharded", "bin", "bin-sharded", "pt", "pt-legacy", "lightning", "hf-trainer"]
+LAYOUTS = [
+    "safetensors",
+    "safetensors-folder",
+    "safetensors-sharded",
+    "bin",
+    "bin-sharded",
+    "pt",
+    "pt-legacy",
+    "lightning",
+    "hf-trainer",
+]
 STRATEGIES = [{}, {"weights": "linear"}, {"weights": "0.1,0.2,0.3,0.4"}, {"ema": 0.8}]
 
 
@@ -38,7 +48,9 @@ def on_cuda(test):
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
 
 
-def average_on(device: str, paths: list[Path], out: Path, staged: bool = False, **options) -> tuple[ckptavg.AverageReport, list[Engine]]:
+def average_on(
+    device: str, paths: list[Path], out: Path, staged: bool = False, **options
+) -> tuple[ckptavg.AverageReport, list[Engine]]:
     """ckptavg.average on `device`; staged=True forces the staged pipeline on a CPU. Returns the report and the
     engines it ran."""
     engines: list[Engine] = []
@@ -66,9 +78,13 @@ def same_as_cpu(paths: list[Path], out: Path, device: str = "cuda", staged: bool
     for name, want_tensor in cpu.items():
         got = dev[name]
         assert got.dtype == want_tensor.dtype and got.shape == want_tensor.shape, name
-        assert torch.equal(got.view(-1).view(torch.uint8), want_tensor.view(-1).view(torch.uint8)), f"{name}: {int((got != want_tensor).sum())} elements differ from the CPU's"
+        assert torch.equal(got.view(-1).view(torch.uint8), want_tensor.view(-1).view(torch.uint8)), (
+            f"{name}: {int((got != want_tensor).sum())} elements differ from the CPU's"
+        )
     weight_files = sorted(p.name for p in (out / "cpu").iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
-    assert weight_files == sorted(p.name for p in (out / "device").iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+    assert weight_files == sorted(
+        p.name for p in (out / "device").iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
+    )
     for name in weight_files:
         assert (out / "cpu" / name).read_bytes() == (out / "device" / name).read_bytes(), name
     return cpu
@@ -80,7 +96,13 @@ def big_states(n: int, dtype: torch.dtype = torch.bfloat16, elements: int = 700_
     states = []
     for seed in range(n):
         g = torch.Generator().manual_seed(seed)
-        states.append({"a.big": (start + 0.1 * torch.randn(elements, generator=g)).to(dtype), "b.small": torch.randn(300, generator=g).to(dtype), "c.steps": torch.tensor(seed)})
+        states.append(
+            {
+                "a.big": (start + 0.1 * torch.randn(elements, generator=g)).to(dtype),
+                "b.small": torch.randn(300, generator=g).to(dtype),
+                "c.steps": torch.tensor(seed),
+            }
+        )
     return states
 
 
@@ -88,7 +110,9 @@ def big_states(n: int, dtype: torch.dtype = torch.bfloat16, elements: int = 700_
 # difference in the staged fold is caught.
 
 
-@pytest.mark.parametrize("options", [{}, {"weights": "linear"}, {"ema": 0.8}, {"memory_budget": "1MiB", "max_shard_size": "600KB"}])
+@pytest.mark.parametrize(
+    "options", [{}, {"weights": "linear"}, {"ema": 0.8}, {"memory_budget": "1MiB", "max_shard_size": "600KB"}]
+)
 def test_helper_on_the_staged_cpu_pipeline(tmp_path, options):
     states = big_states(4)
     paths = [save_layout(s, tmp_path / f"in{i}", "safetensors") for i, s in enumerate(states)]
@@ -143,7 +167,10 @@ def test_every_layout_on_cuda(tmp_path, layout):
 @on_cuda
 def test_ema_half_life_on_cuda(tmp_path):
     states = [make_state(seed, torch.bfloat16) for seed in range(4)]
-    paths = [save_layout(s, tmp_path / f"in{i}", "hf-trainer", step=step) for i, (s, step) in enumerate(zip(states, [100, 200, 400, 1000]))]
+    paths = [
+        save_layout(s, tmp_path / f"in{i}", "hf-trainer", step=step)
+        for i, (s, step) in enumerate(zip(states, [100, 200, 400, 1000]))
+    ]
     same_as_cpu(paths, tmp_path, ema_half_life=150)
 
 
@@ -181,7 +208,9 @@ def test_cuda_beyond_the_device_count_is_a_usage_error(cli, tmp_path):
 def test_cli_device_cuda_matches_cpu(cli, tmp_path):
     paths = [save_layout(make_state(seed, torch.float16), tmp_path / f"in{seed}", "safetensors-sharded") for seed in range(3)]
     for device in ("cpu", "cuda"):
-        result = cli("average", *paths, "-o", tmp_path / device, "--device", device, "--weights", "1,2,3", "--order", "given", "--quiet")
+        result = cli(
+            "average", *paths, "-o", tmp_path / device, "--device", device, "--weights", "1,2,3", "--order", "given", "--quiet"
+        )
         assert result.code == 0, result.err
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "cuda" / "model.safetensors").read_bytes()
 
@@ -216,7 +245,9 @@ def test_nan_found_mid_run_on_cuda_is_one_line_and_leaves_nothing(cli, tmp_path)
         return engines[-1]
 
     with patch.object(averaging, "Engine", spy):
-        result = cli("average", *paths, "-o", tmp_path / "out", "--device", "cuda", "--memory-budget", "1MiB", "--max-shard-size", "600KB")
+        result = cli(
+            "average", *paths, "-o", tmp_path / "out", "--device", "cuda", "--memory-budget", "1MiB", "--max-shard-size", "600KB"
+        )
     assert result.code == 1, result.err
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.err, result.err
@@ -242,8 +273,26 @@ def test_sigint_mid_run_on_cuda_is_130_and_leaves_nothing(tmp_path):
     out = work / "merged"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "ckptavg", "average", *map(str, paths), "-o", str(out), "--device", "cuda", "--max-shard-size", "20MB", "--memory-budget", "8MiB"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "ckptavg",
+            "average",
+            *map(str, paths),
+            "-o",
+            str(out),
+            "--device",
+            "cuda",
+            "--max-shard-size",
+            "20MB",
+            "--memory-budget",
+            "8MiB",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     partial = work / f".{out.name}.ckptavg-partial"
@@ -273,7 +322,12 @@ def test_torchrun_ranks_on_cuda_write_the_cpu_output(tmp_path):
     paths = [save_layout(make_state(seed, torch.bfloat16), tmp_path / f"c{seed}", "safetensors-sharded") for seed in range(3)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = ["average", *map(str, paths), "--max-shard-size", "2KB", "-q"]
-    assert subprocess.run([sys.executable, "-m", "ckptavg", *base, "-o", str(tmp_path / "cpu"), "--device", "cpu"], env=env).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "ckptavg", *base, "-o", str(tmp_path / "cpu"), "--device", "cpu"], env=env
+        ).returncode
+        == 0
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg"]
     assert subprocess.run([*torchrun, *base, "-o", str(tmp_path / "cuda"), "--device", "cuda"], env=env).returncode == 0
     weight_files = sorted(p.name for p in (tmp_path / "cpu").iterdir() if p.name != "ckptavg.json")

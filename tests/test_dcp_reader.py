@@ -24,8 +24,16 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # no
 
 def save(folder: Path, seed: int, step: int = 1) -> Path:
     g = torch.Generator().manual_seed(seed)
-    model = {"embed.weight": torch.randn(7, 5, generator=g), "layer.bias": torch.randn(5, generator=g), "norm.count": torch.tensor(3 * seed)}
-    state = {"model": model, "optimizer": {"state": {"embed.weight": {"exp_avg": torch.randn(7, 5, generator=g)}}, "param_groups": [{"lr": 0.1}]}, "step": step}
+    model = {
+        "embed.weight": torch.randn(7, 5, generator=g),
+        "layer.bias": torch.randn(5, generator=g),
+        "norm.count": torch.tensor(3 * seed),
+    }
+    state = {
+        "model": model,
+        "optimizer": {"state": {"embed.weight": {"exp_avg": torch.randn(7, 5, generator=g)}}, "param_groups": [{"lr": 0.1}]},
+        "step": step,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
         dcp_save(state, checkpoint_id=str(folder))
@@ -116,13 +124,22 @@ def test_chunks_that_do_not_tile_the_tensor(tmp_path, fault, message):
     info = metadata.storage_data[MetadataIndex("model.embed.weight", torch.Size([0, 0]))]
     if fault == "overlap":
         second = torch.Size([3, 0])
-        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])), ChunkStorageMetadata(second, torch.Size([4, 5]))]
+        entry.chunks = [
+            ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])),
+            ChunkStorageMetadata(second, torch.Size([4, 5])),
+        ]
     elif fault == "gap":
         second = torch.Size([5, 0])
-        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])), ChunkStorageMetadata(second, torch.Size([2, 5]))]
+        entry.chunks = [
+            ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])),
+            ChunkStorageMetadata(second, torch.Size([2, 5])),
+        ]
     else:
         second = torch.Size([4, 0])
-        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])), ChunkStorageMetadata(second, torch.Size([4, 5]))]
+        entry.chunks = [
+            ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 5])),
+            ChunkStorageMetadata(second, torch.Size([4, 5])),
+        ]
     metadata.storage_data[MetadataIndex("model.embed.weight", second)] = info
     _write_metadata(folder, metadata)
     with pytest.raises(InputError, match=message):
@@ -163,7 +180,11 @@ def test_zstd_compressed_items_are_read_when_zstandard_is_installed(tmp_path, mo
     import builtins
 
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "zstandard" else real_import(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "zstandard" else real_import(name, *a, **k),
+    )
     from ckptavg.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="install the zstandard package"):

@@ -31,8 +31,16 @@ from dist_runs import (
 # ----------------------------------------------------------------------------------------------------- DCP
 
 NET = [  # dist_runs._Net
-    "emb.weight", "lin.weight", "lin.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-    "bn.num_batches_tracked", "head.weight", "head.bias",
+    "emb.weight",
+    "lin.weight",
+    "lin.bias",
+    "bn.weight",
+    "bn.bias",
+    "bn.running_mean",
+    "bn.running_var",
+    "bn.num_batches_tracked",
+    "head.weight",
+    "head.bias",
 ]
 NET_PARAMS = [n for n in NET if "running" not in n and "num_batches" not in n]
 BLOCK = ("attention_norm", "attention.wq", "attention.wo", "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -40,23 +48,43 @@ TITAN = ["tok_embeddings.weight", *(f"layers.{i}.{n}.weight" for i in range(2) f
 TP = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 ADAM = ("step", "exp_avg", "exp_avg_sq")
 PARAM_GROUP = [
-    "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
     "decoupled_weight_decay",
 ]
 
 # Every global the .metadata pickles may name (torch 2.13, Python 3.11); a restricted unpickler needs exactly these.
 DCP_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
-    "torch.distributed.checkpoint.metadata.BytesStorageMetadata", "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
-    "torch.distributed.checkpoint.metadata.TensorProperties", "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
-    "torch.distributed.checkpoint.metadata.MetadataIndex", "torch.distributed.checkpoint.metadata.StorageMeta",
-    "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.Size", "torch.serialization._get_layout",
-    "torch.float32", "torch.int64", "pathlib.PosixPath",
+    "torch.distributed.checkpoint.metadata.Metadata",
+    "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+    "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+    "torch.distributed.checkpoint.metadata.MetadataIndex",
+    "torch.distributed.checkpoint.metadata.StorageMeta",
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "torch.Size",
+    "torch.serialization._get_layout",
+    "torch.float32",
+    "torch.int64",
+    "pathlib.PosixPath",
     "pathlib._local.PosixPath",  # what Python 3.13 writes for StorageMeta.checkpoint_id (3.11 here: pathlib.PosixPath)
 }
 # and the data.pkl of a tensor item (one torch.save of the local chunk)
 DCP_TENSOR_ITEM_GLOBALS = {
-    "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "torch.LongStorage",
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch.FloatStorage",
+    "torch.LongStorage",
 }
 
 
@@ -225,8 +253,15 @@ def test_dcp_torchtitan_layout(dcp_torchtitan_ckpts):
         assert tensors - set(TITAN) == {f"optimizer.state.{n}.{s}" for n in TITAN for s in ADAM}
         byte_keys = set(bytes_keys(md))
         assert {f"optimizer.param_groups.{n}.{k}" for n in TITAN for k in [*PARAM_GROUP, "initial_lr"]} <= byte_keys
-        assert {"lr_scheduler.last_epoch", "lr_scheduler.base_lrs", "dataloader.dp_rank_0", "dataloader.dp_rank_1",
-                "dataloader.world_size", "train_state.step", "train_state.ntokens_seen"} <= byte_keys
+        assert {
+            "lr_scheduler.last_epoch",
+            "lr_scheduler.base_lrs",
+            "dataloader.dp_rank_0",
+            "dataloader.dp_rank_1",
+            "dataloader.world_size",
+            "train_state.step",
+            "train_state.ntokens_seen",
+        } <= byte_keys
         assert {k.split(".")[0] for k in byte_keys} == {"optimizer", "lr_scheduler", "dataloader", "train_state"}
         assert chunks(md, "tok_embeddings.weight") == [((0, 0), (7, 8)), ((7, 0), (6, 8))]
         assert chunks(md, "layers.0.feed_forward.w1.weight") == [((0, 0), (6, 8)), ((6, 0), (6, 8))]
@@ -304,8 +339,11 @@ def test_dcp_pickle_globals(run, request):
         names, opcodes = pickle_globals(raw)
         assert names <= DCP_METADATA_GLOBALS, names - DCP_METADATA_GLOBALS
         assert opcodes == {"STACK_GLOBAL"}
-        assert {"torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.filesystem._StorageInfo",
-                "torch.serialization._get_layout"} <= names
+        assert {
+            "torch.distributed.checkpoint.metadata.Metadata",
+            "torch.distributed.checkpoint.filesystem._StorageInfo",
+            "torch.serialization._get_layout",
+        } <= names
         assert names & {"pathlib.PosixPath", "pathlib._local.PosixPath"}
         md = read_metadata(ckpt)
         for key in tensor_keys(md):
@@ -335,8 +373,11 @@ DS_FROZEN = {"frozen.weight": (5, 7), "frozen.bias": (5,)}
 DS_BUFFERS = ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
 DS_MODULE = [*DS_PARAMS, *DS_BUFFERS, *DS_FROZEN, "head.weight"]
 DS_OPTIM_GLOBALS = {
-    "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch.FloatStorage",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
 }
 DS_RUNS = {kind: f"deepspeed_2rank_{kind}_ckpts" for kind in DEEPSPEED_KINDS}
 
@@ -405,9 +446,18 @@ def test_deepspeed_2rank_states(kind, request):
             assert type(sd["loss_scaler"]).__name__ == "LossScaler"
             if stage == 2:
                 assert set(sd) == {
-                    "loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", "base_optimizer_state",
-                    "single_partition_of_fp32_groups", "zero_stage", "group_paddings", "param_alignment_paddings",
-                    "partition_count", "ds_version", "param_slice_mappings",
+                    "loss_scaler",
+                    "dynamic_loss_scale",
+                    "overflow",
+                    "clip_grad",
+                    "base_optimizer_state",
+                    "single_partition_of_fp32_groups",
+                    "zero_stage",
+                    "group_paddings",
+                    "param_alignment_paddings",
+                    "partition_count",
+                    "ds_version",
+                    "param_slice_mappings",
                 }
                 assert sd["partition_count"] == [WORLD_SIZE]
                 # 111 trainable elements, padded to 112 and split 56 / 56; the padding is not saved
@@ -415,13 +465,25 @@ def test_deepspeed_2rank_states(kind, request):
                 assert sd["group_paddings"] == [[0, 1][rank]]
                 assert all(t.dtype == torch.float32 for t in sd["single_partition_of_fp32_groups"])
                 mapping = {k: (v.start, v.numel) for k, v in sd["param_slice_mappings"][0].items()}
-                assert mapping == [{"emb.weight": (0, 55), "lin.weight": (55, 1)},
-                                   {"lin.weight": (0, 34), "lin.bias": (34, 7), "bn.weight": (41, 7), "bn.bias": (48, 7)}][rank]
+                assert (
+                    mapping
+                    == [
+                        {"emb.weight": (0, 55), "lin.weight": (55, 1)},
+                        {"lin.weight": (0, 34), "lin.bias": (34, 7), "bn.weight": (41, 7), "bn.bias": (48, 7)},
+                    ][rank]
+                )
                 state = sd["base_optimizer_state"]["state"][0]
                 assert tuple(state["exp_avg"].shape) == (56,)  # the moments keep the padded length
             else:
-                assert set(sd) == {"zero_stage", "loss_scaler", "dynamic_loss_scale", "overflow", "partition_count",
-                                   "optimizer_state_dict", "fp32_flat_groups"}
+                assert set(sd) == {
+                    "zero_stage",
+                    "loss_scaler",
+                    "dynamic_loss_scale",
+                    "overflow",
+                    "partition_count",
+                    "optimizer_state_dict",
+                    "fp32_flat_groups",
+                }
                 assert sd["partition_count"] == WORLD_SIZE
                 # each parameter takes ceil(numel / 2) slots on every rank: 28 + 18 + 4 + 4 + 4
                 assert [tuple(t.shape) for t in sd["fp32_flat_groups"]] == [(58,)]
@@ -501,7 +563,8 @@ def test_deepspeed_2rank_pickle_globals(kind, request):
         assert names[0] == f"{name[:-3]}/data.pkl"  # the archive's folder is the file's stem
         seen, opcodes = pickle_globals(data)
         expected = DS_OPTIM_GLOBALS | (
-            {"deepspeed.utils.tensor_fragment.fragment_address"} if stage == 2
+            {"deepspeed.utils.tensor_fragment.fragment_address"}
+            if stage == 2
             else {"torch._tensor._rebuild_from_type_v2", "torch.Tensor"}
         )
         assert seen == expected and opcodes == {"GLOBAL"}
@@ -509,5 +572,9 @@ def test_deepspeed_2rank_pickle_globals(kind, request):
         seen, opcodes = pickle_globals(zip_pickle((folder / name).read_bytes())[0])
         storage_type = "torch.BFloat16Storage" if bf16 else "torch.FloatStorage"
         assert seen == {
-            "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.Size", "torch.LongStorage", storage_type,
+            "collections.OrderedDict",
+            "torch._utils._rebuild_tensor_v2",
+            "torch.Size",
+            "torch.LongStorage",
+            storage_type,
         }

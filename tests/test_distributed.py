@@ -26,7 +26,11 @@ def model_reference(root: Path, folder: Path, kind: str) -> dict[str, torch.Tens
     """The model's tensors of torch's own consolidation, by their own names."""
     full = torch.load(reference_path(root, folder), weights_only=False)
     if kind == "torchtitan":
-        return {k: v for k, v in flatten(full).items() if not k.startswith(("optimizer.", "lr_scheduler.", "dataloader.", "train_state"))}
+        return {
+            k: v
+            for k, v in flatten(full).items()
+            if not k.startswith(("optimizer.", "lr_scheduler.", "dataloader.", "train_state"))
+        }
     return flatten(full["model"])
 
 
@@ -68,7 +72,9 @@ def test_dcp_average_is_the_float64_mean(cli, tmp_path, request, kind):
 
 def test_dcp_inspect_says_what_it_read(cli, dcp_torchtitan_ckpts):
     text = cli("inspect", dcp_checkpoint_dirs(dcp_torchtitan_ckpts)[0]).out
-    assert "torch.distributed.checkpoint: 2 .distcp file(s)" in text and "top-level names (torchtitan" in text and "not read" in text
+    assert (
+        "torch.distributed.checkpoint: 2 .distcp file(s)" in text and "top-level names (torchtitan" in text and "not read" in text
+    )
 
 
 def test_dcp_select_orders_the_saves(cli, dcp_fsdp2_ckpts):
@@ -97,7 +103,9 @@ def test_deepspeed_two_ranks_equal_zero_to_fp32(cli, tmp_path, request, kind):
     for name, first in refs[0].items():
         if first.is_floating_point():
             want = sum(w * r[name].double() for w, r in zip(weights, refs))
-            torch.testing.assert_close(avg[name].double(), want, rtol=1e-2 if avg[name].dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                avg[name].double(), want, rtol=1e-2 if avg[name].dtype == torch.bfloat16 else 1e-6, atol=1e-6
+            )
         else:
             assert torch.equal(avg[name], refs[-1][name])
 

@@ -34,7 +34,9 @@ def test_peak_memory_is_the_budget_not_the_model(tmp_path):
         path = tmp_path / f"in{seed}.safetensors"
         save_file({"big": torch.randn(32 << 20, generator=torch.Generator().manual_seed(seed))}, path)
         paths.append(str(path))
-    result = subprocess.run([sys.executable, "-c", MEASURE_RSS, str(tmp_path / "out"), "16MiB", *paths], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_RSS, str(tmp_path / "out"), "16MiB", *paths], capture_output=True, text=True, check=True
+    )
     rss = json.loads(result.stdout)
     grown = rss["after"] - rss["before"]
     assert grown < 48 << 20, f"peak RSS grew by {grown >> 20} MiB for a 16 MiB budget"
@@ -43,7 +45,9 @@ def test_peak_memory_is_the_budget_not_the_model(tmp_path):
 def test_write_behind_starts_each_window_then_waits_for_and_drops_the_one_before(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(writer_module, "FLUSH_EVERY", 100)
-    monkeypatch.setattr(writer_module, "SYNC_FILE_RANGE", lambda fd, offset, length, flags: calls.append(("range", offset, length, flags)) or 0)
+    monkeypatch.setattr(
+        writer_module, "SYNC_FILE_RANGE", lambda fd, offset, length, flags: calls.append(("range", offset, length, flags)) or 0
+    )
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(("drop", offset, length, advice)))
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync",)))
     with open(tmp_path / "f", "wb") as f:
@@ -55,9 +59,14 @@ def test_write_behind_starts_each_window_then_waits_for_and_drops_the_one_before
     dontneed = os.POSIX_FADV_DONTNEED
     assert calls == [
         ("range", 0, 100, start),
-        ("range", 100, 100, start), ("range", 0, 100, wait), ("drop", 0, 100, dontneed),
-        ("range", 200, 100, start), ("range", 100, 100, wait), ("drop", 100, 100, dontneed),
-        ("fsync",), ("drop", 200, 0, dontneed),
+        ("range", 100, 100, start),
+        ("range", 0, 100, wait),
+        ("drop", 0, 100, dontneed),
+        ("range", 200, 100, start),
+        ("range", 100, 100, wait),
+        ("drop", 100, 100, dontneed),
+        ("fsync",),
+        ("drop", 200, 0, dontneed),
     ]
 
 

@@ -66,7 +66,12 @@ def test_pt_keeps_tied_storage_and_folder_layout(cli, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     result = cli("export", tmp_path / "ckpt" / "last.pt", "--format", "pt", "-o", tmp_path / "out")
     assert result.code == 0, result.err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "ckptavg.json", "config.json", "pytorch_model.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "ckptavg.json",
+        "config.json",
+        "pytorch_model.bin",
+    ]
     loaded = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
     assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
     assert torch.equal(loaded["embed.weight"], state["embed.weight"])
@@ -122,7 +127,9 @@ def test_bad_inputs(cli, tmp_path):
 def test_use_ema_from_a_lightning_ema_callback_state(cli, tmp_path):
     model = _Tiny()
     ema = {k: v * 2 for k, v in model.state_dict().items()}
-    torch.save({"state_dict": model.state_dict(), "callbacks": {"EMA": {"decay": 0.999, "ema_state_dict": ema}}}, tmp_path / "last.ckpt")
+    torch.save(
+        {"state_dict": model.state_dict(), "callbacks": {"EMA": {"decay": 0.999, "ema_state_dict": ema}}}, tmp_path / "last.ckpt"
+    )
     result = cli("export", tmp_path / "last.ckpt", "--use-ema", "-o", tmp_path / "m.safetensors")
     assert result.code == 0, result.err
     out = read_output(tmp_path / "m.safetensors")

@@ -47,7 +47,9 @@ def expected(inputs):
 def start(inputs: list[Path], out: Path, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*CKPTAVG, "average", *map(str, inputs), "-o", str(out), "--max-shard-size", "20MB", *options],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # a shell's background jobs start with SIGINT ignored; a user's Ctrl-C reaches a foreground one
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -115,7 +117,9 @@ def test_a_second_run_to_the_same_output_fails_while_the_first_writes(tmp_path, 
     try:
         second = subprocess.run(
             [*CKPTAVG, "average", *map(str, inputs[:2]), "-o", str(out), *(["--overwrite"] if overwrite else [])],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         first.send_signal(signal.SIGCONT)

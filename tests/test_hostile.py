@@ -370,7 +370,7 @@ def header_nested_too_deep(d, good, mp):
 
 @case("safetensors", "x.safetensors", "neither safetensors nor a PyTorch pickle")
 def header_is_a_list(d, good, mp):
-    return [raw_safetensors(d / "x.safetensors", b'[1, 2, 3]       ')]
+    return [raw_safetensors(d / "x.safetensors", b"[1, 2, 3]       ")]
 
 
 @case("safetensors", "x.safetensors", "tensor 'w' is listed twice")
@@ -381,13 +381,19 @@ def duplicate_names(d, good, mp):
 
 @case("safetensors", "x.safetensors", "starts at byte 8, expected 16")
 def overlapping_offsets(d, good, mp):
-    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    }
     return [raw_safetensors(d / "x.safetensors", header, b"\0" * 24)]
 
 
 @case("safetensors", "x.safetensors", "starts at byte 32, expected 16")
 def gap_between_tensors(d, good, mp):
-    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]},
+    }
     return [raw_safetensors(d / "x.safetensors", header, b"\0" * 48)]
 
 

@@ -51,12 +51,20 @@ def sharded(step: int) -> dict[str, bytes]:
 
 def trainer_checkpoint(step: int) -> dict[str, bytes]:
     """A Trainer checkpoint-N folder as hub_strategy="all_checkpoints" uploads it, training state included."""
-    state = {"global_step": step, "best_model_checkpoint": "out/checkpoint-200",
-             "log_history": [{"step": s, "eval_loss": eval_loss(s)} for s in STEPS if s <= step]}
+    state = {
+        "global_step": step,
+        "best_model_checkpoint": "out/checkpoint-200",
+        "log_history": [{"step": s, "eval_loss": eval_loss(s)} for s in STEPS if s <= step],
+    }
     return {
-        "model.safetensors": weights(step), "config.json": CONFIG, "tokenizer.json": TOKENIZER,
-        "optimizer.pt": b"\x00" * 300_000, "scheduler.pt": b"s" * 1_000, "rng_state.pth": b"r" * 1_000,
-        "training_args.bin": b"t" * 500, "trainer_state.json": json.dumps(state).encode(),
+        "model.safetensors": weights(step),
+        "config.json": CONFIG,
+        "tokenizer.json": TOKENIZER,
+        "optimizer.pt": b"\x00" * 300_000,
+        "scheduler.pt": b"s" * 1_000,
+        "rng_state.pth": b"r" * 1_000,
+        "training_args.bin": b"t" * 500,
+        "trainer_state.json": json.dumps(state).encode(),
     }
 
 
@@ -68,8 +76,10 @@ def make_repos() -> dict[str, HubRepo]:
     run.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
     for step in STEPS:
         folder = {f"checkpoint-{step}/{name}": data for name, data in trainer_checkpoint(step).items()}
-        run.commit({"model.safetensors": weights(step), "config.json": CONFIG, "training_args.bin": b"t" * 500, **folder},
-                   f"Training in progress, step {step}")
+        run.commit(
+            {"model.safetensors": weights(step), "config.json": CONFIG, "training_args.bin": b"t" * 500, **folder},
+            f"Training in progress, step {step}",
+        )
     pythia = HubRepo()
     first = pythia.commit({".gitattributes": b"*.safetensors filter=lfs\n", "README.md": b"# pythia\n"}, "initial commit")
     pythia.tags["docs"] = first
@@ -80,7 +90,10 @@ def make_repos() -> dict[str, HubRepo]:
     trainer = HubRepo()
     trainer.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
     for step in STEPS:
-        trainer.commit({"model.safetensors": weights(step), "config.json": CONFIG, "training_args.bin": b"t" * 500}, f"Training in progress, step {step}")
+        trainer.commit(
+            {"model.safetensors": weights(step), "config.json": CONFIG, "training_args.bin": b"t" * 500},
+            f"Training in progress, step {step}",
+        )
     trainer.commit({"README.md": b"# trained\n"}, "End of training")
     other = HubRepo()
     state = {k: torch.cat([v, v[:1]]) if v.dim() == 2 else v for k, v in make_state(9).items()}
@@ -88,16 +101,44 @@ def make_repos() -> dict[str, HubRepo]:
     other.commit({"model.safetensors": save(state, metadata={"format": "pt"}), "config.json": CONFIG}, "other shapes")
     base, lora = HubRepo(), HubRepo()
     g = torch.Generator().manual_seed(5)
-    base.commit({"model.safetensors": save({"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}),
-                 "config.json": json.dumps({"architectures": ["Tiny"], "model_type": "tiny"}).encode()}, "base model")
+    base.commit(
+        {
+            "model.safetensors": save({"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}),
+            "config.json": json.dumps({"architectures": ["Tiny"], "model_type": "tiny"}).encode(),
+        },
+        "base model",
+    )
     for i, step in enumerate(STEPS):
-        moved = {"base_model.model.layer.lora_A.weight": torch.randn(2, 8, generator=g) * (i + 1), "base_model.model.layer.lora_B.weight": torch.randn(8, 2, generator=g)}
-        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"], "base_model_name_or_path": "org/base"}
-        lora.commit({f"checkpoint-{step}/adapter_model.safetensors": save(moved), f"checkpoint-{step}/adapter_config.json": json.dumps(config).encode(),
-                     f"checkpoint-{step}/optimizer.pt": b"\x00" * 1000}, f"Training in progress, step {step}")
+        moved = {
+            "base_model.model.layer.lora_A.weight": torch.randn(2, 8, generator=g) * (i + 1),
+            "base_model.model.layer.lora_B.weight": torch.randn(8, 2, generator=g),
+        }
+        config = {
+            "peft_type": "LORA",
+            "r": 2,
+            "lora_alpha": 4,
+            "target_modules": ["layer"],
+            "base_model_name_or_path": "org/base",
+        }
+        lora.commit(
+            {
+                f"checkpoint-{step}/adapter_model.safetensors": save(moved),
+                f"checkpoint-{step}/adapter_config.json": json.dumps(config).encode(),
+                f"checkpoint-{step}/optimizer.pt": b"\x00" * 1000,
+            },
+            f"Training in progress, step {step}",
+        )
     gated = HubRepo(gated=True)
     gated.commit({"model.safetensors": weights(100), "config.json": CONFIG}, "gated model")
-    return {"org/run": run, "org/pythia": pythia, "org/trainer": trainer, "org/other": other, "org/gated": gated, "org/base": base, "org/lora": lora}
+    return {
+        "org/run": run,
+        "org/pythia": pythia,
+        "org/trainer": trainer,
+        "org/other": other,
+        "org/gated": gated,
+        "org/base": base,
+        "org/lora": lora,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +176,17 @@ def local_run(tmp_path_factory, repos):
 
 
 def environment(cache: Path, endpoint: str | None = None, offline: bool = False, token: str | None = TOKEN) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_")) and "proxy" not in k.lower()}
-    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "home"), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost",
-               HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_")) and "proxy" not in k.lower()
+    }
+    env.update(
+        HF_HUB_CACHE=str(cache),
+        HF_HOME=str(cache.parent / "home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1,localhost",
+        HF_HUB_ETAG_TIMEOUT="5",
+        HF_HUB_DOWNLOAD_TIMEOUT="5",
+    )
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     if endpoint:
@@ -172,7 +221,9 @@ def test_offline_average_equals_the_local_average(run, offline_cache, local_run,
     assert hub.code == 0, hub.err
     local = run("average", *(local_run / f"checkpoint-{s}" for s in STEPS), "-o", tmp_path / "from-disk", env=env)
     assert local.code == 0, local.err
-    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (tmp_path / "from-disk" / "model.safetensors").read_bytes()
+    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (
+        tmp_path / "from-disk" / "model.safetensors"
+    ).read_bytes()
     expected = reference_average([make_state(s // 100) for s in STEPS])
     out = read_output(tmp_path / "from-hub")
     for name, tensor in expected.items():
@@ -182,10 +233,16 @@ def test_offline_average_equals_the_local_average(run, offline_cache, local_run,
     main = commit_of(repos, "org/run")
     assert [i["step"] for i in report["inputs"]] == list(STEPS)
     assert [i["path"] for i in report["inputs"]] == [f"hf://org/run@{main}/checkpoint-{s}" for s in STEPS]
-    assert all(i["hub"]["repo"] == "org/run" and i["hub"]["revision"] is None and i["hub"]["commit"] == main for i in report["inputs"])
+    assert all(
+        i["hub"]["repo"] == "org/run" and i["hub"]["revision"] is None and i["hub"]["commit"] == main for i in report["inputs"]
+    )
     recipe = json.loads((tmp_path / "from-hub" / "ckptavg.json").read_text())
-    assert [i["hub"]["commit"] for i in recipe["inputs"]] == [main] * 3 and recipe["inputs"][0]["hub"]["subfolder"] == "checkpoint-100"
-    assert "README.md" in recipe["written"] and sorted(os.listdir(tmp_path / "from-hub")) == sorted(recipe["written"] + ["ckptavg.json"])
+    assert [i["hub"]["commit"] for i in recipe["inputs"]] == [main] * 3 and recipe["inputs"][0]["hub"][
+        "subfolder"
+    ] == "checkpoint-100"
+    assert "README.md" in recipe["written"] and sorted(os.listdir(tmp_path / "from-hub")) == sorted(
+        recipe["written"] + ["ckptavg.json"]
+    )
     assert (tmp_path / "from-hub" / "tokenizer.json").read_bytes() == TOKENIZER  # model files copied from the cache
 
 
@@ -198,7 +255,21 @@ def test_offline_hub_inputs_under_torchrun(run, offline_cache, tmp_path):
     inputs = [hub_url("org/run", None, f"checkpoint-{s}") for s in STEPS]
     assert run("average", *inputs, "-o", tmp_path / "one", "-q", env=env).code == 0
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ckptavg", "average", *inputs, "-o", str(tmp_path / "two"), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ckptavg",
+        "average",
+        *inputs,
+        "-o",
+        str(tmp_path / "two"),
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["world_size"] == 2
@@ -224,7 +295,9 @@ def test_offline_select_expands_folders_and_step_branches_and_pins_commits(run, 
     assert merged.code == 0, merged.err
     assert [i["step"] for i in json.loads(merged.out)["inputs"]] == [200, 300]
     expected = reference_average([make_state(2), make_state(3)])
-    torch.testing.assert_close(read_output(tmp_path / "merged")["layer.0.weight"].double(), expected["layer.0.weight"].double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        read_output(tmp_path / "merged")["layer.0.weight"].double(), expected["layer.0.weight"].double(), rtol=0, atol=1e-6
+    )
 
 
 def test_offline_inspect_and_export(run, offline_cache, repos, tmp_path):
@@ -255,17 +328,29 @@ def test_offline_adapters_and_their_base_from_the_hub(run, offline_cache, repos,
     inputs = [hub_url("org/lora", None, f"checkpoint-{s}") for s in STEPS]
     adapter = run("average", *inputs, "-o", tmp_path / "adapter", env=env)
     assert adapter.code == 0, adapter.err
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ckptavg.json"]
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ckptavg.json",
+    ]
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.library_name == "peft" and card.data.base_model == "org/lora"
     merged = run("average", *inputs, "--adapter-mode", "merged", "--base", "hf://org/base", "-o", tmp_path / "merged", env=env)
     assert merged.code == 0, merged.err
     main = repos["org/lora"].commits[commit_of(repos, "org/lora")].files
-    base = load_file(write_cache(tmp_path / "c", "org/base", repos["org/base"]) / "snapshots" / commit_of(repos, "org/base") / "model.safetensors")
+    base = load_file(
+        write_cache(tmp_path / "c", "org/base", repos["org/base"])
+        / "snapshots"
+        / commit_of(repos, "org/base")
+        / "model.safetensors"
+    )
     deltas = []
     for s in STEPS:
         t = load(main[f"checkpoint-{s}/adapter_model.safetensors"])
-        deltas.append(2.0 * t["base_model.model.layer.lora_B.weight"].double() @ t["base_model.model.layer.lora_A.weight"].double())  # alpha/r = 2
+        deltas.append(
+            2.0 * t["base_model.model.layer.lora_B.weight"].double() @ t["base_model.model.layer.lora_A.weight"].double()
+        )  # alpha/r = 2
     expected = base["layer.weight"].double() + sum(deltas) / len(deltas)
     torch.testing.assert_close(read_output(tmp_path / "merged")["layer.weight"].double(), expected, rtol=0, atol=1e-5)
 
@@ -274,10 +359,18 @@ def test_offline_errors_are_one_line_and_write_nothing(run, offline_cache, tmp_p
     empty = tmp_path / "empty" / "hub"
     empty.mkdir(parents=True)
     cases = [
-        (environment(empty, offline=True), ["hf://org/run@main/checkpoint-100"], ("hf://org/run@main/checkpoint-100", "not in the cache", "HF_HUB_OFFLINE")),
+        (
+            environment(empty, offline=True),
+            ["hf://org/run@main/checkpoint-100"],
+            ("hf://org/run@main/checkpoint-100", "not in the cache", "HF_HUB_OFFLINE"),
+        ),
         (environment(offline_cache, offline=True), ["hf://org/run@nope/checkpoint-100"], ("revision nope is not in the cache",)),
         (environment(offline_cache, offline=True), ["hf://org/pythia@docs"], ("no weights at org/pythia@docs",)),
-        (environment(offline_cache, offline=True), ["hf://org/run/checkpoint-100/optimizer.pt"], ("no folder checkpoint-100/optimizer.pt",)),
+        (
+            environment(offline_cache, offline=True),
+            ["hf://org/run/checkpoint-100/optimizer.pt"],
+            ("no folder checkpoint-100/optimizer.pt",),
+        ),
     ]
     for env, inputs, words in cases:
         result = run("average", *inputs, "-o", tmp_path / "out", env=env)
@@ -298,7 +391,9 @@ def test_online_average_downloads_only_what_it_needs(run, repos, tmp_path):
         assert result.code == 0, result.err
         served = hub.served_files("org/run")
         wanted = {f"checkpoint-{s}/{name}" for s in (100, 200) for name in ("model.safetensors", "config.json", "tokenizer.json")}
-        assert {f"checkpoint-{s}/model.safetensors" for s in (100, 200)} <= served <= wanted  # checkpoint-200's config: the same blob
+        assert (
+            {f"checkpoint-{s}/model.safetensors" for s in (100, 200)} <= served <= wanted
+        )  # checkpoint-200's config: the same blob
         assert not hub.unknown, hub.unknown
         files = repos["org/run"].commits[commit_of(repos, "org/run")].files
         blobs = {files[p] for p in wanted}  # each distinct content once: huggingface_hub keeps blobs by hash
@@ -306,8 +401,13 @@ def test_online_average_downloads_only_what_it_needs(run, repos, tmp_path):
         assert sum(hub.served.values()) == sum(map(len, blobs)) + header_reads
         shown = run("inspect", inputs[0], "--json", env=env)
         assert shown.code == 0, shown.err
-        assert "on the Hub beside it, not downloaded: optimizer.pt, rng_state.pth, scheduler.pt, training_args.bin" in json.loads(shown.out)["notes"]
-        assert json.loads(shown.out)["metrics"] == {"eval_loss": eval_loss(100)}  # its trainer_state.json: inspect fetches that one
+        assert (
+            "on the Hub beside it, not downloaded: optimizer.pt, rng_state.pth, scheduler.pt, training_args.bin"
+            in json.loads(shown.out)["notes"]
+        )
+        assert json.loads(shown.out)["metrics"] == {
+            "eval_loss": eval_loss(100)
+        }  # its trainer_state.json: inspect fetches that one
         assert hub.served_files("org/run") <= wanted | {"checkpoint-100/trainer_state.json"}
         assert sum(hub.served.values()) < repos["org/run"].size(commit_of(repos, "org/run")) / 5
     report = json.loads(result.out)
@@ -342,10 +442,14 @@ def test_online_select_lists_branches_and_trainer_commits_without_downloading_we
         assert merged.code == 0, merged.err
         checked = run("select", "hf://org/pythia", "--skip-nonfinite", "--json", env=env)  # reads every tensor: downloads them
         assert checked.code == 0 and len(json.loads(checked.out)["chosen"]) == 3, checked.err
-        assert {"model.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= hub.served_files("org/pythia")
+        assert {"model.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= hub.served_files(
+            "org/pythia"
+        )
         assert not hub.unknown, hub.unknown
     inputs = json.loads(merged.out)["inputs"]
-    assert [(i["step"], i["hub"]["step_source"]) for i in inputs] == [(s, f"commit title (Training in progress, step {s})") for s in (200, 300)]
+    assert [(i["step"], i["hub"]["step_source"]) for i in inputs] == [
+        (s, f"commit title (Training in progress, step {s})") for s in (200, 300)
+    ]
 
 
 def test_push_uploads_the_folder_with_its_card(run, repos, tmp_path):
@@ -355,8 +459,22 @@ def test_push_uploads_the_folder_with_its_card(run, repos, tmp_path):
     with HubStandin(repos) as hub:
         env = environment(cache, hub.url)
         inputs = [hub_url("org/pythia", f"step{s}") for s in STEPS]
-        result = run("average", *inputs, "-o", tmp_path / "merged", "--push-to-hub", "me/pythia-avg", "--private",
-                     "--revision", "averaged", "--commit-message", "average of three steps", "--verify", "--json", env=env)
+        result = run(
+            "average",
+            *inputs,
+            "-o",
+            tmp_path / "merged",
+            "--push-to-hub",
+            "me/pythia-avg",
+            "--private",
+            "--revision",
+            "averaged",
+            "--commit-message",
+            "average of three steps",
+            "--verify",
+            "--json",
+            env=env,
+        )
         assert result.code == 0, result.err
         pushed = hub.repos["me/pythia-avg"]
         assert pushed.private
@@ -378,7 +496,16 @@ def test_push_uploads_the_folder_with_its_card(run, repos, tmp_path):
         assert f"org/pythia@{commit_of(repos, 'org/pythia', f'step{s}')}" in card.text and f"| step{s} | {s} |" in card.text
     assert "ckptavg average hf://org/pythia@step100" in card.text and "--push-to-hub me/pythia-avg" in card.text
     with HubStandin(hub.repos) as hub:  # a second push to the repo, now existing: its default branch this time
-        again = run("export", inputs[0], "-o", tmp_path / "again", "--push-to-hub", "me/pythia-avg", "--json", env=environment(cache, hub.url))
+        again = run(
+            "export",
+            inputs[0],
+            "-o",
+            tmp_path / "again",
+            "--push-to-hub",
+            "me/pythia-avg",
+            "--json",
+            env=environment(cache, hub.url),
+        )
         assert again.code == 0, again.err
         pushed = hub.repos["me/pythia-avg"]
         assert set(pushed.branches) == {"main", "averaged"} and pushed.commits[pushed.branches["main"]].files["model.safetensors"]
@@ -389,12 +516,29 @@ def test_a_failed_push_keeps_the_local_output_and_exits_3(run, repos, tmp_path):
     cache = tmp_path / "hf" / "hub"
     with HubStandin(repos) as hub:
         hub.fail_commits = True
-        result = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "model", "--push-to-hub", "me/model", env=environment(cache, hub.url))
+        result = run(
+            "export",
+            hub_url("org/pythia", "step100"),
+            "-o",
+            tmp_path / "model",
+            "--push-to-hub",
+            "me/model",
+            env=environment(cache, hub.url),
+        )
     one_line_error(result, 3, "me/model", "push failed", "HTTP 403", "storage quota", f"hf upload me/model {tmp_path / 'model'}")
     assert "not pushed" in result.out  # the summary of the written output, then the one error line
     with HubStandin(repos) as hub:  # --json: the report of the written output is printed all the same
         hub.fail_commits = True
-        result = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "model2", "--push-to-hub", "me/model", "--json", env=environment(cache, hub.url))
+        result = run(
+            "export",
+            hub_url("org/pythia", "step100"),
+            "-o",
+            tmp_path / "model2",
+            "--push-to-hub",
+            "me/model",
+            "--json",
+            env=environment(cache, hub.url),
+        )
     assert result.code == 3 and "push failed" in result.err
     report = json.loads(result.out)
     assert report["output"] == str(tmp_path / "model2") and "storage quota" in report["pushed"]["error"]
@@ -407,7 +551,16 @@ def test_push_refused_before_any_work(run, repos, tmp_path):
     cache = tmp_path / "hf" / "hub"
     with HubStandin(repos) as hub:
         env = environment(cache, hub.url)
-        single = run("average", hub_url("org/pythia", "step100"), hub_url("org/pythia", "step300"), "-o", tmp_path / "m.safetensors", "--push-to-hub", "me/m", env=env)
+        single = run(
+            "average",
+            hub_url("org/pythia", "step100"),
+            hub_url("org/pythia", "step300"),
+            "-o",
+            tmp_path / "m.safetensors",
+            "--push-to-hub",
+            "me/m",
+            env=env,
+        )
         dry = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "m", "--dry-run", "--push-to-hub", "me/m", env=env)
         alone = run("export", hub_url("org/pythia", "step100"), "-o", tmp_path / "m", "--private", env=env)
         assert hub.log == []
@@ -428,7 +581,10 @@ def test_online_errors_are_one_line_exit_1_and_write_nothing(run, repos, tmp_pat
             ([f"hf://org/run@{initial}"], ("no weights at", ".gitattributes")),
             (["hf://org/run@main/checkpoint-999"], ("no folder checkpoint-999",)),
             (["hf://org/gated"], ("gated repo", "hf auth login")),
-            ([hub_url("org/pythia", "step100"), "hf://org/other"], ("hf://org/other", "shape [65, 48], expected [64, 48]", "before any weights were downloaded")),
+            (
+                [hub_url("org/pythia", "step100"), "hf://org/other"],
+                ("hf://org/other", "shape [65, 48], expected [64, 48]", "before any weights were downloaded"),
+            ),
         ]
         for inputs, words in cases:
             result = run("average", *inputs, "-o", tmp_path / "out", env=env)
@@ -438,7 +594,9 @@ def test_online_errors_are_one_line_exit_1_and_write_nothing(run, repos, tmp_pat
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    result = run("average", "hf://org/run@main/checkpoint-100", "-o", tmp_path / "out", env=environment(tmp_path / "hf2" / "hub", closed))
+    result = run(
+        "average", "hf://org/run@main/checkpoint-100", "-o", tmp_path / "out", env=environment(tmp_path / "hf2" / "hub", closed)
+    )
     one_line_error(result, 1, "hf://org/run@main/checkpoint-100", "cannot reach the Hub")
 
 
@@ -450,22 +608,40 @@ def test_card_for_local_inputs_and_adapters(tmp_path):
 
     from ckptavg.card import model_card
 
-    recipe = {"version": "0.1.0", "created": "2026-01-01T00:00:00Z", "strategy": "linear", "order": "step",
-              "inputs": [{"path": "runs/checkpoint-1|2", "step": 1, "epoch": None, "weight": 0.25, "format": "safetensors"},
-                         {"path": "runs/checkpoint-2", "step": 2, "epoch": None, "weight": 0.75, "format": "safetensors"}],
-              "input_dtypes": {"float32": 3}, "output_dtypes": {"bfloat16": 3}, "accumulate": {"float32": 3}}
+    recipe = {
+        "version": "0.1.0",
+        "created": "2026-01-01T00:00:00Z",
+        "strategy": "linear",
+        "order": "step",
+        "inputs": [
+            {"path": "runs/checkpoint-1|2", "step": 1, "epoch": None, "weight": 0.25, "format": "safetensors"},
+            {"path": "runs/checkpoint-2", "step": 2, "epoch": None, "weight": 0.75, "format": "safetensors"},
+        ],
+        "input_dtypes": {"float32": 3},
+        "output_dtypes": {"bfloat16": 3},
+        "accumulate": {"float32": 3},
+    }
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "README.md").write_text(str(model_card(recipe, tmp_path)))
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft" and card.data.tags == ["ckptavg", "merge"] and card.data.base_model is None
     assert "`runs/checkpoint-1\\|2`" in card.text and "| 2 | 0.75 |" in card.text and "bfloat16 (3)" in card.text
-    assert "ckptavg.average(['runs/checkpoint-1|2', 'runs/checkpoint-2'], ...)" in card.text  # not run as `ckptavg`: the Python call
+    assert (
+        "ckptavg.average(['runs/checkpoint-1|2', 'runs/checkpoint-2'], ...)" in card.text
+    )  # not run as `ckptavg`: the Python call
 
-    exported = {**recipe, "strategy": "export", "order": "given", "inputs": [{**recipe["inputs"][1], "weight": 1.0, "hub": {"repo": "org/run", "commit": "c" * 40}}],
-                "copied_from_newest": ["step"]}
+    exported = {
+        **recipe,
+        "strategy": "export",
+        "order": "given",
+        "inputs": [{**recipe["inputs"][1], "weight": 1.0, "hub": {"repo": "org/run", "commit": "c" * 40}}],
+        "copied_from_newest": ["step"],
+    }
     (tmp_path / "README.md").write_text(str(model_card(exported, tmp_path)))
     card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.tags == ["ckptavg"] and card.data.base_model == "org/run" and "base_model_relation" not in card.data.to_dict()  # not a merge
+    assert (
+        card.data.tags == ["ckptavg"] and card.data.base_model == "org/run" and "base_model_relation" not in card.data.to_dict()
+    )  # not a merge
     assert "Strategy" not in card.text and "accumulated" not in card.text and "Copied from the newest" not in card.text
 
 

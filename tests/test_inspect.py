@@ -17,17 +17,49 @@ from safetensors.torch import save_file
 from ckptavg.inspection import common_prefix, wrapper_prefix
 
 SCHEMA = {
-    "path": str, "format": str, "files": list, "tensors": int, "parameters": int, "tensor_bytes": int,
-    "bytes_by_dtype": dict, "step": (int, type(None)), "epoch": (int, type(None)), "step_source": (str, type(None)),
+    "path": str,
+    "format": str,
+    "files": list,
+    "tensors": int,
+    "parameters": int,
+    "tensor_bytes": int,
+    "bytes_by_dtype": dict,
+    "step": (int, type(None)),
+    "epoch": (int, type(None)),
+    "step_source": (str, type(None)),
     "metrics": dict,
-    "training_state": dict, "prefix": str, "wrapper_prefix": (str, type(None)), "wrapper": (str, type(None)),
-    "model_type": (str, type(None)), "architectures": list, "weights_key": (str, type(None)), "top_level_keys": list,
-    "opaque_globals": list, "notes": list, "leftovers": list, "adapter": (dict, type(None)), "quantization": (dict, type(None)), "tensor_list": (list, type(None)),
+    "training_state": dict,
+    "prefix": str,
+    "wrapper_prefix": (str, type(None)),
+    "wrapper": (str, type(None)),
+    "model_type": (str, type(None)),
+    "architectures": list,
+    "weights_key": (str, type(None)),
+    "top_level_keys": list,
+    "opaque_globals": list,
+    "notes": list,
+    "leftovers": list,
+    "adapter": (dict, type(None)),
+    "quantization": (dict, type(None)),
+    "tensor_list": (list, type(None)),
     "issues": (list, type(None)),
 }
 DIFF_KEYS = {
-    "a", "b", "tensors", "only_in_a", "only_in_b", "shape_mismatch", "integer_tensors", "integer_differs",
-    "l2", "relative", "min_cosine", "max_abs", "identical", "compared", "hint",
+    "a",
+    "b",
+    "tensors",
+    "only_in_a",
+    "only_in_b",
+    "shape_mismatch",
+    "integer_tensors",
+    "integer_differs",
+    "l2",
+    "relative",
+    "min_cosine",
+    "max_abs",
+    "identical",
+    "compared",
+    "hint",
 }
 
 
@@ -66,7 +98,10 @@ def test_lightning_checkpoint(cli, lightning_ckpts):
     assert {"optimizer", "scheduler"} <= set(data["training_state"])
     optimizer_bytes = sum(
         t.numel() * t.element_size()
-        for state in saved["optimizer_states"] for per_param in state["state"].values() for t in per_param.values() if torch.is_tensor(t)
+        for state in saved["optimizer_states"]
+        for per_param in state["state"].values()
+        for t in per_param.values()
+        if torch.is_tensor(t)
     )
     assert data["training_state"]["optimizer"] == optimizer_bytes
     assert set(data["top_level_keys"]) == set(saved)
@@ -96,7 +131,9 @@ def test_tensor_list_and_filter(cli, tmp_path):
     data = inspect_json(cli, path, "--tensors", "--filter", r"^layer\.")
     assert [t["name"] for t in data["tensor_list"]] == ["layer.0.bias", "layer.0.weight"]
     assert data["tensor_list"][1] == {"name": "layer.0.weight", "dtype": "bfloat16", "shape": [48, 48], "bytes": 48 * 48 * 2}
-    assert data["bytes_by_dtype"]["bfloat16"] == sum(t.numel() * 2 for t in make_state(0, torch.bfloat16).values() if t.is_floating_point())
+    assert data["bytes_by_dtype"]["bfloat16"] == sum(
+        t.numel() * 2 for t in make_state(0, torch.bfloat16).values() if t.is_floating_point()
+    )
     human = cli("inspect", path, "--tensors")
     assert human.code == 0 and "layer.0.weight" in human.out and "bfloat16" in human.out
 
@@ -134,7 +171,9 @@ def test_diff_against_torch(cli, tmp_path):
         x, y = a[name].double(), b[name].double()
         assert math.isclose(rows[name]["l2"], float((x - y).norm()), rel_tol=1e-12)
         assert math.isclose(rows[name]["relative"], float((x - y).norm() / x.norm()), rel_tol=1e-12)
-        assert math.isclose(rows[name]["cosine"], float(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0)), rel_tol=1e-12)
+        assert math.isclose(
+            rows[name]["cosine"], float(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0)), rel_tol=1e-12
+        )
         assert math.isclose(rows[name]["max_abs"], float((x - y).abs().max()), rel_tol=1e-12)
     assert not data["identical"]
     same = json.loads(cli("inspect", pa, "--diff", pa, "--json").out)
@@ -190,8 +229,14 @@ def _tiny_transformers(kind: str):
     torch.manual_seed(0)
     if kind == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True,
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+            tie_word_embeddings=True,
         )
         return transformers.LlamaForCausalLM(config)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))

@@ -19,8 +19,8 @@ import ckptavg
 from ckptavg.cli import app
 from ckptavg.errors import InputError, UsageError
 from ckptavg.globbing import expand, expand_one
-from ckptavg.selection import Policy
 from ckptavg.inspection import inspect_checkpoint
+from ckptavg.selection import Policy
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 COMMANDS = ("average", "select", "inspect", "export")

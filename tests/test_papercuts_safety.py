@@ -22,19 +22,20 @@ from rich.console import Console
 from test_select import fake_run
 
 import ckptavg
-from ckptavg.output import output_layout
 from ckptavg.errors import UsageError
+from ckptavg.inspection import ReadProgress, first_nonfinite
+from ckptavg.output import output_layout
 from ckptavg.render import ProgressDisplay
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import ReadProgress, first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
 def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          env=ENV, timeout=120)
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=120
+    )
 
 
 def steps_of(paths) -> list[int]:
@@ -123,8 +124,9 @@ def test_diff_with_names_behind_a_prefix_compares_nothing_says_so_and_fails(cli,
     data = json.loads(as_json.out)
     assert as_json.code == 1 and data["compared"] == 0 and not data["identical"] and "--strip-prefix module." in data["hint"]
 
-    fixed = cli("inspect", saved["wrapped"], "--diff", saved["plain"], "--strip-prefix", "module.",
-                "--fail-if-different", "--json")
+    fixed = cli(
+        "inspect", saved["wrapped"], "--diff", saved["plain"], "--strip-prefix", "module.", "--fail-if-different", "--json"
+    )
     assert fixed.code == 0, fixed.err
     assert json.loads(fixed.out)["identical"] and json.loads(fixed.out)["compared"] == len(torch.load(saved["plain"]))
 
@@ -193,10 +195,18 @@ def test_an_output_named_like_a_file_ckptavg_does_not_write_is_refused(cli, torc
     assert list(tmp_path.iterdir()) == []  # no folder of that name, no staging or lock left
 
 
-@pytest.mark.parametrize(("name", "layout"), [
-    ("m.safetensors", ("safetensors", True)), ("m.pt", ("pt", True)), ("m.pth.tar", ("pt", True)), ("m.bin", ("pt", True)),
-    ("run.v2", ("safetensors", False)), ("merged-0.5", ("safetensors", False)), ("merged", ("safetensors", False)),
-])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("m.safetensors", ("safetensors", True)),
+        ("m.pt", ("pt", True)),
+        ("m.pth.tar", ("pt", True)),
+        ("m.bin", ("pt", True)),
+        ("run.v2", ("safetensors", False)),
+        ("merged-0.5", ("safetensors", False)),
+        ("merged", ("safetensors", False)),
+    ],
+)
 def test_output_layout_by_name(name, layout):
     assert output_layout(Path(name), "auto") == layout
 
@@ -301,7 +311,9 @@ def test_lazy_scan_chooses_what_reading_everything_chooses(tmp_path, policy, bad
     from safetensors.torch import save_file
 
     for step in bad:
-        save_file({"w": torch.tensor([1.0, float("nan"), float(step), 0.0])}, paths[step - 1] / "model.safetensors")  # not copies of each other
+        save_file(
+            {"w": torch.tensor([1.0, float("nan"), float(step), 0.0])}, paths[step - 1] / "model.safetensors"
+        )  # not copies of each other
     scan = Recorder()
     lazy = select(gather(paths), Policy(**policy, skip_nonfinite=True), has_nonfinite=scan, on_progress=scan.progress.append)
     assert [c.path for c in lazy.chosen] == _eager(paths, Policy(**policy))

@@ -42,8 +42,14 @@ LLAMA_VARIANTS = list(VARIANTS)
 ALL_VARIANTS = [*LLAMA_VARIANTS, "lora_gpt2"]
 NOT_DORA = [v for v in ALL_VARIANTS if v != "lora_dora"]
 CHECKPOINT_FILES = {
-    "README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt",
-    "trainer_state.json", "training_args.bin",
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "rng_state.pth",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
 }
 HIDDEN, VOCAB = 32, 64
 OUT = {"q_proj": 32, "v_proj": 16}  # 4 heads x 8, 2 key/value heads x 8
@@ -91,9 +97,22 @@ def expected_shapes(variant: str, r: int = 4) -> dict[str, tuple[int, ...]]:
 
 def expected_config(variant: str) -> dict:
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "revision": None, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-        "use_rslora": False, "use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-        "modules_to_save": None, "fan_in_fan_out": False, "target_modules": {"q_proj", "v_proj"}, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "revision": None,
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "none",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "target_modules": {"q_proj", "v_proj"},
+        "inference_mode": True,
     }
     config.update({"lora_gpt2": GPT2_VARIANT, **VARIANTS}[variant])
     config["target_modules"] = set(config["target_modules"])
@@ -248,7 +267,7 @@ def naive_deltas(folder):
     out = {}
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):
-            module = key[len(PREFIX):-len(".lora_A.weight")]
+            module = key[len(PREFIX) : -len(".lora_A.weight")]
             b = tensors[f"{PREFIX}{module}.lora_B.weight"]
             out[f"{module}.weight"] = config["lora_alpha"] / config["r"] * (b.double() @ a.double())
     return out
@@ -321,7 +340,7 @@ def cat_adapter(folders, weights, out, **config_changes):
     new = {}
     for key in tensors[0]:
         if key.endswith(".lora_A.weight"):
-            module = key[len(PREFIX):-len(".lora_A.weight")]
+            module = key[len(PREFIX) : -len(".lora_A.weight")]
             b_key = key.replace(".lora_A.", ".lora_B.")
             new[key] = torch.cat([w * module_scaling(c, module)[2] * t[key] for w, c, t in zip(weights, configs, tensors)])
             new[b_key] = torch.cat([t[b_key] for t in tensors], dim=1)

@@ -32,8 +32,23 @@ from ckptavg.formats.safetensors_io import read_safetensors
 
 # CKPTAVG_EXAMPLES=5000 for a longer (and random) hunt than the test suite's; the suite's own examples are the same every
 # run, so that CI never fails on a draw it has not made before
-SETTINGS = settings(max_examples=int(os.environ.get("CKPTAVG_EXAMPLES", 150)), derandomize="CKPTAVG_EXAMPLES" not in os.environ, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+SETTINGS = settings(
+    max_examples=int(os.environ.get("CKPTAVG_EXAMPLES", 150)),
+    derandomize="CKPTAVG_EXAMPLES" not in os.environ,
+    deadline=5000,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 # names that mark quantized weights (`.qweight`, ...) are refused on purpose, and a tensor named __metadata__
 # makes a file that safetensors itself cannot read: neither is drawn
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12).filter(
@@ -51,7 +66,9 @@ def tensors(draw) -> torch.Tensor:
     raw = draw(st.binary(min_size=numel * dtype.itemsize, max_size=numel * dtype.itemsize))
     if dtype == torch.bool:
         raw = bytes(b & 1 for b in raw)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+    return (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+    )
 
 
 state_dicts = st.dictionaries(names, tensors(), min_size=1, max_size=5)
@@ -131,8 +148,11 @@ def mutated_safetensors(draw) -> tuple[bytes, dict]:
         header = json.loads(data[8 : 8 + header_length])
         name = draw(st.sampled_from(sorted(header)))
         field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry", "duplicate"]))
-        values = st.recursive(st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=5),
-                              lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=6)
+        values = st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=5),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+            max_leaves=6,
+        )
         text = json.dumps(header)
         if field == "entry":
             header[name] = draw(values)

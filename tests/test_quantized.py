@@ -45,7 +45,10 @@ def fp8_state(seed: int) -> dict[str, torch.Tensor]:
     norm and embedding, and an int buffer."""
     g = torch.Generator().manual_seed(seed)
     state = {"model.embed_tokens.weight": torch.randn(50, 40, generator=g).bfloat16()}
-    for name, shape in (("model.layers.0.mlp.down_proj.weight", (300, 200)), ("model.layers.0.self_attn.q_proj.weight", (130, 256))):
+    for name, shape in (
+        ("model.layers.0.mlp.down_proj.weight", (300, 200)),
+        ("model.layers.0.self_attn.q_proj.weight", (130, 256)),
+    ):
         codes, scales = quantize_fp8_blocks(torch.randn(*shape, generator=g) * (1 + seed))
         state[name], state[f"{name}_scale_inv"] = codes, scales
     state["model.norm.weight"] = torch.randn(40, generator=g).bfloat16()
@@ -62,7 +65,9 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, config: dict) -> 
         save_file({n: state[n] for n in part}, folder / file, metadata={"format": "pt"})
     weight_map = {n: file for file, part in shards.items() for n in part}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "torch_dtype": "bfloat16", "quantization_config": config}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "deepseek_v3", "torch_dtype": "bfloat16", "quantization_config": config})
+    )
     return folder
 
 
@@ -80,7 +85,9 @@ def dequantized_states(states: list[dict[str, torch.Tensor]]) -> list[dict[str, 
         for name, value in state.items():
             if name.endswith("_scale_inv"):
                 continue
-            plain[name] = dequantize_fp8_blocks(value, state[f"{name}_scale_inv"]) if value.dtype == torch.float8_e4m3fn else value
+            plain[name] = (
+                dequantize_fp8_blocks(value, state[f"{name}_scale_inv"]) if value.dtype == torch.float8_e4m3fn else value
+            )
         out.append(plain)
     return out
 
@@ -159,10 +166,18 @@ def test_fp8_row_and_tensor_scales(tmp_path):
         row_scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
         tensor_scale = v.abs().max().reshape(1) / E4M3_MAX
         state = {
-            "a.weight": (w / row_scale).to(torch.float8_e4m3fn), "a.weight_scale": row_scale, "a.input_scale": torch.ones(1),
-            "b.weight": (v / tensor_scale).to(torch.float8_e4m3fn), "b.weight_scale": tensor_scale,
+            "a.weight": (w / row_scale).to(torch.float8_e4m3fn),
+            "a.weight_scale": row_scale,
+            "a.input_scale": torch.ones(1),
+            "b.weight": (v / tensor_scale).to(torch.float8_e4m3fn),
+            "b.weight_scale": tensor_scale,
         }
-        plain.append({"a.weight": state["a.weight"].double() * row_scale.double(), "b.weight": state["b.weight"].double() * float(tensor_scale)})
+        plain.append(
+            {
+                "a.weight": state["a.weight"].double() * row_scale.double(),
+                "b.weight": state["b.weight"].double() * float(tensor_scale),
+            }
+        )
         files.append(tmp_path / f"c{seed}.safetensors")
         save_file(state, files[-1])
     report = ckptavg.average(files, tmp_path / "out.safetensors", order="given")
@@ -204,9 +219,20 @@ def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 GPT_OSS = {
-    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
-    "vocab_size": 128, "max_position_embeddings": 256, "sliding_window": 32, "layer_types": ["full_attention"],
+    "architectures": ["GptOssForCausalLM"],
+    "model_type": "gpt_oss",
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "sliding_window": 32,
+    "layer_types": ["full_attention"],
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 
@@ -220,7 +246,9 @@ def gpt_oss_run(tmp_path_factory):
     folders, states = [], []
     for i in range(2):
         torch.manual_seed(i)
-        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**{k: v for k, v in GPT_OSS.items() if k not in ("architectures", "model_type")}))
+        model = transformers.GptOssForCausalLM(
+            transformers.GptOssConfig(**{k: v for k, v in GPT_OSS.items() if k not in ("architectures", "model_type")})
+        )
         state = {}
         for name, value in model.state_dict().items():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -230,7 +258,9 @@ def gpt_oss_run(tmp_path_factory):
         folder = root / f"checkpoint-{i + 1}"
         folder.mkdir()
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(GPT_OSS | {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"}}))
+        (folder / "config.json").write_text(
+            json.dumps(GPT_OSS | {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"}})
+        )
         folders.append(folder)
         states.append(state)
     return folders, states
@@ -245,7 +275,9 @@ def test_mxfp4_experts_are_averaged_and_load_as_gpt_oss(gpt_oss_run, tmp_path):
     assert f"{name}_blocks" not in out and f"{name}_scales" not in out
     plain = [unpack_mxfp4(s[f"{name}_blocks"], s[f"{name}_scales"]).transpose(1, 2) for s in states]
     assert torch.equal(out[name], ((plain[0] + plain[1]) / 2).float())
-    ours = transformers.integrations.mxfp4.convert_moe_packed_tensors(states[0][f"{name}_blocks"], states[0][f"{name}_scales"], dtype=torch.float32)
+    ours = transformers.integrations.mxfp4.convert_moe_packed_tensors(
+        states[0][f"{name}_blocks"], states[0][f"{name}_scales"], dtype=torch.float32
+    )
     assert torch.equal(plain[0].float(), ours)  # the reference agrees with transformers' own dequantization
     assert "mxfp4" in report.inputs[0].format
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -267,9 +299,18 @@ def test_mxfp4_in_bounded_pieces_matches_the_whole(gpt_oss_run, tmp_path):
     [
         ({"l.qweight": torch.zeros(4, 4, dtype=torch.int32), "l.scales": torch.ones(4)}, "GPTQ/AWQ"),
         ({"l.weight": torch.zeros(4, 4, dtype=torch.int8), "l.SCB": torch.ones(4)}, "bitsandbytes int8"),
-        ({"l.weight_packed": torch.zeros(4, 2, dtype=torch.int32), "l.weight_scale": torch.ones(4, 1)}, "compressed-tensors pack-quantized"),
+        (
+            {"l.weight_packed": torch.zeros(4, 2, dtype=torch.int32), "l.weight_scale": torch.ones(4, 1)},
+            "compressed-tensors pack-quantized",
+        ),
         ({"l.weight": torch.zeros(4, 4), "l.weight_scale_inv": torch.ones(1, 1)}, "an unknown quantization scheme"),
-        ({"l.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn), "l.weight_scale_inv": torch.ones(2, 2, dtype=torch.float8_e4m3fn)}, "unknown FP8 scheme"),
+        (
+            {
+                "l.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
+                "l.weight_scale_inv": torch.ones(2, 2, dtype=torch.float8_e4m3fn),
+            },
+            "unknown FP8 scheme",
+        ),
         ({"l.w_scales": torch.zeros(4, dtype=torch.uint8)}, "looks like MXFP4 exponents"),
         ({"l.e": torch.zeros(4, dtype=torch.float8_e8m0fnu)}, "F8_E8M0"),
     ],
@@ -307,7 +348,11 @@ def test_requantize_writes_the_inputs_scheme_within_its_rounding(fp8_run, tmp_pa
     plain = dequantized_states(states)
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
         codes, scales = out[name], out[f"{name}_scale_inv"]
-        assert codes.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32 and scales.shape == states[0][f"{name}_scale_inv"].shape
+        assert (
+            codes.dtype == torch.float8_e4m3fn
+            and scales.dtype == torch.float32
+            and scales.shape == states[0][f"{name}_scale_inv"].shape
+        )
         exact = reference_mean(plain, name)
         back = dequantize_fp8_blocks(codes, scales)
         # E4M3 keeps 3 mantissa bits: a code is within 2^-4 of its value, or half its smallest step (2^-10 x scale)
@@ -328,7 +373,10 @@ def test_requantize_of_one_checkpoint_gives_it_back_bit_for_bit(fp8_run, tmp_pat
     ckptavg.export(folders[1], tmp_path / "again", requantize=True)
     out = read_output(tmp_path / "again")
     for name, value in states[1].items():
-        assert torch.equal(out[name].view(torch.uint8) if value.dtype.itemsize == 1 else out[name], value.view(torch.uint8) if value.dtype.itemsize == 1 else value), name
+        assert torch.equal(
+            out[name].view(torch.uint8) if value.dtype.itemsize == 1 else out[name],
+            value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
+        ), name
 
 
 def test_requantize_refuses_what_it_cannot_write(gpt_oss_run, cli, tmp_path):

@@ -124,8 +124,13 @@ def mentions() -> list[tuple[str, set[str | None], str]]:
 
 
 def run_help(*args: str) -> str:
-    result = subprocess.run([str(ENTRY_POINT), *args, "--help"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    result = subprocess.run(
+        [str(ENTRY_POINT), *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -194,7 +199,10 @@ def lightning_ckpt(path: Path, step: int, seed: int, val_loss: float | None = No
     state["attn.q_proj.weight"] = torch.eye(8) + 0.01 * torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
     callbacks = {}
     if val_loss is not None:
-        callbacks["ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}"] = {"monitor": "val_loss", "current_score": torch.tensor(val_loss)}
+        callbacks["ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}"] = {
+            "monitor": "val_loss",
+            "current_score": torch.tensor(val_loss),
+        }
     top = {
         "state_dict": {f"model.{k}": v for k, v in state.items()},
         "global_step": step,
@@ -227,7 +235,9 @@ def build_tree(root: Path) -> None:
     (root / "ckpts").mkdir()
     for i, step in enumerate(range(100, 701, 100)):
         loss = 1 + abs(step - 400) / 1000
-        lightning_ckpt(root / "ckpts" / f"epoch={i}-step={step}.ckpt", step, 60 + i, val_loss=loss, extra={"metrics": {"eval_loss": loss}})
+        lightning_ckpt(
+            root / "ckpts" / f"epoch={i}-step={step}.ckpt", step, 60 + i, val_loss=loss, extra={"metrics": {"eval_loss": loss}}
+        )
     ema = {f"model.{k}": v for k, v in make_state(70).items()}
     ema["model.attn.q_proj.weight"] = torch.eye(8)
     lightning_ckpt(root / "last.ckpt", 900, 71, extra={"state_dict_ema": ema})
@@ -242,7 +252,9 @@ def lora_tree(root: Path) -> None:
 
     g = torch.Generator().manual_seed(90)
     (root / "base-model").mkdir()
-    save_file({"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}, root / "base-model" / "model.safetensors")
+    save_file(
+        {"layer.weight": torch.randn(8, 8, generator=g), "layer.bias": torch.zeros(8)}, root / "base-model" / "model.safetensors"
+    )
     (root / "base-model" / "config.json").write_text(json.dumps({"model_type": "tiny"}))
     a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
     for i, step in enumerate(range(100, 501, 100)):
@@ -250,7 +262,13 @@ def lora_tree(root: Path) -> None:
         folder.mkdir(parents=True)
         moved = {"base_model.model.layer.lora_A.weight": a + 0.01 * i, "base_model.model.layer.lora_B.weight": b + 0.01 * i}
         save_file(moved, folder / "adapter_model.safetensors")
-        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"], "base_model_name_or_path": "base-model"}
+        config = {
+            "peft_type": "LORA",
+            "r": 2,
+            "lora_alpha": 4,
+            "target_modules": ["layer"],
+            "base_model_name_or_path": "base-model",
+        }
         (folder / "adapter_config.json").write_text(json.dumps(config))
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
 
@@ -360,12 +378,17 @@ def hub_repos(tree: Path) -> dict[str, HubRepo]:
     pythia.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
     for i, step in enumerate((142000, 143000)):
         weights = (tree / "runs" / f"checkpoint-{200 * (i + 1)}" / "model.safetensors").read_bytes()
-        pythia.commit({"model.safetensors": weights, "config.json": json.dumps({"architectures": ["GPTNeoXForCausalLM"]}).encode()},
-                      f"step {step}", branch=f"step{step}")
+        pythia.commit(
+            {"model.safetensors": weights, "config.json": json.dumps({"architectures": ["GPTNeoXForCausalLM"]}).encode()},
+            f"step {step}",
+            branch=f"step{step}",
+        )
     return {"org/run": run, "EleutherAI/pythia-70m": pythia}
 
 
-def run_example(line: str, tree: Path, where: Path, bin_folder: Path, hub_url: str = "") -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_example(
+    line: str, tree: Path, where: Path, bin_folder: Path, hub_url: str = ""
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run `line` in a copy of `tree`: its result, and the files there before it ran."""
     shutil.copytree(tree, where, symlinks=True)
     if not re.search(r"-o merged(\s|$)", line):  # `merged`, the average of runs/checkpoint-*, for those that read it
@@ -379,9 +402,17 @@ def run_example(line: str, tree: Path, where: Path, bin_folder: Path, hub_url: s
     if "hf://" in line:
         env = {k: v for k, v in env.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
         cache = where.parent / f"{where.name}-hf"
-        env.update(HF_ENDPOINT=hub_url, HF_HUB_CACHE=str(cache / "hub"), HF_HOME=str(cache), HF_TOKEN=HUB_TOKEN, NO_PROXY="127.0.0.1,localhost")
+        env.update(
+            HF_ENDPOINT=hub_url,
+            HF_HUB_CACHE=str(cache / "hub"),
+            HF_HOME=str(cache),
+            HF_TOKEN=HUB_TOKEN,
+            NO_PROXY="127.0.0.1,localhost",
+        )
     before = files(where)
-    return subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=where, capture_output=True, text=True, timeout=120, env=env), before
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", line], cwd=where, capture_output=True, text=True, timeout=120, env=env
+    ), before
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +420,13 @@ def example_results(tmp_path_factory, bin_folder):
     root = tmp_path_factory.mktemp("readme")
     build_tree(root / "tree")
     lines = [line for line in dict.fromkeys(example_lines()) if line not in SKIP]
-    with HubStandin(hub_repos(root / "tree"), token=HUB_TOKEN) as hub, ThreadPoolExecutor(max(2, min(6, os.cpu_count() or 2))) as pool:
-        results = pool.map(lambda item: run_example(item[1], root / "tree", root / f"example{item[0]}", bin_folder, hub.url), enumerate(lines))
+    with (
+        HubStandin(hub_repos(root / "tree"), token=HUB_TOKEN) as hub,
+        ThreadPoolExecutor(max(2, min(6, os.cpu_count() or 2))) as pool,
+    ):
+        results = pool.map(
+            lambda item: run_example(item[1], root / "tree", root / f"example{item[0]}", bin_folder, hub.url), enumerate(lines)
+        )
         done = dict(zip(lines, ((result, before, root / f"example{i}") for i, (result, before) in enumerate(results))))
         assert not hub.unknown, hub.unknown
         assert not any(key.endswith("optimizer.pt") for key in hub.served), "an example downloaded training state"

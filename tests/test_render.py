@@ -25,7 +25,10 @@ from ckptavg.verify import VerifyProgress
 
 VENV_BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-PLAIN_LINE = re.compile(r"^ckptavg: (averaging|exporting|verifying) \d+% [\d.]+ [KMGT]?B of [\d.]+ [KMGT]?B(, [\d.]+ [KMGT]?B/s)?(, \d+(\.\d)? (s|min|h) left)?$")
+PLAIN_LINE = re.compile(
+    r"^ckptavg: (averaging|exporting|verifying) \d+% [\d.]+ [KMGT]?B of [\d.]+ [KMGT]?B"
+    r"(, [\d.]+ [KMGT]?B/s)?(, \d+(\.\d)? (s|min|h) left)?$"
+)
 
 
 class FakeClock:
@@ -37,7 +40,9 @@ class FakeClock:
 
 
 def console(width: int, terminal: bool) -> Console:
-    return Console(file=io.StringIO(), width=width, force_terminal=terminal, color_system=None, highlight=False, soft_wrap=not terminal)
+    return Console(
+        file=io.StringIO(), width=width, force_terminal=terminal, color_system=None, highlight=False, soft_wrap=not terminal
+    )
 
 
 @pytest.fixture
@@ -151,7 +156,11 @@ def test_slowed_engine_prints_plain_lines_on_stderr_and_stdout_stays_json(runs, 
     )
     result = subprocess.run(
         [sys.executable, "-c", slow, "average", *runs, "-o", "merged", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "80"},
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["strategy"] == "mean"
@@ -174,8 +183,14 @@ def read_pty(command: list[str], cwd: Path, columns: int = 80) -> tuple[float | 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
-                               env={**os.environ, "COLUMNS": str(columns), "TERM": "xterm"})
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": str(columns), "TERM": "xterm"},
+    )
     os.close(slave)
     first, data = None, b""
     try:
@@ -219,7 +234,10 @@ def test_progress_display_fits_the_width_and_never_wraps(runs, width):
     (line,) = frames(display, width)
     assert line.endswith(" opening 12 inputs…  1 s")
     report = plan_report(runs, bytes_to_read=12_345_678_901)
-    report.inputs = [replace(report.inputs[0], path=f"/data/experiments/a-very-long-run-name/checkpoint-{s}", step=s) for s in range(100, 1300, 100)]
+    report.inputs = [
+        replace(report.inputs[0], path=f"/data/experiments/a-very-long-run-name/checkpoint-{s}", step=s)
+        for s in range(100, 1300, 100)
+    ]
     display.on_plan(report)
     states = [
         None,
@@ -317,7 +335,9 @@ def assert_fits(render, report, width=80):
 
 def test_summary_fits_80_columns(runs):
     report = ckptavg.average(runs, "merged", verify=True)
-    report.notes.append("a long note that has to wrap at eighty columns because it goes on and on about the inputs and the output")
+    report.notes.append(
+        "a long note that has to wrap at eighty columns because it goes on and on about the inputs and the output"
+    )
     for item in report.inputs:
         item.weights_from = "state_dict_ema (--use-ema), prefix model. stripped (--strip-prefix)"
     narrow, wide = assert_fits(print_summary, report)

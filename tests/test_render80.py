@@ -19,9 +19,9 @@ from test_select import fake_run
 
 import ckptavg
 from ckptavg.checkpoint import LoadOptions
+from ckptavg.inspection import diff_checkpoints
 from ckptavg.render import plan_line, print_diff, print_export, print_selection, print_summary, shorten_path
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import diff_checkpoints
 
 ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -47,13 +47,16 @@ def long_run(tmp_path_factory) -> list[Path]:
 # --- paths: shortened from the left, never wrapped -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("width", "expected"), [
-    (80, "/data/exp/run1/checkpoint-7000"),
-    (25, "…/run1/checkpoint-7000"),
-    (20, "…/checkpoint-7000"),
-    (12, "…kpoint-7000"),
-    (1, "…"),
-])
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [
+        (80, "/data/exp/run1/checkpoint-7000"),
+        (25, "…/run1/checkpoint-7000"),
+        (20, "…/checkpoint-7000"),
+        (12, "…kpoint-7000"),
+        (1, "…"),
+    ],
+)
 def test_shorten_path_keeps_the_tail_from_a_folder_boundary(width, expected):
     assert shorten_path("/data/exp/run1/checkpoint-7000", width) == expected
 
@@ -114,8 +117,10 @@ def test_select_table_and_chart_with_a_metric_show_every_chosen_checkpoint(long_
     bars, marks = lines[-2], lines[-1]
     columns = len(bars.partition("  ")[0])
     assert marks[:columns].count("▲") == 7 and marks[columns:].startswith("  steps 500 .. 60000")
-    assert bars.endswith(f"  {min(c.metrics['eval_loss'] for c in selection.candidates):.4g} .. "
-                         f"{max(c.metrics['eval_loss'] for c in selection.candidates):.4g}")
+    assert bars.endswith(
+        f"  {min(c.metrics['eval_loss'] for c in selection.candidates):.4g} .. "
+        f"{max(c.metrics['eval_loss'] for c in selection.candidates):.4g}"
+    )
 
 
 def test_select_through_the_cli_on_an_80_column_terminal(long_run, tmp_path):
@@ -134,8 +139,13 @@ def test_diff_summary_keeps_every_number_whole_at_80_columns(tmp_path):
     folder = tmp_path / "an-experiment-with-a-long-name"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
-    a = {f"block{i}.weight": torch.randn(16, 16, generator=g) for i in range(3)} | {"step": torch.tensor(3), "only_a": torch.zeros(2)}
-    b = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 1 for k, v in a.items() if k != "only_a"}
+    a = {f"block{i}.weight": torch.randn(16, 16, generator=g) for i in range(3)} | {
+        "step": torch.tensor(3),
+        "only_a": torch.zeros(2),
+    }
+    b = {
+        k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 1 for k, v in a.items() if k != "only_a"
+    }
     save_file(a, folder / "checkpoint-70000.safetensors")
     save_file(b | {"only_b": torch.ones(2)}, folder / "checkpoint-75000.safetensors")
     report = diff_checkpoints(folder / "checkpoint-70000.safetensors", folder / "checkpoint-75000.safetensors", LoadOptions())
@@ -158,7 +168,10 @@ def test_plan_line_gives_the_range_of_the_weights_and_the_ends_by_age(long_run):
     given = [3, 1, 2, 4, 5, 6]  # the smallest is the second: neither end
     w = [x / sum(given) for x in given]
     report = ckptavg.average(paths, None, dry_run=True, weights=",".join(map(str, given)))
-    assert plan_line(report).split(", ")[2:4] == [f"weights {min(w):.3g}..{max(w):.3g} (oldest {w[0]:.3g}", f"newest {w[-1]:.3g})"]
+    assert plan_line(report).split(", ")[2:4] == [
+        f"weights {min(w):.3g}..{max(w):.3g} (oldest {w[0]:.3g}",
+        f"newest {w[-1]:.3g})",
+    ]
     report = ckptavg.average(paths[::-1], None, dry_run=True, weights=",".join(map(str, given)), order="given")
     assert f"weights {min(w):.3g}..{max(w):.3g} (first {w[0]:.3g}, last {w[-1]:.3g})" in plan_line(report)
     out = terminal(1000)

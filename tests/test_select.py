@@ -65,7 +65,9 @@ def test_retention_keeps_best_and_latest(cli, hf_run):
     losses = eval_losses(hf_run)
     steps = sorted(losses)
     keep = set(sorted(losses, key=losses.get)[:2]) | {steps[-1]}
-    result = cli("select", *sorted(hf_run.glob("checkpoint-*")), "--metric", "eval_loss", "--top-k", "2", "--last", "1", "--invert")
+    result = cli(
+        "select", *sorted(hf_run.glob("checkpoint-*")), "--metric", "eval_loss", "--top-k", "2", "--last", "1", "--invert"
+    )
     assert result.code == 0, result.err
     assert lines(result) == [str(hf_run / f"checkpoint-{s}") for s in steps if s not in keep]
 
@@ -110,7 +112,11 @@ def test_metrics_file(cli, tmp_path, suffix):
     elif suffix == ".json":
         file.write_text(json.dumps({str(s): {"accuracy": v} for s, v in scores.items()}))
     else:
-        file.write_text("".join(json.dumps({"path": str(tmp_path / "run" / f"checkpoint-{s}"), "accuracy": v}) + "\n" for s, v in scores.items()))
+        file.write_text(
+            "".join(
+                json.dumps({"path": str(tmp_path / "run" / f"checkpoint-{s}"), "accuracy": v}) + "\n" for s, v in scores.items()
+            )
+        )
     result = cli("select", *paths, "--metrics", file, "--metric", "accuracy", "--mode", "max", "--top-k", "2")
     assert result.code == 0, result.err
     assert lines(result) == [str(paths[0]), str(paths[1])]

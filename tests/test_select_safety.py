@@ -20,9 +20,9 @@ from runs import eval_losses
 from safetensors.torch import save_file
 from test_select import fake_run, lines
 
+from ckptavg.inspection import first_nonfinite
 from ckptavg.render import metric_chart
 from ckptavg.selection import Policy, gather, select
-from ckptavg.inspection import first_nonfinite
 
 CKPTAVG = f"{shlex.quote(sys.executable)} -m ckptavg"
 
@@ -42,8 +42,18 @@ def drop_eval_loss(folder: Path) -> None:
 
 def retention(run: Path, *extra: str) -> subprocess.CompletedProcess:
     """The README's retention recipe, through a real shell, a real xargs and a real rm."""
-    command = f"{CKPTAVG} select {shlex.quote(str(run))}/checkpoint-* --metric eval_loss --top-k 2 --last 1 --invert {' '.join(extra)} | xargs -r rm -r"
-    return subprocess.run(command, shell=True, capture_output=True, text=True, cwd=run, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    command = (
+        f"{CKPTAVG} select {shlex.quote(str(run))}/checkpoint-* --metric eval_loss --top-k 2 --last 1 --invert "
+        f"{' '.join(extra)} | xargs -r rm -r"
+    )
+    return subprocess.run(
+        command,
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=run,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
 
 
 def remaining(run: Path) -> set[int]:
@@ -86,7 +96,15 @@ def test_retention_during_a_save_keeps_the_newest_complete_one(hf_run, tmp_path)
     assert f"ignored {saving}: unreadable or incomplete: model.safetensors: truncated" in done.stderr
 
 
-@pytest.mark.parametrize("selectors", [["--top-k", "1"], ["--max-step", "300"], ["--min-step", "0", "--every", "200"], ["--last", "1", "--skip-spikes", "--top-k", "1"]])
+@pytest.mark.parametrize(
+    "selectors",
+    [
+        ["--top-k", "1"],
+        ["--max-step", "300"],
+        ["--min-step", "0", "--every", "200"],
+        ["--last", "1", "--skip-spikes", "--top-k", "1"],
+    ],
+)
 def test_invert_never_prints_the_newest(cli, tmp_path, selectors):
     losses = {100: 3.0, 200: 2.0, 300: 1.0, 400: 1.5, 500: 2.5}  # the newest is the worst
     paths = fake_run(tmp_path, list(losses), losses)
@@ -234,7 +252,9 @@ def test_hostile_pickle_is_an_error_never_ignored(cli, tmp_path, where, options)
         torch.save({**torch.load(named), "x": Calls(os.system, f"touch {marker}")}, named)
     result = cli("select", *paths, bad, *options)
     assert result.code == 1 and result.out == ""
-    assert result.err.splitlines() == [f"error: {named}: hostile pickle: it calls posix.system, which a checkpoint never needs; refused, nothing was run"]
+    assert result.err.splitlines() == [
+        f"error: {named}: hostile pickle: it calls posix.system, which a checkpoint never needs; refused, nothing was run"
+    ]
     assert not marker.exists()
 
 
@@ -249,8 +269,14 @@ def timm_run(root: Path) -> dict[int, float]:
         with torch.no_grad():  # an epoch of training: each checkpoint holds weights of its own (copies are counted once)
             model[0].weight.add_(0.01)
         state = {
-            "epoch": epoch, "arch": "tiny", "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "version": 2,
-            "args": argparse.Namespace(model="tiny", lr=0.1), "state_dict_ema": model.state_dict(), "metric": metric,
+            "epoch": epoch,
+            "arch": "tiny",
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "version": 2,
+            "args": argparse.Namespace(model="tiny", lr=0.1),
+            "state_dict_ema": model.state_dict(),
+            "metric": metric,
         }
         torch.save(state, root / f"checkpoint-{epoch}.pth.tar")
         shutil.copy(root / f"checkpoint-{epoch}.pth.tar", root / "last.pth.tar")
@@ -298,7 +324,9 @@ def test_too_few_to_judge_spikes_is_said(cli, tmp_path):
     paths = fake_run(tmp_path, [1, 2, 3], losses={1: 1.0, 2: 5.0, 3: 1.1})
     result = cli("select", *paths, "--metric", "eval_loss", "--skip-spikes", "--last", "3")
     assert lines(result) == [str(p) for p in paths]
-    assert "note: --skip-spikes: 3 checkpoint(s) with a finite eval_loss, 4 are needed to judge spikes; none dropped" in result.err
+    assert (
+        "note: --skip-spikes: 3 checkpoint(s) with a finite eval_loss, 4 are needed to judge spikes; none dropped" in result.err
+    )
 
 
 def test_skip_nonfinite_says_what_it_dropped_also_with_json_not_quiet(cli, tmp_path):
@@ -316,7 +344,8 @@ def test_run_folder_says_what_to_pass(cli, tmp_path):
     result = cli("select", tmp_path / "run", "--last", "2")
     assert result.code == 1
     assert result.err.splitlines() == [
-        f"error: {tmp_path}/run: holds checkpoint folders (checkpoint-2, checkpoint-4, checkpoint-6, ...), not weights; pass {tmp_path}/run/checkpoint-* instead"
+        f"error: {tmp_path}/run: holds checkpoint folders (checkpoint-2, checkpoint-4, checkpoint-6, ...), not weights; pass "
+        f"{tmp_path}/run/checkpoint-* instead"
     ]
 
 
@@ -324,7 +353,10 @@ def test_metric_typo_lists_the_metrics_and_the_closest(cli, tmp_path):
     paths = fake_run(tmp_path, [1, 2, 3], losses={1: 3.0, 2: 2.0, 3: 1.0})
     result = cli("select", *paths, "--metric", "eval_lossx", "--top-k", "2")
     assert result.code == 1
-    assert result.err.splitlines()[-1] == "error: no checkpoint chosen (3 candidates, 0 ignored); no checkpoint has eval_lossx (did you mean eval_loss?); metrics found: eval_loss"
+    assert result.err.splitlines()[-1] == (
+        "error: no checkpoint chosen (3 candidates, 0 ignored); no checkpoint has eval_lossx (did you mean eval_loss?); "
+        "metrics found: eval_loss"
+    )
     assert "eval_lossx" not in "".join(result.err.splitlines()[:-1])  # said once, in the error
     kept = cli("select", *paths, "--metric", "eval_lossx", "--top-k", "2", "--invert")  # a deletion list: nothing, and why
     assert kept.code == 0 and kept.out == "" and "did you mean eval_loss?" in kept.err
@@ -342,4 +374,3 @@ def test_chart_marks_every_chosen_checkpoint(n):
     assert " " not in bars and bottom[len(bars) : len(bars) + 2] == "  " and step_range == f"steps 0 .. {10 * (n - 1)}"
     assert len(bars) == min(n, 80 - 2 - max(len(value_range), len(step_range)))
     assert marks.count("▲") == len(chosen_at) and set(marks) <= {" ", "▲"}  # each under a column of its own
-

@@ -83,7 +83,10 @@ def test_deepspeed_folder_name_gives_the_step_of_its_model_states(tmp_path):
 def test_a_zero3_model_states_file_is_refused_with_what_to_do(tmp_path):
     state = {"layer.weight": torch.empty(0), "norm.running_mean": torch.zeros(4)}
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    torch.save({"module": state, "ds_version": "0.19.8", "global_steps": 5, "param_shapes": [], "buffer_names": ["norm.running_mean"]}, path)
+    torch.save(
+        {"module": state, "ds_version": "0.19.8", "global_steps": 5, "param_shapes": [], "buffer_names": ["norm.running_mean"]},
+        path,
+    )
     with pytest.raises(UnsupportedError, match="ZeRO-3.*pass its folder"):
         ckptavg.average([path, save_layout(make_state(0), tmp_path / "b", "pt")], tmp_path / "out")
 
@@ -155,7 +158,11 @@ def test_two_runs_are_warned_and_one_run_is_not(tmp_path):
     assert ckptavg.average(one, tmp_path / "same", dry_run=True).warnings == []
     report = ckptavg.average([*one, other], tmp_path / "mixed", dry_run=True)
     assert len(report.warnings) == 1
-    assert "different training runs" in report.warnings[0] and str(one[-1]) in report.warnings[0] and str(other) in report.warnings[0]
+    assert (
+        "different training runs" in report.warnings[0]
+        and str(one[-1]) in report.warnings[0]
+        and str(other) in report.warnings[0]
+    )
 
 
 def test_real_checkpoints_of_one_run_are_not_warned(hf_run):
@@ -190,7 +197,10 @@ def test_the_same_run_check_reads_a_small_sample(tmp_path, monkeypatch):
 
 
 def test_zero_element_tensors_average_in_every_output(tmp_path):
-    states = [{"w": torch.randn(3, generator=torch.Generator().manual_seed(s)), "empty": torch.empty(0, 4), "none": torch.empty(0)} for s in range(2)]
+    states = [
+        {"w": torch.randn(3, generator=torch.Generator().manual_seed(s)), "empty": torch.empty(0, 4), "none": torch.empty(0)}
+        for s in range(2)
+    ]
     paths = [save_layout(s, tmp_path / f"in{i}", "pt") for i, s in enumerate(states)]
     for name in ("out", "out.safetensors", "out.pt"):
         ckptavg.average(paths, tmp_path / name, order="given")
@@ -244,7 +254,8 @@ def test_debug_works_after_the_command(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "ckptavg", "average", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--debug"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1 and "Traceback" in result.stderr and "no such file" in result.stderr
 

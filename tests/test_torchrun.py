@@ -34,10 +34,14 @@ def _env() -> dict[str, str]:
 
 
 def ckptavg(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptavg", *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300
+    )
 
 
-def torchrun(nproc: int, *args: str | Path, cwd: Path | None = None, timeout: float = 300, console_script: bool = False) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, *args: str | Path, cwd: Path | None = None, timeout: float = 300, console_script: bool = False
+) -> subprocess.CompletedProcess:
     """`torchrun ... -m ckptavg ARGS`, or with console_script `torchrun ... --no-python ckptavg ARGS`."""
     program = ["--no-python", str(Path(sys.executable).parent / "ckptavg")] if console_script else ["-m", "ckptavg"]
     command = [*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), *program, *map(str, args)]
@@ -85,8 +89,14 @@ def llama_bf16_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama_bf16")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -147,10 +157,26 @@ def test_two_and_three_ranks_write_the_bytes_of_one_process(llama_bf16_run, tmp_
     assert report["world_size"] == 2 and report["verified"]
     assert report["bytes_read"] == report["bytes_to_read"]
     same_output(one, tmp_path / "two", 2)
-    result = torchrun(3, "average", *llama_bf16_run, "-o", tmp_path / "three", "--max-shard-size", "5MB", "--weights", "1,2,5", console_script=True)
+    result = torchrun(
+        3,
+        "average",
+        *llama_bf16_run,
+        "-o",
+        tmp_path / "three",
+        "--max-shard-size",
+        "5MB",
+        "--weights",
+        "1,2,5",
+        console_script=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("strategy") == 1 and "3 ranks" in result.stdout
-    assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "weighted", "--max-shard-size", "5MB", "--weights", "1,2,5", "-q").returncode == 0
+    assert (
+        ckptavg(
+            "average", *llama_bf16_run, "-o", tmp_path / "weighted", "--max-shard-size", "5MB", "--weights", "1,2,5", "-q"
+        ).returncode
+        == 0
+    )
     same_output(tmp_path / "weighted", tmp_path / "three", 3)
     assert stray_files(tmp_path) == []
 
@@ -185,7 +211,11 @@ def test_ranges_written_in_any_order_make_the_file_one_writer_makes(tmp_path):
     from ckptavg.verify import crc32_combine
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(1000, generator=g), "empty": torch.zeros(0), "b": torch.randn(37, 5, generator=g).to(torch.bfloat16)}
+    tensors = {
+        "a": torch.randn(1000, generator=g),
+        "empty": torch.zeros(0),
+        "b": torch.randn(37, 5, generator=g).to(torch.bfloat16),
+    }
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     shards, metadata = [specs[:2], specs[2:]], {"format": "pt"}
     one = [tmp_path / "one-1", tmp_path / "one-2"]
@@ -200,7 +230,9 @@ def test_ranges_written_in_any_order_make_the_file_one_writer_makes(tmp_path):
     pieces = [("b", 0, 100), ("a", 2400, 1600), ("b", 100, 270), ("a", 0, 2400)]  # two "ranks'" ranges, out of order
     crcs = {}
     for share in (pieces[:2], pieces[2:]):
-        writer = RangeWriter(many, [(where[n][0], where[n][1] + lo, length) for n, lo, length in share], durable=False, checksums=True)
+        writer = RangeWriter(
+            many, [(where[n][0], where[n][1] + lo, length) for n, lo, length in share], durable=False, checksums=True
+        )
         for n, lo, length in share:
             writer.write(memoryview(raw[n][lo : lo + length]))
         writer.finish()
@@ -224,9 +256,26 @@ def test_two_nodes_through_a_c10d_rendezvous(llama_bf16_run, tmp_path):
     assert ckptavg("average", *llama_bf16_run, "-o", tmp_path / "one", "--max-shard-size", "5MB", "-q").returncode == 0
     port = _free_port()
     command = [
-        *TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-        "--rdzv-id", "ckptavg-test", "-m", "ckptavg", "average", *map(str, llama_bf16_run), "-o", str(tmp_path / "two"),
-        "--max-shard-size", "5MB", "--json",
+        *TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "ckptavg-test",
+        "-m",
+        "ckptavg",
+        "average",
+        *map(str, llama_bf16_run),
+        "-o",
+        str(tmp_path / "two"),
+        "--max-shard-size",
+        "5MB",
+        "--json",
     ]
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
@@ -283,7 +332,11 @@ def _rank_pid(parent: int, rank: int) -> int | None:
             continue
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ and f"CKPTAVG_TEST_AGENT={parent}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            if (
+                f"RANK={rank}".encode() in environ
+                and f"CKPTAVG_TEST_AGENT={parent}".encode() in environ
+                and b"LOCAL_RANK=" + str(rank).encode() in environ
+            ):
                 return int(proc.name)
         except OSError:
             continue
@@ -324,7 +377,9 @@ def _start_and_catch_writing(args: list[str], rank: int) -> tuple[subprocess.Pop
 def test_a_rank_killed_mid_write_fails_the_job_and_leaves_nothing(tmp_path, killed):
     inputs = _nan_run(tmp_path / "run")
     (inputs[2] / "model.safetensors").unlink()
-    save_file({k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")  # not a copy
+    save_file(
+        {k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors"
+    )  # not a copy
     out = tmp_path / "out"
     args = ["average", *map(str, inputs), "-o", str(out), "--max-shard-size", "4MB", "--memory-budget", "2MB", "--no-fsync"]
     agent, pid = _start_and_catch_writing(args, rank=killed)
@@ -345,7 +400,9 @@ def test_a_rank_killed_mid_write_fails_the_job_and_leaves_nothing(tmp_path, kill
 def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     inputs = _nan_run(tmp_path / "run")
     (inputs[2] / "model.safetensors").unlink()
-    save_file({k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors")  # not a copy
+    save_file(
+        {k: v.nan_to_num() * 1.5 for k, v in load_file(inputs[1] / "model.safetensors").items()}, inputs[2] / "model.safetensors"
+    )  # not a copy
     out = tmp_path / "out"
     args = ["average", *map(str, inputs), "-o", str(out), "--memory-budget", "2MB", "--no-fsync", "--rank-timeout", "3"]
     agent, pid = _start_and_catch_writing(args, rank=1)
@@ -406,9 +463,22 @@ def test_a_share_of_the_read_back_checks_only_its_files_and_catches_a_bad_crc(tm
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
-    halves = [{n: t * 0 for n, t in tensors.items()}, {n: t * 2 for n, t in tensors.items()}]  # two inputs (not copies) whose mean is `tensors`, exactly
-    assert ckptavg("average", *[save_layout_file(h, tmp_path / f"in{i}.safetensors") for i, h in enumerate(halves)], "-o", tmp_path / "out",
-                   "--max-shard-size", "20KB", "-q").returncode == 0
+    halves = [
+        {n: t * 0 for n, t in tensors.items()},
+        {n: t * 2 for n, t in tensors.items()},
+    ]  # two inputs (not copies) whose mean is `tensors`, exactly
+    assert (
+        ckptavg(
+            "average",
+            *[save_layout_file(h, tmp_path / f"in{i}.safetensors") for i, h in enumerate(halves)],
+            "-o",
+            tmp_path / "out",
+            "--max-shard-size",
+            "20KB",
+            "-q",
+        ).returncode
+        == 0
+    )
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     specs = [TensorSpec(n, torch.float32, (64, 64)) for n in tensors]
@@ -430,7 +500,10 @@ def save_layout_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
 def test_dcp_and_deepspeed_saves_under_torchrun(dcp_tp_ckpts, deepspeed_2rank_zero3_ckpts, tmp_path):
     """Sources made of byte ranges of several files (DCP row chunks, ZeRO-3 partitions) and tensors assembled
     from column shards: the ranks' output is the single process's."""
-    for name, inputs in (("dcp", sorted(dcp_tp_ckpts.glob("step-*"))), ("zero3", sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*")))):
+    for name, inputs in (
+        ("dcp", sorted(dcp_tp_ckpts.glob("step-*"))),
+        ("zero3", sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*"))),
+    ):
         assert len(inputs) == 3
         assert ckptavg("average", *inputs, "-o", tmp_path / f"{name}-one", "--max-shard-size", "1KB", "-q").returncode == 0
         result = torchrun(2, "average", *inputs, "-o", tmp_path / f"{name}-two", "--max-shard-size", "1KB", "-q")
@@ -451,7 +524,9 @@ def test_lora_adapters_under_torchrun(lora_plain, peft_base, tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(dcp_fsdp2_ckpts, deepspeed_2rank_zero3_ckpts, lora_plain, peft_base, tmp_path, monkeypatch, world_size):
+def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(
+    dcp_fsdp2_ckpts, deepspeed_2rank_zero3_ckpts, lora_plain, peft_base, tmp_path, monkeypatch, world_size
+):
     """In one process, with units made tiny so that every kind of source is cut (DCP row chunks and ZeRO-3
     partitions as extents, a merged adapter's computed rows): each "rank"'s share run by the engine into a
     RangeWriter gives the files one SafetensorsWriter gives for the whole plan."""
@@ -467,7 +542,9 @@ def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(dcp_fsdp2_ckpt
     cases = {
         "dcp": lambda: build_plan(*_opened(sorted(dcp_fsdp2_ckpts.glob("step-*")))),
         "zero3": lambda: build_plan(*_opened(sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*")))),
-        "merged": lambda: build_adapter_plan(*_opened(lora), "merged", None, "auto", open_checkpoint(peft_base, LoadOptions()))[0],
+        "merged": lambda: build_adapter_plan(*_opened(lora), "merged", None, "auto", open_checkpoint(peft_base, LoadOptions()))[
+            0
+        ],
     }
     try:
         for name, make in cases.items():
@@ -484,8 +561,14 @@ def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(dcp_fsdp2_ckpt
             units = distributed.split_work(plan, world_size)
             assert len(units) > len(plan.entries)  # tensors were cut
             for share in distributed.assign(units, world_size):
-                ranges = [(where[plan.entries[u.entry].name][0], where[plan.entries[u.entry].name][1] + u.first * plan.entries[u.entry].dtype.itemsize,
-                           u.count * plan.entries[u.entry].dtype.itemsize) for u in share]
+                ranges = [
+                    (
+                        where[plan.entries[u.entry].name][0],
+                        where[plan.entries[u.entry].name][1] + u.first * plan.entries[u.entry].dtype.itemsize,
+                        u.count * plan.entries[u.entry].dtype.itemsize,
+                    )
+                    for u in share
+                ]
                 writer = RangeWriter(many, ranges, durable=False)
                 Engine(distributed.share_plan(plan, share), torch.device("cpu")).run(writer)
                 writer.finish()
@@ -540,7 +623,9 @@ def test_an_error_only_another_rank_meets_while_planning_is_the_job_error_naming
         follower.gather_error("plan", missing)
         thread.join(10)
         error = outcome["error"]
-        assert isinstance(error, RankError) and error.message == "rank 1: ckpt/nope: no such file or folder" and error.exit_code == 1
+        assert (
+            isinstance(error, RankError) and error.message == "rank 1: ckpt/nope: no such file or folder" and error.exit_code == 1
+        )
         job = follower.fail(missing)
         assert job.message == error.message and job.reported  # rank 0 prints it; rank 1 stays silent
     finally:

@@ -17,8 +17,15 @@ from safetensors import safe_open
 from trainer_runs import ACCELERATE_SAVES, DEEPSPEED_SAVE_STEPS, TIMM_BEST_EPOCH, TIMM_EVAL_METRIC
 
 TINY = [  # runs._Tiny: Linear, BatchNorm1d, ReLU, Linear
-    "body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "body.1.running_mean", "body.1.running_var",
-    "body.1.num_batches_tracked", "body.3.weight", "body.3.bias",
+    "body.0.weight",
+    "body.0.bias",
+    "body.1.weight",
+    "body.1.bias",
+    "body.1.running_mean",
+    "body.1.running_var",
+    "body.1.num_batches_tracked",
+    "body.3.weight",
+    "body.3.bias",
 ]
 TINY_PARAMS = [n for n in TINY if "running" not in n and "num_batches" not in n]
 TINY_BUFFERS = [n for n in TINY if n not in TINY_PARAMS]
@@ -142,9 +149,24 @@ class _Unpickler(pickle.Unpickler):
 _opaque_pickle = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
 
 DS_MODEL_KEYS = {
-    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params", "frozen_param_fragments",
-    "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
-    "mp_world_size", "checkpoint_parallel_dimensions", "ds_config", "ds_version",
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "checkpoint_parallel_dimensions",
+    "ds_config",
+    "ds_version",
 }
 
 
@@ -162,7 +184,9 @@ def _ds_common(root, model_file: str, stage: int):
         assert len(model["param_shapes"]) == 1 and list(model["param_shapes"][0]) == TINY_PARAMS
         assert model["param_shapes"][0]["body.0.weight"] == torch.Size([16, 8])
         assert model["lr_scheduler"] == {"last_batch_iteration": step - 1}
-        optim = torch.load(root / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False, pickle_module=_opaque_pickle)
+        optim = torch.load(
+            root / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False, pickle_module=_opaque_pickle
+        )
         assert set(optim) == {"optimizer_state_dict", "ds_config", "ds_version"}
         reference = torch.load(root.parent / f"{root.name}-fp32" / f"{tag}.pt", weights_only=True)
         assert list(reference) == TINY
@@ -175,8 +199,15 @@ def test_deepspeed_zero3_layout(deepspeed_zero3_ckpts):
             assert model["module"][name].numel() == 0
         for name in TINY_BUFFERS:  # ... the buffers are whole
             assert torch.equal(model["module"][name], reference[name])
-        assert set(optim) == {"zero_stage", "loss_scaler", "dynamic_loss_scale", "overflow", "partition_count",
-                              "optimizer_state_dict", "fp32_flat_groups"}
+        assert set(optim) == {
+            "zero_stage",
+            "loss_scaler",
+            "dynamic_loss_scale",
+            "overflow",
+            "partition_count",
+            "optimizer_state_dict",
+            "fp32_flat_groups",
+        }
         assert optim["partition_count"] == 1
         # ... and the fp32 weights are one flat tensor per group, in param_shapes order, no padding with one rank
         (flat,) = optim["fp32_flat_groups"]
@@ -192,8 +223,14 @@ def test_deepspeed_zero2_layout(deepspeed_zero2_ckpts):
     for model, optim, reference in _ds_common(deepspeed_zero2_ckpts, "mp_rank_00_model_states.pt", 2):
         for name in TINY:  # the model states hold every tensor whole
             assert torch.equal(model["module"][name], reference[name])
-        assert {"base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings", "group_paddings",
-                "zero_stage", "partition_count"} <= set(optim)
+        assert {
+            "base_optimizer_state",
+            "single_partition_of_fp32_groups",
+            "param_slice_mappings",
+            "group_paddings",
+            "zero_stage",
+            "partition_count",
+        } <= set(optim)
         (flat,) = optim["single_partition_of_fp32_groups"]
         assert flat.numel() == sum(math.prod(s) for s in model["param_shapes"][0].values())
         assert list(optim["param_slice_mappings"][0]) == TINY_PARAMS

@@ -78,7 +78,10 @@ def test_lightning_ema_weights_are_taken_and_said(cli, tmp_path, lightning_ema_c
     use_ema = run_json(cli, "average", *files, "--strip-prefix", "model.", "--use-ema", "-o", tmp_path / "ema")
     live = run_json(cli, "average", *files, "--strip-prefix", "model.", "--key", "current_model_state", "-o", tmp_path / "live")
     for report in (default, use_ema):
-        assert all("EMA weights 'state_dict'" in i["weights_from"] and "EMAWeightAveraging" in i["weights_from"] for i in report["inputs"])
+        assert all(
+            "EMA weights 'state_dict'" in i["weights_from"] and "EMAWeightAveraging" in i["weights_from"]
+            for i in report["inputs"]
+        )
     assert all(i["weights_from"].startswith("'current_model_state' (--key)") for i in live["inputs"])
     loaded = [torch.load(f, weights_only=True) for f in files]
     strip = lambda d: {k.removeprefix("model."): v for k, v in d.items()}  # noqa: E731
@@ -139,7 +142,10 @@ def test_deepspeed_zero2_module_weights_by_global_step(cli, tmp_path, deepspeed_
     report = run_json(cli, "average", *files, "--weights", "linear", "-o", tmp_path / "out")
     assert [i["step"] for i in report["inputs"]] == [2, 4, 6]
     assert all(any("DeepSpeed model states" in n for n in i["notes"]) for i in report["inputs"])
-    states = [torch.load(deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt", weights_only=False)["module"] for n in (2, 4, 6)]
+    states = [
+        torch.load(deepspeed_zero2_ckpts / f"global_step{n}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for n in (2, 4, 6)
+    ]
     assert_exact(read_output(tmp_path / "out"), reference_average(states, [1, 2, 3]))
     folders = [deepspeed_zero2_ckpts / f"global_step{n}" for n in (2, 4, 6)]
     module = run_json(cli, "average", *folders, "--key", "module", "--weights", "linear", "-o", tmp_path / "module")

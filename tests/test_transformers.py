@@ -16,12 +16,20 @@ def _tiny_models(kind: str, n: int):
         torch.manual_seed(seed)
         if kind == "llama":
             config = transformers.LlamaConfig(
-                vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                vocab_size=128,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
             )
             model = transformers.LlamaForCausalLM(config)
         else:
-            config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True)
+            config = transformers.GPT2Config(
+                vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True
+            )
             model = transformers.GPT2LMHeadModel(config)
         models.append(model.eval())
     return models

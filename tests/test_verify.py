@@ -18,12 +18,15 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("layout, out_name, options", [
-    ("hf-trainer", "merged", {"max_shard_size": "10KB"}),
-    ("safetensors", "merged.safetensors", {}),
-    ("bin", "merged.pt", {}),
-    ("bin", "merged", {"out_format": "pt"}),
-])
+@pytest.mark.parametrize(
+    "layout, out_name, options",
+    [
+        ("hf-trainer", "merged", {"max_shard_size": "10KB"}),
+        ("safetensors", "merged.safetensors", {}),
+        ("bin", "merged.pt", {}),
+        ("bin", "merged", {"out_format": "pt"}),
+    ],
+)
 def test_verified_output_records_the_sha256_of_every_file(tmp_path, layout, out_name, options):
     states = [make_state(s, tied=layout == "bin") for s in range(3)]
     paths = [save_layout(st, tmp_path / f"in{s}", layout, step=s + 1) for s, st in enumerate(states)]

@@ -104,8 +104,14 @@ def timm_run(root: Path) -> Path:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     args = argparse.Namespace(model="tiny", epochs=4, lr=0.05, model_ema=True, model_ema_decay=0.9, checkpoint_hist=10)
     saver = CheckpointSaver(
-        model=model, optimizer=optimizer, args=args, model_ema=model_ema, checkpoint_dir=str(root), recovery_dir=str(root),
-        decreasing=True, max_history=args.checkpoint_hist,
+        model=model,
+        optimizer=optimizer,
+        args=args,
+        model_ema=model_ema,
+        checkpoint_dir=str(root),
+        recovery_dir=str(root),
+        decreasing=True,
+        max_history=args.checkpoint_hist,
     )
     x, y = _regression()
     updates = 0
@@ -203,8 +209,15 @@ def deepspeed_runs(runs: dict[int, Path]) -> dict[int, Path]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(
-        os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-        WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", PYTHONWARNINGS="ignore",
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        PYTHONWARNINGS="ignore",
     )
     args = [f"{stage}={path}" for stage, path in runs.items()]
     proc = subprocess.run([sys.executable, __file__, "deepspeed", *args], env=env, capture_output=True, text=True, timeout=300)

@@ -21,4 +21,17 @@ The package: `world` (a rank's place in the job, the store and the beats), `spli
 from ckptavg.distributed.split import Unit, assign, fingerprint, owners, share_plan, split_work
 from ckptavg.distributed.world import RankError, World, follower, join, rank_progress, under_torchrun
 
-__all__ = ["RankError", "Unit", "World", "assign", "fingerprint", "follower", "join", "owners", "rank_progress", "share_plan", "split_work", "under_torchrun"]
+__all__ = [
+    "RankError",
+    "Unit",
+    "World",
+    "assign",
+    "fingerprint",
+    "follower",
+    "join",
+    "owners",
+    "rank_progress",
+    "share_plan",
+    "split_work",
+    "under_torchrun",
+]

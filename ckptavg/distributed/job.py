@@ -24,12 +24,11 @@ def agree(world: World, plan: Plan, out: Path | None, out_format: str, shard_byt
     mine = fingerprint(plan, [out, out_format, shard_bytes])
     for rank, theirs in enumerate(world.gather("plan", {"fingerprint": mine})):
         if theirs["fingerprint"] != mine:
-            raise UsageError(None, f"rank {rank} built a different plan than rank {world.rank} (different inputs, files or options on its node?); "
-                             "every rank must see the same checkpoints at the same paths")
-
-
-
-
+            raise UsageError(
+                None,
+                f"rank {rank} built a different plan than rank {world.rank} (different inputs, files or options on its node?); "
+                "every rank must see the same checkpoints at the same paths",
+            )
 
 
 def write_share(plan: Plan, files: TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> dict:
@@ -59,7 +58,12 @@ def share_report(bytes_read: int, units: list[Unit], crcs: list[int]) -> dict:
 
 
 def follow(
-    plan: Plan, files: TensorFiles | None, world: World, on_progress: ProgressFn | None, options: WriteOptions, verify_in: Path | None,
+    plan: Plan,
+    files: TensorFiles | None,
+    world: World,
+    on_progress: ProgressFn | None,
+    options: WriteOptions,
+    verify_in: Path | None,
 ) -> int:
     """A rank other than 0: once rank 0 has laid out the files, write this rank's share (none for a .pt
     output), post its report, read back the files rank 0 gives it when verifying the folder `verify_in`, and
@@ -74,7 +78,9 @@ def follow(
     return mine["bytes_read"]
 
 
-def lead(plan: Plan, files: TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None) -> tuple[int, dict[str, int]]:
+def lead(
+    plan: Plan, files: TensorFiles, options: WriteOptions, world: World, on_progress: ProgressFn | None
+) -> tuple[int, dict[str, int]]:
     """Rank 0: write its own share, then wait for every rank's. Returns (bytes read by all, each tensor's CRC-32
     combined from the ranges' with --verify)."""
     reports = gather_shares(world, on_progress, plan.read_bytes, write_share(plan, files, options, world, on_progress))
@@ -88,7 +94,9 @@ def gather_shares(world: World, on_progress: ProgressFn | None, read_bytes: int,
     def tick() -> None:
         if on_progress is not None:
             others, units = world.others_progress
-            on_progress(Progress(min(read_bytes, others + mine["bytes_read"]), read_bytes, units, units, "waiting for the other ranks"))
+            on_progress(
+                Progress(min(read_bytes, others + mine["bytes_read"]), read_bytes, units, units, "waiting for the other ranks")
+            )
 
     keys = [f"done/{r}" for r in range(world.size)]
     world.wait(keys, watch=range(world.size), on_tick=tick)
@@ -113,9 +121,9 @@ def tensor_crcs(plan: Plan, reports: list[dict]) -> dict[str, int]:
     return crcs
 
 
-
-
-def verify_shared(world: World, tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None) -> dict[str, str | None]:
+def verify_shared(
+    world: World, tmp: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], on_progress: ProgressFn | None
+) -> dict[str, str | None]:
     """Rank 0's part of --verify in a job: hand the staged folder's files out among the ranks by size, check its
     own, and gather every file's sha256 from the ranks that read it."""
     files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
@@ -129,7 +137,9 @@ def verify_shared(world: World, tmp: Path, out: Path, specs: list[TensorSpec], c
     return hashes
 
 
-def verify_my_files(world: World, tmp: Path, specs: list[TensorSpec], task: dict, on_progress: ProgressFn | None) -> dict[str, str | None]:
+def verify_my_files(
+    world: World, tmp: Path, specs: list[TensorSpec], task: dict, on_progress: ProgressFn | None
+) -> dict[str, str | None]:
     """Read back the output files rank 0 gave this rank, check their tensors' CRC-32s; post and return their sha256."""
     mine = {name for name, owner in task["owners"].items() if owner == world.rank}
     hashes = verify_output(tmp, Path(task["out"]), specs, task["crcs"], on_progress, only=mine)

@@ -74,6 +74,7 @@ def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
 def share_plan(plan: Plan, units: list[Unit]) -> Plan:
     """The plan of one rank: its units as entries of their own."""
     from ckptavg.merge.plan import Plan
+
     entries = [plan.entries[u.entry].slice(u.first, u.count) for u in units]
     return Plan(plan.inputs, plan.weights, entries, plan.output_kind, plan.adapter_config, plan.files_from)
 
@@ -81,7 +82,16 @@ def share_plan(plan: Plan, units: list[Unit]) -> Plan:
 def fingerprint(plan: Plan, layout: Iterable[object]) -> str:
     """What every rank must agree on before writing: each output tensor's recipe and the output's layout."""
     described = [
-        (e.name, str(e.dtype), list(e.shape), e.weights, e.divisor, str(e.accum_dtype), e.alias_of, [str(s.path) for s in e.sources])
+        (
+            e.name,
+            str(e.dtype),
+            list(e.shape),
+            e.weights,
+            e.divisor,
+            str(e.accum_dtype),
+            e.alias_of,
+            [str(s.path) for s in e.sources],
+        )
         for e in plan.entries
     ]
     text = json.dumps([described, [str(x) for x in layout]], sort_keys=True, default=str)

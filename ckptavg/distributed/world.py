@@ -49,7 +49,16 @@ def follower() -> bool:
 class World:
     """This process's place in a job of several ranks, and the store they coordinate through."""
 
-    def __init__(self, rank: int, size: int, local_rank: int, store: object, timeout: float, owns_group: bool, fold_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        local_rank: int,
+        store: object,
+        timeout: float,
+        owns_group: bool,
+        fold_workers: int | None = None,
+    ) -> None:
         self.rank = rank
         self.size = size
         self.local_rank = local_rank
@@ -93,7 +102,10 @@ class World:
         problem = str(error) if isinstance(error, CkptavgError) else f"internal error: {type(error).__name__}: {error}"
         self.interrupted = self.interrupted or isinstance(error, Interrupted)
         if isinstance(error, Interrupted) and error.exit_code == EXIT_SIGTERM:
-            problem = "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was written"
+            problem = (
+                "stopped by SIGTERM (torchrun stops every rank once one has failed: its report names that rank); nothing was "
+                "written"
+            )
         value = {"rank": self.rank if about is None else about, "by": self.rank, "problem": problem, "code": code}
         try:
             self._store.compare_set("failed", "", json.dumps(value))  # type: ignore[attr-defined]
@@ -140,7 +152,9 @@ class World:
         except (CkptavgError, RuntimeError):  # the job's failure, now posted (or the store is gone)
             pass
 
-    def wait(self, keys: list[str], watch: Iterable[int], on_tick: Callable[[], None] | None = None, stop_on_failure: bool = True) -> None:
+    def wait(
+        self, keys: list[str], watch: Iterable[int], on_tick: Callable[[], None] | None = None, stop_on_failure: bool = True
+    ) -> None:
         """Wait until every key is posted. Raises the job's failure as soon as one is posted, or a RankError
         naming a watched rank whose beat has not moved for `timeout` seconds."""
         watch = [r for r in watch if r != self.rank]
@@ -159,10 +173,14 @@ class World:
                         if beat != last_beat[r][0]:
                             last_beat[r] = (beat, now)
                         elif now - last_beat[r][1] > self.timeout:
-                            stopped = CkptavgError(None, f"stopped responding (no sign of life for {self.timeout:g} s): killed, or its node is down")
+                            stopped = CkptavgError(
+                                None, f"stopped responding (no sign of life for {self.timeout:g} s): killed, or its node is down"
+                            )
                             raise self.fail(stopped, about=r)
             except RuntimeError as e:  # torch's store errors: its host (torchrun's agent, or rank 0) is gone
-                raise RankError(self.rank, f"lost contact with the other ranks ({e}); torchrun stops the job", 1, reported=False) from e
+                raise RankError(
+                    self.rank, f"lost contact with the other ranks ({e}); torchrun stops the job", 1, reported=False
+                ) from e
             if on_tick:
                 on_tick()
             time.sleep(self.poll)
@@ -249,8 +267,11 @@ def join(timeout: float | None = None) -> World | None:
         try:
             dist.init_process_group("gloo", timeout=timedelta(seconds=wait))
         except Exception as e:  # c10d's own text names store keys; say what it means
-            raise CkptavgError(None, f"rank {os.environ['RANK']}: not every rank joined the job within {wait:g} s (a rank stopped or "
-                               f"failed before joining, or cannot reach {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})") from e
+            raise CkptavgError(
+                None,
+                f"rank {os.environ['RANK']}: not every rank joined the job within {wait:g} s (a rank stopped or "
+                f"failed before joining, or cannot reach {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})",
+            ) from e
         owns = True
     if dist.get_world_size() == 1:
         if owns:
@@ -283,6 +304,8 @@ def rank_progress(world: World, plan_read_bytes: int, total_units: int, on_progr
         world.progress(p.bytes_done, p.tensors_done)
         if on_progress is not None and world.leader:
             others_bytes, others_units = world.others_progress
-            on_progress(Progress(p.bytes_done + others_bytes, plan_read_bytes, p.tensors_done + others_units, total_units, p.tensor))
+            on_progress(
+                Progress(p.bytes_done + others_bytes, plan_read_bytes, p.tensors_done + others_units, total_units, p.tensor)
+            )
 
     return update

@@ -43,18 +43,43 @@ from ckptavg.formats.unpickle import HostilePickleError, Opaque, RestrictedUnpic
 METADATA = ".metadata"
 MD = "torch.distributed.checkpoint.metadata"
 ALLOWED = {
-    (MD, "Metadata"), (MD, "TensorStorageMetadata"), (MD, "ChunkStorageMetadata"), (MD, "BytesStorageMetadata"),
-    (MD, "TensorProperties"), (MD, "_MEM_FORMAT_ENCODING"), (MD, "StorageMeta"), (MD, "MetadataIndex"),
+    (MD, "Metadata"),
+    (MD, "TensorStorageMetadata"),
+    (MD, "ChunkStorageMetadata"),
+    (MD, "BytesStorageMetadata"),
+    (MD, "TensorProperties"),
+    (MD, "_MEM_FORMAT_ENCODING"),
+    (MD, "StorageMeta"),
+    (MD, "MetadataIndex"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
     ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("pathlib._local", "PosixPath"),
-    ("pathlib._local", "WindowsPath"), ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("pathlib._local", "PosixPath"),
+    ("pathlib._local", "WindowsPath"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
 }
 # Entries of a training save that are not the model's (torchtitan, the DCP tutorial's app.optim, accelerate)
-NOT_MODEL = ("optimizer.", "optim.", "app.optim.", "lr_scheduler.", "scheduler.", "dataloader.", "train_state", "rng", "extra_state")
-MODEL_PREFIXES = (("app.model.", "the DCP tutorial's app.model."), ("model.", "model. (accelerate, older torchtitan)"), ("module.", "module. (NeMo 2)"))
+NOT_MODEL = (
+    "optimizer.",
+    "optim.",
+    "app.optim.",
+    "lr_scheduler.",
+    "scheduler.",
+    "dataloader.",
+    "train_state",
+    "rng",
+    "extra_state",
+)
+MODEL_PREFIXES = (
+    ("app.model.", "the DCP tutorial's app.model."),
+    ("model.", "model. (accelerate, older torchtitan)"),
+    ("module.", "module. (NeMo 2)"),
+)
 
 
 def _no_storage(*_: Any) -> StorageRef:
@@ -70,9 +95,17 @@ class MetadataUnpickler(RestrictedUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return _opaque(module, name)
-        if (module, name) == ("torch", "Size") or (module == "torch" and hasattr(torch, name) and isinstance(getattr(torch, name), torch.dtype)):
+        if (module, name) == ("torch", "Size") or (
+            module == "torch" and hasattr(torch, name) and isinstance(getattr(torch, name), torch.dtype)
+        ):
             return super().find_class(module, name)
-        if (module, name) in (("collections", "OrderedDict"), ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "set")):
+        if (module, name) in (
+            ("collections", "OrderedDict"),
+            ("builtins", "tuple"),
+            ("builtins", "list"),
+            ("builtins", "dict"),
+            ("builtins", "set"),
+        ):
             return super().find_class(module, name)
         raise HostilePickleError(f"{module}.{name}")
 
@@ -130,7 +163,9 @@ def read_blob(path: Path, start: int = 0) -> Blob:
     header, metadata, data_start = read_header(path, start)
     if SHARDING_INFO not in metadata:
         return Blob(header, data_start, None)
-    bad = InputError(path, f"corrupt {SHARDING_INFO} in the safetensors header: expected JSON of name -> {{'saved_offsets': [...]}}")
+    bad = InputError(
+        path, f"corrupt {SHARDING_INFO} in the safetensors header: expected JSON of name -> {{'saved_offsets': [...]}}"
+    )
     try:
         info = json.loads(metadata[SHARDING_INFO])
         offsets = {name: tuple(value["saved_offsets"]) for name, value in info.items()}
@@ -169,8 +204,22 @@ def read_metadata(folder: Path) -> tuple[dict[str, Entry | None], dict[str, int]
             with open(path, "rb") as f:
                 metadata = MetadataUnpickler(f).load()
         except HostilePickleError as e:
-            raise HostileInputError(path, f"hostile .metadata: it names {e.qualname}, which DCP metadata never holds; refused, nothing was run") from e
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, RecursionError, MemoryError) as e:
+            raise HostileInputError(
+                path, f"hostile .metadata: it names {e.qualname}, which DCP metadata never holds; refused, nothing was run"
+            ) from e
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            struct.error,
+            UnicodeDecodeError,
+            RecursionError,
+            MemoryError,
+        ) as e:
             raise InputError(path, f"corrupt DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
         try:
             entries.update(_entries(metadata, ends))
@@ -196,7 +245,11 @@ def _entries(metadata: Any, ends: dict[str, int]) -> dict[str, Entry | None]:
             continue
         tensor = _state(md)
         properties = tensor.get("properties")
-        dtype = _state(properties).get("dtype") if isinstance(properties, Opaque) and isinstance(properties._opaque_state, dict) else None
+        dtype = (
+            _state(properties).get("dtype")
+            if isinstance(properties, Opaque) and isinstance(properties._opaque_state, dict)
+            else None
+        )
         if dtype is None and isinstance(properties, Opaque) and isinstance(properties._opaque_state, tuple):
             dtype = properties._opaque_state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
         if not isinstance(dtype, torch.dtype):
@@ -219,12 +272,12 @@ def model_entries(entries: dict[str, Entry | None], key: str | None) -> tuple[di
     tensors = {n: e for n, e in entries.items() if e is not None}
     if key:
         prefix = key.rstrip(".") + "."
-        chosen = {n[len(prefix):]: e for n, e in tensors.items() if n.startswith(prefix)}
+        chosen = {n[len(prefix) :]: e for n, e in tensors.items() if n.startswith(prefix)}
         return chosen, prefix, "--key"
     model = {n: e for n, e in tensors.items() if not n.startswith(NOT_MODEL)}
     for prefix, producer in MODEL_PREFIXES:
         if model and all(n.startswith(prefix) for n in model):
-            return {n[len(prefix):]: e for n, e in model.items()}, prefix, producer
+            return {n[len(prefix) :]: e for n, e in model.items()}, prefix, producer
     return model, "", "top-level names (torchtitan, FSDP2's get_model_state_dict)"
 
 
@@ -317,8 +370,11 @@ def _item_location(path: Path, chunk: Chunk, entry: Entry, blobs: dict[tuple[Pat
     shape, dtype = tuple(found["shape"]), SAFETENSORS_DTYPES[found["dtype"]]
     placed = blob.saved_offsets.get(entry.name) if blob.saved_offsets is not None else None
     if dtype != entry.dtype or shape != chunk.sizes or (placed is not None and placed != chunk.offsets):
-        raise InputError(path, f"corrupt DCP item: {entry.name} is {dtype_name(dtype)} {list(shape)} at {list(placed or ())} "
-                               f"in the safetensors data, the metadata says {dtype_name(entry.dtype)} {list(chunk.sizes)} at {list(chunk.offsets)}")
+        raise InputError(
+            path,
+            f"corrupt DCP item: {entry.name} is {dtype_name(dtype)} {list(shape)} at {list(placed or ())} "
+            f"in the safetensors data, the metadata says {dtype_name(entry.dtype)} {list(chunk.sizes)} at {list(chunk.offsets)}",
+        )
     return blob.data_start + found["data_offsets"][0], shape
 
 
@@ -326,8 +382,18 @@ def _check_tiling(folder: Path, entry: Entry) -> None:
     """The chunks must tile the tensor: inside it, no two overlapping, their volumes adding up to its size."""
     total = 0
     for c in entry.chunks:
-        if len(c.offsets) != len(entry.size) or len(c.sizes) != len(entry.size) or any(o < 0 or o + s > d for o, s, d in zip(c.offsets, c.sizes, entry.size)):
-            raise InputError(folder, f"{entry.name}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's {list(entry.size)}")
+        if (
+            len(c.offsets) != len(entry.size)
+            or len(c.sizes) != len(entry.size)
+            or any(o < 0 or o + s > d for o, s, d in zip(c.offsets, c.sizes, entry.size))
+        ):
+            raise InputError(
+                folder,
+                (
+                    f"{entry.name}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's "
+                    f"{list(entry.size)}"
+                ),
+            )
         total += math.prod(c.sizes)
     boxes = [c for c in entry.chunks if math.prod(c.sizes)]
     for i, a in enumerate(boxes):
@@ -344,7 +410,10 @@ def tensor_source(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob
     _check_tiling(folder, entry)
     for c in entry.chunks:
         if c.transforms and c.transforms != ("stream.zstd/1",):
-            raise UnsupportedError(folder / c.file, f"{entry.name} is stored with the transform {', '.join(c.transforms)}, which ckptavg does not read")
+            raise UnsupportedError(
+                folder / c.file,
+                f"{entry.name} is stored with the transform {', '.join(c.transforms)}, which ckptavg does not read",
+            )
     chunks = [c for c in entry.chunks if math.prod(c.sizes)]
     rows = all(c.sizes[1:] == entry.size[1:] for c in chunks)
     if rows and not any(c.transforms for c in chunks):
@@ -353,10 +422,18 @@ def tensor_source(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob
             path = folder / c.file
             start, shape = _item_location(path, c, entry, blobs)
             if tuple(shape) != c.sizes:
-                raise InputError(path, f"corrupt DCP chunk of {entry.name}: shape {list(shape)}, the metadata says {list(c.sizes)}")
+                raise InputError(
+                    path, f"corrupt DCP chunk of {entry.name}: shape {list(shape)}, the metadata says {list(c.sizes)}"
+                )
             extents.append((path, start, math.prod(c.sizes) * entry.dtype.itemsize))
         return ExtentSource.of(extents, entry.dtype, entry.size)
-    return ComputedSource(path=folder / chunks[0].file, offset=0, dtype=entry.dtype, shape=entry.size, compute=lambda: _assemble(folder, entry, blobs))
+    return ComputedSource(
+        path=folder / chunks[0].file,
+        offset=0,
+        dtype=entry.dtype,
+        shape=entry.size,
+        compute=lambda: _assemble(folder, entry, blobs),
+    )
 
 
 def _assemble(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -> torch.Tensor:
@@ -368,7 +445,9 @@ def _assemble(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -
         if c.transforms:
             archive: Any = io.BytesIO(_zstd(path, c))
             start, shape = _chunk_location(path, archive, 0, entry.name, entry.dtype)
-            raw = torch.frombuffer(bytearray(archive.getbuffer()[start : start + math.prod(shape) * entry.dtype.itemsize]), dtype=torch.uint8)
+            raw = torch.frombuffer(
+                bytearray(archive.getbuffer()[start : start + math.prod(shape) * entry.dtype.itemsize]), dtype=torch.uint8
+            )
         else:
             start, shape = _item_location(path, c, entry, blobs)
             raw = torch.empty(math.prod(shape) * entry.dtype.itemsize, dtype=torch.uint8)
@@ -383,7 +462,9 @@ def _zstd(path: Path, chunk: Chunk) -> bytes:
     try:
         import zstandard
     except ImportError as e:
-        raise UnsupportedError(path, "zstd-compressed DCP items (stream.zstd/1): install the zstandard package (pip install 'ckptavg[zstd]')") from e
+        raise UnsupportedError(
+            path, "zstd-compressed DCP items (stream.zstd/1): install the zstandard package (pip install 'ckptavg[zstd]')"
+        ) from e
     raw = bytearray(chunk.length)
     read_exact(path, chunk.offset, memoryview(raw))
     try:
@@ -397,7 +478,10 @@ def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
     entries, ends = read_metadata(folder)
     model, prefix, producer = model_entries(entries, key)
     if not model:
-        raise InputError(folder, f"no model tensors in this DCP save{f' under {key!r}' if key else ''}; entries: {', '.join(list(entries)[:5])}")
+        raise InputError(
+            folder,
+            f"no model tensors in this DCP save{f' under {key!r}' if key else ''}; entries: {', '.join(list(entries)[:5])}",
+        )
     for name, end in sorted(ends.items()):
         file = folder / name
         if file.parent != folder or name in ("", ".", ".."):
@@ -416,8 +500,15 @@ def open_dcp(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
     taken = {prefix + name for name in model}
     others = [n for n in entries if n not in taken]
     notes = [
-        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s){serialized}, tensors in up to {sharded} chunk(s); "
-        f"model entries: {producer}" + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
+        f"torch.distributed.checkpoint: {len(list(folder.glob('*.distcp')))} .distcp file(s){serialized}, "
+        f"tensors in up to {sharded} chunk(s); model entries: {producer}"
+        + (f"; {len(others)} other entries (optimizer, train state) not read" if others else "")
     ]
-    return Checkpoint(path=path, format="dcp", tensors=tensors, files=[folder / METADATA, *files] if (folder / METADATA).is_file() else files,
-                      notes=notes, weights_from=f"model entries {prefix + '*' if prefix else '(top level)'}: {producer}")
+    return Checkpoint(
+        path=path,
+        format="dcp",
+        tensors=tensors,
+        files=[folder / METADATA, *files] if (folder / METADATA).is_file() else files,
+        notes=notes,
+        weights_from=f"model entries {prefix + '*' if prefix else '(top level)'}: {producer}",
+    )

@@ -55,8 +55,11 @@ def refuse_lone_shard(path: Path) -> None:
     # HuggingFaceStorageWriter without save_distributed writes whole tensors at offset 0 (with an index)
     moved = any(any(o) for o in blob.saved_offsets.values())
     if SHARD_FILE.fullmatch(path.name) or moved:
-        raise InputError(path, f"one rank's part of a DCP Hugging Face sharded save (its header has {SHARDING_INFO}): "
-                               f"it holds a part of each tensor; pass its folder {path.parent} instead")
+        raise InputError(
+            path,
+            f"one rank's part of a DCP Hugging Face sharded save (its header has {SHARDING_INFO}): "
+            f"it holds a part of each tensor; pass its folder {path.parent} instead",
+        )
 
 
 def open_dcp_hf(path: Path, folder: Path, key: str | None = None, use_ema: bool = False) -> Checkpoint:
@@ -80,8 +83,11 @@ def open_dcp_hf(path: Path, folder: Path, key: str | None = None, use_ema: bool 
             entry = entries.setdefault(name, Entry(name, dtype, (), []))
             if dtype != entry.dtype or (entry.chunks and len(shape) != len(entry.chunks[0].sizes)):
                 first = entry.chunks[0]
-                raise InputError(folder, f"{name}: its parts disagree: {dtype_name(dtype)} {list(shape)} in {file.name}, "
-                                         f"{dtype_name(entry.dtype)} {list(first.sizes)} in {first.file}")
+                raise InputError(
+                    folder,
+                    f"{name}: its parts disagree: {dtype_name(dtype)} {list(shape)} in {file.name}, "
+                    f"{dtype_name(entry.dtype)} {list(first.sizes)} in {first.file}",
+                )
             nbytes = math.prod(shape) * dtype.itemsize
             entry.chunks.append(Chunk(blob.saved_offsets[name], shape, file.name, 0, nbytes))
     for entry in entries.values():  # the global shape: as far as the parts reach in each dimension
@@ -90,6 +96,8 @@ def open_dcp_hf(path: Path, folder: Path, key: str | None = None, use_ema: bool 
     tensors = {name: tensor_source(folder, entry, blobs) for name, entry in entries.items()}
     ranks = {m.group(1) for m in names}
     parts = max((len([c for c in e.chunks if math.prod(c.sizes)]) for e in entries.values()), default=1)
-    notes = [f"torch.distributed.checkpoint Hugging Face sharded save (HuggingFaceStorageWriter, save_distributed): "
-             f"{len(files)} shard file(s) of {len(ranks)} rank(s), tensors in up to {parts} part(s)"]
+    notes = [
+        f"torch.distributed.checkpoint Hugging Face sharded save (HuggingFaceStorageWriter, save_distributed): "
+        f"{len(files)} shard file(s) of {len(ranks)} rank(s), tensors in up to {parts} part(s)"
+    ]
     return Checkpoint(path=path, format=f"dcp-hf ({len(files)} shard files)", tensors=tensors, files=files, notes=notes)

@@ -45,7 +45,13 @@ def save_folder(path: Path) -> Path | None:
         raise InputError(latest, f"names the tag {tag!r}, but {path / tag} holds no *model_states.pt")
     tags = sorted((p for p in path.iterdir() if p.is_dir() and any(p.glob(MODEL_STATES))), key=_natural)
     if len(tags) > 1:
-        raise InputError(path, f"holds several DeepSpeed saves ({', '.join(t.name for t in tags[:3])}, ...) and no `latest`: pass the ones to use, e.g. {path}/global_step*")
+        raise InputError(
+            path,
+            (
+                f"holds several DeepSpeed saves ({', '.join(t.name for t in tags[:3])}, ...) and no `latest`: pass the ones to "
+                f"use, e.g. {path}/global_step*"
+            ),
+        )
     return tags[0] if tags else None
 
 
@@ -55,7 +61,9 @@ def _stage(value: Any, path: Path) -> int:
         value = value._opaque_args[0]
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise InputError(path, "not a ZeRO optimizer state: no zero_stage (a BF16_Optimizer save? pass --key module for the 16-bit weights)")
+    raise InputError(
+        path, "not a ZeRO optimizer state: no zero_stage (a BF16_Optimizer save? pass --key module for the 16-bit weights)"
+    )
 
 
 def _extents(parts: list[TensorSource], start: int, count: int) -> list[tuple[Path, int, int]]:
@@ -97,14 +105,33 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
     if key == "module":
         tensors = {n: states.source(ref, n) for n, ref in module.items() if isinstance(ref, TensorRef)}
         if any(src.numel == 0 for src in tensors.values()):
-            raise UnsupportedError(model_files[0], "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop --key module to read the FP32 masters")
+            raise UnsupportedError(
+                model_files[0],
+                (
+                    "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop --key module to read "
+                    "the FP32 masters"
+                ),
+            )
         notes.append("the 16-bit module weights of the model states (--key module)")
-        ckpt = Checkpoint(path=path, format="deepspeed (module)", tensors=tensors, files=[model_files[0]], notes=notes, weights_from="'module' of the model states (--key module)")
+        ckpt = Checkpoint(
+            path=path,
+            format="deepspeed (module)",
+            tensors=tensors,
+            files=[model_files[0]],
+            notes=notes,
+            weights_from="'module' of the model states (--key module)",
+        )
         return _with_step(ckpt, top, folder)
     if key is not None:
         raise InputError(path, f"--key {key}: a DeepSpeed save holds the FP32 masters (default) or 'module'")
     if not optim_files:
-        raise InputError(folder, "has no *optim_states.pt, which hold the FP32 master weights; pass --key module for the 16-bit weights of the model states")
+        raise InputError(
+            folder,
+            (
+                "has no *optim_states.pt, which hold the FP32 master weights; pass --key module for the 16-bit weights of the "
+                "model states"
+            ),
+        )
     pickles = [PickleFile(f) for f in optim_files]
     optims = [as_dict(as_dict(p.obj).get("optimizer_state_dict") if as_dict(p.obj) else None) or {} for p in pickles]
     stage = _stage(optims[0].get("zero_stage"), optim_files[0])
@@ -113,7 +140,13 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
     if not isinstance(world, int) or world < 1:
         raise InputError(optim_files[0], "no partition_count in the optimizer state")
     if len(optim_files) != world:
-        raise InputError(folder, f"has {len(optim_files)} optimizer state file(s), but partition_count says {world}: a partial save, or files of two saves mixed")
+        raise InputError(
+            folder,
+            (
+                f"has {len(optim_files)} optimizer state file(s), but partition_count says {world}: a partial save, or files of "
+                "two saves mixed"
+            ),
+        )
     groups = [as_dict(g) or {} for g in top["param_shapes"]]
     tensors: dict[str, TensorSource] = {}
     if stage in (1, 2):
@@ -146,8 +179,14 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
         if original in tensors:
             tensors[alias] = tensors[original]
     notes.append(f"ZeRO-{stage}, {world} rank(s): the FP32 master weights, read from the optimizer partitions")
-    ckpt = Checkpoint(path=path, format=f"deepspeed zero-{stage}", tensors=tensors, files=model_files + optim_files, notes=notes,
-                      weights_from="FP32 masters of the ZeRO optimizer partitions")
+    ckpt = Checkpoint(
+        path=path,
+        format=f"deepspeed zero-{stage}",
+        tensors=tensors,
+        files=model_files + optim_files,
+        notes=notes,
+        weights_from="FP32 masters of the ZeRO optimizer partitions",
+    )
     return _with_step(ckpt, top, folder)
 
 

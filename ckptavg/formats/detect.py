@@ -45,7 +45,9 @@ def sniff(path: Path) -> str:
         raise UnsupportedError(path, "GGUF file (llama.cpp); ckptavg reads safetensors and PyTorch checkpoints")
     if head[:6] == b"\x93NUMPY":
         raise UnsupportedError(path, "NumPy .npy file; ckptavg reads safetensors and PyTorch checkpoints")
-    raise InputError(path, f"not a checkpoint ckptavg can read: starts with {head[:8]!r}, neither safetensors nor a PyTorch pickle")
+    raise InputError(
+        path, f"not a checkpoint ckptavg can read: starts with {head[:8]!r}, neither safetensors nor a PyTorch pickle"
+    )
 
 
 def refuse_unsupported_folder(folder: Path) -> None:
@@ -53,7 +55,13 @@ def refuse_unsupported_folder(folder: Path) -> None:
     tensors, wherever they come from: formats/quantized.py.)"""
     children = {child.name for child in folder.iterdir()}
     if any(name.endswith(".distcp") for name in children):
-        raise InputError(folder, "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written last)")
+        raise InputError(
+            folder,
+            (
+                "holds .distcp files but no .metadata: an incomplete torch.distributed.checkpoint save (the metadata is written "
+                "last)"
+            ),
+        )
 
 
 def is_training_file(name: str) -> bool:
@@ -72,7 +80,9 @@ def weight_names(names: Iterable[str]) -> list[str]:
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"):
         if name in names:
             return [name]
-    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json")) or sorted(n for n in names if n.endswith(".bin.index.json"))
+    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json")) or sorted(
+        n for n in names if n.endswith(".bin.index.json")
+    )
     if indexes:
         return indexes
     safetensors = sorted(n for n in names if n.endswith(".safetensors"))

@@ -21,8 +21,12 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 KEY_PREFIX = "base_model.model."
 # (suffix of an adapter tensor's name, its role); the module is what comes before the suffix
 LORA_SUFFIXES = (
-    (".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "B_bias"),
-    (".lora_embedding_A", "A"), (".lora_embedding_B", "B"), (".lora_magnitude_vector", "magnitude"),
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "B_bias"),
+    (".lora_embedding_A", "A"),
+    (".lora_embedding_B", "B"),
+    (".lora_magnitude_vector", "magnitude"),
 )
 # Adapter types whose parameters act linearly on the model: their parameter-wise mean is the mean of their effect
 LINEAR_TYPES = {"IA3": "IA3 scales the activations by a learned vector, so the mean vector is the mean of the changes"}
@@ -96,17 +100,41 @@ class AdapterConfig:
 
     def describe(self) -> dict[str, Any]:
         """What `inspect` shows of it."""
-        keys = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "target_modules", "modules_to_save",
-                "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path", "revision", "task_type")
+        keys = (
+            "peft_type",
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "lora_bias",
+            "target_modules",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "fan_in_fan_out",
+            "base_model_name_or_path",
+            "revision",
+            "task_type",
+        )
         return {"kind": self.kind, **{k: self.raw.get(k) for k in keys if k in self.raw}}
 
 
 # The fields inputs must agree on to be averaged, and how they are named in an error
 AGREE_ON = (
-    ("base_model_name_or_path", "base model"), ("revision", "base model revision"), ("peft_type", "peft type"),
-    ("target_modules", "target modules"), ("r", "r"), ("lora_alpha", "lora_alpha"), ("rank_pattern", "rank_pattern"),
-    ("alpha_pattern", "alpha_pattern"), ("use_rslora", "use_rslora"), ("use_dora", "use_dora"), ("lora_bias", "lora_bias"),
-    ("fan_in_fan_out", "fan_in_fan_out"), ("modules_to_save", "modules_to_save"), ("target_parameters", "target_parameters"),
+    ("base_model_name_or_path", "base model"),
+    ("revision", "base model revision"),
+    ("peft_type", "peft type"),
+    ("target_modules", "target modules"),
+    ("r", "r"),
+    ("lora_alpha", "lora_alpha"),
+    ("rank_pattern", "rank_pattern"),
+    ("alpha_pattern", "alpha_pattern"),
+    ("use_rslora", "use_rslora"),
+    ("use_dora", "use_dora"),
+    ("lora_bias", "lora_bias"),
+    ("fan_in_fan_out", "fan_in_fan_out"),
+    ("modules_to_save", "modules_to_save"),
+    ("target_parameters", "target_parameters"),
 )
 
 

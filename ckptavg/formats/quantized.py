@@ -43,14 +43,27 @@ ACTIVATION_SCALES = ("input_scale", "k_scale", "v_scale")
 KNOWN_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4")
 # names other schemes give their companions: (suffix, scheme)
 OTHER_SCHEMES = (
-    (".qweight", "GPTQ/AWQ (int4 packed)"), (".qzeros", "GPTQ/AWQ (int4 packed)"), (".g_idx", "GPTQ"),
-    (".SCB", "bitsandbytes int8"), (".absmax", "bitsandbytes 4-bit"), (".quant_map", "bitsandbytes 4-bit"),
-    (".quant_state", "bitsandbytes 4-bit"), (".weight_format", "bitsandbytes int8"),
-    (".weight_packed", "compressed-tensors pack-quantized (int4/int8)"), (".weight_zero_point", "compressed-tensors with zero points"),
-    (".weight_g_idx", "compressed-tensors with activation ordering"), (".weight_global_scale", "compressed-tensors NVFP4"),
+    (".qweight", "GPTQ/AWQ (int4 packed)"),
+    (".qzeros", "GPTQ/AWQ (int4 packed)"),
+    (".g_idx", "GPTQ"),
+    (".SCB", "bitsandbytes int8"),
+    (".absmax", "bitsandbytes 4-bit"),
+    (".quant_map", "bitsandbytes 4-bit"),
+    (".quant_state", "bitsandbytes 4-bit"),
+    (".weight_format", "bitsandbytes int8"),
+    (".weight_packed", "compressed-tensors pack-quantized (int4/int8)"),
+    (".weight_zero_point", "compressed-tensors with zero points"),
+    (".weight_g_idx", "compressed-tensors with activation ordering"),
+    (".weight_global_scale", "compressed-tensors NVFP4"),
 )
 # the names a reader leaves to this module: a tensor whose name ends so is a companion, never a plain weight
-QUANTIZED_NAME_MARKERS = tuple(suffix for suffix, _ in OTHER_SCHEMES) + ("_scale_inv", ".weight_scale", "_scales", "_blocks", *ACTIVATION_SCALES)
+QUANTIZED_NAME_MARKERS = tuple(suffix for suffix, _ in OTHER_SCHEMES) + (
+    "_scale_inv",
+    ".weight_scale",
+    "_scales",
+    "_blocks",
+    *ACTIVATION_SCALES,
+)
 
 
 @dataclass
@@ -67,12 +80,20 @@ class Quantization:
     def describe(self) -> str:
         block = f" (block size {self.block_from})" if self.block_from else ""
         dropped = f"; {len(self.dropped)} activation scale(s) left out ({self.dropped[0]}, ...)" if self.dropped else ""
-        return (f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values (code x scale, exact in float64), "
-                f"their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}")
+        return (
+            f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values "
+            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}"
+        )
 
     def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "method": self.method, "block_from": self.block_from, "weights": len(self.weights),
-                "scales": self.scales, "dropped": self.dropped}
+        return {
+            "scheme": self.scheme,
+            "method": self.method,
+            "block_from": self.block_from,
+            "weights": len(self.weights),
+            "scales": self.scales,
+            "dropped": self.dropped,
+        }
 
 
 @dataclass
@@ -203,7 +224,9 @@ def _mxfp4_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
         first = (e * rows * groups + g0) * 16  # [e, 0, g0, 0]
         span = ((rows - 1) * groups + (g1 - g0)) * 16
         codes = _read_bytes(s.codes, first, span).as_strided((rows, g1 - g0, 16), (groups * 16, 16, 1))
-        exps = _read_bytes(s.scales, e * rows * groups + g0, (rows - 1) * groups + (g1 - g0)).as_strided((rows, g1 - g0), (groups, 1))
+        exps = _read_bytes(s.scales, e * rows * groups + g0, (rows - 1) * groups + (g1 - g0)).as_strided(
+            (rows, g1 - g0), (groups, 1)
+        )
         block = _decode_mx(codes, exps)[:, c0 - g0 * MX_BLOCK : c1 - g0 * MX_BLOCK].t().reshape(-1)
         parts.append(block[a - c0 * rows : b - c0 * rows])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -232,13 +255,27 @@ def refuse_other_schemes(path: Path, names: list[str], config: dict | None) -> N
     for name in names:
         for suffix, scheme in OTHER_SCHEMES:
             if name.endswith(suffix):
-                raise UnsupportedError(path, f"tensor {name}: {scheme} quantized weights; ckptavg reads FP8 and MXFP4 weights: average the unquantized checkpoints, then quantize the result")
+                raise UnsupportedError(
+                    path,
+                    (
+                        f"tensor {name}: {scheme} quantized weights; ckptavg reads FP8 and MXFP4 weights: average the "
+                        "unquantized checkpoints, then quantize the result"
+                    ),
+                )
     method = (config or {}).get("quant_method")
     if method and method not in KNOWN_METHODS:
-        raise UnsupportedError(path, f"{method} quantized model (config.json's quantization_config); ckptavg reads FP8 and MXFP4 weights: average the unquantized checkpoints, then quantize the result")
+        raise UnsupportedError(
+            path,
+            (
+                f"{method} quantized model (config.json's quantization_config); ckptavg reads FP8 and MXFP4 weights: average "
+                "the unquantized checkpoints, then quantize the result"
+            ),
+        )
 
 
-def _block_size(path: Path, name: str, rows: int, cols: int, scale_rows: int, scale_cols: int, config: dict | None) -> tuple[tuple[int, int], str]:
+def _block_size(
+    path: Path, name: str, rows: int, cols: int, scale_rows: int, scale_cols: int, config: dict | None
+) -> tuple[tuple[int, int], str]:
     """The block (rows, cols) each scale covers, and where that came from: config.json's weight_block_size
     when it fits, else the shapes (a power of two is preferred where several sizes give the same count)."""
     configured = (config or {}).get("weight_block_size")
@@ -246,26 +283,39 @@ def _block_size(path: Path, name: str, rows: int, cols: int, scale_rows: int, sc
         br, bc = configured
         if -(-rows // br) == scale_rows and -(-cols // bc) == scale_cols:
             return (br, bc), "from config.json's weight_block_size"
-        raise InputError(path, f"{name} has [{scale_rows}, {scale_cols}] scales, which blocks of {br}x{bc} (config.json's weight_block_size) "
-                         f"do not give for a [{rows}, {cols}] weight")
+        raise InputError(
+            path,
+            f"{name} has [{scale_rows}, {scale_cols}] scales, which blocks of {br}x{bc} (config.json's weight_block_size) "
+            f"do not give for a [{rows}, {cols}] weight",
+        )
     sizes = []
     for size, count in ((rows, scale_rows), (cols, scale_cols)):
         fits = [size] if count == 1 else [b for b in (128, 64, 256, 32, 16, 512, 8, 1024) if -(-size // b) == count]
         if not fits and size % count == 0:
             fits = [size // count]
         if not fits:
-            raise InputError(path, f"{name}: {count} scales for {size} elements along an axis fit no block size; give it in config.json's quantization_config.weight_block_size")
+            raise InputError(
+                path,
+                (
+                    f"{name}: {count} scales for {size} elements along an axis fit no block size; give it in config.json's "
+                    "quantization_config.weight_block_size"
+                ),
+            )
         sizes.append(fits[0])
     return (sizes[0], sizes[1]), "inferred from the shapes: config.json gives no weight_block_size"
 
 
-def _fp8_source(path: Path, name: str, codes: TensorSource, scale_name: str, scales: TensorSource, config: dict | None) -> tuple[DequantizedSource, str, str]:
+def _fp8_source(
+    path: Path, name: str, codes: TensorSource, scale_name: str, scales: TensorSource, config: dict | None
+) -> tuple[DequantizedSource, str, str]:
     """The dequantized source of an FP8 weight and its scales, its scheme and where its block size came from."""
     shape = codes.shape
     cols = shape[-1] if shape else 1
     rows = shape[-2] if len(shape) >= 2 else 1
     if not scales.dtype.is_floating_point or scales.dtype in FP8 or scales.dtype.itemsize < 2:
-        raise UnsupportedError(path, f"scale {scale_name} is {dtype_name(scales.dtype)}: an unknown FP8 scheme (FP32 or BF16 scales expected)")
+        raise UnsupportedError(
+            path, f"scale {scale_name} is {dtype_name(scales.dtype)}: an unknown FP8 scheme (FP32 or BF16 scales expected)"
+        )
     block_from = ""
     if scales.numel == 1:
         block, how = None, "one scale per tensor"
@@ -275,32 +325,60 @@ def _fp8_source(path: Path, name: str, codes: TensorSource, scale_name: str, sca
         block, block_from = _block_size(path, scale_name, rows, cols, scales.shape[-2], scales.shape[-1], config)
         how = f"{block[0]}x{block[1]} blocks"
     else:
-        raise UnsupportedError(path, f"scale {scale_name} has shape {list(scales.shape)} for a weight of shape {list(shape)}: an unknown FP8 scaling")
-    source = DequantizedSource(path=codes.path, offset=codes.offset, dtype=torch.float64, shape=shape, codes=codes, scales=scales, kind="fp8",
-                               block=block or (0, 0), scale_suffix=scale_name.removeprefix(name))
+        raise UnsupportedError(
+            path, f"scale {scale_name} has shape {list(scales.shape)} for a weight of shape {list(shape)}: an unknown FP8 scaling"
+        )
+    source = DequantizedSource(
+        path=codes.path,
+        offset=codes.offset,
+        dtype=torch.float64,
+        shape=shape,
+        codes=codes,
+        scales=scales,
+        kind="fp8",
+        block=block or (0, 0),
+        scale_suffix=scale_name.removeprefix(name),
+    )
     return source, f"fp8 {FP8[codes.dtype]}, {how}", block_from
 
 
 def _mxfp4_source(path: Path, name: str, codes: TensorSource, scales: TensorSource) -> DequantizedSource:
     if codes.dtype != torch.uint8 or len(codes.shape) < 2 or codes.shape[-1] != 16 or scales.shape != codes.shape[:-1]:
-        raise UnsupportedError(path, f"{name}_blocks {dtype_name(codes.dtype)} {list(codes.shape)} with {name}_scales {list(scales.shape)}: "
-                               "not MXFP4 as gpt-oss writes it (U8 [..., G, 16] blocks and [..., G] scales)")
+        raise UnsupportedError(
+            path,
+            f"{name}_blocks {dtype_name(codes.dtype)} {list(codes.shape)} with {name}_scales {list(scales.shape)}: "
+            "not MXFP4 as gpt-oss writes it (U8 [..., G, 16] blocks and [..., G] scales)",
+        )
     if scales.dtype not in (torch.uint8, E8M0):
         raise UnsupportedError(path, f"{name}_scales is {dtype_name(scales.dtype)}: MXFP4 scales are U8 or F8_E8M0 exponents")
     prefix, logical = codes.shape[:-2], codes.shape[-2] * MX_BLOCK
     transposed = len(prefix) == 2
     shape = (prefix[0], logical, prefix[1]) if transposed else (*prefix, logical)
     raw_scales = scales if scales.dtype == torch.uint8 else _as_bytes(scales)
-    return DequantizedSource(path=codes.path, offset=codes.offset, dtype=torch.float64, shape=shape, codes=codes, scales=raw_scales, kind="mxfp4",
-                             block=(1, MX_BLOCK), transposed=transposed, scale_suffix="_scales")
+    return DequantizedSource(
+        path=codes.path,
+        offset=codes.offset,
+        dtype=torch.float64,
+        shape=shape,
+        codes=codes,
+        scales=raw_scales,
+        kind="mxfp4",
+        block=(1, MX_BLOCK),
+        transposed=transposed,
+        scale_suffix="_scales",
+    )
 
 
 def _as_bytes(src: TensorSource) -> TensorSource:
     """An E8M0 scale tensor read as the raw exponent bytes it is."""
-    return TensorSource(path=src.path, offset=src.offset, dtype=torch.uint8, shape=src.shape, stride=src.stride, storage=src.storage)
+    return TensorSource(
+        path=src.path, offset=src.offset, dtype=torch.uint8, shape=src.shape, stride=src.stride, storage=src.storage
+    )
 
 
-def dequantized(path: Path, tensors: dict[str, TensorSource], config: dict | None) -> tuple[dict[str, TensorSource], Quantization | None]:
+def dequantized(
+    path: Path, tensors: dict[str, TensorSource], config: dict | None
+) -> tuple[dict[str, TensorSource], Quantization | None]:
     """The tensors with every quantized weight replaced by the source of its dequantized values (its scales
     removed), and what the quantization was; the tensors unchanged and None when nothing is quantized.
 
@@ -320,8 +398,11 @@ def dequantized(path: Path, tensors: dict[str, TensorSource], config: dict | Non
             scale_name = next((n for n in (f"{name}_scale_inv", f"{name}_scale") if n in tensors), None)
             if scale_name is None:
                 if method in KNOWN_METHODS:
-                    raise InputError(path, f"FP8 weight {name} has no scale ({name}_scale_inv or {name}_scale) though config.json says "
-                                     f"{method}: is it in another shard file? pass the whole folder")
+                    raise InputError(
+                        path,
+                        f"FP8 weight {name} has no scale ({name}_scale_inv or {name}_scale) though config.json says "
+                        f"{method}: is it in another shard file? pass the whole folder",
+                    )
                 continue  # an FP8 tensor without a scale holds its values as they are
             source, scheme, block_from = _fp8_source(path, name, src, scale_name, tensors[scale_name], config)
             out[name] = source
@@ -360,14 +441,40 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
             continue
         if name.endswith(("_scale_inv", ".weight_scale")):
             weight = name.removesuffix("_scale_inv").removesuffix("_scale")
-            what = f"its weight {weight} is {dtype_name(tensors[weight].dtype)}, not FP8" if weight in tensors else f"its weight {weight} is not in this file (in another shard? pass the whole folder)"
+            what = (
+                f"its weight {weight} is {dtype_name(tensors[weight].dtype)}, not FP8"
+                if weight in tensors
+                else f"its weight {weight} is not in this file (in another shard? pass the whole folder)"
+            )
             raise UnsupportedError(path, f"scale tensor {name}: {what}; an unknown quantization scheme")
-        if name.endswith("_scales") and f"{name.removesuffix('_scales')}_blocks" not in tensors and src.dtype in (torch.uint8, E8M0):
-            raise UnsupportedError(path, f"tensor {name} looks like MXFP4 exponents but {name.removesuffix('_scales')}_blocks is not in this file (in another shard? pass the whole folder)")
+        if (
+            name.endswith("_scales")
+            and f"{name.removesuffix('_scales')}_blocks" not in tensors
+            and src.dtype in (torch.uint8, E8M0)
+        ):
+            raise UnsupportedError(
+                path,
+                (
+                    f"tensor {name} looks like MXFP4 exponents but {name.removesuffix('_scales')}_blocks is not in this file "
+                    "(in another shard? pass the whole folder)"
+                ),
+            )
         if name.endswith("_blocks") and src.dtype == torch.uint8 and f"{name.removesuffix('_blocks')}_scales" not in tensors:
-            raise UnsupportedError(path, f"tensor {name} looks like MXFP4 blocks but {name.removesuffix('_blocks')}_scales is not in this file (in another shard? pass the whole folder)")
+            raise UnsupportedError(
+                path,
+                (
+                    f"tensor {name} looks like MXFP4 blocks but {name.removesuffix('_blocks')}_scales is not in this file (in "
+                    "another shard? pass the whole folder)"
+                ),
+            )
         if E8M0 is not None and src.dtype == E8M0:
-            raise UnsupportedError(path, f"tensor {name} is F8_E8M0 (exponent scales) outside a known quantization scheme; ckptavg reads MXFP4 as *_blocks + *_scales")
+            raise UnsupportedError(
+                path,
+                (
+                    f"tensor {name} is F8_E8M0 (exponent scales) outside a known quantization scheme; ckptavg reads MXFP4 as "
+                    "*_blocks + *_scales"
+                ),
+            )
 
 
 # Writing the inputs' own scheme again (--requantize)
@@ -478,7 +585,9 @@ class Fp8Requantizer:
         self.writer.abort()
 
 
-def _quantize_band(values: torch.Tensor, block_cols: int, code_dtype: torch.dtype, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_band(
+    values: torch.Tensor, block_cols: int, code_dtype: torch.dtype, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [r, cols] of float64 values (one block row) -> FP8 codes [r, cols] and one scale row [1, ceil(cols / block_cols)]."""
     rows, cols = values.shape
     groups = -(-cols // block_cols)

@@ -103,8 +103,11 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         kind = entry.get("dtype")
         if isinstance(kind, str) and kind not in SAFETENSORS_DTYPES:
             if kind in PACKED_DTYPES:
-                raise UnsupportedError(path, f"tensor {name!r} is {kind} ({PACKED_DTYPES[kind]}) outside a known quantization scheme; "
-                                       "ckptavg reads MXFP4 as U8 *_blocks + *_scales pairs, as gpt-oss writes them")
+                raise UnsupportedError(
+                    path,
+                    f"tensor {name!r} is {kind} ({PACKED_DTYPES[kind]}) outside a known quantization scheme; "
+                    "ckptavg reads MXFP4 as U8 *_blocks + *_scales pairs, as gpt-oss writes them",
+                )
             raise InputError(path, f"tensor {name!r} has dtype {kind}, which ckptavg does not handle")
         shape, offsets = _naturals(entry.get("shape")), _naturals(entry.get("data_offsets"), 2)
         if not isinstance(kind, str) or shape is None or offsets is None:
@@ -112,7 +115,9 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         dtype = SAFETENSORS_DTYPES[kind]
         begin, end = offsets
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise InputError(path, f"corrupt safetensors header: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}")
+            raise InputError(
+                path, f"corrupt safetensors header: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}"
+            )
         spans.append((begin, end, name))
     spans.sort()
     position = 0

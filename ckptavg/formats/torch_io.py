@@ -37,7 +37,9 @@ class PickleFile:
         except InputError:
             raise
         except HostilePickleError as e:
-            raise HostileInputError(path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run") from e
+            raise HostileInputError(
+                path, f"hostile pickle: it calls {e.qualname}, which a checkpoint never needs; refused, nothing was run"
+            ) from e
         except RecursionError as e:
             raise InputError(path, "corrupt PyTorch pickle: nested too deeply") from e
         except MemoryError as e:
@@ -45,7 +47,18 @@ class PickleFile:
         except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error) as e:
             # NotImplementedError: an unknown zip version or compression; RuntimeError: "encrypted"
             raise InputError(path, f"corrupt or truncated zip archive ({str(e)[:200]})") from e
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as e:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            struct.error,
+            UnicodeDecodeError,
+            OverflowError,
+        ) as e:
             raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {str(e)[:200]})") from e
         self.opaque_globals = sorted(self._unpickler_globals)
 
@@ -120,7 +133,9 @@ class PickleFile:
         if 0 in ref.shape:
             need = 0
         if need > self.storage_sizes[key] or need > ref.storage.nbytes:
-            raise InputError(self.path, f"corrupt: tensor {name!r} needs {need} bytes of storage {key}, which has {self.storage_sizes[key]}")
+            raise InputError(
+                self.path, f"corrupt: tensor {name!r} needs {need} bytes of storage {key}, which has {self.storage_sizes[key]}"
+            )
         return TensorSource(
             path=self.path,
             offset=self.storage_offsets[key] + ref.offset * ref.dtype.itemsize,
@@ -156,4 +171,6 @@ def as_dict(value: Any) -> dict | None:
 def check_no_quantized(path: Path, weights: dict) -> None:
     quantized = [name for name, value in weights.items() if isinstance(value, QuantizedTensorRef)]
     if quantized:
-        raise UnsupportedError(path, f"holds torch.quantization tensors ({quantized[0]}, ...); ckptavg averages float weights only, dequantize first")
+        raise UnsupportedError(
+            path, f"holds torch.quantization tensors ({quantized[0]}, ...); ckptavg averages float weights only, dequantize first"
+        )

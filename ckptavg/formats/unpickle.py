@@ -19,9 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-STORAGE_DTYPES: dict[str, torch.dtype] = {
-    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
-}
+STORAGE_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "complex", "slice", "int", "float", "str", "bool"}
 TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
@@ -111,7 +109,9 @@ def _rebuild_tensor(storage: StorageRef, offset: int, size: tuple, stride: tuple
     return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), storage.dtype)
 
 
-def _rebuild_tensor_v3(storage: StorageRef, offset: int, size: tuple, stride: tuple, requires_grad: Any, hooks: Any, dtype: torch.dtype, *_: Any) -> TensorRef:
+def _rebuild_tensor_v3(
+    storage: StorageRef, offset: int, size: tuple, stride: tuple, requires_grad: Any, hooks: Any, dtype: torch.dtype, *_: Any
+) -> TensorRef:
     return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), dtype)
 
 
@@ -157,13 +157,59 @@ _TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
 # Callables a checkpoint has no reason to name: a pickle that does is an attack, refused outright even
 # where the object would be outside the weights. Any other unknown global stays an inert placeholder.
 DANGEROUS_MODULES = {
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "runpy", "importlib", "socket", "pty", "code", "codeop",
-    "ctypes", "multiprocessing", "webbrowser", "marshal", "commands", "pickle", "_pickle", "dill", "pdb", "timeit",
-    "torch.hub", "urllib", "http", "ftplib", "tempfile", "glob", "pathlib", "zipimport",
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "shutil",
+    "runpy",
+    "importlib",
+    "socket",
+    "pty",
+    "code",
+    "codeop",
+    "ctypes",
+    "multiprocessing",
+    "webbrowser",
+    "marshal",
+    "commands",
+    "pickle",
+    "_pickle",
+    "dill",
+    "pdb",
+    "timeit",
+    "torch.hub",
+    "urllib",
+    "http",
+    "ftplib",
+    "tempfile",
+    "glob",
+    "pathlib",
+    "zipimport",
 }
 DANGEROUS_NAMES = {
-    "builtins": {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals", "locals",
-                 "vars", "input", "breakpoint", "execfile", "file", "apply", "exit", "quit", "help"},
+    "builtins": {
+        "eval",
+        "exec",
+        "compile",
+        "open",
+        "__import__",
+        "getattr",
+        "setattr",
+        "delattr",
+        "globals",
+        "locals",
+        "vars",
+        "input",
+        "breakpoint",
+        "execfile",
+        "file",
+        "apply",
+        "exit",
+        "quit",
+        "help",
+    },
     "types": {"FunctionType", "CodeType", "LambdaType", "MethodType"},
     "io": {"open", "open_code", "FileIO"},
     "_io": {"open", "open_code", "FileIO"},

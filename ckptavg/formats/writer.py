@@ -291,7 +291,9 @@ class RangeWriter:
     keeps a CRC-32 of each range (`crcs`, in the same order) for --verify.
     """
 
-    def __init__(self, paths: list[Path], ranges: list[tuple[Path, int, int]], durable: bool = True, checksums: bool = False) -> None:
+    def __init__(
+        self, paths: list[Path], ranges: list[tuple[Path, int, int]], durable: bool = True, checksums: bool = False
+    ) -> None:
         self.paths = paths
         self.ranges = ranges
         self.durable = durable

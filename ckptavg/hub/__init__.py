@@ -24,6 +24,18 @@ from ckptavg.hub.push import PushFailed, check_push, push, push_report
 from ckptavg.hub.spec import HubSource, HubSpec, is_hub
 
 __all__ = [
-    "HubCheckpoint", "HubSource", "HubSpec", "Localized", "PushFailed", "check_push", "is_hub", "list_checkpoints", "local_path",
-    "localize", "mark_best", "push", "push_report", "weight_names",
+    "HubCheckpoint",
+    "HubSource",
+    "HubSpec",
+    "Localized",
+    "PushFailed",
+    "check_push",
+    "is_hub",
+    "list_checkpoints",
+    "local_path",
+    "localize",
+    "mark_best",
+    "push",
+    "push_report",
+    "weight_names",
 ]

@@ -54,8 +54,19 @@ def plan_input(spec: HubSpec, repo: CachedRepo, extra: Sequence[str]) -> Input:
     weights = weight_names(here)
     if not weights:
         prefix = f"{spec.subfolder}/" if spec.subfolder else ""
-        runs = sorted({p[len(prefix):].split("/")[0] for p in files if p.startswith(prefix) and CHECKPOINT_DIR.fullmatch(p[len(prefix):].split("/")[0])})
-        hint = f"; it holds checkpoint folders ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): name one, e.g. {spec.pinned(spec.revision, join(spec.subfolder, runs[0]))}" if runs else ""
+        runs = sorted(
+            {
+                p[len(prefix) :].split("/")[0]
+                for p in files
+                if p.startswith(prefix) and CHECKPOINT_DIR.fullmatch(p[len(prefix) :].split("/")[0])
+            }
+        )
+        hint = (
+            f"; it holds checkpoint folders ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): name one, e.g. "
+            f"{spec.pinned(spec.revision, join(spec.subfolder, runs[0]))}"
+            if runs
+            else ""
+        )
         seen = ", ".join(sorted(here)[:5]) or "no files"
         raise InputError(str(spec), f"no weights at {where(spec, commit)} (it holds {seen}){hint}")
     item = Input(spec, repo, commit, here, weights)
@@ -69,7 +80,9 @@ def plan_input(spec: HubSpec, repo: CachedRepo, extra: Sequence[str]) -> Input:
             shards = sorted({str(v) for v in weight_map.values()})
             missing = [s for s in shards if s not in here]
             if missing:
-                raise InputError(str(spec), f"{name} names {missing[0]}, which is not at {where(spec, commit)} (an upload in progress?)")
+                raise InputError(
+                    str(spec), f"{name} names {missing[0]}, which is not at {where(spec, commit)} (an upload in progress?)"
+                )
             item.shards.extend(s for s in shards if s not in item.shards)
     names = [*weights, *item.shards, *model_file_names(here), *(n for n in extra if n in here)]
     item.wanted = list(dict.fromkeys(names))
@@ -102,7 +115,9 @@ def check_headers(items: list[Input]) -> None:
                 elif (header := item.repo.header(item.commit, item.path(name))) is not None:
                     tensors.update({t: shape for t, (_, shape) in header.items()})
         except CkptavgError as e:
-            raise renamed(e, item.repo.root / "snapshots" / item.commit, HubSpec(item.spec.repo, subfolder="").pinned(item.commit)) from e
+            raise renamed(
+                e, item.repo.root / "snapshots" / item.commit, HubSpec(item.spec.repo, subfolder="").pinned(item.commit)
+            ) from e
         except Exception as e:
             raise hub_error(str(item.spec), e, item.spec.repo, item.spec.revision) from e
         if tensors and ADAPTER_CONFIG not in item.weights:  # adapters of other ranks are averaged exactly: shapes may differ
@@ -111,8 +126,11 @@ def check_headers(items: list[Input]) -> None:
     for item, tensors in shapes[1:]:
         for name, shape in tensors.items():
             if name in reference and reference[name] != shape:
-                raise MismatchError(str(item.spec), f"{name} has shape {list(shape)}, expected {list(reference[name])} (from {first.spec}); "
-                                                    "found in the safetensors headers, before any weights were downloaded")
+                raise MismatchError(
+                    str(item.spec),
+                    f"{name} has shape {list(shape)}, expected {list(reference[name])} (from {first.spec}); "
+                    "found in the safetensors headers, before any weights were downloaded",
+                )
 
 
 def is_cached(item: Input, name: str) -> bool:
@@ -213,15 +231,19 @@ def renamed(error: CkptavgError, local: Path, url: str) -> CkptavgError:
     """The error with the cache's path of an input replaced by its hf:// URL."""
     old = str(local)
     if error.path and error.path.startswith(old):
-        error.path = url + error.path[len(old):]
+        error.path = url + error.path[len(old) :]
     error.problem = error.problem.replace(old, url)
     error.args = (error.message,)
     return error
 
 
 def localize(
-    paths: Sequence[str | os.PathLike], base: str | os.PathLike | None = None, *, extra: Sequence[str] = (),
-    out: Path | None = None, overwrite: bool = False,
+    paths: Sequence[str | os.PathLike],
+    base: str | os.PathLike | None = None,
+    *,
+    extra: Sequence[str] = (),
+    out: Path | None = None,
+    overwrite: bool = False,
 ) -> Localized:
     """Turn the `hf://` inputs among `paths` (and `base`) into folders of the Hugging Face cache, downloading
     what they need; other paths pass through. `extra`: more file names to fetch when present (inspect takes
@@ -253,7 +275,11 @@ def localize(
             raise
         except Exception as e:
             raise hub_error(str(item.spec), e, item.spec.repo, item.spec.revision) from e
-        folder = item.repo.root / "snapshots" / item.commit / item.spec.subfolder if item.spec.subfolder else item.repo.root / "snapshots" / item.commit
+        folder = (
+            item.repo.root / "snapshots" / item.commit / item.spec.subfolder
+            if item.spec.subfolder
+            else item.repo.root / "snapshots" / item.commit
+        )
         find_step(item, source)
         if i < len(paths):
             local.paths[i] = folder

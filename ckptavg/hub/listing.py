@@ -92,7 +92,10 @@ def expand(spec: HubSpec, repo: CachedRepo) -> list[tuple[HubSpec, str, int | No
     if spec.subfolder:
         return [(spec, commit, None, None)]
     files = repo.files(commit)
-    folders = sorted({p.split("/")[0] for p in files if "/" in p and CHECKPOINT_DIR.fullmatch(p.split("/")[0])}, key=lambda n: int(n.split("-")[1]))
+    folders = sorted(
+        {p.split("/")[0] for p in files if "/" in p and CHECKPOINT_DIR.fullmatch(p.split("/")[0])},
+        key=lambda n: int(n.split("-")[1]),
+    )
     if folders:
         return [(HubSpec(spec.repo, commit, name), commit, int(name.split("-")[1]), "folder name") for name in folders]
     if spec.revision is not None:
@@ -113,13 +116,17 @@ def expand(spec: HubSpec, repo: CachedRepo) -> list[tuple[HubSpec, str, int | No
     if trainer:
         return sorted(trainer, key=lambda n: n[2])
     why = "no checkpoint-N folders at main, no branch or tag naming a step"
-    why += ", no 'Training in progress, step N' commits" if history is not None else " (offline: the commit history is not cached)"
+    why += (
+        ", no 'Training in progress, step N' commits" if history is not None else " (offline: the commit history is not cached)"
+    )
     if weight_names(folder_files(files, "")):
         return [(HubSpec(spec.repo, commit), commit, None, None)]
     raise InputError(str(spec), f"no checkpoints found: {why}")
 
 
-def _row(spec: HubSpec, repo: CachedRepo, commit: str, step: int | None, step_source: str | None, refs: dict[str, str] | None) -> HubCheckpoint:
+def _row(
+    spec: HubSpec, repo: CachedRepo, commit: str, step: int | None, step_source: str | None, refs: dict[str, str] | None
+) -> HubCheckpoint:
     here = folder_files(repo.files(commit), spec.subfolder)
     weights = weight_names(here)
     item = Input(HubSpec(spec.repo, commit, spec.subfolder), repo, commit, here, weights)
@@ -133,9 +140,15 @@ def _row(spec: HubSpec, repo: CachedRepo, commit: str, step: int | None, step_so
     cached = problem is None and all(is_cached(item, n) for n in [*item.weights, *item.shards])
     state = trainer_state(item) if TRAINER_STATE in here else None  # fetched into the cache, where a local read finds it
     return HubCheckpoint(
-        path=HubSpec(spec.repo, subfolder=spec.subfolder).pinned(commit), folder=folder if cached else None, step=step,
-        step_source=step_source, problem=problem, trainer_state=state, _item=item if weights else None,
-        _source=HubSource(spec.repo, spec.revision, commit, spec.subfolder) if weights else None, _refs=refs,
+        path=HubSpec(spec.repo, subfolder=spec.subfolder).pinned(commit),
+        folder=folder if cached else None,
+        step=step,
+        step_source=step_source,
+        problem=problem,
+        trainer_state=state,
+        _item=item if weights else None,
+        _source=HubSource(spec.repo, spec.revision, commit, spec.subfolder) if weights else None,
+        _refs=refs,
     )
 
 

@@ -11,7 +11,7 @@ from ckptavg.output import MODEL_FILE_PATTERNS, MODEL_FILES
 def folder_files(files: dict[str, int], subfolder: str) -> dict[str, int]:
     """The files directly inside `subfolder` (not in its sub-folders), by name."""
     prefix = f"{subfolder}/" if subfolder else ""
-    return {p[len(prefix):]: s for p, s in files.items() if p.startswith(prefix) and "/" not in p[len(prefix):]}
+    return {p[len(prefix) :]: s for p, s in files.items() if p.startswith(prefix) and "/" not in p[len(prefix) :]}
 
 
 def model_file_names(names: set[str] | dict[str, int]) -> list[str]:

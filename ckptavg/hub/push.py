@@ -29,7 +29,10 @@ def check_push(repo_id: str, out: Path | None, out_format: str = "auto", dry_run
     if out is None:
         raise UsageError(None, "--push-to-hub needs an output folder: pass -o OUT")
     if output_layout(out, out_format)[1]:
-        raise UsageError(None, f"--push-to-hub uploads an output folder (weights, config, model card); -o {out.name} is one file: name a folder")
+        raise UsageError(
+            None,
+            f"--push-to-hub uploads an output folder (weights, config, model card); -o {out.name} is one file: name a folder",
+        )
     if offline():
         raise UsageError(None, "--push-to-hub with HF_HUB_OFFLINE=1: unset it to upload")
 
@@ -58,7 +61,14 @@ def push_report(report: Any, repo_id: str | None, **options: Any) -> Any:
     return report
 
 
-def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
+def push(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> dict[str, Any]:
     """Upload a finished output folder: the repo is created if missing (`private` applies then), the branch
     `revision` too; one `upload_folder` call. Returns repo, revision, commit and commit URL.
 
@@ -79,8 +89,11 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     except Exception as e:
         error = hub_error(repo_id, e, repo_id, revision)
         branch = f" --revision {revision}" if revision else ""
-        raise OutputError(repo_id, f"push failed: {error.problem}; the local output {folder} is complete: "
-                                   f"upload it with `hf upload {repo_id} {folder}{branch}`") from e
+        raise OutputError(
+            repo_id,
+            f"push failed: {error.problem}; the local output {folder} is complete: "
+            f"upload it with `hf upload {repo_id} {folder}{branch}`",
+        ) from e
     return {"repo": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url}
 
 

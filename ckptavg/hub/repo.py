@@ -154,7 +154,9 @@ def hub_error(where: str, error: BaseException, repo: str | None = None, revisio
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(error, NotCached):
         mode = "HF_HUB_OFFLINE=1 is set" if offline() else "the Hub cannot be reached"
-        return InputError(where, f"{error} ({mode}; cache: {constants.HF_HUB_CACHE}); download it once online, or unset HF_HUB_OFFLINE")
+        return InputError(
+            where, f"{error} ({mode}; cache: {constants.HF_HUB_CACHE}); download it once online, or unset HF_HUB_OFFLINE"
+        )
     if isinstance(error, hf_error("GatedRepoError")):
         return InputError(where, f"{repo} is a gated repo: accept its conditions on its Hub page, then {login}")
     if isinstance(error, hf_error("RevisionNotFoundError")):
@@ -162,7 +164,9 @@ def hub_error(where: str, error: BaseException, repo: str | None = None, revisio
     if isinstance(error, hf_error("RepositoryNotFoundError")):
         return InputError(where, f"no repo {repo} on the Hub, or it is private: check the name, or {login}")
     if isinstance(error, hf_error("OfflineModeIsEnabled", "LocalEntryNotFoundError")):  # before EntryNotFoundError, its parent
-        return InputError(where, f"not in the cache, and {'HF_HUB_OFFLINE=1 is set' if offline() else 'the Hub cannot be reached'}")
+        return InputError(
+            where, f"not in the cache, and {'HF_HUB_OFFLINE=1 is set' if offline() else 'the Hub cannot be reached'}"
+        )
     if isinstance(error, hf_error("RemoteEntryNotFoundError", "EntryNotFoundError")):
         return InputError(where, f"a file is missing on the Hub: {first_line(error)}")
     if isinstance(error, hf_error("SafetensorsParsingError")):
@@ -172,8 +176,11 @@ def hub_error(where: str, error: BaseException, repo: str | None = None, revisio
         advice = f"; {login}" if status in (401, 403) else ""
         return InputError(where, f"the Hub answered HTTP {status}: {first_line(error)}{advice}")
     if is_network_error(error):
-        return InputError(where, f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {first_line(error)}); "
-                                 "with HF_HUB_OFFLINE=1 ckptavg reads what the cache holds")
+        return InputError(
+            where,
+            f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {first_line(error)}); "
+            "with HF_HUB_OFFLINE=1 ckptavg reads what the cache holds",
+        )
     return InputError(where, f"Hub error: {type(error).__name__}: {first_line(error)}")
 
 

@@ -31,10 +31,12 @@ class HubSpec:
 
     @classmethod
     def parse(cls, text: str | os.PathLike) -> HubSpec:
-        text = PREFIX + os.fspath(text)[len("hf:/"):].lstrip("/")  # as written, whatever a Path made of its `//`
+        text = PREFIX + os.fspath(text)[len("hf:/") :].lstrip("/")  # as written, whatever a Path made of its `//`
         match = SPEC.fullmatch(text.rstrip("/"))
         if match is None:
-            raise InputError(text, "not a Hub input: write hf://ORG/REPO[@REVISION][/SUBFOLDER], e.g. hf://org/run@main/checkpoint-500")
+            raise InputError(
+                text, "not a Hub input: write hf://ORG/REPO[@REVISION][/SUBFOLDER], e.g. hf://org/run@main/checkpoint-500"
+            )
         repo, revision, subfolder = match.group("repo"), match.group("revision"), match.group("subfolder") or ""
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -68,7 +70,9 @@ class HubSource:
     step_source: str | None = None
     files: list[str] = field(default_factory=list)  # the files of the repo it uses
     left: list[str] = field(default_factory=list)  # the other files of its folder, not downloaded (training state...)
-    downloaded_bytes: int = 0  # files this run added to the cache (0: all there already; a blob cached under another name is not fetched again)
+    downloaded_bytes: int = (
+        0  # files this run added to the cache (0: all there already; a blob cached under another name is not fetched again)
+    )
 
     @property
     def url(self) -> str:
@@ -76,8 +80,15 @@ class HubSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "repo": self.repo, "revision": self.revision, "commit": self.commit, "subfolder": self.subfolder, "url": self.url,
-            "step": self.step, "step_source": self.step_source, "files": list(self.files), "left_on_hub": list(self.left),
+            "repo": self.repo,
+            "revision": self.revision,
+            "commit": self.commit,
+            "subfolder": self.subfolder,
+            "url": self.url,
+            "step": self.step,
+            "step_source": self.step_source,
+            "files": list(self.files),
+            "left_on_hub": list(self.left),
             "downloaded_bytes": self.downloaded_bytes,
         }
 

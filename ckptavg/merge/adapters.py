@@ -63,17 +63,38 @@ def check_adapters(inputs: list[Checkpoint]) -> AdapterConfig | None:
         return None
     if len(adapters) < len(inputs):
         full = next(c for c in inputs if c.adapter is None)
-        raise MismatchError(full.path, f"is a full model and {adapters[0].path} a PEFT adapter: average adapters with adapters (or merge them into their base with --adapter-mode merged --base MODEL)")
+        raise MismatchError(
+            full.path,
+            (
+                f"is a full model and {adapters[0].path} a PEFT adapter: average adapters with adapters (or merge them into "
+                "their base with --adapter-mode merged --base MODEL)"
+            ),
+        )
     first = adapters[0].adapter
     for ckpt in adapters[1:]:
         for key, label in AGREE_ON:
             a, b = comparable(first, key), comparable(ckpt.adapter, key)
             if a != b:
-                raise MismatchError(ckpt.adapter.path, f"{label} is {_show(b)} but {_show(a)} in {first.path}: these adapters change the model differently and cannot be averaged")
+                raise MismatchError(
+                    ckpt.adapter.path,
+                    (
+                        f"{label} is {_show(b)} but {_show(a)} in {first.path}: these adapters change the model differently and "
+                        "cannot be averaged"
+                    ),
+                )
     if first.peft_type in NONLINEAR_TYPES:
-        raise UnsupportedError(first.path, f"{first.peft_type} adapters cannot be averaged: {NONLINEAR_TYPES[first.peft_type]}, so no average of their parameters is the average of their effect")
+        raise UnsupportedError(
+            first.path,
+            (
+                f"{first.peft_type} adapters cannot be averaged: {NONLINEAR_TYPES[first.peft_type]}, so no average of their "
+                "parameters is the average of their effect"
+            ),
+        )
     if first.peft_type != "LORA" and first.peft_type not in LINEAR_TYPES:
-        raise UnsupportedError(first.path, f"{first.peft_type} adapters are not known to ckptavg; it averages LoRA (and DoRA, rsLoRA) and IA3 adapters")
+        raise UnsupportedError(
+            first.path,
+            f"{first.peft_type} adapters are not known to ckptavg; it averages LoRA (and DoRA, rsLoRA) and IA3 adapters",
+        )
     return first
 
 
@@ -82,7 +103,12 @@ def _show(value: object) -> str:
 
 
 def build_adapter_plan(
-    inputs: list[Checkpoint], weights: Weights, mode: str, out_dtype: torch.dtype | None, accum: str, base: Checkpoint | None = None,
+    inputs: list[Checkpoint],
+    weights: Weights,
+    mode: str,
+    out_dtype: torch.dtype | None,
+    accum: str,
+    base: Checkpoint | None = None,
     rank: int | None = None,
 ) -> tuple[Plan, AdapterSummary]:
     """The plan of averaging adapters (oldest first) in `mode`; `base` is the base model for `merged`; `rank`
@@ -112,7 +138,13 @@ def build_adapter_plan(
         return plan, summary
     if mode == "exact":
         if config.use_dora:
-            raise UnsupportedError(config.path, "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use --adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params")
+            raise UnsupportedError(
+                config.path,
+                (
+                    "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use "
+                    "--adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params"
+                ),
+            )
         kept = [i for i, w in enumerate(weights.normalized) if w != 0]
         for module, parts in modules.items():
             error = _stack(plan, module, parts, kept, weights, rank)
@@ -135,7 +167,9 @@ def _modules(plan: Plan) -> dict[str, dict[str, PlanEntry]]:
             modules.setdefault(found[0], {})[found[1]] = entry
     for module, parts in modules.items():
         if "A" not in parts or "B" not in parts:
-            raise MismatchError(plan.inputs[0].path, f"LoRA module {module} has {' and '.join(sorted(parts))} but not both lora_A and lora_B")
+            raise MismatchError(
+                plan.inputs[0].path, f"LoRA module {module} has {' and '.join(sorted(parts))} but not both lora_A and lora_B"
+            )
     return modules
 
 
@@ -152,7 +186,9 @@ def _computed(entry: PlanEntry, shape: tuple[int, ...], compute) -> None:
     entry.accum_dtype = accumulator_for(entry.dtype, "fp64")
 
 
-def _stack(plan: Plan, module: str, parts: dict[str, PlanEntry], kept: list[int], weights: Weights, rank: int | None) -> float | None:
+def _stack(
+    plan: Plan, module: str, parts: dict[str, PlanEntry], kept: list[int], weights: Weights, rank: int | None
+) -> float | None:
     """A' = the wᵢ·sᵢ·Aᵢ stacked (rows), B' = the Bᵢ side by side (columns): B'A' = Σ wᵢ·sᵢ·Bᵢ·Aᵢ. With `rank`,
     B'A' truncated by SVD to that rank instead; returns the relative error that costs (else None)."""
     name = module_name(module)
@@ -162,10 +198,14 @@ def _stack(plan: Plan, module: str, parts: dict[str, PlanEntry], kept: list[int]
     a, b = parts["A"], parts["B"]
 
     def stacked() -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([s * _read64(src) for s, src in zip(scales, a_sources)], 0), torch.cat([_read64(src) for src in b_sources], 1)
+        return torch.cat([s * _read64(src) for s, src in zip(scales, a_sources)], 0), torch.cat(
+            [_read64(src) for src in b_sources], 1
+        )
 
     if "B_bias" in parts:  # PEFT adds s·b after B: with scale 1 the bias is Σ wᵢ·sᵢ·bᵢ
-        parts["B_bias"].weights = [weights.scales[i] * plan.inputs[i].adapter.scaling(name) if i in kept else 0.0 for i in range(len(plan.inputs))]
+        parts["B_bias"].weights = [
+            weights.scales[i] * plan.inputs[i].adapter.scaling(name) if i in kept else 0.0 for i in range(len(plan.inputs))
+        ]
     a_dtype, b_dtype = a.dtype, b.dtype
     if rank is None:
         stacked_rank = sum(src.shape[0] for src in a_sources)
@@ -236,7 +276,9 @@ def _frobenius2(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(torch.trace((u.T @ u) @ (v @ v.T)))
 
 
-def _measure_params_error(plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: Weights, summary: AdapterSummary) -> None:
+def _measure_params_error(
+    plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: Weights, summary: AdapterSummary
+) -> None:
     """Relative error of the parameter-wise mean's change, s·(ΣwB)(ΣwA), against the exact mean Σ wᵢ·s·Bᵢ·Aᵢ,
     per module (Frobenius norms, computed from r-sized Gram matrices: no dense out x in matrix)."""
     w = weights.normalized
@@ -283,14 +325,25 @@ class _MergedModule:
     the full copies the adapters saved of it (a targeted embedding). The adapters' factors (r x in, out x r)
     are read once and kept until the engine is done with the weight."""
 
-    def __init__(self, module: str, parts: dict[str, PlanEntry], plan: Plan, weights: Weights, w0: list[TensorSource], w0_weights: list[float], shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        module: str,
+        parts: dict[str, PlanEntry],
+        plan: Plan,
+        weights: Weights,
+        w0: list[TensorSource],
+        w0_weights: list[float],
+        shape: tuple[int, ...],
+    ) -> None:
         self.name = module_name(module)
         self.parts, self.w0, self.w0_weights, self.shape = parts, w0, w0_weights, shape
         self.inputs = [(i, w, plan.inputs[i].adapter.scaling(self.name)) for i, w in enumerate(weights.normalized) if w != 0]
         # an embedding's change is (B·A)ᵀ, and a fan_in_fan_out layer (GPT-2's Conv1D) stores its weight transposed
         self.transposed = "lora_embedding" in parts["A"].name or plan.inputs[0].adapter.fan_in_fan_out
         if "magnitude" in parts and (self.transposed or len(shape) not in (2, 4)):
-            raise UnsupportedError(plan.inputs[0].path, f"DoRA on {self.name}: ckptavg merges DoRA on linear and convolution layers only")
+            raise UnsupportedError(
+                plan.inputs[0].path, f"DoRA on {self.name}: ckptavg merges DoRA on linear and convolution layers only"
+            )
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
 
@@ -298,7 +351,11 @@ class _MergedModule:
         with self._lock:
             if i not in self._factors:
                 magnitude = _read64(self.parts["magnitude"].sources[i]).reshape(-1) if "magnitude" in self.parts else None
-                self._factors[i] = (_flat(_read64(self.parts["A"].sources[i])), _flat(_read64(self.parts["B"].sources[i])), magnitude)
+                self._factors[i] = (
+                    _flat(_read64(self.parts["A"].sources[i])),
+                    _flat(_read64(self.parts["B"].sources[i])),
+                    magnitude,
+                )
             return self._factors[i]
 
     def release(self) -> None:
@@ -320,7 +377,14 @@ class _MergedModule:
         return total if "magnitude" in self.parts else w0 + total
 
 
-def _merged_plan(plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: Weights, base: Checkpoint, out_dtype: torch.dtype | None, accum: str) -> Plan:
+def _merged_plan(
+    plan: Plan,
+    modules: dict[str, dict[str, PlanEntry]],
+    weights: Weights,
+    base: Checkpoint,
+    out_dtype: torch.dtype | None,
+    accum: str,
+) -> Plan:
     """The base model with every full tensor the adapters train (modules_to_save, biases, targeted embeddings)
     replaced by their average, then every adapted module by its merged average; the rest copied from the base."""
     base_plan = build_plan([base], Weights("export", [1.0]), out_dtype, accum)
@@ -332,10 +396,14 @@ def _merged_plan(plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: 
             continue
         name = _base_name(entry.name)
         if name not in by_name:
-            raise MismatchError(entry.sources[0].path, f"the adapter's {entry.name} has no counterpart {name} in the base model {base.path}")
+            raise MismatchError(
+                entry.sources[0].path, f"the adapter's {entry.name} has no counterpart {name} in the base model {base.path}"
+            )
         target = by_name[name]
         if target.shape != entry.shape:
-            raise MismatchError(entry.sources[0].path, f"{entry.name} has shape {list(entry.shape)}, the base model's {name} {list(target.shape)}")
+            raise MismatchError(
+                entry.sources[0].path, f"{entry.name} has shape {list(entry.shape)}, the base model's {name} {list(target.shape)}"
+            )
         entry.name, entry.dtype = name, target.dtype if out_dtype is None or not target.dtype.is_floating_point else out_dtype
         by_name[name], replaced[name] = entry, entry.sources
     normalized = weights.normalized
@@ -343,16 +411,27 @@ def _merged_plan(plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: 
         name = module_name(module)
         target = name + ".weight"
         if target not in by_name:
-            raise MismatchError(base.path, f"has no {target}, which the adapter {plan.inputs[0].path} changes: is it the adapter's base model?")
+            raise MismatchError(
+                base.path, f"has no {target}, which the adapter {plan.inputs[0].path} changes: is it the adapter's base model?"
+            )
         entry = by_name[target]
         if entry.alias_of is not None:
-            raise UnsupportedError(base.path, f"{target} is tied to {entry.alias_of}: merging an adapter into one of two tied weights is not supported")
+            raise UnsupportedError(
+                base.path,
+                f"{target} is tied to {entry.alias_of}: merging an adapter into one of two tied weights is not supported",
+            )
         w0, w0_weights = (replaced[target], normalized) if target in replaced else ([entry.sources[0]], [1.0])
         merged = _MergedModule(module, parts, plan, weights, w0, w0_weights, entry.shape)
-        entry.sources = [RowSource(
-            path=entry.sources[0].path, offset=0, dtype=entry.dtype, shape=entry.shape,
-            compute_rows=lambda lo, hi, merged=merged, dtype=entry.dtype: merged.rows(lo, hi).to(dtype), on_release=merged.release,
-        )]
+        entry.sources = [
+            RowSource(
+                path=entry.sources[0].path,
+                offset=0,
+                dtype=entry.dtype,
+                shape=entry.shape,
+                compute_rows=lambda lo, hi, merged=merged, dtype=entry.dtype: merged.rows(lo, hi).to(dtype),
+                on_release=merged.release,
+            )
+        ]
         entry.weights, entry.divisor, entry.accum_dtype = [1.0], 1.0, accumulator_for(entry.dtype, "fp64")
         if "B_bias" in parts:
             bias_name = name + ".bias"
@@ -361,7 +440,11 @@ def _merged_plan(plan: Plan, modules: dict[str, dict[str, PlanEntry]], weights: 
             bias_entry = by_name[bias_name]
             scales = [w * plan.inputs[i].adapter.scaling(name) for i, w in enumerate(normalized)]
             b0, bias_sources, bias_dtype = bias_entry.sources[0], parts["B_bias"].sources, bias_entry.dtype
-            _computed(bias_entry, bias_entry.shape, lambda b0=b0, srcs=bias_sources, scales=scales, dt=bias_dtype: (_read64(b0) + _weighted_sum(srcs, scales)).to(dt))
+            _computed(
+                bias_entry,
+                bias_entry.shape,
+                lambda b0=b0, srcs=bias_sources, scales=scales, dt=bias_dtype: (_read64(b0) + _weighted_sum(srcs, scales)).to(dt),
+            )
     base_plan.entries = [by_name[e.name] for e in base_plan.entries]
     base_plan.inputs, base_plan.weights = plan.inputs, plan.weights
     base_plan.output_kind, base_plan.files_from = "model", base.folder

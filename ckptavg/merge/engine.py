@@ -152,7 +152,13 @@ def _align(n: int) -> int:
 
 
 def _too_small(budget: int, needed: int, width: int) -> UsageError:
-    return UsageError(None, f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least {math.ceil(needed / 2**20)}MiB")
+    return UsageError(
+        None,
+        (
+            f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least "
+            f"{math.ceil(needed / 2**20)}MiB"
+        ),
+    )
 
 
 class _Failure:
@@ -167,7 +173,9 @@ class Engine:
     cover that path on machines without a GPU).
     """
 
-    def __init__(self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False, workers: int | None = None) -> None:
+    def __init__(
+        self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False, workers: int | None = None
+    ) -> None:
         """`workers`: CPU fold workers (default: torch's thread count, at most the cores)."""
         self.plan = plan
         self.device = device
@@ -239,7 +247,9 @@ class Engine:
                     self.bytes_read += chunk.input_bytes
                     last = chunk.last
                     if on_progress:
-                        on_progress(Progress(self.bytes_read, self.plan.read_bytes, done - (not last), len(self.plan.entries), entry.name))
+                        on_progress(
+                            Progress(self.bytes_read, self.plan.read_bytes, done - (not last), len(self.plan.entries), entry.name)
+                        )
             if pending is not None:
                 self._hand_over(*pending)
             self._to_write.put(None)
@@ -258,7 +268,9 @@ class Engine:
                 self._pool = None
                 torch.set_num_threads(torch_threads)
 
-    def _hand_over(self, chunk: Chunk, out: torch.Tensor, finite: bool | torch.Tensor | list[Future], copied_back: object) -> None:
+    def _hand_over(
+        self, chunk: Chunk, out: torch.Tensor, finite: bool | torch.Tensor | list[Future], copied_back: object
+    ) -> None:
         """Give a finished output chunk to the writer, once it is on the host and known to be finite."""
         if copied_back is not None:
             copied_back.synchronize()  # type: ignore[attr-defined]
@@ -303,7 +315,9 @@ class Engine:
             return chunk, out_buffer, self._fold_slice(chunk, out_buffer, 0, count), None
         step = max(self.sizes.block_elements, -(-count // (4 * self.workers)))
         step += -step % 64
-        futures = [self._pool.submit(self._fold_slice, chunk, out_buffer, lo, min(count, lo + step)) for lo in range(0, count, step)]
+        futures = [
+            self._pool.submit(self._fold_slice, chunk, out_buffer, lo, min(count, lo + step)) for lo in range(0, count, step)
+        ]
         return chunk, out_buffer, futures, None
 
     def _fold_slice(self, chunk: Chunk, out_buffer: torch.Tensor, lo: int, hi: int) -> bool:
@@ -350,7 +364,10 @@ class Engine:
         key = (width, dtype)
         if key not in local.setdefault("views", {}):
             nbytes = self.sizes.block_elements * dtype.itemsize
-            local["views"][key] = ([tensor_buffer(t[:nbytes]) for t in tensors[:width]], [t[:nbytes].view(dtype) for t in tensors[:width]])
+            local["views"][key] = (
+                [tensor_buffer(t[:nbytes]) for t in tensors[:width]],
+                [t[:nbytes].view(dtype) for t in tensors[:width]],
+            )
         return local["views"][key]
 
     def _worker_accumulator(self, dtype: torch.dtype) -> torch.Tensor:
@@ -453,8 +470,13 @@ class Engine:
                 at = int(bad.nonzero()[0, 0])
                 value = float(view[at].float())
                 first = entry.first_element + chunk.start + at
-                raise NonFiniteError(entry.sources[i].path, f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged")
-        raise CkptavgError(None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype")
+                raise NonFiniteError(
+                    entry.sources[i].path,
+                    f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged",
+                )
+        raise CkptavgError(
+            None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype"
+        )
 
 
 class _CudaState:

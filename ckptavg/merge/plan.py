@@ -53,8 +53,15 @@ class PlanEntry:
         elementwise, so its bytes are exactly those of the same range of the whole tensor; a tied tensor's
         share is computed again from its sources rather than repeated."""
         return PlanEntry(
-            self.name, self.dtype, (count,), [slice_source(s, first, count) for s in self.sources], self.weights,
-            self.divisor, self.accum_dtype, None, self.first_element + first,
+            self.name,
+            self.dtype,
+            (count,),
+            [slice_source(s, first, count) for s in self.sources],
+            self.weights,
+            self.divisor,
+            self.accum_dtype,
+            None,
+            self.first_element + first,
         )
 
 
@@ -109,7 +116,13 @@ ACCUM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # torch's names for the same dtypes; the short names above are the ones options are checked against and reports show.
 DTYPE_ALIASES = {
-    "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "float64": "fp64", "double": "fp64",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    "float64": "fp64",
+    "double": "fp64",
 }
 
 
@@ -117,6 +130,8 @@ def short_dtype_name(name: str) -> str:
     """bf16/fp16/fp32/fp64 for torch's names of them too (bfloat16, torch.float16, half, ...); any other name unchanged."""
     key = name.strip().lower().removeprefix("torch.")
     return DTYPE_ALIASES.get(key, key)
+
+
 DEQUANTIZED_DTYPE = torch.bfloat16  # what a dequantized FP8/MXFP4 weight is written as, unless --dtype says otherwise
 
 
@@ -134,7 +149,9 @@ def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
         missing = [n for n in reference.tensors if n not in ckpt.tensors]
         if missing:
             hint = prefix_hint(reference, ckpt) or prefix_hint(ckpt, reference)
-            raise MismatchError(ckpt.path, f"missing {len(missing)} tensor(s) that {reference.path} has: {_names(missing, limit)}{hint}")
+            raise MismatchError(
+                ckpt.path, f"missing {len(missing)} tensor(s) that {reference.path} has: {_names(missing, limit)}{hint}"
+            )
         extra = [n for n in ckpt.tensors if n not in reference.tensors]
         if extra:
             raise MismatchError(ckpt.path, f"has {len(extra)} tensor(s) that {reference.path} lacks: {_names(extra, limit)}")
@@ -159,7 +176,7 @@ def prefix_hint(a: Checkpoint, b: Checkpoint) -> str:
     first = next(iter(b.tensors), None)
     candidates = [n[: -len(first)] for n in a.tensors if first and n.endswith(first) and n != first]
     for prefix in candidates:
-        if len(a.tensors) == len(b.tensors) and all(n.startswith(prefix) and n[len(prefix):] in b.tensors for n in a.tensors):
+        if len(a.tensors) == len(b.tensors) and all(n.startswith(prefix) and n[len(prefix) :] in b.tensors for n in a.tensors):
             return f"; the names of {a.path} are those of {b.path} behind {prefix!r}: pass --strip-prefix {prefix}"
     return ""
 
@@ -168,7 +185,13 @@ def _names(names: list[str], limit: int) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtype | None = None, accum: str = "auto", requantize: bool = False) -> Plan:
+def build_plan(
+    inputs: list[Checkpoint],
+    weights: Weights,
+    out_dtype: torch.dtype | None = None,
+    accum: str = "auto",
+    requantize: bool = False,
+) -> Plan:
     """The output of averaging `inputs` (ordered oldest first) with `weights`. With `requantize`, quantized
     weights are folded in float64 for the writer that quantizes them again (formats/quantized.py)."""
     check_compatible(inputs)
@@ -178,13 +201,18 @@ def build_plan(inputs: list[Checkpoint], weights: Weights, out_dtype: torch.dtyp
         if not quantized:
             raise UsageError(None, "requantize: the inputs hold no FP8 or MXFP4 weights")
         if problems := [(name, p) for name, src in quantized if (p := requantize_problem(src))]:
-            raise UnsupportedError(inputs[-1].path, f"cannot quantize {problems[0][0]} again ({problems[0][1]}): only block- and row-scaled FP8 is "
-                                   "written in its scheme again; leave out requantize to write the exact mean dequantized")
+            raise UnsupportedError(
+                inputs[-1].path,
+                f"cannot quantize {problems[0][0]} again ({problems[0][1]}): only block- and row-scaled FP8 is "
+                "written in its scheme again; leave out requantize to write the exact mean dequantized",
+            )
     primary_of: dict[tuple, str] = {}
     aliases: dict[str, list[PlanEntry]] = {}
     for name, ref in inputs[0].tensors.items():
         if ref.dtype.is_complex:
-            raise UnsupportedError(inputs[0].path, f"tensor {name} is complex ({dtype_name(ref.dtype)}); ckptavg averages real tensors only")
+            raise UnsupportedError(
+                inputs[0].path, f"tensor {name} is complex ({dtype_name(ref.dtype)}); ckptavg averages real tensors only"
+            )
         sources = [ckpt.tensors[name] for ckpt in inputs]
         floating = is_floating(ref.dtype)
         entry = PlanEntry(

@@ -80,7 +80,9 @@ def check_weights(spec: object, ema_decay: object = None, half_life: object = No
     """The strategy asked for, checked before any input is read: None, "uniform" or "linear", or the explicit
     weights as floats, from text ("1,2,3", as on the command line) or a sequence of numbers ([1, 2, 3]). Each
     weight must be a finite number >= 0 (not a bool), their sum positive; only their count waits for the inputs."""
-    given = [flag for flag, value in (("--weights", spec), ("--ema", ema_decay), ("--ema-half-life", half_life)) if value is not None]
+    given = [
+        flag for flag, value in (("--weights", spec), ("--ema", ema_decay), ("--ema-half-life", half_life)) if value is not None
+    ]
     if len(given) > 1:
         raise UsageError(None, f"{' and '.join(given)} are alternatives; give one")
     if ema_decay is not None:
@@ -125,7 +127,13 @@ def parse_weights(
     checked = check_weights(spec, ema_decay, half_life)
     if half_life is not None:
         if steps is None or any(s is None for s in steps):
-            raise UsageError(None, "--ema-half-life needs the training step of every input (from checkpoint-N, trainer_state.json, step= or global_step)")
+            raise UsageError(
+                None,
+                (
+                    "--ema-half-life needs the training step of every input (from checkpoint-N, trainer_state.json, step= or "
+                    "global_step)"
+                ),
+            )
         return ema_half_life([int(s) for s in steps if s is not None], half_life)
     if ema_decay is not None:
         return ema(n, ema_decay)
