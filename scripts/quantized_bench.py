@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Row, measure, print_table, timed, warm  # noqa: E402  (scripts/ is on the path)
+from bench import measure, print_table, timed, warm  # noqa: E402  (scripts/ is on the path)
 
 BLOCK = 128
 HIDDEN = 4096
@@ -51,7 +51,10 @@ def make_inputs(root: Path, models: int, size_gb: float) -> list[Path]:
                 state[f"layers.{i}.mlp.weight_scale_inv"] = scale
                 state[f"layers.{i}.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
             save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-            config = {"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}}
+            config = {
+                "model_type": "deepseek_v3",
+                "quantization_config": {"quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]},
+            }
             (folder / "config.json").write_text(json.dumps(config))
         folders.append(folder)
     return folders
@@ -130,16 +133,29 @@ def main() -> None:
         warm(chosen_files)
         floor_read = min(timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *chosen_files])[0] for _ in range(args.repeat))
         target = args.dir / "floor.bin"
-        floor_write = min(timed(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={max(1, out_bytes >> 24)}", "conv=fsync"])[0] for _ in range(args.repeat))
+        floor_write = min(
+            timed(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={max(1, out_bytes >> 24)}", "conv=fsync"])[0]
+            for _ in range(args.repeat)
+        )
         target.unlink()
         ours_cmd = [*ckptavg, command, *map(str, chosen), "-o", str(args.dir / "out"), "--quiet"]
-        ours = measure(f"ckptavg {command}", "warm", ours_cmd, args.repeat, chosen_files, args.dir / "out", keep=args.dir / f"ours-{command}")
-        peer = measure("in-memory (fp8_cast_bf16)", "warm", [sys.executable, str(script), str(args.dir / "peer.safetensors"), *map(str, chosen)],
-                       args.repeat, chosen_files, None)
+        ours = measure(
+            f"ckptavg {command}", "warm", ours_cmd, args.repeat, chosen_files, args.dir / "out", keep=args.dir / f"ours-{command}"
+        )
+        peer = measure(
+            "in-memory (fp8_cast_bf16)",
+            "warm",
+            [sys.executable, str(script), str(args.dir / "peer.safetensors"), *map(str, chosen)],
+            args.repeat,
+            chosen_files,
+            None,
+        )
         ours.error = errors(chosen, args.dir / f"ours-{command}")
         peer.error = errors(chosen, args.dir / "peer.safetensors")
         floors = {"warm": max(floor_read, floor_write)}
-        print_table(f"{title}; read floor {floor_read:.2f} s, durable write floor {floor_write:.2f} s", [ours, peer], read, floors)
+        print_table(
+            f"{title}; read floor {floor_read:.2f} s, durable write floor {floor_write:.2f} s", [ours, peer], read, floors
+        )
 
 
 if __name__ == "__main__":
