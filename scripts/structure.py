@@ -1,0 +1,113 @@
+"""Measures of the code's shape (issue 20): import cycles, the largest module and function, the most parameters,
+and the lines outside the command line that phrase a `--flag`.
+
+    python scripts/structure.py [PACKAGE_DIR]      # default: ckptavg/ beside this script
+
+Import cycles are found over every import statement, at module level and inside functions (a lazy import
+still ties two modules together), as strongly connected components of the module graph.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+FLAG = re.compile(r"[\"'][^\"']*--[a-z][a-z-]+")
+
+
+def modules(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for the package at `root`."""
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Each module's imports of other modules of the package."""
+    mods = modules(root)
+    graph: dict[str, set[str]] = {name: set() for name in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name].update(t for t in targets if t in mods and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def main() -> None:
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "ckptavg"
+    sizes, functions, flags = [], [], 0
+    for name, path in modules(root).items():
+        text = path.read_text()
+        sizes.append((len(text.splitlines()), name))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
+                functions.append((node.end_lineno - node.lineno + 1, params, f"{name}.{node.name}"))
+        if path.name not in ("cli.py", "__main__.py"):
+            flags += sum(1 for line in text.splitlines() if FLAG.search(line))
+    print(f"largest module: {max(sizes)[1]} ({max(sizes)[0]} lines)")
+    longest = max(functions)
+    print(f"longest function: {longest[2]} ({longest[0]} lines, {longest[1]} parameters)")
+    most = max(functions, key=lambda f: f[1])
+    print(f"most parameters: {most[2]} ({most[1]})")
+    print(f"lines phrasing a --flag outside cli.py and __main__.py: {flags}")
+    found = cycles(import_graph(root))
+    print(f"import cycles: {len(found)}" + "".join(f"\n  {' -> '.join(c)}" for c in found))
+
+
+if __name__ == "__main__":
+    main()
