@@ -809,8 +809,11 @@ def print_export(report: AverageReport, console: Console | None = None) -> None:
         values = ""  # a note says what merging the adapter into its base did
     elif report.input_dtypes == report.output_dtypes:
         values = ", the values unchanged"
-    else:
-        values = f", converted from {_counts(report.input_dtypes)}"
+    else:  # only the dtypes that changed: integer tensors pass through as they are
+        changed = {
+            k: n - report.output_dtypes.get(k, 0) for k, n in report.input_dtypes.items() if n > report.output_dtypes.get(k, 0)
+        }
+        values = f", converted from {_counts(changed)}"
     row("tensors", f"{report.tensors} ({report.parameters:,} parameters); output {_counts(report.output_dtypes)}{values}")
     for note in list(report.notes) + [n for item in report.inputs for n in item.notes]:
         row("note", note)

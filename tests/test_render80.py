@@ -230,3 +230,15 @@ def test_spike_threshold_has_the_metric_s_precision(tmp_path):
     assert match, spike.why
     threshold = match.group(1)
     assert len(threshold.split(".")[1]) == 4 and 1.17 < float(threshold) < 1.8912
+
+
+def test_export_names_only_the_dtypes_it_converted(tmp_path):
+    """An integer tensor passes through an export unchanged: it is not among the dtypes 'converted from'."""
+    from safetensors.torch import save_file
+
+    from ckptavg.exporting import export
+
+    save_file({"w": torch.ones(4), "step": torch.tensor(3)}, tmp_path / "c.safetensors")
+    text = summary_of(export(tmp_path / "c.safetensors", tmp_path / "out", dtype="bf16"), print_export)
+    assert re.search(r"output .*bfloat16 x1.*, converted from float32 x1$", text, re.MULTILINE), text
+    assert "converted from int64" not in text and "int64 x1, float32" not in text
