@@ -14,7 +14,7 @@ import torch
 
 from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
-from ckptavg.checks import check_choice, check_int, check_number, check_path, check_prefixes, check_size, check_text
+from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
@@ -33,15 +33,14 @@ from ckptavg.formats.writer import (
     write_text,
 )
 from ckptavg.globbing import expand
-from ckptavg.hub import localize
-from ckptavg.merge.adapters import MODES as ADAPTER_MODES
+from ckptavg.hub import Localized, localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
-from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs, short_dtype_name
-from ckptavg.merge.weights import Weights, check_weights, oldest_weight_warning, parse_weights
+from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
+from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
+from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import (
-    DEFAULT_SHARD_SIZE,
     RECIPE_FILE,
     TensorFiles,
     WriteOptions,
@@ -225,112 +224,52 @@ def average(
     """
     started = time.perf_counter()
     # Every option's value first, before any input is opened or the output looked at.
-    dtype = short_dtype_name(dtype) if isinstance(dtype, str) else dtype
-    accum = short_dtype_name(accum) if isinstance(accum, str) else accum
     paths = _check_paths(paths, out, base)
-    device = str(device) if isinstance(device, torch.device) else device
-    weights = check_weights(weights, ema, ema_half_life)
-    shard_bytes, budget, strip_prefixes = _check_options(
-        dtype,
-        accum,
-        order,
-        device,
-        max_shard_size,
-        memory_budget,
-        key,
-        strip_prefixes,
-        out_format,
-        adapter_mode,
-        adapter_rank,
-        rank_timeout,
-    )
-    paths = expand(paths)  # a pattern no shell expanded: run/checkpoint-*
-    if not paths:
-        raise UsageError(None, "no inputs given")
-    out_path = Path(out) if out is not None else None
-    if out_path is None and not dry_run:
-        raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
-    notes: list[str] = []
-    if out_path is not None:
-        if output_layout(out_path, out_format)[1] and max_shard_size is not None:
-            raise UsageError(
-                None,
-                f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
-                "(leave it out, or name a folder)",
-            )
-        check_output_name(out_path)
-
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefixes))
-    world = join(rank_timeout)
+    options = AverageOptions(
+        weights=weights,
+        ema=ema,
+        ema_half_life=ema_half_life,
+        order=order,
+        dtype=dtype,
+        accum=accum,
+        device=device,
+        max_shard_size=max_shard_size,
+        key=key,
+        use_ema=use_ema,
+        strip_prefixes=strip_prefixes,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        out_format=out_format,
+        memory_budget=memory_budget,
+        fsync=fsync,
+        verify=verify,
+        strict=strict,
+        check_same_run=check_same_run,
+        adapter_mode=adapter_mode,
+        base=base,
+        adapter_rank=adapter_rank,
+        rank_timeout=rank_timeout,
+        requantize=requantize,
+    ).check()
+    paths, out_path = _check_inputs_and_output(paths, out, options)
+    world = join(options.rank_timeout)
     leader = world is None or world.leader
     agreed = False
     try:
-        torch_device = choose_device(device, world.local_rank if world else None)
-        local = localize(
-            paths, base, out=out_path if leader and not dry_run else None, overwrite=overwrite
-        )  # hf:// inputs → the HF cache
-        checkpoints = [local.open(p, options) for p in local.paths]
-        base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
-        refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
-        refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
-        if out_path is not None and leader:
-            check_destination(out_path, overwrite, needed_bytes=0)
-        given = checkpoints
-        checkpoints, ordered_by, order_notes = order_inputs(checkpoints, order)
-        notes.extend(order_notes)
-        if ema_half_life is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
-            raise UsageError(
-                None,
-                (
-                    f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
-                    "--ema DECAY instead"
-                ),
-            )
-        steps = [c.step for c in checkpoints]
-        strategy = (
-            make_weights(len(checkpoints))
-            if make_weights
-            else parse_weights(weights, ema, len(checkpoints), ema_half_life, steps)
-        )
-        require_order(given, ordered_by, order, strategy.strategy)
-        if note := order_note(given, checkpoints, strategy.strategy):
-            notes.append(note)
-        if requantize and world is not None:
-            raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
-        plan, adapter = _plan(
-            checkpoints,
-            strategy,
-            OUTPUT_DTYPES[dtype] if dtype else None,
-            accum,
-            adapter_mode,
-            base_model,
-            adapter_rank,
-            requantize,
-        )
-        report = _report(plan, ordered_by, out_path, torch_device, notes)
-        local.annotate(report.inputs)
-        if adapter is not None:
-            report.adapter = asdict(adapter)
-            report.notes.append(_adapter_note(adapter, len(checkpoints)))
-        report.dry_run = dry_run
-        report.warnings.extend(_warnings(plan, ema, ema_half_life, steps, check_same_run and leader))  # rank 0 samples the inputs
-        if strict and report.warnings:
-            raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
-        if out_path is not None and not dry_run and leader:
-            check_destination(out_path, overwrite, plan.output_bytes)
+        inputs = _open_inputs(paths, out_path, options, world)
+        plan, report = _plan_run(inputs, out_path, options, world, make_weights)
         if world is not None:
             report.world_size = world.size
-            job.agree(world, plan, out_path, out_format, shard_bytes)
+            job.agree(world, plan, out_path, options.out_format, options.shard_bytes)
             agreed = True
         if on_plan and leader:
             on_plan(report)
-        if dry_run:
+        if options.dry_run:
             report.seconds = time.perf_counter() - started
             report.peak_rss_bytes = peak_rss()
             return report
         assert out_path is not None
-        write_options = WriteOptions(overwrite, shard_bytes, torch_device, dtype, out_format, budget, fsync, verify)
-        report.bytes_read = _write_output(plan, report, out_path, write_options, on_progress, world)
+        report.bytes_read = _write_output(plan, report, out_path, options.write_options(inputs.device), on_progress, world)
         report.output_disk_bytes = disk_size(out_path) if leader else 0
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
@@ -351,6 +290,17 @@ def average(
             world.close()
 
 
+@dataclass
+class _Inputs:
+    """The opened inputs of a run: the local paths of any hf:// ones, each checkpoint, the adapters' base model,
+    and the device this rank folds on."""
+
+    local: Localized
+    checkpoints: list[Checkpoint]
+    base: Checkpoint | None
+    device: torch.device
+
+
 def _check_paths(paths: object, out: object, base: object) -> list[str | os.PathLike]:
     """The inputs as a list (one path alone is one input, not its characters), each a str or os.PathLike."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else paths
@@ -362,68 +312,104 @@ def _check_paths(paths: object, out: object, base: object) -> list[str | os.Path
     return [check_path("paths", p) for p in items]
 
 
-def _check_options(
-    dtype: object,
-    accum: object,
-    order: object,
-    device: object,
-    max_shard_size: object,
-    memory_budget: object,
-    key: object,
-    strip_prefixes: object,
-    out_format: object,
-    adapter_mode: object,
-    adapter_rank: object,
-    rank_timeout: object,
-) -> tuple[int, int | None, tuple[str, ...]]:
-    """Each option's type and value (a UsageError naming it); returns the shard size and memory budget in bytes and
-    the prefixes to strip."""
-    if dtype is not None:
-        check_choice("--dtype", dtype, OUTPUT_DTYPES)
-    check_choice("--accum-dtype", accum, ("auto", "fp32", "fp64"))
-    check_choice("--order", order, ("auto", "given"))
-    if not (isinstance(device, str) and (device == "auto" or _device_type(device) in ("cpu", "cuda"))):
-        raise UsageError(None, f"--device {device!r}: expected auto, cpu, cuda or cuda:N")  # whether CUDA is there: choose_device
-    shard_bytes = check_size("--max-shard-size", max_shard_size if max_shard_size is not None else DEFAULT_SHARD_SIZE)
-    budget = check_size("--memory-budget", memory_budget) if memory_budget is not None else None
-    check_text("--key", key)
-    prefixes = check_prefixes("--strip-prefix", strip_prefixes)
-    check_choice("--format", out_format, ("auto", "safetensors", "pt"))
-    check_choice("--adapter-mode", adapter_mode, ADAPTER_MODES)
-    if adapter_rank is not None:
-        check_int("--adapter-rank", adapter_rank, low=1)
-    if rank_timeout is not None:
-        check_number("--rank-timeout", rank_timeout, 0, True, what="a number of seconds")
-    return shard_bytes, budget, prefixes
+def _check_inputs_and_output(
+    paths: list[str | os.PathLike], out: str | os.PathLike | None, options: AverageOptions
+) -> tuple[list[str | os.PathLike], Path | None]:
+    """The inputs, any pattern no shell expanded (run/checkpoint-*) expanded, and the output's name, before
+    either is opened."""
+    paths = expand(paths)
+    if not paths:
+        raise UsageError(None, "no inputs given")
+    out_path = Path(out) if out is not None else None
+    if out_path is None and not options.dry_run:
+        raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
+    if out_path is not None:
+        if output_layout(out_path, options.out_format)[1] and options.max_shard_size is not None:
+            raise UsageError(
+                None,
+                f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                "(leave it out, or name a folder)",
+            )
+        check_output_name(out_path)
+    return paths, out_path
 
 
-def _device_type(name: str) -> str | None:
-    try:
-        return torch.device(name).type
-    except RuntimeError:
-        return None
+def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None) -> _Inputs:
+    """Each input opened (hf:// ones fetched into the HF cache), refused when one is given twice or holds the
+    output; the output's place checked (by rank 0) before any download."""
+    leader = world is None or world.leader
+    device = choose_device(options.device, world.local_rank if world else None)
+    local = localize(paths, options.base, out=out_path if leader and not options.dry_run else None, overwrite=options.overwrite)
+    checkpoints = [local.open(p, options.load_options) for p in local.paths]
+    base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
+    refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
+    refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
+    if out_path is not None and leader:
+        check_destination(out_path, options.overwrite, needed_bytes=0)
+    return _Inputs(local, checkpoints, base_model, device)
+
+
+def _plan_run(
+    inputs: _Inputs,
+    out_path: Path | None,
+    options: AverageOptions,
+    world: World | None,
+    make_weights: Callable[[int], Weights] | None,
+) -> tuple[Plan, AverageReport]:
+    """The inputs ordered and weighted, the plan and its report with what looks wrong (an error with --strict);
+    the output's room checked (by rank 0)."""
+    leader = world is None or world.leader
+    checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
+    if options.ema_half_life is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
+        raise UsageError(
+            None,
+            (
+                f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
+                "--ema DECAY instead"
+            ),
+        )
+    steps = [c.step for c in checkpoints]
+    strategy = (
+        make_weights(len(checkpoints))
+        if make_weights
+        else parse_weights(options.weights, options.ema, len(checkpoints), options.ema_half_life, steps)
+    )
+    require_order(inputs.checkpoints, ordered_by, options.order, strategy.strategy)
+    if note := order_note(inputs.checkpoints, checkpoints, strategy.strategy):
+        notes.append(note)
+    if options.requantize and world is not None:
+        raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
+    plan, adapter = _plan(checkpoints, strategy, inputs.base, options)
+    report = _report(plan, ordered_by, out_path, inputs.device, notes)
+    inputs.local.annotate(report.inputs)
+    if adapter is not None:
+        report.adapter = asdict(adapter)
+        report.notes.append(_adapter_note(adapter, len(checkpoints)))
+    report.dry_run = options.dry_run
+    report.warnings.extend(
+        _warnings(plan, options.ema, options.ema_half_life, steps, options.check_same_run and leader)
+    )  # rank 0 samples the inputs
+    if options.strict and report.warnings:
+        raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
+    if out_path is not None and not options.dry_run and leader:
+        check_destination(out_path, options.overwrite, plan.output_bytes)
+    return plan, report
 
 
 def _plan(
-    checkpoints: list[Checkpoint],
-    strategy: Weights,
-    out_dtype: torch.dtype | None,
-    accum: str,
-    adapter_mode: str,
-    base: Checkpoint | None,
-    rank: int | None = None,
-    requantize: bool = False,
+    checkpoints: list[Checkpoint], strategy: Weights, base: Checkpoint | None, options: AverageOptions
 ) -> tuple[Plan, AdapterSummary | None]:
     """The plan: tensors averaged as they are, or PEFT adapters averaged by what they do (merge/adapters.py)."""
+    out_dtype, rank = options.out_dtype, options.adapter_rank
     if check_adapters(checkpoints) is None:
         if base is not None or rank is not None:
             raise UsageError(
                 None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models"
             )
-        return build_plan(checkpoints, strategy, out_dtype, accum, requantize), None
-    if requantize:
+        return build_plan(checkpoints, strategy, out_dtype, options.accum, options.requantize), None
+    if options.requantize:
         raise UsageError(None, "--requantize applies to FP8 weights; the inputs are PEFT adapters")
-    return build_adapter_plan(checkpoints, strategy, adapter_mode, out_dtype, accum, base, rank)
+    return build_adapter_plan(checkpoints, strategy, options.adapter_mode, out_dtype, options.accum, base, rank)
 
 
 def _adapter_note(adapter: AdapterSummary, n: int) -> str:

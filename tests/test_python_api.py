@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import ckptavg
 from ckptavg.errors import UsageError
+from ckptavg.options import AverageOptions
 
 PUBLIC = {
     "__version__",
@@ -152,6 +153,27 @@ def test_a_bad_value_is_a_usage_error_naming_the_keyword(options, message, tmp_p
     with pytest.raises(UsageError, match=message) as caught:
         ckptavg.average([tmp_path / "missing-a", tmp_path / "missing-b"], tmp_path / "out", **options)
     assert "--" not in str(caught.value)
+
+
+def test_the_options_object_checks_every_value_and_returns_a_normalised_copy():
+    given = AverageOptions(
+        weights=(w for w in (1, 3)),
+        dtype="torch.bfloat16",
+        accum="float64",
+        device=torch.device("cpu"),
+        max_shard_size="2KB",
+        memory_budget="1MiB",
+        key="model",
+        use_ema=True,
+        strip_prefixes=["module."],
+    )
+    checked = given.check()
+    assert (checked.weights, checked.dtype, checked.accum, checked.device) == ([1.0, 3.0], "bf16", "fp64", "cpu")
+    assert (checked.shard_bytes, checked.budget_bytes, checked.out_dtype) == (2000, 1 << 20, torch.bfloat16)
+    assert checked.load_options == ckptavg.checkpoint.LoadOptions(key="model", use_ema=True, strip_prefixes=("module.",))
+    assert given.dtype == "torch.bfloat16" and checked.check() == checked  # the given object is left as it was
+    with pytest.raises(UsageError, match=r"--ema 1.5: expected a decay in \[0, 1\)"):
+        AverageOptions(ema=1.5).check()
 
 
 def test_a_bad_value_comes_before_the_inputs_and_the_output_on_the_command_line(tmp_path, cli):
