@@ -528,8 +528,8 @@ def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(
     dcp_fsdp2_ckpts, deepspeed_2rank_zero3_ckpts, lora_plain, peft_base, tmp_path, monkeypatch, world_size
 ):
     """In one process, with units made tiny so that every kind of source is cut (DCP row chunks and ZeRO-3
-    partitions as extents, a merged adapter's computed rows): each "rank"'s share run by the engine into a
-    RangeWriter gives the files one SafetensorsWriter gives for the whole plan."""
+    partitions as extents, a merged adapter's computed rows, FP8 weights dequantized by element range): each
+    "rank"'s share run by the engine into a RangeWriter gives the files one SafetensorsWriter gives for the whole plan."""
     from ckptavg import distributed
     from ckptavg.checkpoint import LoadOptions, open_checkpoint
     from ckptavg.formats.writer import RangeWriter, SafetensorsWriter, TensorSpec, lay_out_files, split_shards, tensor_offsets
@@ -539,7 +539,14 @@ def test_any_source_cut_into_units_writes_the_bytes_of_one_writer(
     monkeypatch.setattr(distributed.split, "MIN_UNIT_BYTES", 256)
     monkeypatch.setattr(distributed.split, "ALIGN", 8)
     lora = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:]
+    from tests.test_quantized import fp8_state
+
+    fp8 = []
+    for seed in range(2):  # FP8 with block scales (partial edge blocks): values computed by element range
+        fp8.append(tmp_path / f"fp8-{seed}.safetensors")
+        save_file(fp8_state(seed), fp8[-1])
     cases = {
+        "fp8": lambda: build_plan(*_opened(fp8)),
         "dcp": lambda: build_plan(*_opened(sorted(dcp_fsdp2_ckpts.glob("step-*")))),
         "zero3": lambda: build_plan(*_opened(sorted(deepspeed_2rank_zero3_ckpts.glob("global_step*")))),
         "merged": lambda: build_adapter_plan(*_opened(lora), "merged", None, "auto", open_checkpoint(peft_base, LoadOptions()))[

@@ -10,7 +10,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -148,6 +148,9 @@ class TensorSource:
             return True
         return all(st == want for st, want, size in zip(self.stride, contiguous_strides(self.shape), self.shape) if size != 1)
 
+    # A source whose read_into serves any byte range without making the whole tensor (see readable_by_range)
+    reads_by_range: ClassVar[bool] = False
+
     @property
     def quantization(self) -> str | None:
         """The scheme whose codes and scales this source dequantizes (formats/quantized.py); None for stored values."""
@@ -208,6 +211,8 @@ class ExtentSource(TensorSource):
     """A tensor whose bytes are the concatenation of byte ranges of files: a parameter spread over the
     partitions of several ranks (DeepSpeed ZeRO), read by range like any stored tensor."""
 
+    reads_by_range: ClassVar[bool] = True
+
     extents: tuple[tuple[Path, int, int], ...] = ()  # (file, byte offset, byte length), in order
 
     @classmethod
@@ -263,6 +268,8 @@ class RowSource(TensorSource):
     them), so memory holds the rows the engine is folding, never the whole tensor. `compute_rows(lo, hi)`
     returns rows [lo, hi) of `dtype`; it is called from several threads at once and must not share state
     it changes. `on_release` drops what it caches once the engine is done with the tensor."""
+
+    reads_by_range: ClassVar[bool] = True
 
     compute_rows: Any = field(default=None, repr=False)  # (lo, hi) -> torch.Tensor [hi - lo, *shape[1:]]
     on_release: Any = field(default=None, repr=False)
@@ -345,8 +352,9 @@ class SliceSource(TensorSource):
 
 def readable_by_range(src: TensorSource) -> bool:
     """True when any range of `src` can be read without making the whole tensor (stored contiguous bytes,
-    extents, rows computed on demand), so a share of it costs only its own bytes."""
-    return isinstance(src, (ExtentSource, RowSource)) or (type(src) is TensorSource and src.contiguous)
+    extents, rows computed on demand, values dequantized by element range), so a share of it costs only its
+    own bytes."""
+    return src.reads_by_range or (type(src) is TensorSource and src.contiguous)
 
 
 def slice_source(src: TensorSource, first: int, count: int) -> TensorSource:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -110,6 +110,7 @@ class DequantizedSource(TensorSource):
     block: tuple[int, int] = (1, 1)  # (0, 0): one scale for the whole tensor
     transposed: bool = False
     scale_suffix: str = ""  # the scales' name is the weight's + this: "_scale_inv", "_scale", "_scales"
+    reads_by_range: ClassVar[bool] = True  # values() computes any element range from its codes and scales
 
     @property
     def contiguous(self) -> bool:
