@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_BAD_INPUT = 1
@@ -9,6 +11,38 @@ EXIT_USAGE = 2
 EXIT_OUTPUT = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+# An option named in a message is spelled by whoever shows the message: the command line as its flag
+# (`--memory-budget 1GB`, `--overwrite`), the Python API as its keyword (`memory_budget='1GB'`, `overwrite=True`).
+# The library names it by its keyword (the neutral name) through `option`; the CLI installs its spelling at start.
+OptionSpelling = Callable[[str, "str | None"], str]
+
+# A value that reads as itself in Python: a repr, a number, True/False/None, or a placeholder such as DECAY.
+_PYTHON_LITERAL = re.compile(r"'.*'|\".*\"|\[.*\]|\(.*\)|True|False|None|-?nan|-?inf|[A-Z_]+|-?[\d.]+(?:e-?\d+)?")
+
+
+def keyword_spelling(name: str, value: str | None) -> str:
+    """`name=value` as a Python caller writes it: a word is quoted, a literal or placeholder is not; `name=...`
+    when the message gives no value."""
+    if value is None:
+        return f"{name}=..."
+    return f"{name}={value}" if _PYTHON_LITERAL.fullmatch(value) else f"{name}={value!r}"
+
+
+_spelling: OptionSpelling = keyword_spelling
+
+
+def spell_options(spelling: OptionSpelling) -> None:
+    """Name options the way `spelling` does from now on in this process (the CLI's `--flag VALUE`)."""
+    global _spelling
+    _spelling = spelling
+
+
+def option(name: str, value: object = None) -> str:
+    """The option `name` (its Python keyword: `memory_budget`), with the value the message shows, in the terms
+    of whoever reads the message. A switch's value is True or False (`option("fsync", False)`: `--no-fsync`)."""
+    return _spelling(name, None if value is None else str(value))
 
 
 class CkptavgError(Exception):
