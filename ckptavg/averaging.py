@@ -602,6 +602,7 @@ class OutputFiles:
         self.plan, self.report, self.out_path, self.tmp = plan, report, out_path, tmp
         self.kind, self.single_file, self.specs, self.recipe = kind, single_file, specs, recipe
         self.files: TensorFiles | None = None
+        self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
         if kind == "pt":
             report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
         else:
@@ -664,19 +665,28 @@ def _run_engine(
     plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None
 ) -> tuple[int, dict[str, int], int]:
     """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
-    checked = ChecksumWriter(writer, specs) if options.verify else None
+    target, checked = engine_target(plan, writer, options, specs)
     engine = Engine(plan, options.device, options.memory_budget)
-    target = checked or writer
-    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
-        target = Fp8Requantizer(
-            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
-        )
     try:
         engine.run(target, on_progress)
         target.finish()
     finally:
         writer.abort()
     return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
+
+
+def engine_target(
+    plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec]
+) -> tuple[TensorWriter, ChecksumWriter | None]:
+    """What the engine writes into for `writer`: CRC-32s kept on the way with --verify, FP8 weights quantized
+    again with requantize; and the checksum keeper, if any."""
+    checked = ChecksumWriter(writer, specs) if options.verify else None
+    target = checked or writer
+    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
+        target = Fp8Requantizer(
+            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
+        )
+    return target, checked
 
 
 def _verify(
