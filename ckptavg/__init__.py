@@ -56,98 +56,7 @@ _LAZY = {
     "CkptavgError": "ckptavg.errors",
 }
 
-# Error messages name command-line flags; from Python they name the keyword arguments instead.
-_SWITCHES = {
-    "overwrite": "overwrite=True",
-    "strict": "strict=True",
-    "use-ema": "use_ema=True",
-    "dry-run": "dry_run=True",
-    "verify": "verify=True",
-    "no-fsync": "fsync=False",
-    "requantize": "requantize=True",
-    "merge": "merge=True",
-    "skip-nonfinite": "skip_nonfinite=True",
-    "skip-spikes": "skip_spikes=True",
-    "tensors": "tensors=True",
-    "check": "check=True",
-}
-_KEYWORDS = {
-    "order": "order",
-    "weights": "weights",
-    "ema": "ema",
-    "ema-half-life": "ema_half_life",
-    "key": "key",
-    "strip-prefix": "strip_prefixes",
-    "dtype": "dtype",
-    "device": "device",
-    "memory-budget": "memory_budget",
-    "max-shard-size": "max_shard_size",
-    "format": "out_format",
-    "accum-dtype": "accum",
-    "adapter-mode": "adapter_mode",
-    "adapter-rank": "adapter_rank",
-    "base": "base",
-    "rank-timeout": "rank_timeout",
-    "last": "last",
-    "top-k": "top_k",
-    "metric": "metric",
-    "mode": "mode",
-    "every": "every",
-    "min-step": "min_step",
-    "max-step": "max_step",
-    "after-warmup": "after_warmup",
-    "spike-k": "spike_k",
-    "metrics": "metrics_file",
-    "filter": "pattern",
-}
-# A flag's value as the library writes it: a repr ('bf8', [1, -2], True, nan), a placeholder (DECAY), a number or size, a word.
-_VALUE = (
-    r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|(?:True|False|None|-?nan|-?inf)\b|[A-Z_]+\b|-?[\w:]*[\d.,:][\w.,:]*(?<![:.,])"
-    r"|(?:given|auto|linear|uniform|cpu|cuda|pt|safetensors|best|exact|params|merged|min|max)\b"
-)
-_AS_IS = r"'.*'|\".*\"|\[.*\]|\(.*\)|True|False|None|-?nan|-?inf|[A-Z_]+|-?[\d.]+(?:e-?\d+)?"
 
-
-def _python_terms(text: str) -> str:
-    """`text` with the command line's flags written as the Python API's keyword arguments."""
-    import re
-
-    def keyword(match: re.Match) -> str:
-        flag, value = match.group(1), match.group(2)
-        if flag in _SWITCHES:
-            return _SWITCHES[flag] + (f" {value}" if value else "")
-        if flag not in _KEYWORDS:
-            return match.group(0)
-        name = _KEYWORDS[flag]
-        if value is None:
-            return f"{name}=..."
-        if flag == "strip-prefix" and not value.startswith(("'", '"', "[")):
-            return f"{name}=[{value!r}]"
-        return f"{name}={value}" if re.fullmatch(_AS_IS, value) else f"{name}={value!r}"
-
-    flags = re.compile(rf"(?<![\w-])--([a-z][a-z0-9-]*)(?: ({_VALUE}))?")
-    return flags.sub(keyword, text).replace("-o OUT", "out=...").replace("pass -o ", "pass out=")
-
-
-def _speaking_python(function: Callable) -> Callable:
-    """`function`, its CkptavgErrors worded for a Python caller."""
-    import functools
-
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from ckptavg.errors import CkptavgError
-
-        try:
-            return function(*args, **kwargs)
-        except CkptavgError as e:
-            e.problem = _python_terms(e.problem)
-            e.args = (e.message,)
-            raise
-
-    return call
-
-
-@_speaking_python
 def select(
     paths: Sequence[str | os.PathLike] | str | os.PathLike,
     *,
@@ -189,26 +98,26 @@ def select(
 
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.checks import check_int, check_number, check_path, check_text
-    from ckptavg.errors import UsageError
+    from ckptavg.errors import UsageError, option
     from ckptavg.inspection import first_nonfinite
     from ckptavg.selection import Policy, gather
     from ckptavg.selection import select as choose
 
     items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    for flag, value in (("--last", last), ("--top-k", top_k), ("--every", every), ("--min-step", min_step)):
+    for name, value in (("last", last), ("top_k", top_k), ("every", every), ("min_step", min_step)):
         if value is not None:
-            check_int(flag, value)
+            check_int(name, value)
     if isinstance(max_step, str):
         if max_step != "best":
-            raise UsageError(None, f"--max-step {max_step!r}: expected a step or 'best'")
+            raise UsageError(None, f"{option('max_step', repr(max_step))}: expected a step or 'best'")
     elif max_step is not None:
-        check_int("--max-step", max_step)
+        check_int("max_step", max_step)
     if after_warmup is not None:
-        check_number("--after-warmup", after_warmup)
-    check_number("--spike-k", spike_k, 0, True)
-    check_text("--metric", metric)
-    check_text("--mode", mode)
-    check_text("--key", key)
+        check_number("after_warmup", after_warmup)
+    check_number("spike_k", spike_k, 0, True)
+    check_text("metric", metric)
+    check_text("mode", mode)
+    check_text("key", key)
     if metrics_file is not None:
         check_path("metrics_file", metrics_file)
     policy = Policy(
@@ -235,7 +144,6 @@ def select(
     )
 
 
-@_speaking_python
 def inspect(
     path: str | os.PathLike,
     *,
@@ -267,12 +175,11 @@ def inspect(
 
     check_path("path", path)
     _check_pattern(pattern)
-    check_text("--key", key)
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    check_text("key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("strip_prefixes", strip_prefixes))
     return inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=on_progress)
 
 
-@_speaking_python
 def diff(
     a: str | os.PathLike,
     b: str | os.PathLike,
@@ -303,8 +210,8 @@ def diff(
     check_path("a", a)
     check_path("b", b)
     _check_pattern(pattern)
-    check_text("--key", key)
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    check_text("key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("strip_prefixes", strip_prefixes))
     return diff_checkpoints(a, b, options, pattern, on_progress=on_progress)
 
 
@@ -312,13 +219,13 @@ def _check_pattern(pattern: object) -> None:
     import re
 
     from ckptavg.checks import check_text
-    from ckptavg.errors import UsageError
+    from ckptavg.errors import UsageError, option
 
-    if check_text("--filter", pattern) is not None:
+    if check_text("pattern", pattern) is not None:
         try:
             re.compile(pattern)  # type: ignore[arg-type]
         except re.error as e:
-            raise UsageError(None, f"--filter {pattern!r}: not a regular expression ({e})") from None
+            raise UsageError(None, f"{option('pattern', repr(pattern))}: not a regular expression ({e})") from None
 
 
 def __getattr__(name: str) -> Any:
@@ -326,8 +233,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        if name in ("average", "export", "sweep"):
-            value = _speaking_python(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")

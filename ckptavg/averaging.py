@@ -16,7 +16,7 @@ from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
-from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
+from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
@@ -133,14 +133,14 @@ def choose_device(name: str, local_rank: int | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UsageError(None, f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from e
+        raise UsageError(None, f"{option('device', repr(name))}: expected auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(None, f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(None, f"{option('device', name)}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(None, f"{option('device', name)}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise UsageError(None, f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(None, f"{option('device', name)}: expected auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -322,12 +322,12 @@ def _check_inputs_and_output(
         raise UsageError(None, "no inputs given")
     out_path = Path(out) if out is not None else None
     if out_path is None and not options.dry_run:
-        raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
+        raise UsageError(None, f"no output given: pass {option('out', 'OUT')} (or {option('dry_run', True)})")
     if out_path is not None:
         if output_layout(out_path, options.out_format)[1] and options.max_shard_size is not None:
             raise UsageError(
                 None,
-                f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                f"{out_path.name} is one file, never sharded: {option('max_shard_size')} applies to an output folder "
                 "(leave it out, or name a folder)",
             )
         check_output_name(out_path)
@@ -364,8 +364,8 @@ def _plan_run(
         raise UsageError(
             None,
             (
-                f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
-                "--ema DECAY instead"
+                f"{option('ema_half_life')} needs the training step of every input: none known for {', '.join(unknown[:3])}; "
+                f"use {option('ema', 'DECAY')} instead"
             ),
         )
     steps = [c.step for c in checkpoints]
@@ -378,7 +378,9 @@ def _plan_run(
     if note := order_note(inputs.checkpoints, checkpoints, strategy.strategy):
         notes.append(note)
     if options.requantize and world is not None:
-        raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
+        raise UsageError(
+            None, f"{option('requantize', True)} writes one file after another; run it in one process, not under torchrun"
+        )
     plan, adapter = _plan(checkpoints, strategy, inputs.base, options)
     report = _report(plan, ordered_by, out_path, inputs.device, notes)
     inputs.local.annotate(report.inputs)
@@ -390,7 +392,7 @@ def _plan_run(
         _warnings(plan, options.ema, options.ema_half_life, steps, options.check_same_run and leader)
     )  # rank 0 samples the inputs
     if options.strict and report.warnings:
-        raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
+        raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
     if out_path is not None and not options.dry_run and leader:
         check_destination(out_path, options.overwrite, plan.output_bytes)
     return plan, report
@@ -404,11 +406,12 @@ def _plan(
     if check_adapters(checkpoints) is None:
         if base is not None or rank is not None:
             raise UsageError(
-                None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models"
+                None,
+                f"{option('base' if base is not None else 'adapter_rank')} applies to PEFT adapters; the inputs are full models",
             )
         return build_plan(checkpoints, strategy, out_dtype, options.accum, options.requantize), None
     if options.requantize:
-        raise UsageError(None, "--requantize applies to FP8 weights; the inputs are PEFT adapters")
+        raise UsageError(None, f"{option('requantize', True)} applies to FP8 weights; the inputs are PEFT adapters")
     return build_adapter_plan(checkpoints, strategy, options.adapter_mode, out_dtype, options.accum, base, rank)
 
 
@@ -436,7 +439,7 @@ def _adapter_note(adapter: AdapterSummary, n: int) -> str:
     return (
         f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "
         f"mean of the changes by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst}); "
-        "--adapter-mode exact has no such error"
+        f"{option('adapter_mode', 'exact')} has no such error"
     )
 
 
@@ -449,8 +452,8 @@ def _warnings(
     if decay is not None:
         n = len(plan.inputs)
         advice = (
-            f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or "
-            "use --ema-half-life STEPS"
+            f"lower the decay ({option('ema', f'{math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g}')} or less gives it at "
+            f"most half) or use {option('ema_half_life', 'STEPS')}"
         )
         found.append(oldest_weight_warning(plan.weights, advice))
     if half_life is not None and steps[0] is not None and steps[-1] is not None:
@@ -475,7 +478,9 @@ def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
                 first, first_file = seen[identity]
                 link = ", a hard link to the same file" if real_path(first_file) != real_path(file) else ""
                 same = "" if first.path == ckpt.path else f" (the same weights as {first.path}{link})"
-                raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
+                raise UsageError(
+                    ckpt.path, f"given twice{same}; pass each checkpoint once, and {option('weights')} to weight one more"
+                )
             seen.setdefault(identity, (ckpt, file))
     if out is None:
         return
@@ -574,12 +579,12 @@ def check_output_layout(plan: Plan, out_path: Path, options: WriteOptions) -> tu
         raise UsageError(
             None,
             (
-                f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name "
-                "a folder"
+                f"{option('out', out_path.name)}: an adapter is written as a folder (adapter_model.safetensors + "
+                "adapter_config.json); name a folder"
             ),
         )
     if kind == "pt" and (problem := check_pt_dtypes(output_specs(plan))):
-        raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
+        raise UsageError(None, f"{option('out_format', 'pt')} cannot hold {problem}; use safetensors")
     return kind, single_file
 
 
@@ -614,7 +619,9 @@ class OutputFiles:
         if self.files is not None:
             return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
         if not self.single_file and len(self.specs) and self.plan.output_bytes > options.shard_bytes:
-            self.report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
+            self.report.notes.append(
+                f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
+            )
         return TorchWriter(
             self.tmp if self.single_file else self.tmp / self.report.output_files[0],
             self.specs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -20,7 +21,7 @@ from typer._click import exceptions as click_errors  # typer's own copy of click
 
 from ckptavg import distributed, signals
 from ckptavg.distributed import follower, under_torchrun
-from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
+from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError, options_spelled
 from ckptavg.render import (
     ProgressDisplay,
     print_diff,
@@ -998,8 +999,35 @@ def _tell_torchrun(message: str) -> None:
             pass
 
 
+# The library names an option by its Python keyword; these commands call the parameter otherwise.
+_PARAMETER_OF = {"out": "output", "accum": "accum_dtype", "strip_prefixes": "strip_prefix"}
+
+
+@functools.cache
+def _flags() -> dict[str, str]:
+    """Each parameter's flag, as its command declares it first (`-o`, `--memory-budget`)."""
+    flags: dict[str, str] = {}
+    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if isinstance(param, typer.core.TyperOption) and param.name:
+                flags.setdefault(param.name, param.opts[0])
+    return flags
+
+
+def flag_spelling(name: str, value: str | None) -> str:
+    """An option a message names, as it is typed on this command line: `--memory-budget 1GB`; a switch
+    (value True) is its flag alone."""
+    flag = _flags().get(_PARAMETER_OF.get(name, name)) or "--" + name.replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every error into one line on stderr and an exit code."""
+    with options_spelled(flag_spelling):
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     args, debug = _take_debug(args)
     debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from ckptavg.errors import UsageError
+from ckptavg.errors import UsageError, option
 from ckptavg.formats.base import Checkpoint
 
 ORDERS = ("auto", "given")
-ORDER_DEPENDENT = {"linear": "--weights linear", "weighted": "explicit --weights", "ema": "--ema or --ema-half-life"}
+# The weightings that depend on the inputs' training order, and what asked for each.
+ORDER_DEPENDENT = {
+    "linear": lambda: option("weights", "linear"),
+    "weighted": lambda: f"explicit {option('weights')}",
+    "ema": lambda: f"{option('ema')} or {option('ema_half_life')}",
+}
 
 
 def order_inputs(inputs: list[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str, list[str]]:
@@ -33,7 +38,8 @@ def require_order(given: list[Checkpoint], ordered_by: str, order: str, strategy
     raise UsageError(
         None,
         f"cannot tell the training order of the inputs: no step or epoch known for {names}; "
-        f"{ORDER_DEPENDENT[strategy]} depends on that order: pass --order given to use the order of the command line",
+        f"{ORDER_DEPENDENT[strategy]()} depends on that order: pass {option('order', 'given')} to use the order of the "
+        "command line",
     )
 
 
@@ -41,6 +47,6 @@ def order_note(given: list[Checkpoint], ordered: list[Checkpoint], strategy: str
     """Explicit weights follow training order: say so when it is not the order the paths were given in."""
     if strategy != "weighted" or [c.path for c in given] == [c.path for c in ordered]:
         return None
-    return "--weights apply in training order (oldest first), not in the order the paths were given: " + ", ".join(
+    return f"{option('weights')} apply in training order (oldest first), not in the order the paths were given: " + ", ".join(
         c.path.name for c in ordered
     )

@@ -34,7 +34,7 @@ from ckptavg.discover import (
     steps_from_path,
     trainer_state_metrics,
 )
-from ckptavg.errors import HostileInputError, InputError, UsageError
+from ckptavg.errors import HostileInputError, InputError, UsageError, option
 from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.detect import CHECKPOINT_FOLDER
 from ckptavg.globbing import expand
@@ -91,25 +91,27 @@ class Policy:
 
     def check(self) -> None:
         if self.mode is not None and self.mode not in MODES:
-            raise UsageError(None, f"--mode {self.mode!r}: expected min or max")
+            raise UsageError(None, f"{option('mode', repr(self.mode))}: expected min or max")
         needs_metric = [
-            flag
-            for flag, on in (
-                ("--top-k", self.top_k),
-                ("--max-step best", self.max_step == "best"),
-                ("--skip-spikes", self.skip_spikes),
+            asked
+            for asked, on in (
+                (option("top_k"), self.top_k),
+                (option("max_step", "best"), self.max_step == "best"),
+                (option("skip_spikes", True), self.skip_spikes),
             )
             if on
         ]
         if needs_metric and not self.metric:
-            raise UsageError(None, f"{needs_metric[0]} needs --metric NAME")
-        for flag, value in (("--last", self.last), ("--top-k", self.top_k), ("--every", self.every)):
+            raise UsageError(None, f"{needs_metric[0]} needs {option('metric', 'NAME')}")
+        for name, value in (("last", self.last), ("top_k", self.top_k), ("every", self.every)):
             if value is not None and value < 1:
-                raise UsageError(None, f"{flag} must be at least 1")
+                raise UsageError(None, f"{option(name)} must be at least 1")
         if self.after_warmup is not None and not 0 <= self.after_warmup < 1:
-            raise UsageError(None, "--after-warmup is a fraction of the run, in [0, 1)")
+            raise UsageError(None, f"{option('after_warmup')} is a fraction of the run, in [0, 1)")
         if isinstance(self.max_step, int) and self.min_step is not None and self.min_step > self.max_step:
-            raise UsageError(None, f"--min-step {self.min_step} is above --max-step {self.max_step}: no step can pass both")
+            raise UsageError(
+                None, f"{option('min_step', self.min_step)} is above {option('max_step', self.max_step)}: no step can pass both"
+            )
 
 
 @dataclass
@@ -427,7 +429,7 @@ def metric_hint(candidates: list[Candidate], metric: str) -> str:
     close = difflib.get_close_matches(metric, names, n=1)
     hint = f"no checkpoint has {metric}" + (f" (did you mean {close[0]}?)" if close else "")
     if not names:
-        return hint + "; no metrics found (trainer_state.json, checkpoint entries or --metrics FILE)"
+        return hint + f"; no metrics found (trainer_state.json, checkpoint entries or {option('metrics_file', 'FILE')})"
     return hint + f"; metrics found: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
 
 
@@ -444,7 +446,7 @@ def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None
     metric = policy.metric
     needed = policy.top_k is not None or policy.skip_spikes or policy.max_step == "best"
     if not metric or not needed or not any(c.rank_value(metric) is not None for c in candidates):
-        return policy.mode, "--mode" if policy.mode else None, None  # nothing is ranked by it
+        return policy.mode, option("mode") if policy.mode else None, None  # nothing is ranked by it
     recorded: dict[str, str] = {}
     for c in candidates:
         if metric in c.modes:
@@ -453,8 +455,8 @@ def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None
     if len(recorded) > 1 and policy.mode is None:
         raise UsageError(
             None,
-            f"--metric {metric}: the checkpoints disagree on which way it is better ({recorded['max']}; but "
-            f"{recorded['min']}); pass --mode max or --mode min",
+            f"{option('metric', metric)}: the checkpoints disagree on which way it is better ({recorded['max']}; but "
+            f"{recorded['min']}); pass {option('mode', 'max')} or {option('mode', 'min')}",
         )
     if recorded:
         mode, why = next(iter(recorded.items()))
@@ -463,16 +465,17 @@ def choose_mode(candidates: list[Candidate], policy: Policy) -> tuple[str | None
     elif policy.mode is None:
         raise UsageError(
             None,
-            f"--metric {metric}: no checkpoint records whether higher or lower is better, and the name does not say; "
-            "pass --mode max (higher is better, e.g. an accuracy) or --mode min (lower is better, e.g. a loss)",
+            f"{option('metric', metric)}: no checkpoint records whether higher or lower is better, and the name does not say; "
+            f"pass {option('mode', 'max')} (higher is better, e.g. an accuracy) or {option('mode', 'min')} (lower is better, "
+            "e.g. a loss)",
         )
     else:
-        return policy.mode, "--mode", None
+        return policy.mode, option("mode"), None
     if policy.mode is None:
-        return mode, why, f"mode {mode} for {metric!r}: {why}; --mode {'max' if mode == 'min' else 'min'} to override"
+        return mode, why, f"mode {mode} for {metric!r}: {why}; {option('mode', 'max' if mode == 'min' else 'min')} to override"
     if policy.mode != mode:
-        return policy.mode, "--mode", f"mode {policy.mode} for {metric!r} (--mode), although {why} (mode {mode})"
-    return policy.mode, "--mode", None
+        return policy.mode, option("mode"), f"mode {policy.mode} for {metric!r} ({option('mode')}), although {why} (mode {mode})"
+    return policy.mode, option("mode"), None
 
 
 def select(
@@ -499,7 +502,10 @@ def select(
     pool = list(ordered)
     notes: list[str] = [mode_note] if mode_note else []
     if any(c.step_source == EPOCH_AS_STEP for c in ordered):
-        notes.append("ordered by epoch: no candidate has a step (--min-step, --max-step and --every count epochs)")
+        notes.append(
+            f"ordered by epoch: no candidate has a step ({option('min_step')}, {option('max_step')} and {option('every')} count "
+            "epochs)"
+        )
 
     def drop(keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str], flag: str | None = None) -> None:
         nonlocal pool
@@ -511,14 +517,14 @@ def select(
         pool = [c for c in pool if keep(c)]
 
     if policy.min_step is not None:
-        drop(lambda c: c.step >= policy.min_step, lambda c: f"before --min-step {policy.min_step}")
+        drop(lambda c: c.step >= policy.min_step, lambda c: f"before {option('min_step', policy.min_step)}")
     if isinstance(policy.max_step, int):
-        drop(lambda c: c.step <= policy.max_step, lambda c: f"after --max-step {policy.max_step}")
+        drop(lambda c: c.step <= policy.max_step, lambda c: f"after {option('max_step', policy.max_step)}")
     if policy.after_warmup is not None and ordered:
         start = policy.after_warmup * max(c.step for c in ordered)
         drop(lambda c: c.step >= start, lambda c: f"in the first {policy.after_warmup:.0%} of the run (step < {start:g})")
     if policy.every is not None:
-        drop(lambda c: c.step % policy.every == 0, lambda c: f"step not a multiple of --every {policy.every}")
+        drop(lambda c: c.step % policy.every == 0, lambda c: f"step not a multiple of {option('every', policy.every)}")
     metric = policy.metric
     if metric:
         for c in pool:
@@ -529,8 +535,8 @@ def select(
         judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
         if len(judged) < SPIKE_MIN_VALUES:
             notes.append(
-                f"--skip-spikes: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are needed to judge "
-                "spikes; none dropped"
+                f"{option('skip_spikes', True)}: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are "
+                "needed to judge spikes; none dropped"
             )
         found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
         spikes = dict(zip(map(id, readable), found))
@@ -541,18 +547,22 @@ def select(
                 f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + "
                 f"{policy.spike_k:g} x MAD)"
             ),
-            "--skip-spikes",
+            option("skip_spikes", True),
         )
     if policy.skip_nonfinite and has_nonfinite is not None:
         scan = _Scan(has_nonfinite, on_progress)
         scan.settle(pool, policy)
         pool = [c for c in pool if c.ignored is None]
-        drop(lambda c: scan.problems.get(id(c)) is None, lambda c: f"non-finite: {scan.problems[id(c)]}", "--skip-nonfinite")
+        drop(
+            lambda c: scan.problems.get(id(c)) is None,
+            lambda c: f"non-finite: {scan.problems[id(c)]}",
+            option("skip_nonfinite", True),
+        )
         unread = [c for c in pool if id(c) not in scan.problems]
         if unread:
             read = len(scan.problems)
             notes.append(
-                f"--skip-nonfinite read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
+                f"{option('skip_nonfinite', True)} read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
                 "the others were not read for NaN/Inf"
             )
     best, _, top, last = _pick(pool, policy)

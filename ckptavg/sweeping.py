@@ -31,7 +31,7 @@ from ckptavg.averaging import (
     engine_target,
 )
 from ckptavg.distributed import under_torchrun
-from ckptavg.errors import OutputError, StrictError, UsageError
+from ckptavg.errors import OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import FILES
 from ckptavg.merge.engine import Engine, ProgressFn, plans_differ, rows_of
 from ckptavg.merge.plan import Plan, output_specs
@@ -173,7 +173,7 @@ def sweep(
         raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
     paths, out_path = _check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
-        raise UsageError(None, f"-o {out_path.name}: a sweep writes a folder per candidate; name a folder")
+        raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
     try:
         inputs = _open_inputs(paths, out_path, options, None)
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)

@@ -174,7 +174,7 @@ def test_the_options_object_checks_every_value_and_returns_a_normalised_copy():
     assert (checked.shard_bytes, checked.budget_bytes, checked.out_dtype) == (2000, 1 << 20, torch.bfloat16)
     assert checked.load_options == ckptavg.checkpoint.LoadOptions(key="model", use_ema=True, strip_prefixes=("module.",))
     assert given.dtype == "torch.bfloat16" and checked.check() == checked  # the given object is left as it was
-    with pytest.raises(UsageError, match=r"--ema 1.5: expected a decay in \[0, 1\)"):
+    with pytest.raises(UsageError, match=r"^ema=1.5: expected a decay in \[0, 1\)"):
         AverageOptions(ema=1.5).check()
 
 

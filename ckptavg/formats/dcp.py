@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ckptavg.errors import HostileInputError, InputError, UnsupportedError
+from ckptavg.errors import HostileInputError, InputError, UnsupportedError, option
 from ckptavg.formats.base import (
     Checkpoint,
     ComputedSource,
@@ -273,7 +273,7 @@ def model_entries(entries: dict[str, Entry | None], key: str | None) -> tuple[di
     if key:
         prefix = key.rstrip(".") + "."
         chosen = {n[len(prefix) :]: e for n, e in tensors.items() if n.startswith(prefix)}
-        return chosen, prefix, "--key"
+        return chosen, prefix, option("key")
     model = {n: e for n, e in tensors.items() if not n.startswith(NOT_MODEL)}
     for prefix, producer in MODEL_PREFIXES:
         if model and all(n.startswith(prefix) for n in model):

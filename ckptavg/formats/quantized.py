@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ckptavg.errors import InputError, UnsupportedError
+from ckptavg.errors import InputError, UnsupportedError, option
 from ckptavg.formats.base import TensorSource, dtype_name, tensor_buffer
 from ckptavg.formats.detect import read_model_config
 
@@ -82,7 +82,8 @@ class Quantization:
         dropped = f"; {len(self.dropped)} activation scale(s) left out ({self.dropped[0]}, ...)" if self.dropped else ""
         return (
             f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values "
-            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}"
+            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with "
+            f"{option('requantize', True)}{dropped}"
         )
 
     def to_dict(self) -> dict:

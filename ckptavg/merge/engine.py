@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError
+from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError, option
 from ckptavg.formats.base import FILES, TensorSource, dtype_name, read_exact, tensor_buffer
 from ckptavg.formats.writer import TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
@@ -246,7 +246,7 @@ def _too_small(budget: int, needed: int, width: int, outputs: int = 1) -> UsageE
     return UsageError(
         None,
         (
-            f"--memory-budget {format_size(budget)} is too small for {width} inputs{outputs_text}; it needs at least "
+            f"{option('memory_budget', format_size(budget))} is too small for {width} inputs{outputs_text}; it needs at least "
             f"{math.ceil(needed / 2**20)}MiB"
         ),
     )
@@ -609,7 +609,7 @@ class Engine:
                     f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged",
                 )
         raise CkptavgError(
-            None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype"
+            None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider {option('dtype')}"
         )
 
 

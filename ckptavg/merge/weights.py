@@ -14,7 +14,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ckptavg.checks import check_number
-from ckptavg.errors import UsageError
+from ckptavg.errors import UsageError, option
 
 STRATEGIES = ("mean", "linear", "weighted", "ema")
 
@@ -41,7 +41,7 @@ def linear(n: int) -> Weights:
 
 def ema(n: int, decay: float) -> Weights:
     """Closed form of e_1 = x_1, e_i = d * e_{i-1} + (1 - d) * x_i: x_1 gets d^(n-1), x_i gets (1-d) d^(n-i)."""
-    decay = check_number("--ema", decay, 0, False, 1, True, what="a decay")
+    decay = check_number("ema", decay, 0, False, 1, True, what="a decay")
     return Weights("ema", [decay ** (n - 1)] + [(1 - decay) * decay ** (n - i) for i in range(2, n + 1)])
 
 
@@ -49,7 +49,7 @@ def ema_half_life(steps: list[int], half_life: float) -> Weights:
     """An EMA in training steps: e_1 = x_1, e_i = a_i e_(i-1) + (1 - a_i) x_i with a_i = 0.5^((s_i - s_(i-1)) / H),
     so irregularly spaced checkpoints get the weights an in-training EMA of half-life H steps would give them.
     In closed form x_i gets (1 - a_i) times the product of the a_j after it (x_1: the product of all a_j)."""
-    half_life = check_number("--ema-half-life", half_life, 0, True, what="a number of steps")
+    half_life = check_number("ema_half_life", half_life, 0, True, what="a number of steps")
     decays = [0.5 ** ((b - a) / half_life) for a, b in zip(steps, steps[1:])]
     scales = []
     for i in range(len(steps)):
@@ -72,7 +72,7 @@ def oldest_weight_warning(weights: Weights, span: str) -> str | None:
 def explicit(values: list[float], n: int) -> Weights:
     if len(values) != n:
         given, wanted = f"{len(values)} weight{'s' if len(values) != 1 else ''}", f"{n} checkpoint{'s' if n != 1 else ''}"
-        raise UsageError(None, f"--weights gives {given} for {wanted}")
+        raise UsageError(None, f"{option('weights')} gives {given} for {wanted}")
     return Weights("weighted", list(values), sum(values))
 
 
@@ -81,14 +81,14 @@ def check_weights(spec: object, ema_decay: object = None, half_life: object = No
     weights as floats, from text ("1,2,3", as on the command line) or a sequence of numbers ([1, 2, 3]). Each
     weight must be a finite number >= 0 (not a bool), their sum positive; only their count waits for the inputs."""
     given = [
-        flag for flag, value in (("--weights", spec), ("--ema", ema_decay), ("--ema-half-life", half_life)) if value is not None
+        option(name) for name, value in (("weights", spec), ("ema", ema_decay), ("ema_half_life", half_life)) if value is not None
     ]
     if len(given) > 1:
         raise UsageError(None, f"{' and '.join(given)} are alternatives; give one")
     if ema_decay is not None:
-        check_number("--ema", ema_decay, 0, False, 1, True, what="a decay")
+        check_number("ema", ema_decay, 0, False, 1, True, what="a decay")
     if half_life is not None:
-        check_number("--ema-half-life", half_life, 0, True, what="a number of steps")
+        check_number("ema_half_life", half_life, 0, True, what="a number of steps")
     if spec is None:
         return None
     if isinstance(spec, str):
@@ -97,21 +97,23 @@ def check_weights(spec: object, ema_decay: object = None, half_life: object = No
         try:
             values: list[object] = [float(v) for v in spec.split(",")]
         except ValueError:
-            raise UsageError(None, f"--weights {spec!r}: expected uniform, linear or numbers like 1,2,3") from None
+            raise UsageError(None, f"{option('weights', repr(spec))}: expected uniform, linear or numbers like 1,2,3") from None
     elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping, AbstractSet)):
         values = list(spec)
         spec = values  # shown as a list (a generator's repr says nothing)
     else:
         values = []
     if not values:
-        raise UsageError(None, f"--weights {spec!r}: expected uniform, linear or numbers like 1,2,3 (from Python also a list)")
+        raise UsageError(
+            None, f"{option('weights', repr(spec))}: expected uniform, linear or numbers like 1,2,3 (from Python also a list)"
+        )
     for value in values:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise UsageError(None, f"--weights {spec!r}: {value!r} is not a number")
+            raise UsageError(None, f"{option('weights', repr(spec))}: {value!r} is not a number")
         if not (math.isfinite(value) and value >= 0):
-            raise UsageError(None, f"--weights {spec!r}: every weight must be a finite number >= 0, not {value!r}")
+            raise UsageError(None, f"{option('weights', repr(spec))}: every weight must be a finite number >= 0, not {value!r}")
     if not sum(values) > 0:  # type: ignore[arg-type]
-        raise UsageError(None, f"--weights {spec!r}: every weight is 0; give at least one a positive weight")
+        raise UsageError(None, f"{option('weights', repr(spec))}: every weight is 0; give at least one a positive weight")
     return [float(v) for v in values]  # type: ignore[arg-type]
 
 
@@ -130,8 +132,8 @@ def parse_weights(
             raise UsageError(
                 None,
                 (
-                    "--ema-half-life needs the training step of every input (from checkpoint-N, trainer_state.json, step= or "
-                    "global_step)"
+                    f"{option('ema_half_life')} needs the training step of every input (from checkpoint-N, trainer_state.json, "
+                    "step= or global_step)"
                 ),
             )
         return ema_half_life([int(s) for s in steps if s is not None], half_life)
