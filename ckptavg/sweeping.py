@@ -182,7 +182,7 @@ def sweep(
         report = _sweep_report(checkpoints, ordered_by, notes, out_path, chosen, plans, reports, inputs)
         report.dry_run = options.dry_run
         if options.strict and report.warnings:
-            raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
+            raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
         if out_path is not None and not options.dry_run:
             check_destination(out_path, options.overwrite, sum(p.output_bytes for p in plans))
         if on_plan:
