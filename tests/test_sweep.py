@@ -257,3 +257,40 @@ def test_torchrun_is_refused(run, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(CkptavgError, match="sweep runs in one process"):
         ckptavg.sweep(paths, tmp_path / "s", recipes=["mean"])
+
+
+# --- every input format average reads ------------------------------------------------------------------------
+
+
+def _step_folders(root: Path, prefix: str) -> list[Path]:
+    return sorted(root.glob(f"{prefix}*"), key=lambda p: int(p.name.removeprefix(prefix)))
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin")))
+
+
+@pytest.mark.parametrize(
+    ("fixture", "prefix", "keywords", "passes"),
+    [
+        ("dcp_fsdp2_ckpts", "step-", {}, 1),
+        ("deepspeed_zero3_ckpts", "global_step", {}, 1),
+        ("lora_plain", "checkpoint-", {"adapter_mode": "params"}, 1),
+        ("lora_plain", "checkpoint-", {"adapter_mode": "exact"}, 3),  # each candidate stacks its own factors
+    ],
+    ids=["dcp", "zero3", "lora-params", "lora-exact"],
+)
+def test_every_format_gives_what_average_writes(request, tmp_path, fixture, prefix, keywords, passes):
+    paths = _step_folders(request.getfixturevalue(fixture), prefix)
+    assert len(paths) >= 3
+    report = ckptavg.sweep(paths, tmp_path / "s", recipes=["mean", "last:2", "ema:0.5"], **keywords)
+    assert report.passes == passes
+    for name, chosen, options in [("mean", paths, {}), ("last-2", paths[-2:], {}), ("ema-0.5", paths, {"ema": 0.5})]:
+        alone = tmp_path / name
+        ckptavg.average(chosen, alone, **options, **keywords)
+        files = _weight_files(alone)
+        assert files and _weight_files(tmp_path / "s" / name) == files
+        for file in files:
+            assert (tmp_path / "s" / name / file).read_bytes() == (alone / file).read_bytes(), (name, file)
+    if passes == 1:
+        assert report.bytes_read == ckptavg.average(paths, tmp_path / "one", **keywords).bytes_read
