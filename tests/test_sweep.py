@@ -294,3 +294,37 @@ def test_every_format_gives_what_average_writes(request, tmp_path, fixture, pref
             assert (tmp_path / "s" / name / file).read_bytes() == (alone / file).read_bytes(), (name, file)
     if passes == 1:
         assert report.bytes_read == ckptavg.average(paths, tmp_path / "one", **keywords).bytes_read
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["cpu-workers", "staged"])
+def test_engine_runs_k_plans_as_k_runs_would(run, tmp_path, staged):
+    """The engine's two pipelines (CPU fold workers; the staged reader of the CUDA path, run on the CPU) write
+    for each of K plans over overlapping inputs the bytes a run of that plan alone writes."""
+    from ckptavg.checkpoint import LoadOptions, open_checkpoint
+    from ckptavg.merge.plan import output_specs
+    from ckptavg.merge.weights import ema, linear
+
+    paths, _ = run
+    inputs = [open_checkpoint(p, LoadOptions()) for p in paths]
+    plans = [
+        build_plan(inputs, uniform(4)),
+        build_plan(inputs[2:], uniform(2)),
+        build_plan(inputs, linear(4), accum="fp64"),
+        build_plan(inputs[1:], ema(3, 0.7), torch.float32),
+    ]
+
+    def writer(plan, path: Path) -> SafetensorsWriter:
+        return SafetensorsWriter([path], [output_specs(plan)], {"format": "pt"})
+
+    together = [writer(p, tmp_path / f"k{k}.safetensors") for k, p in enumerate(plans)]
+    engine = Engine(plans, torch.device("cpu"), 1 << 20, staged=staged, workers=2)
+    assert len(engine.chunks()) > len(plans[0].entries)  # the big tensor is cut into chunks
+    engine.run(together)
+    for w in together:
+        w.finish()
+    for k, plan in enumerate(plans):
+        alone = writer(plan, tmp_path / f"alone{k}.safetensors")
+        Engine(plan, torch.device("cpu"), staged=staged).run(alone)
+        alone.finish()
+        assert (tmp_path / f"k{k}.safetensors").read_bytes() == (tmp_path / f"alone{k}.safetensors").read_bytes(), k
+    assert engine.bytes_read == plans[0].read_bytes  # inputs[2:] and inputs[1:] are read with the mean's, once
