@@ -4,6 +4,7 @@ computed here; the inputs are read once whatever the number of candidates."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -328,3 +329,24 @@ def test_engine_runs_k_plans_as_k_runs_would(run, tmp_path, staged):
         alone.finish()
         assert (tmp_path / f"k{k}.safetensors").read_bytes() == (tmp_path / f"alone{k}.safetensors").read_bytes(), k
     assert engine.bytes_read == plans[0].read_bytes  # inputs[2:] and inputs[1:] are read with the mean's, once
+
+
+def test_progress_shows_the_pass_and_the_candidates(run, tmp_path):
+    from rich.console import Console
+
+    from ckptavg.render import ProgressDisplay
+
+    paths, _ = run
+    display = ProgressDisplay(enabled=True, console=Console(file=io.StringIO(), force_terminal=False))
+    seen = []
+    report = ckptavg.sweep(
+        paths,
+        tmp_path / "s",
+        recipes=["mean", "last:2"],
+        on_plan=display.on_plan,
+        on_progress=lambda p: seen.append((p.bytes_done, p.bytes_total)) or display.update(p),
+    )
+    assert display.verb == "sweeping"
+    assert display.plan.startswith("4 inputs (steps 100..500), 2 candidates (mean, last-2), one read, ")
+    assert seen[-1] == (report.bytes_read, report.bytes_to_read)
+    assert display.status_text().startswith("sweeping 100%")
