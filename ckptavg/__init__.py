@@ -71,6 +71,7 @@ _KEYWORDS = {
     "weights": "weights",
     "ema": "ema",
     "ema-half-life": "ema_half_life",
+    "ema-sigma-rel": "ema_sigma_rel",
     "key": "key",
     "strip-prefix": "strip_prefixes",
     "dtype": "dtype",

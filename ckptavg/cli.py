@@ -229,7 +229,7 @@ def average(
         typer.Option(
             "--weights",
             metavar="SPEC",
-            help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).",
+            help="uniform (default), linear (1..N), wsm:linear|cosine|minus-sqrt (Warmup-Stable-Merge) or numbers like 1,2,3.",
         ),
     ] = None,
     ema: Annotated[
@@ -249,6 +249,14 @@ def average(
                 "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
                 "checkpoints (needs every input's step)."
             ),
+        ),
+    ] = None,
+    ema_sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-sigma-rel",
+            metavar="S",
+            help="Power-function EMA (EDM2) of relative width S in (0, 0.2887), over the inputs' steps.",
         ),
     ] = None,
     order: Annotated[
@@ -345,6 +353,7 @@ def average(
                 weights=weights,
                 ema=ema,
                 ema_half_life=ema_half_life,
+                ema_sigma_rel=ema_sigma_rel,
                 strict=strict,
                 order=order,
                 adapter_mode=adapter_mode,
