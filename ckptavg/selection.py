@@ -1,14 +1,14 @@
 """`select`: which checkpoints to average or keep, by step windows, metrics and health checks.
 
-Filters (`min_step`, `max_step`, `after_warmup`, `every`, the windows `window_steps` and `window_tokens` (within so
-many steps or tokens of the newest candidate left), `skip_spikes`, `min_interval` (walking back from the newest,
-each kept checkpoint at least so many steps before the one kept after it), `skip_nonfinite`, `max_step="best"`,
-applied in that order) narrow the candidates; selectors (`last`, `top_k`) then choose among what is left, and when both are given
-the choice is their union: the K best by the metric plus the N newest. With no selector every candidate that
-passes the filters is chosen. Candidates without a step, and those that cannot be read or are incomplete (a
-save in progress: a truncated file, a missing shard, no weights yet), are ignored and reported, never chosen
-or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also keeps back the
-newest readable checkpoint and, with a metric, every checkpoint without a value for it.
+Filters narrow the candidates, in this order: `min_step`, `max_step`, `after_warmup`, `every`, the windows
+`window_steps` and `window_tokens` (within so many steps or tokens seen of the newest candidate left),
+`skip_spikes`, `min_interval` (walking back from the newest, each kept checkpoint at least so many steps before
+the one kept after it), `skip_nonfinite`, `max_step="best"`. Selectors (`last`, `top_k`) then choose among what is
+left, and when both are given the choice is their union: the K best by the metric plus the N newest. With no
+selector every candidate that passes the filters is chosen. Candidates without a step, and those that cannot be
+read or are incomplete (a save in progress: a truncated file, a missing shard, no weights yet), are ignored and
+reported, never chosen or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also
+keeps back the newest readable checkpoint and, with a metric, every checkpoint without a value for it.
 
 `skip_nonfinite` is the one filter that reads tensors: it runs last and reads only the candidates the
 selectors would take, replacing a non-finite one by the next in line, so the choice is the one a read of
