@@ -114,8 +114,13 @@ def _parse_one(text: str) -> list[Recipe]:
         return [Recipe(kind, _count(v, text), text) for v in values]
     if kind == "wsm":
         for v in values:
-            if not re.fullmatch(r"[a-z][a-z0-9_-]*", v):
-                raise UsageError(None, f"{option('recipes', text)}: {v!r} is not a curve name (linear, cosine, minus-sqrt, ...)")
+            if v.removesuffix(weightings.WSM_REVERSE) not in weightings.WSM_CURVES:
+                names = ", ".join(weightings.WSM_CURVES)
+                raise UsageError(
+                    None,
+                    f"{option('recipes', text)}: unknown WSM curve {v!r}; expected {names} (each also with "
+                    f"{weightings.WSM_REVERSE})",
+                )
         return [Recipe(kind, v, text) for v in values]
     return [Recipe(kind, _positive(kind, v, text), text) for v in values]
 
@@ -143,6 +148,12 @@ def _positive(kind: str, value: str, text: str) -> float:
         raise UsageError(None, f"{option('recipes', text)}: {value!r} is not a number") from None
     if kind == "ema" and not 0 <= number < 1:
         raise UsageError(None, f"{option('recipes', text)}: a decay must lie in [0, 1), not {value}")
+    if kind == "ema-sigma-rel" and not 0 < number < weightings.SIGMA_REL_MAX:
+        raise UsageError(
+            None,
+            f"{option('recipes', text)}: a relative width must lie in (0, {weightings.SIGMA_REL_MAX:.4f}), the range of a "
+            f"power-function EMA, not {value}",
+        )
     if kind != "ema" and not (math.isfinite(number) and number > 0):
         raise UsageError(None, f"{option('recipes', text)}: expected a number > 0, not {value}")
     return number
@@ -189,11 +200,5 @@ def _weights(recipe: Recipe, steps: list[int | None]) -> Weights:
     if kind == "ema-half-life":
         return weightings.ema_half_life(known, float(value))  # type: ignore[arg-type]
     if kind == "ema-sigma-rel":
-        make = getattr(weightings, "ema_sigma_rel", None)
-        if make is None:
-            raise UsageError(None, f"{option('recipes', recipe.text)}: ema-sigma-rel is not available in this version of ckptavg")
-        return make(known, float(value))  # type: ignore[arg-type]
-    make = getattr(weightings, "wsm", None)
-    if make is None:
-        raise UsageError(None, f"{option('recipes', recipe.text)}: wsm is not available in this version of ckptavg")
-    return make(n, str(value))
+        return weightings.ema_sigma_rel(known, float(value))  # type: ignore[arg-type]
+    return weightings.wsm(n, str(value))

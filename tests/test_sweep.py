@@ -50,8 +50,20 @@ CANDIDATES = [
     ("weights-1-0-2-1", "weights:1,0,2,1", [0, 1, 2, 3], {"weights": [1, 0, 2, 1]}, [1, 0, 2, 1]),
     ("ema-0.5", "ema:0.5", [0, 1, 2, 3], {"ema": 0.5}, [0.125, 0.125, 0.25, 0.5]),
     ("ema-half-life-100", "ema-half-life:100", [0, 1, 2, 3], {"ema_half_life": 100}, None),
+    ("wsm-minus-sqrt", "wsm:minus-sqrt", [0, 1, 2, 3], {"weights": "wsm:minus-sqrt"}, None),
+    ("wsm-cosine__reverse", "wsm:cosine__reverse", [0, 1, 2, 3], {"weights": "wsm:cosine__reverse"}, None),
+    ("ema-sigma-rel-0.05", "ema-sigma-rel:0.05", [0, 1, 2, 3], {"ema_sigma_rel": 0.05}, None),
 ]
-RECIPES = ["mean", "last:2,3", "linear", "weights:1,0,2,1", "ema:0.5", "ema-half-life:100"]
+RECIPES = [
+    "mean",
+    "last:2,3",
+    "linear",
+    "weights:1,0,2,1",
+    "ema:0.5",
+    "ema-half-life:100",
+    "wsm:minus-sqrt,cosine__reverse",
+    "ema-sigma-rel:0.05",
+]
 
 
 def _half_life_weights(steps: list[int], half_life: float) -> list[float]:
@@ -61,6 +73,38 @@ def _half_life_weights(steps: list[int], half_life: float) -> list[float]:
         a = 0.5 ** ((now - before) / half_life)
         weights = [w * a for w in weights] + [1 - a]
     return weights
+
+
+def _wsm_weights(n: int, g) -> list[float]:
+    """WSM (arXiv 2507.17634, as Megatron-LM's weighted_merge.py): d_k = g(k/n), c_(n-1) = d_(n-1),
+    c_k = d_k - d_(k+1), c_0 = 1 - the sum of the others."""
+    d = [g(k / n) for k in range(n)]
+    c = [d[k] - d[k + 1] for k in range(n - 1)] + [d[n - 1]]
+    c[0] = 1 - sum(c[1:])
+    return c
+
+
+def _sigma_rel_weights(steps: list[int], sigma_rel: float) -> list[float]:
+    """EDM2's power-function EMA: gamma from sigma_rel = sqrt(g+1) / ((g+2) sqrt(g+3)) by bisection, then each
+    checkpoint weighted by the profile t^gamma integrated over the steps since the one before (t_0 = 0)."""
+    lo, hi = 1e-9, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if math.sqrt(mid + 1) / ((mid + 2) * math.sqrt(mid + 3)) > sigma_rel:
+            lo = mid
+        else:
+            hi = mid
+    gamma = (lo + hi) / 2
+    edges = [0, *steps]
+    return [(b ** (gamma + 1) - a ** (gamma + 1)) / steps[-1] ** (gamma + 1) for a, b in zip(edges, edges[1:])]
+
+
+REFERENCE_WEIGHTS = {
+    "ema-half-life-100": lambda: _half_life_weights(STEPS, 100),
+    "wsm-minus-sqrt": lambda: _wsm_weights(4, lambda x: 1 - math.sqrt(x)),
+    "wsm-cosine__reverse": lambda: _wsm_weights(4, lambda x: (1 + math.cos(math.pi * x)) / 2)[::-1],
+    "ema-sigma-rel-0.05": lambda: _sigma_rel_weights(STEPS, 0.05),
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +135,17 @@ def test_each_candidate_is_what_average_writes(run, swept, tmp_path, name, recip
     assert [i["weight"] for i in recorded["inputs"]] == candidate.weights
 
 
-@pytest.mark.parametrize("name", ["last-2", "ema-0.5", "ema-half-life-100", "weights-1-0-2-1"])
+@pytest.mark.parametrize(
+    "name",
+    ["last-2", "ema-0.5", "ema-half-life-100", "weights-1-0-2-1", "wsm-minus-sqrt", "wsm-cosine__reverse", "ema-sigma-rel-0.05"],
+)
 def test_values_match_a_float64_reference(run, swept, name):
     _paths, states = run
-    out, _report = swept
+    out, report = swept
     _, _, chosen, _, weights = next(c for c in CANDIDATES if c[0] == name)
-    weights = weights or _half_life_weights(STEPS, 100)
+    weights = weights or REFERENCE_WEIGHTS[name]()
+    candidate = next(c for c in report.candidates if c.name == name)
+    assert candidate.weights == pytest.approx([w / sum(weights) for w in weights], rel=1e-9, abs=1e-12)
     want = reference_average([states[i] for i in chosen], weights)
     got = read_output(out / name)
     for tensor, value in want.items():
@@ -165,6 +214,8 @@ def test_cli_json_report_and_summary(cli, run, tmp_path):
         ("mean:2", "mean takes no value"),
         ("last:9", "last 9 of 4 inputs"),
         ("weights:1,2", "2 weights for 4 checkpoints"),
+        ("wsm:steep", "unknown WSM curve 'steep'"),
+        ("ema-sigma-rel:0.3", "a relative width must lie in (0, 0.2887)"),
     ],
 )
 def test_bad_recipes_are_one_line_exit_2(cli, run, tmp_path, recipe, said):
@@ -175,6 +226,13 @@ def test_bad_recipes_are_one_line_exit_2(cli, run, tmp_path, recipe, said):
     assert f"--recipe {recipe}" in result.err
     assert result.err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_step_weightings_need_every_step(cli, tmp_path):
+    paths = [save_layout(make_state(seed), tmp_path / f"in{seed}", "safetensors") for seed in range(3)]
+    result = cli("sweep", *paths, "-o", tmp_path / "s", "--recipe", "ema-sigma-rel:0.1", "--order", "given")
+    assert result.code == 2
+    assert "--recipe ema-sigma-rel:0.1: ema-sigma-rel needs the training step of every input; 3 of 3 have none" in result.err
 
 
 def test_recipe_lists_and_repeats():
