@@ -60,7 +60,7 @@ class CandidateSummary:
     copied_files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     sha256: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about its weighting (an EMA mostly its oldest input)
 
 
 @dataclass
@@ -248,7 +248,6 @@ def _sweep_report(
             steps=[i.step for i in report.inputs],
             weights=[i.weight for i in report.inputs],
             output=str(out_path / candidate.name) if out_path is not None else None,
-            warnings=list(report.warnings),
         )
         if plan.weights.strategy == "ema" and (warning := oldest_weight_warning(plan.weights, "a lower decay gives it less")):
             summary.warnings.append(warning)
@@ -265,8 +264,9 @@ def _sweep_report(
         device=str(inputs.device),
         notes=list(notes),
     )
-    for candidate_report in reports:
+    for candidate_report in reports:  # what is said of the inputs (notes; different runs, checked once)
         report.notes.extend(n for n in candidate_report.notes if n not in report.notes)
+        report.warnings.extend(w for w in candidate_report.warnings if w not in report.warnings)
     for summary in made:
         report.warnings.extend(f"{summary.name}: {w}" for w in summary.warnings)
     if one_pass:

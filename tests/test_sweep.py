@@ -408,3 +408,11 @@ def test_progress_shows_the_pass_and_the_candidates(run, tmp_path):
     assert display.plan.startswith("4 inputs (steps 100..500), 2 candidates (mean, last-2), one read, ")
     assert seen[-1] == (report.bytes_read, report.bytes_to_read)
     assert display.status_text().startswith("sweeping 100%")
+
+
+def test_strict_refuses_a_candidate_that_warns(cli, run, tmp_path):
+    paths, _ = run
+    result = cli("sweep", *paths, "-o", tmp_path / "s", "--recipe", "mean", "--recipe", "ema:0.9", "--strict")
+    assert result.code == 1
+    assert "warning treated as an error (--strict): ema-0.9: the EMA gives the oldest input 73% of the weight" in result.err
+    assert not (tmp_path / "s").exists()
