@@ -678,3 +678,19 @@ def test_a_mistyped_hub_input_gets_the_hub_spelling(cli, tmp_path):
     result = cli("select", "hf:org/run", "--last", "1")
     assert result.code == 1 and "a Hub input is written hf://" in result.err
     assert "Hub input" not in cli("average", tmp_path / "nope", tmp_path / "nope2", "-o", tmp_path / "out").err
+
+
+def test_offline_sweep_of_hub_inputs_equals_the_local_averages(run, offline_cache, local_run, repos, tmp_path):
+    env = environment(offline_cache, offline=True)
+    inputs = [hub_url("org/run", None, f"checkpoint-{s}") for s in STEPS]
+    hub = run("sweep", *inputs, "-o", tmp_path / "s", "--recipe", "mean", "--recipe", "last:2", "--json", env=env)
+    assert hub.code == 0, hub.err
+    local = run("average", *(local_run / f"checkpoint-{s}" for s in STEPS[-2:]), "-o", tmp_path / "last-2", env=env)
+    assert local.code == 0, local.err
+    assert (tmp_path / "s" / "last-2" / "model.safetensors").read_bytes() == (
+        tmp_path / "last-2" / "model.safetensors"
+    ).read_bytes()
+    main = commit_of(repos, "org/run")
+    report = json.loads(hub.out)
+    assert report["candidates"][1]["inputs"] == [f"hf://org/run@{main}/checkpoint-{s}" for s in STEPS[-2:]]
+    assert (tmp_path / "s" / "mean" / "tokenizer.json").read_bytes() == TOKENIZER
