@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from ckptavg.discover import steps_from_name
 from ckptavg.errors import UsageError
 from ckptavg.formats.base import Checkpoint, TensorSource, read_exact, readable_by_range, tensor_buffer
@@ -78,7 +76,7 @@ def _named_for_its_step(path: Path) -> bool:
 
 
 def _layout(ckpt: Checkpoint) -> tuple:
-    return tuple(sorted((name, str(src.dtype), src.shape) for name, src in stored_tensors(ckpt.tensors).items()))
+    return tuple(sorted((name, src.dtype_name, src.shape) for name, src in stored_tensors(ckpt.tensors).items()))
 
 
 def _alike(checkpoints: Sequence[Checkpoint], members: list[int], part: str) -> list[list[int]]:
@@ -150,6 +148,8 @@ class _UncachedReads:
         """The bytes [start, start + size) of each (source, start, size): one read for a batch (_batches) of one file."""
         src = places[0][0]
         if type(src) is not TensorSource:  # extents: read through the source, by range
+            import torch
+
             buffer = torch.empty(places[0][2], dtype=torch.uint8)
             src.read_into(places[0][1], buffer)
             return [bytes(tensor_buffer(buffer))]
@@ -208,6 +208,8 @@ def _identical(a: Checkpoint, b: Checkpoint) -> bool:
 
 
 def _same_tensor(a: TensorSource, b: TensorSource) -> bool:
+    import torch
+
     if not (readable_by_range(a) and readable_by_range(b)):
         try:
             return torch.equal(a.read().reshape(-1).view(torch.uint8), b.read().reshape(-1).view(torch.uint8))
