@@ -83,7 +83,11 @@ def test_header_commands_import_no_torch(tmp_path):
     result = tmp_path / "seen.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps([*commands, control]), str(result)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", DRIVER, json.dumps([*commands, control]), str(result)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(result.read_text())
