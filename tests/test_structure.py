@@ -97,8 +97,8 @@ def test_header_commands_import_no_torch(tmp_path):
 
 
 def test_the_dtype_tables_are_torchs():
-    """formats/dtypes.py names every dtype torch has, with torch's item sizes, and the storages and safetensors
-    codes as torch and safetensors map them."""
+    """formats/dtypes.py names every dtype the installed torch has, with torch's item sizes and aliases, and the
+    storages and safetensors codes as torch and safetensors map them."""
     import json
 
     import safetensors.torch
@@ -108,9 +108,10 @@ def test_the_dtype_tables_are_torchs():
 
     in_torch = {name: getattr(torch, name) for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
     canonical = {name for name, dtype in in_torch.items() if str(dtype) == f"torch.{name}"}
-    assert set(DTYPES) == canonical
-    assert {alias: str(in_torch[alias]).removeprefix("torch.") for alias in set(in_torch) - canonical} == ALIASES
-    for name in DTYPES:
+    assert canonical <= set(DTYPES)  # the table may name dtypes of a newer torch than this one
+    aliases = {alias: str(in_torch[alias]).removeprefix("torch.") for alias in set(in_torch) - canonical}
+    assert aliases == {alias: name for alias, name in ALIASES.items() if name in canonical}
+    for name in canonical:
         assert (itemsize(name), is_floating(name)) == (in_torch[name].itemsize, in_torch[name].is_floating_point), name
         assert to_torch(name) is in_torch[name]
     storages = torch.storage._dtype_to_storage_type_map()

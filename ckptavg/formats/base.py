@@ -180,6 +180,16 @@ class TensorSource:
         assert self._strided_cache is not None
         out.copy_(self._strided_cache.view(torch.uint8)[start : start + out.numel()])
 
+    def read_bytes(self, start: int, out: memoryview) -> None:
+        """Copy bytes [start, start + len(out)) of the contiguous tensor into `out`: stored bytes are read with
+        no torch; a source that makes a tensor first (strided, computed) imports it."""
+        if self.contiguous:
+            read_exact(self.path, self.offset + start, out)
+        elif len(out):
+            import torch
+
+            self.read_into(start, torch.frombuffer(out, dtype=torch.uint8))
+
     def prepare(self) -> None:
         """Make a strided source readable by range: read it whole once and make it contiguous (a no-op for
         the usual contiguous source). Call it from one thread before several threads read the source."""
@@ -246,9 +256,12 @@ class ExtentSource(TensorSource):
         pass
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
+        self.read_bytes(start, tensor_buffer(out))
+
+    def read_bytes(self, start: int, out: memoryview) -> None:
         if self.contiguous:
-            return super().read_into(start, out)
-        view, at, done = tensor_buffer(out), 0, 0
+            return super().read_bytes(start, out)
+        view, at, done = out, 0, 0
         for path, offset, length in self.extents:
             lo, hi = max(start, at), min(start + len(view), at + length)
             if lo < hi:
