@@ -63,10 +63,12 @@ def _layouts(tmp_path: Path) -> dict[str, Path]:
 def test_header_commands_import_no_torch(tmp_path):
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
     made = _layouts(tmp_path)
+    shutil.copy(made["pt"], made["pt"].with_name("last.pt"))
     run = [str(made[f"checkpoint-{step}"]) for step in (1, 2, 3)]
     commands = [
         ["--help"],
@@ -78,6 +80,7 @@ def test_header_commands_import_no_torch(tmp_path):
         ["select", *run, "--last", "2"],
         ["select", str(tmp_path / "run" / "checkpoint-*"), "--last", "2", "--json"],
         ["select", *run, str(made["pt"]), str(made["lightning"]), "--last", "2"],
+        ["select", *run, str(made["pt"]), str(made["pt"].with_name("last.pt")), "--last", "2"],  # a copy, compared in full
     ]
     control = ["inspect", run[-1], "--check"]  # reads every tensor: torch is imported there
     result = tmp_path / "seen.json"
