@@ -51,98 +51,7 @@ _LAZY = {
     "CkptavgError": "ckptavg.errors",
 }
 
-# Error messages name command-line flags; from Python they name the keyword arguments instead.
-_SWITCHES = {
-    "overwrite": "overwrite=True",
-    "strict": "strict=True",
-    "use-ema": "use_ema=True",
-    "dry-run": "dry_run=True",
-    "verify": "verify=True",
-    "no-fsync": "fsync=False",
-    "requantize": "requantize=True",
-    "merge": "merge=True",
-    "skip-nonfinite": "skip_nonfinite=True",
-    "skip-spikes": "skip_spikes=True",
-    "tensors": "tensors=True",
-    "check": "check=True",
-}
-_KEYWORDS = {
-    "order": "order",
-    "weights": "weights",
-    "ema": "ema",
-    "ema-half-life": "ema_half_life",
-    "key": "key",
-    "strip-prefix": "strip_prefixes",
-    "dtype": "dtype",
-    "device": "device",
-    "memory-budget": "memory_budget",
-    "max-shard-size": "max_shard_size",
-    "format": "out_format",
-    "accum-dtype": "accum",
-    "adapter-mode": "adapter_mode",
-    "adapter-rank": "adapter_rank",
-    "base": "base",
-    "rank-timeout": "rank_timeout",
-    "last": "last",
-    "top-k": "top_k",
-    "metric": "metric",
-    "mode": "mode",
-    "every": "every",
-    "min-step": "min_step",
-    "max-step": "max_step",
-    "after-warmup": "after_warmup",
-    "spike-k": "spike_k",
-    "metrics": "metrics_file",
-    "filter": "pattern",
-}
-# A flag's value as the library writes it: a repr ('bf8', [1, -2], True, nan), a placeholder (DECAY), a number or size, a word.
-_VALUE = (
-    r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|(?:True|False|None|-?nan|-?inf)\b|[A-Z_]+\b|-?[\w:]*[\d.,:][\w.,:]*(?<![:.,])"
-    r"|(?:given|auto|linear|uniform|cpu|cuda|pt|safetensors|best|exact|params|merged|min|max)\b"
-)
-_AS_IS = r"'.*'|\".*\"|\[.*\]|\(.*\)|True|False|None|-?nan|-?inf|[A-Z_]+|-?[\d.]+(?:e-?\d+)?"
 
-
-def _python_terms(text: str) -> str:
-    """`text` with the command line's flags written as the Python API's keyword arguments."""
-    import re
-
-    def keyword(match: re.Match) -> str:
-        flag, value = match.group(1), match.group(2)
-        if flag in _SWITCHES:
-            return _SWITCHES[flag] + (f" {value}" if value else "")
-        if flag not in _KEYWORDS:
-            return match.group(0)
-        name = _KEYWORDS[flag]
-        if value is None:
-            return f"{name}=..."
-        if flag == "strip-prefix" and not value.startswith(("'", '"', "[")):
-            return f"{name}=[{value!r}]"
-        return f"{name}={value}" if re.fullmatch(_AS_IS, value) else f"{name}={value!r}"
-
-    flags = re.compile(rf"(?<![\w-])--([a-z][a-z0-9-]*)(?: ({_VALUE}))?")
-    return flags.sub(keyword, text).replace("-o OUT", "out=...").replace("pass -o ", "pass out=")
-
-
-def _speaking_python(function: Callable) -> Callable:
-    """`function`, its CkptavgErrors worded for a Python caller."""
-    import functools
-
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from ckptavg.errors import CkptavgError
-
-        try:
-            return function(*args, **kwargs)
-        except CkptavgError as e:
-            e.problem = _python_terms(e.problem)
-            e.args = (e.message,)
-            raise
-
-    return call
-
-
-@_speaking_python
 def select(
     paths: Sequence[str | os.PathLike] | str | os.PathLike,
     *,
@@ -157,6 +66,9 @@ def select(
     skip_nonfinite: bool = False,
     skip_spikes: bool = False,
     spike_k: float = 3.0,
+    window_steps: int | None = None,
+    window_tokens: int | str | None = None,
+    min_interval: int | None = None,
     metrics_file: str | os.PathLike | None = None,
     key: str | None = None,
     on_progress: Callable[[Any], None] | None = None,
@@ -171,6 +83,12 @@ def select(
         every, min_step, max_step, after_warmup: filters by step; max_step may be "best" (up to the best by `metric`).
         skip_nonfinite: drop checkpoints holding NaN or Inf (reads their tensors). skip_spikes, spike_k: drop
             checkpoints whose metric jumps beyond median + k*MAD of its neighbours.
+        window_steps: only checkpoints within this many steps of the newest candidate (boundary included).
+        window_tokens: the same in tokens seen (an int, or "500M", "20B": K, M, B, T are 10^3 .. 10^12); refused,
+            naming them, when candidates do not record their tokens (trainer_state.json's num_input_tokens_seen,
+            or a checkpoint's tokens, consumed_tokens, consumed_train_samples x seq_length).
+        min_interval: walking back from the newest, keep a checkpoint only when it is at least this many steps
+            before the one kept after it. The windows and min_interval are filters, applied before last/top_k.
         metrics_file: CSV, JSON or JSONL of metrics by step or path. key: where the weights are (for skip_nonfinite).
         on_progress: called with a ReadProgress while skip_nonfinite reads tensors.
 
@@ -184,26 +102,33 @@ def select(
 
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.checks import check_int, check_number, check_path, check_text
-    from ckptavg.errors import UsageError
+    from ckptavg.errors import UsageError, option
     from ckptavg.inspection import first_nonfinite
-    from ckptavg.selection import Policy, gather
+    from ckptavg.selection import Policy, gather, token_count
     from ckptavg.selection import select as choose
 
     items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    for flag, value in (("--last", last), ("--top-k", top_k), ("--every", every), ("--min-step", min_step)):
+    for name, value in (
+        ("last", last),
+        ("top_k", top_k),
+        ("every", every),
+        ("min_step", min_step),
+        ("window_steps", window_steps),
+        ("min_interval", min_interval),
+    ):
         if value is not None:
-            check_int(flag, value)
+            check_int(name, value)
     if isinstance(max_step, str):
         if max_step != "best":
-            raise UsageError(None, f"--max-step {max_step!r}: expected a step or 'best'")
+            raise UsageError(None, f"{option('max_step', repr(max_step))}: expected a step or 'best'")
     elif max_step is not None:
-        check_int("--max-step", max_step)
+        check_int("max_step", max_step)
     if after_warmup is not None:
-        check_number("--after-warmup", after_warmup)
-    check_number("--spike-k", spike_k, 0, True)
-    check_text("--metric", metric)
-    check_text("--mode", mode)
-    check_text("--key", key)
+        check_number("after_warmup", after_warmup)
+    check_number("spike_k", spike_k, 0, True)
+    check_text("metric", metric)
+    check_text("mode", mode)
+    check_text("key", key)
     if metrics_file is not None:
         check_path("metrics_file", metrics_file)
     policy = Policy(
@@ -218,6 +143,9 @@ def select(
         skip_nonfinite=skip_nonfinite,
         skip_spikes=skip_spikes,
         spike_k=spike_k,
+        window_steps=window_steps,
+        window_tokens=token_count(window_tokens),
+        min_interval=min_interval,
     )
     policy.check()
     options = LoadOptions(key=key)
@@ -230,7 +158,6 @@ def select(
     )
 
 
-@_speaking_python
 def inspect(
     path: str | os.PathLike,
     *,
@@ -262,12 +189,11 @@ def inspect(
 
     check_path("path", path)
     _check_pattern(pattern)
-    check_text("--key", key)
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    check_text("key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("strip_prefixes", strip_prefixes))
     return inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=on_progress)
 
 
-@_speaking_python
 def diff(
     a: str | os.PathLike,
     b: str | os.PathLike,
@@ -298,8 +224,8 @@ def diff(
     check_path("a", a)
     check_path("b", b)
     _check_pattern(pattern)
-    check_text("--key", key)
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("--strip-prefix", strip_prefixes))
+    check_text("key", key)
+    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=check_prefixes("strip_prefixes", strip_prefixes))
     return diff_checkpoints(a, b, options, pattern, on_progress=on_progress)
 
 
@@ -307,13 +233,13 @@ def _check_pattern(pattern: object) -> None:
     import re
 
     from ckptavg.checks import check_text
-    from ckptavg.errors import UsageError
+    from ckptavg.errors import UsageError, option
 
-    if check_text("--filter", pattern) is not None:
+    if check_text("pattern", pattern) is not None:
         try:
             re.compile(pattern)  # type: ignore[arg-type]
         except re.error as e:
-            raise UsageError(None, f"--filter {pattern!r}: not a regular expression ({e})") from None
+            raise UsageError(None, f"{option('pattern', repr(pattern))}: not a regular expression ({e})") from None
 
 
 def __getattr__(name: str) -> Any:
@@ -321,8 +247,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        if name in ("average", "export"):
-            value = _speaking_python(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
-from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError
+from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import FILES, Checkpoint
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
@@ -34,7 +34,7 @@ from ckptavg.formats.writer import (
     write_text,
 )
 from ckptavg.globbing import expand
-from ckptavg.hub import Localized, localize
+from ckptavg.hub import Localized, is_hub, localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
@@ -47,6 +47,7 @@ from ckptavg.output import (
     WriteOptions,
     check_destination,
     check_output_name,
+    check_space,
     copy_model_files,
     output_layout,
     staged,
@@ -135,14 +136,14 @@ def choose_device(name: str, local_rank: int | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UsageError(None, f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from e
+        raise UsageError(None, f"{option('device', repr(name))}: expected auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(None, f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(None, f"{option('device', name)}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(None, f"{option('device', name)}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise UsageError(None, f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(None, f"{option('device', name)}: expected auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -153,6 +154,7 @@ def average(
     weights: str | Sequence[float] | None = None,
     ema: float | None = None,
     ema_half_life: float | None = None,
+    ema_sigma_rel: float | None = None,
     order: str = "auto",
     dtype: str | None = None,
     accum: str = "auto",
@@ -183,9 +185,12 @@ def average(
     Args:
         paths: checkpoint files or folders, in any layout ckptavg reads.
         out: a folder (sharded safetensors + index + model files) or a `.safetensors` file; None only with dry_run.
-        weights: None or "uniform" (mean), "linear" (1..N), or one weight per input: [1, 2, 3] or "1,2,3".
+        weights: None or "uniform" (mean), "linear" (1..N), "wsm:CURVE" (Warmup-Stable-Merge's weights for the decay
+            curve linear, cosine or minus-sqrt, each also + "__reverse"), or one weight per input: [1, 2, 3] or "1,2,3".
         ema: decay of an exponential moving average over the ordered inputs (instead of weights).
         ema_half_life: an EMA in training steps with this half-life, honouring irregular spacing (instead of weights).
+        ema_sigma_rel: the power-function EMA (EDM2) of this relative width in (0, 0.2887), over the inputs' steps
+            (instead of weights).
         order: "auto" (by step, else epoch, else as given) or "given".
         dtype: output dtype of floating tensors ("bf16", "fp16", "fp32", or torch's "bfloat16", ...); None keeps the input's.
         accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64" (or "float32", "float64").
@@ -231,6 +236,7 @@ def average(
         weights=weights,
         ema=ema,
         ema_half_life=ema_half_life,
+        ema_sigma_rel=ema_sigma_rel,
         order=order,
         dtype=dtype,
         accum=accum,
@@ -324,12 +330,12 @@ def _check_inputs_and_output(
         raise UsageError(None, "no inputs given")
     out_path = Path(out) if out is not None else None
     if out_path is None and not options.dry_run:
-        raise UsageError(None, "no output given: pass -o OUT (or --dry-run)")
+        raise UsageError(None, f"no output given: pass {option('out', 'OUT')} (or {option('dry_run', True)})")
     if out_path is not None:
         if output_layout(out_path, options.out_format)[1] and options.max_shard_size is not None:
             raise UsageError(
                 None,
-                f"{out_path.name} is one file, never sharded: --max-shard-size applies to an output folder "
+                f"{out_path.name} is one file, never sharded: {option('max_shard_size')} applies to an output folder "
                 "(leave it out, or name a folder)",
             )
         check_output_name(out_path)
@@ -338,16 +344,20 @@ def _check_inputs_and_output(
 
 def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None) -> _Inputs:
     """Each input opened (hf:// ones fetched into the HF cache), refused when one is given twice or holds the
-    output; the output's place checked (by rank 0) before any download."""
+    output; the output's place checked once (by rank 0): before any download, else once the inputs are open
+    (so that an input named as the output is refused as such)."""
     leader = world is None or world.leader
     device = choose_device(options.device, world.local_rank if world else None)
-    local = localize(paths, options.base, out=out_path if leader and not options.dry_run else None, overwrite=options.overwrite)
+    remote = any(is_hub(p) for p in [*paths, *([options.base] if options.base is not None else [])])
+    if remote and out_path is not None and leader:
+        check_destination(out_path, options.overwrite)
+    local = localize(paths, options.base)
     checkpoints = [local.open(p, options.load_options) for p in local.paths]
     base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
     refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
     refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
-    if out_path is not None and leader:
-        check_destination(out_path, options.overwrite, needed_bytes=0)
+    if not remote and out_path is not None and leader:
+        check_destination(out_path, options.overwrite)
     return _Inputs(local, checkpoints, base_model, device)
 
 
@@ -366,21 +376,29 @@ def _plan_run(
         raise UsageError(
             None,
             (
-                f"--ema-half-life needs the training step of every input: none known for {', '.join(unknown[:3])}; use "
-                "--ema DECAY instead"
+                f"{option('ema_half_life')} needs the training step of every input: none known for {', '.join(unknown[:3])}; "
+                f"use {option('ema', 'DECAY')} instead"
             ),
+        )
+    if options.ema_sigma_rel is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
+        raise UsageError(
+            None,
+            f"{option('ema_sigma_rel', options.ema_sigma_rel)} needs the training step of every input: none known for "
+            f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}",
         )
     steps = [c.step for c in checkpoints]
     strategy = (
         make_weights(len(checkpoints))
         if make_weights
-        else parse_weights(options.weights, options.ema, len(checkpoints), options.ema_half_life, steps)
+        else parse_weights(options.weights, options.ema, len(checkpoints), options.ema_half_life, steps, options.ema_sigma_rel)
     )
     require_order(inputs.checkpoints, ordered_by, options.order, strategy.strategy)
     if note := order_note(inputs.checkpoints, checkpoints, strategy.strategy):
         notes.append(note)
     if options.requantize and world is not None:
-        raise UsageError(None, "--requantize writes one file after another; run it in one process, not under torchrun")
+        raise UsageError(
+            None, f"{option('requantize', True)} writes one file after another; run it in one process, not under torchrun"
+        )
     plan, adapter = _plan(checkpoints, strategy, inputs.base, options)
     report = _report(plan, ordered_by, out_path, inputs.device, notes)
     inputs.local.annotate(report.inputs)
@@ -392,9 +410,9 @@ def _plan_run(
         _warnings(plan, options.ema, options.ema_half_life, steps, options.check_same_run and leader)
     )  # rank 0 samples the inputs
     if options.strict and report.warnings:
-        raise StrictError(None, f"warning treated as an error (--strict): {report.warnings[0]}")
+        raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
     if out_path is not None and not options.dry_run and leader:
-        check_destination(out_path, options.overwrite, plan.output_bytes)
+        check_space(out_path, plan.output_bytes)
     return plan, report
 
 
@@ -406,11 +424,12 @@ def _plan(
     if check_adapters(checkpoints) is None:
         if base is not None or rank is not None:
             raise UsageError(
-                None, f"{'--base' if base is not None else '--adapter-rank'} applies to PEFT adapters; the inputs are full models"
+                None,
+                f"{option('base' if base is not None else 'adapter_rank')} applies to PEFT adapters; the inputs are full models",
             )
         return build_plan(checkpoints, strategy, out_dtype, options.accum, options.requantize), None
     if options.requantize:
-        raise UsageError(None, "--requantize applies to FP8 weights; the inputs are PEFT adapters")
+        raise UsageError(None, f"{option('requantize', True)} applies to FP8 weights; the inputs are PEFT adapters")
     return build_adapter_plan(checkpoints, strategy, options.adapter_mode, out_dtype, options.accum, base, rank)
 
 
@@ -438,7 +457,7 @@ def _adapter_note(adapter: AdapterSummary, n: int) -> str:
     return (
         f"{adapter.kind} adapters averaged parameter-wise at rank {adapter.rank_in}: each module's change is off the exact "
         f"mean of the changes by {adapter.error_median:.2%} (median) to {adapter.error_max:.2%} ({adapter.error_worst}); "
-        "--adapter-mode exact has no such error"
+        f"{option('adapter_mode', 'exact')} has no such error"
     )
 
 
@@ -451,8 +470,8 @@ def _warnings(
     if decay is not None:
         n = len(plan.inputs)
         advice = (
-            f"lower the decay (--ema {math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g} or less gives it at most half) or "
-            "use --ema-half-life STEPS"
+            f"lower the decay ({option('ema', f'{math.floor(0.5 ** (1 / max(n - 1, 1)) * 100) / 100:g}')} or less gives it at "
+            f"most half) or use {option('ema_half_life', 'STEPS')}"
         )
         found.append(oldest_weight_warning(plan.weights, advice))
     if half_life is not None and steps[0] is not None and steps[-1] is not None:
@@ -477,7 +496,9 @@ def refuse_overlaps(checkpoints: list[Checkpoint], out: Path | None) -> None:
                 first, first_file = seen[identity]
                 link = ", a hard link to the same file" if real_path(first_file) != real_path(file) else ""
                 same = "" if first.path == ckpt.path else f" (the same weights as {first.path}{link})"
-                raise UsageError(ckpt.path, f"given twice{same}; pass each checkpoint once, and --weights to weight one more")
+                raise UsageError(
+                    ckpt.path, f"given twice{same}; pass each checkpoint once, and {option('weights')} to weight one more"
+                )
             seen.setdefault(identity, (ckpt, file))
     if out is None:
         return
@@ -538,14 +559,14 @@ def _write_output(
         raise UsageError(
             None,
             (
-                f"-o {out_path.name}: an adapter is written as a folder (adapter_model.safetensors + adapter_config.json); name "
-                "a folder"
+                f"{option('out', out_path.name)}: an adapter is written as a folder (adapter_model.safetensors + "
+                "adapter_config.json); name a folder"
             ),
         )
     recipe = _recipe(report)
     specs = output_specs(plan)
     if kind == "pt" and (problem := check_pt_dtypes(specs)):
-        raise UsageError(None, f"--format pt cannot hold {problem}; use safetensors")
+        raise UsageError(None, f"{option('out_format', 'pt')} cannot hold {problem}; use safetensors")
     shared = world is not None and kind == "safetensors"
     verify_shared = options.verify and shared and not single_file  # the ranks read the folder's files back between them
     try:
@@ -567,7 +588,9 @@ def _write_output(
                     recipe=json.dumps(recipe) if single_file else None,
                 )
                 if not single_file and len(specs) and plan.output_bytes > options.shard_bytes:
-                    report.notes.append("--format pt writes one file; --max-shard-size applies to safetensors")
+                    report.notes.append(
+                        f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
+                    )
             else:
                 files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
                 report.output_files = list(files.names)

@@ -24,7 +24,7 @@ from ckptavg.discover import (
     steps_from_path,
     steps_from_recipe,
 )
-from ckptavg.errors import InputError, UnsupportedError, UsageError
+from ckptavg.errors import InputError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import Checkpoint, TensorSource
 from ckptavg.formats.dcp import dcp_folder, open_dcp
 from ckptavg.formats.dcp_hf import dcp_hf_folder, open_dcp_hf, refuse_lone_shard
@@ -158,7 +158,7 @@ def _finish(path: Path, ckpt: Checkpoint, folder: Path | None, options: LoadOpti
     ckpt.tensors, compiled = _strip_compiled(path, ckpt.tensors)
     unmatched = [p for p in options.strip_prefixes if not removed.get(p)]
     if unmatched:
-        ckpt.notes.append(f"--strip-prefix {', '.join(unmatched)} matched no tensor name")
+        ckpt.notes.append(f"{option('strip_prefixes', ', '.join(unmatched))} matched no tensor name")
     done = [f"{p} removed" for p in options.strip_prefixes if removed.get(p)] + (
         [f"_orig_mod. removed (torch.compile) from {compiled} names"] if compiled else []
     )
@@ -197,7 +197,9 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
     if kind == "safetensors":
         if options.key or options.use_ema:
             raise UsageError(
-                path, "--key and --use-ema apply to PyTorch pickles; a safetensors file holds one flat set of tensors"
+                path,
+                f"{option('key')} and {option('use_ema', True)} apply to PyTorch pickles; a safetensors file holds one flat "
+                "set of tensors",
             )
         tensors, metadata = read_safetensors(weights_file)
         ckpt = Checkpoint(path=path, format="safetensors", tensors=tensors, files=[weights_file])
@@ -269,16 +271,16 @@ def _weights_reason(where: str | None, options: LoadOptions, top: dict) -> str:
     if where is None:
         return "the top-level tensors"
     if options.key:
-        return f"{where!r} (--key)"
+        return f"{where!r} ({option('key')})"
     averaging = _lightning_averaging(top)
     if averaging and where == "state_dict":
-        ema = " (--use-ema)" if options.use_ema else ""
+        ema = f" ({option('use_ema', True)})" if options.use_ema else ""
         return (
             f"EMA weights 'state_dict'{ema}: Lightning's {averaging} saves its average there; the live weights are "
-            "'current_model_state' (--key current_model_state)"
+            f"'current_model_state' ({option('key', 'current_model_state')})"
         )
     if options.use_ema:
-        return f"EMA weights {where!r} (--use-ema)"
+        return f"EMA weights {where!r} ({option('use_ema', True)})"
     return f"{where!r}"
 
 
@@ -303,7 +305,9 @@ def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict
             check_no_quantized(path, value)
             return _unwrap_averaged_model(value), key, top
         raise InputError(
-            path, f"carries no EMA weights (looked for {', '.join(EMA_KEYS)}); drop --use-ema or name the entry with --key"
+            path,
+            f"carries no EMA weights (looked for {', '.join(EMA_KEYS)}); drop {option('use_ema', True)} or name the entry with "
+            f"{option('key')}",
         )
     for key in WEIGHT_KEYS:
         value = as_dict(top.get(key))
@@ -318,7 +322,9 @@ def _locate_weights(pickle_file: PickleFile, options: LoadOptions) -> tuple[dict
             raise InputError(
                 path, f"entry {key!r} is a pickled {top[key]._global} object, not a state dict; save model.state_dict() instead"
             )
-    raise InputError(path, f"no weights found: no state dict among the top-level keys {_key_list(top)}; choose one with --key")
+    raise InputError(
+        path, f"no weights found: no state dict among the top-level keys {_key_list(top)}; choose one with {option('key')}"
+    )
 
 
 def _at_key(top: dict, key: str) -> Any:

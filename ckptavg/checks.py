@@ -2,7 +2,8 @@
 
 The command line hands over typed values already; a Python caller can pass anything (`ema="0.9"`, `dtype=None`,
 `memory_budget=-1`, `adapter_rank=True`), and should hear which option is wrong rather than see a TypeError
-from deep inside. Messages name the option as its flag (`--ema 1.5: ...`); the Python API shows the keyword.
+from deep inside. Messages name the option by its keyword through `errors.option`: the CLI shows `--ema 1.5: ...`,
+Python `ema=1.5: ...`.
 Checked before any input is opened or the output examined, so a bad value is always the error reported.
 """
 
@@ -13,12 +14,12 @@ import numbers
 import os
 from collections.abc import Collection
 
-from ckptavg.errors import UsageError
+from ckptavg.errors import UsageError, option
 from ckptavg.sizes import parse_size
 
 
 def check_number(
-    flag: str,
+    name: str,
     value: object,
     low: float | None = None,
     low_open: bool = False,
@@ -28,14 +29,14 @@ def check_number(
 ) -> float:
     """A finite real number (not a bool) within [low, high] (an open end with `low_open`/`high_open`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(None, f"{flag} {value!r}: expected {what}, not {type(value).__name__}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected {what}, not {type(value).__name__}")
     if not math.isfinite(value):
         where = "" if low is None and high is None else f" {_range(low, low_open, high, high_open)}"
-        raise UsageError(None, f"{flag} {value!r}: expected a finite number{where}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected a finite number{where}")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
-        raise UsageError(None, f"{flag} {value!r}: expected {what} {_range(low, low_open, high, high_open)}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected {what} {_range(low, low_open, high, high_open)}")
     return float(value)
 
 
@@ -47,55 +48,57 @@ def _range(low: float | None, low_open: bool, high: float | None, high_open: boo
     return f"below {high:g}" if high_open else f"<= {high:g}"
 
 
-def check_int(flag: str, value: object, low: int | None = None, what: str = "a whole number") -> int:
+def check_int(name: str, value: object, low: int | None = None, what: str = "a whole number") -> int:
     """An int (not a bool, not a float) of at least `low`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UsageError(None, f"{flag} {value!r}: expected {what}, not {type(value).__name__}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected {what}, not {type(value).__name__}")
     if low is not None and value < low:
-        raise UsageError(None, f"{flag} {value!r}: expected {what} >= {low}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected {what} >= {low}")
     return int(value)
 
 
-def check_choice(flag: str, value: object, choices: Collection[str]) -> str:
+def check_choice(name: str, value: object, choices: Collection[str]) -> str:
     """One of the names `choices`."""
     if not isinstance(value, str) or value not in choices:
-        raise UsageError(None, f"{flag} {value!r}: expected one of {', '.join(choices)}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected one of {', '.join(choices)}")
     return value
 
 
 SIZE = "expected a size above 0 like 5GB, 500MB or 2GiB (or a number of bytes)"
 
 
-def check_size(flag: str, value: object) -> int:
+def check_size(name: str, value: object) -> int:
     """A positive byte count, or a size as typed ("5GB", "500MB", "2GiB")."""
     if isinstance(value, str):
         try:
             return parse_size(value)
         except UsageError as e:
-            raise UsageError(None, f"{flag} {value!r}: {SIZE}") from e
+            raise UsageError(None, f"{option(name, repr(value))}: {SIZE}") from e
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise UsageError(None, f"{flag} {value!r}: {SIZE}")
+        raise UsageError(None, f"{option(name, repr(value))}: {SIZE}")
     return int(value)
 
 
-def check_text(flag: str, value: object) -> str | None:
+def check_text(name: str, value: object) -> str | None:
     """None or a string (a name, a key, a metric)."""
     if value is not None and not isinstance(value, str):
-        raise UsageError(None, f"{flag} {value!r}: expected a string, not {type(value).__name__}")
+        raise UsageError(None, f"{option(name, repr(value))}: expected a string, not {type(value).__name__}")
     return value
 
 
-def check_prefixes(flag: str, value: object) -> tuple[str, ...]:
+def check_prefixes(name: str, value: object) -> tuple[str, ...]:
     """Strings, one per prefix; one string alone is one prefix (not its characters)."""
     if isinstance(value, str):
         return (value,)
     try:
         prefixes = tuple(value)  # type: ignore[call-overload]
     except TypeError:
-        raise UsageError(None, f"{flag} {value!r}: expected a list of strings") from None
+        raise UsageError(None, f"{option(name, repr(value))}: expected a list of strings") from None
     for prefix in prefixes:
         if not isinstance(prefix, str):
-            raise UsageError(None, f"{flag} {list(prefixes)!r}: expected strings, one per prefix, not {type(prefix).__name__}")
+            raise UsageError(
+                None, f"{option(name, repr(list(prefixes)))}: expected strings, one per prefix, not {type(prefix).__name__}"
+            )
     return prefixes
 
 

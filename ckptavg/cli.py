@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -20,7 +21,7 @@ from typer._click import exceptions as click_errors  # typer's own copy of click
 
 from ckptavg import distributed, signals
 from ckptavg.distributed import follower, under_torchrun
-from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError
+from ckptavg.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CkptavgError, Interrupted, UsageError, options_spelled
 from ckptavg.render import (
     ProgressDisplay,
     print_diff,
@@ -229,7 +230,7 @@ def average(
         typer.Option(
             "--weights",
             metavar="SPEC",
-            help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).",
+            help="uniform (default), linear (1..N), wsm:linear|cosine|minus-sqrt (Warmup-Stable-Merge) or numbers like 1,2,3.",
         ),
     ] = None,
     ema: Annotated[
@@ -249,6 +250,14 @@ def average(
                 "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
                 "checkpoints (needs every input's step)."
             ),
+        ),
+    ] = None,
+    ema_sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-sigma-rel",
+            metavar="S",
+            help="Power-function EMA (EDM2) of relative width S in (0, 0.2887), over the inputs' steps.",
         ),
     ] = None,
     order: Annotated[
@@ -345,6 +354,7 @@ def average(
                 weights=weights,
                 ema=ema,
                 ema_half_life=ema_half_life,
+                ema_sigma_rel=ema_sigma_rel,
                 strict=strict,
                 order=order,
                 adapter_mode=adapter_mode,
@@ -484,6 +494,19 @@ def select(
         float | None,
         typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5."),
     ] = None,
+    window_steps: Annotated[
+        int | None, typer.Option("--window-steps", metavar="S", help="Only steps within S of the newest candidate's.")
+    ] = None,
+    window_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--window-tokens", metavar="T", help="Only checkpoints within T tokens seen (500M, 20B) of the newest candidate."
+        ),
+    ] = None,
+    min_interval: Annotated[
+        int | None,
+        typer.Option("--min-interval", metavar="S", help="From the newest back, keep checkpoints at least S steps apart."),
+    ] = None,
     skip_nonfinite: Annotated[
         bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")
     ] = False,
@@ -522,7 +545,7 @@ def select(
 ) -> None:
     """Print the checkpoints to average or keep, one path per line (NUL-terminated with --print0), in step order.
 
-    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). --skip-nonfinite reads tensors, so it reads only the candidates that could be chosen, and a non-finite one among the last N is replaced by the next older finite one. Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
+    Filters (--min-step, --max-step, --after-warmup, --every, --window-steps, --window-tokens, --skip-spikes, --min-interval, --skip-nonfinite) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). --skip-nonfinite reads tensors, so it reads only the candidates that could be chosen, and a non-finite one among the last N is replaced by the next older finite one. Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
 
     Example:
 
@@ -533,39 +556,34 @@ def select(
     """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
-    from ckptavg.checkpoint import LoadOptions
+    import ckptavg
     from ckptavg.errors import InputError
-    from ckptavg.inspection import first_nonfinite
-    from ckptavg.selection import Policy, gather
-    from ckptavg.selection import select as choose
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
     if print0 and json_output:
         raise UsageError(None, "--print0 and --json: choose one (--json lists the paths in JSON)")
-    policy = Policy(
-        last=last,
-        top_k=top_k,
-        metric=metric,
-        mode=mode,
-        every=every,
-        min_step=min_step,
-        max_step=int(max_step) if max_step and max_step.isdigit() else max_step,
-        after_warmup=after_warmup,
-        skip_nonfinite=skip_nonfinite,
-        skip_spikes=skip_spikes,
-        spike_k=spike_k,
-    )
-    policy.check()
-    options = LoadOptions(key=key)
     display = ProgressDisplay(enabled=not quiet, inputs=len(inputs))
     with display.running():
-        candidates = gather(inputs, metrics_file, options)
-        selection = choose(
-            candidates,
-            policy,
+        selection = ckptavg.select(
+            inputs,
+            last=last,
+            top_k=top_k,
+            metric=metric,
+            mode=mode,
+            every=every,
+            min_step=min_step,
+            max_step=int(max_step) if max_step and max_step.isdigit() else max_step,
+            after_warmup=after_warmup,
+            skip_nonfinite=skip_nonfinite,
+            skip_spikes=skip_spikes,
+            spike_k=spike_k,
+            window_steps=window_steps,
+            window_tokens=window_tokens,
+            min_interval=min_interval,
+            metrics_file=metrics_file,
+            key=key,
             on_progress=display.update,
-            has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes),
         )
     print_selection(selection, quiet, json_output=json_output, invert=invert)
     if json_output:
@@ -664,15 +682,10 @@ def inspect(
     """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():
         return
-    from ckptavg.checkpoint import LoadOptions
+    import ckptavg
     from ckptavg.errors import InputError
-    from ckptavg.inspection import diff_checkpoints, diff_problems, inspect_checkpoint
+    from ckptavg.inspection import diff_problems
 
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UsageError(None, f"--filter {pattern!r}: not a valid regular expression ({e})") from e
     asked = (
         ("--fail-if-different", fail_if_different),
         ("--max-rel-l2", max_rel_l2 is not None),
@@ -685,11 +698,11 @@ def inspect(
         raise UsageError(None, f"--max-rel-l2 {max_rel_l2:g}: expected a number >= 0")
     if min_cosine is not None and not -1 <= min_cosine <= 1:
         raise UsageError(None, f"--min-cosine {min_cosine:g}: expected a number in [-1, 1]")
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefix or ()))
+    where = {"key": key, "use_ema": use_ema, "strip_prefixes": tuple(strip_prefix or ())}
     display = ProgressDisplay(enabled=not quiet, inputs=1 if diff is None else 2)
     if diff is not None:
         with display.running():
-            report = diff_checkpoints(path, diff, options, pattern, on_progress=display.update)
+            report = ckptavg.diff(path, diff, pattern=pattern, on_progress=display.update, **where)
         if json_output:
             print_json(report.to_dict())
         elif not quiet:
@@ -699,7 +712,7 @@ def inspect(
             raise InputError(None, f"{report.a} vs {report.b}: {'; '.join(problems)}")
         return
     with display.running() if check else contextlib.nullcontext():
-        report = inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=display.update)
+        report = ckptavg.inspect(path, tensors=tensors, pattern=pattern, check=check, on_progress=display.update, **where)
     if json_output:
         print_json(report.to_dict())
     elif not quiet:
@@ -880,8 +893,35 @@ def _tell_torchrun(message: str) -> None:
             pass
 
 
+# The library names an option by its Python keyword; these commands call the parameter otherwise.
+_PARAMETER_OF = {"out": "output", "accum": "accum_dtype", "strip_prefixes": "strip_prefix"}
+
+
+@functools.cache
+def _flags() -> dict[str, str]:
+    """Each parameter's flag, as its command declares it first (`-o`, `--memory-budget`)."""
+    flags: dict[str, str] = {}
+    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if isinstance(param, typer.core.TyperOption) and param.name:
+                flags.setdefault(param.name, param.opts[0])
+    return flags
+
+
+def flag_spelling(name: str, value: str | None) -> str:
+    """An option a message names, as it is typed on this command line: `--memory-budget 1GB`; a switch
+    (value True) is its flag alone."""
+    flag = _flags().get(_PARAMETER_OF.get(name, name)) or "--" + name.replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every error into one line on stderr and an exit code."""
+    with options_spelled(flag_spelling):
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     args, debug = _take_debug(args)
     debug = debug or os.environ.get("CKPTAVG_DEBUG") == "1"

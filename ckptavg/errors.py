@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 EXIT_BAD_INPUT = 1
@@ -33,15 +34,20 @@ def keyword_spelling(name: str, value: str | None) -> str:
 _spelling: OptionSpelling = keyword_spelling
 
 
-def spell_options(spelling: OptionSpelling) -> None:
-    """Name options the way `spelling` does from now on in this process (the CLI's `--flag VALUE`)."""
+@contextlib.contextmanager
+def options_spelled(spelling: OptionSpelling) -> Iterator[None]:
+    """Within the block, name options the way `spelling` does (the CLI's `--flag VALUE`); the keyword spelling after."""
     global _spelling
-    _spelling = spelling
+    before, _spelling = _spelling, spelling
+    try:
+        yield
+    finally:
+        _spelling = before
 
 
 def option(name: str, value: object = None) -> str:
     """The option `name` (its Python keyword: `memory_budget`), with the value the message shows, in the terms
-    of whoever reads the message. A switch's value is True or False (`option("fsync", False)`: `--no-fsync`)."""
+    of whoever reads the message. A switch's value is True (`option("overwrite", True)`: `--overwrite`)."""
     return _spelling(name, None if value is None else str(value))
 
 

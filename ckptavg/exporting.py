@@ -25,9 +25,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None, merge: bool =
         The report; `input_disk_bytes` and `output_disk_bytes` give the size before and after.
     """
     if merge and options.get("base") is None:
-        from ckptavg.errors import UsageError
+        from ckptavg.errors import UsageError, option
 
-        raise UsageError(None, "--merge needs the adapter's base model: pass --base MODEL")
+        raise UsageError(None, f"{option('merge', True)} needs the adapter's base model: pass {option('base', 'MODEL')}")
     from ckptavg.globbing import expand_one
 
     path = expand_one(path)  # one checkpoint, also from a pattern no shell expanded

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptavg.checkpoint import EMA_KEYS, LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
-from ckptavg.errors import InputError, UsageError
+from ckptavg.errors import InputError, UsageError, option
 from ckptavg.formats.base import FILES, Checkpoint, TensorSource
 from ckptavg.formats.detect import TRAINING_FILES, read_model_config
 from ckptavg.formats.dtypes import is_floating
@@ -508,7 +508,7 @@ def _nothing_compared(left: Checkpoint, right: Checkpoint, names: list[str], pat
     from ckptavg.merge.plan import prefix_hint
 
     if pattern and not names:
-        return f"no tensor name of A matches --filter {pattern!r}"
+        return f"no tensor name of A matches {option('pattern', repr(pattern))}"
     if not any(n in right.tensors for n in names):
         advice = prefix_hint(left, right) or prefix_hint(right, left)
         if advice:
@@ -516,7 +516,7 @@ def _nothing_compared(left: Checkpoint, right: Checkpoint, names: list[str], pat
         first_a, first_b = next(iter(left.tensors), "-"), next(iter(right.tensors), "-")
         return (
             f"no tensor name in common (A has {first_a}, ..., B has {first_b}, ...); "
-            "--strip-prefix PREFIX removes a prefix from both"
+            f"{option('strip_prefixes', 'PREFIX')} removes a prefix from both"
         )
     return "every tensor in common has a different shape"
 
@@ -549,13 +549,15 @@ def diff_problems(
         if report.integer_differs:
             problems.append(f"{len(report.integer_differs)} integer/bool tensor(s) differ ({_first(report.integer_differs)})")
     if max_rel_l2 is not None and not report.relative <= max_rel_l2:
-        problems.append(f"relative L2 {report.relative:.4g} above --max-rel-l2 {max_rel_l2:g}")
+        problems.append(f"relative L2 {report.relative:.4g} above {option('max_rel_l2', f'{max_rel_l2:g}')}")
     if min_cosine is not None:
         below = sorted(
             (t for t in report.tensors if not t.cosine >= min_cosine), key=lambda t: (not math.isnan(t.cosine), t.cosine)
         )
         if below:
-            problems.append(f"{len(below)} tensor(s) below --min-cosine {min_cosine:g} ({below[0].name}: {below[0].cosine:.6f})")
+            problems.append(
+                f"{len(below)} tensor(s) below {option('min_cosine', f'{min_cosine:g}')} ({below[0].name}: {below[0].cosine:.6f})"
+            )
     return problems
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ckptavg.checkpoint import LoadOptions
 from ckptavg.checks import check_choice, check_int, check_number, check_prefixes, check_size, check_text
-from ckptavg.errors import UsageError
+from ckptavg.errors import UsageError, option
 from ckptavg.merge.adapters import MODES as ADAPTER_MODES
 from ckptavg.merge.plan import OUTPUT_DTYPES, short_dtype_name
 from ckptavg.merge.weights import check_weights
@@ -27,6 +27,7 @@ class AverageOptions:
     weights: str | Sequence[float] | None = None
     ema: float | None = None
     ema_half_life: float | None = None
+    ema_sigma_rel: float | None = None
     order: str = "auto"
     dtype: str | None = None
     accum: str = "auto"
@@ -56,34 +57,34 @@ class AverageOptions:
         dtype = short_dtype_name(self.dtype) if isinstance(self.dtype, str) else self.dtype
         accum = short_dtype_name(self.accum) if isinstance(self.accum, str) else self.accum
         device = str(self.device) if isinstance(self.device, torch.device) else self.device
-        weights = check_weights(self.weights, self.ema, self.ema_half_life)
+        weights = check_weights(self.weights, self.ema, self.ema_half_life, self.ema_sigma_rel)
         if dtype is not None:
-            check_choice("--dtype", dtype, OUTPUT_DTYPES)
-        check_choice("--accum-dtype", accum, ("auto", "fp32", "fp64"))
-        check_choice("--order", self.order, ("auto", "given"))
+            check_choice("dtype", dtype, OUTPUT_DTYPES)
+        check_choice("accum", accum, ("auto", "fp32", "fp64"))
+        check_choice("order", self.order, ("auto", "given"))
         # Whether CUDA is there is for choose_device, once the run starts.
         if not (isinstance(device, str) and (device == "auto" or _device_type(device) in ("cpu", "cuda"))):
-            raise UsageError(None, f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+            raise UsageError(None, f"{option('device', repr(device))}: expected auto, cpu, cuda or cuda:N")
         _sizes = (self.shard_bytes, self.budget_bytes)  # each size's value, checked here in the order of the flags
-        check_text("--key", self.key)
-        prefixes = check_prefixes("--strip-prefix", self.strip_prefixes)
-        check_choice("--format", self.out_format, ("auto", "safetensors", "pt"))
-        check_choice("--adapter-mode", self.adapter_mode, ADAPTER_MODES)
+        check_text("key", self.key)
+        prefixes = check_prefixes("strip_prefixes", self.strip_prefixes)
+        check_choice("out_format", self.out_format, ("auto", "safetensors", "pt"))
+        check_choice("adapter_mode", self.adapter_mode, ADAPTER_MODES)
         if self.adapter_rank is not None:
-            check_int("--adapter-rank", self.adapter_rank, low=1)
+            check_int("adapter_rank", self.adapter_rank, low=1)
         if self.rank_timeout is not None:
-            check_number("--rank-timeout", self.rank_timeout, 0, True, what="a number of seconds")
+            check_number("rank_timeout", self.rank_timeout, 0, True, what="a number of seconds")
         return replace(self, dtype=dtype, accum=accum, device=device, weights=weights, strip_prefixes=prefixes)
 
     @property
     def shard_bytes(self) -> int:
         """--max-shard-size in bytes (5GB when not given)."""
-        return check_size("--max-shard-size", self.max_shard_size if self.max_shard_size is not None else DEFAULT_SHARD_SIZE)
+        return check_size("max_shard_size", self.max_shard_size if self.max_shard_size is not None else DEFAULT_SHARD_SIZE)
 
     @property
     def budget_bytes(self) -> int | None:
         """--memory-budget in bytes; None: the engine's default for the device."""
-        return check_size("--memory-budget", self.memory_budget) if self.memory_budget is not None else None
+        return check_size("memory_budget", self.memory_budget) if self.memory_budget is not None else None
 
     @property
     def out_dtype(self) -> torch.dtype | None:

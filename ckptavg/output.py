@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptavg.checkpoint import real_path
-from ckptavg.errors import CkptavgError, OutputError, UsageError
+from ckptavg.errors import CkptavgError, OutputError, UsageError, option
 from ckptavg.formats.detect import is_training_file
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.writer import TensorSpec
@@ -135,8 +135,8 @@ def check_output_name(out: Path) -> None:
         raise UsageError(
             None,
             (
-                f"-o {out}: that is a folder you work in, not a new output; name a new folder or file, e.g. -o "
-                f"{Path(out) / 'merged'}"
+                f"{option('out', out)}: that is a folder you work in, not a new output; name a new folder or file, e.g. "
+                f"{option('out', Path(out) / 'merged')}"
             ),
         )
 
@@ -181,7 +181,7 @@ def foreign_files(folder: Path) -> list[str]:
 
 def describe_foreign(out: Path) -> str:
     """Why --overwrite will not replace `out`, and what to do."""
-    advice = "--overwrite replaces only an output ckptavg wrote; move it away yourself or choose another output"
+    advice = f"{option('overwrite', True)} replaces only an output ckptavg wrote; move it away yourself or choose another output"
     if out.is_symlink():
         return f"is a symlink to {os.readlink(out)}, not a ckptavg output; {advice}"
     if out.is_dir():
@@ -195,12 +195,12 @@ def describe_foreign(out: Path) -> str:
     return f"is a file ckptavg did not write (no ckptavg recipe in it); {advice}"
 
 
-def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
-    """Refuse before any work: an existing OUT without --overwrite or that ckptavg did not write, a folder
-    that cannot be written, too little space."""
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse before any work: an existing OUT without overwrite or that ckptavg did not write, a folder
+    that cannot be written."""
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise OutputError(out, "already exists; pass --overwrite to replace it")
+            raise OutputError(out, f"already exists; pass {option('overwrite', True)} to replace it")
         if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())) and not written_by_ckptavg(out):
             raise OutputError(out, describe_foreign(out))
     parent = out.parent if str(out.parent) else Path(".")
@@ -214,6 +214,11 @@ def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
         os.unlink(name)
     except OSError as e:
         raise OutputError(out, f"cannot be written in {parent}: {e.strerror or e}") from e
+
+
+def check_space(out: Path, needed_bytes: int) -> None:
+    """Refuse before writing when the output's folder has too little room for `needed_bytes`."""
+    parent = out.parent if str(out.parent) else Path(".")
     usage = shutil.disk_usage(parent)
     if usage.total == 0:
         raise OutputError(out, f"cannot be written in {parent}: not a filesystem that holds files")
@@ -229,7 +234,7 @@ def staged(out: Path, overwrite: bool, is_dir: bool, notes: list[str] | None = N
     on any error remove it. Leftovers of a killed run are removed first and reported in `notes`."""
     with output_lock(out):
         if (out.exists() or out.is_symlink()) and not overwrite:
-            raise OutputError(out, "already exists (another run just wrote it); pass --overwrite to replace it")
+            raise OutputError(out, f"already exists (another run just wrote it); pass {option('overwrite', True)} to replace it")
         removed = remove_leftovers(out)
         if removed and notes is not None:
             notes.append(f"removed what an interrupted run left: {', '.join(removed)}")
@@ -343,10 +348,14 @@ NOT_WRITTEN = (
     ".yaml",
     ".yml",
 )
-WRITTEN = (
-    "a folder (safetensors, sharded above --max-shard-size), one .safetensors file, "
-    "or one .pt/.pth/.bin/.pth.tar file (a state dict)"
-)
+
+
+def _written() -> str:
+    """What ckptavg writes, said when it refuses an output name."""
+    return (
+        f"a folder (safetensors, sharded above {option('max_shard_size')}), one .safetensors file, "
+        "or one .pt/.pth/.bin/.pth.tar file (a state dict)"
+    )
 
 
 def refuse_file_suffix(out: Path) -> None:
@@ -356,28 +365,28 @@ def refuse_file_suffix(out: Path) -> None:
     if name.endswith(".safetensors") or name.endswith(PT_SUFFIXES):
         if not (out.suffix == ".safetensors" or out.name.endswith(PT_SUFFIXES)):
             kept = len(name) - len(next(s for s in (".safetensors", *PT_SUFFIXES) if name.endswith(s)))
-            raise UsageError(out, f"write the suffix in lower case ({out.name[:kept]}{name[kept:]}); ckptavg writes {WRITTEN}")
+            raise UsageError(out, f"write the suffix in lower case ({out.name[:kept]}{name[kept:]}); ckptavg writes {_written()}")
         return
     suffix = out.suffix.lower()
     if suffix == ".ckpt":
-        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {WRITTEN}")
+        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {_written()}")
     if suffix in NOT_WRITTEN:
-        raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {WRITTEN}")
+        raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {_written()}")
 
 
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
     """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
     with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
     if out_format not in ("auto", "safetensors", "pt"):
-        raise UsageError(None, f"--format {out_format!r}: expected safetensors or pt")
+        raise UsageError(None, f"{option('out_format', repr(out_format))}: expected safetensors or pt")
     refuse_file_suffix(out)
     if out.suffix == ".safetensors":
         if out_format == "pt":
-            raise UsageError(None, f"--format pt with an output named {out.name}; name it .pt")
+            raise UsageError(None, f"{option('out_format', 'pt')} with an output named {out.name}; name it .pt")
         return "safetensors", True
     if out.name.endswith(PT_SUFFIXES):
         if out_format == "safetensors":
-            raise UsageError(None, f"--format safetensors with an output named {out.name}; name it .safetensors")
+            raise UsageError(None, f"{option('out_format', 'safetensors')} with an output named {out.name}; name it .safetensors")
         return "pt", True
     return ("safetensors" if out_format == "auto" else out_format), False
 

@@ -1,5 +1,5 @@
 """Measures of the code's shape (issue 20): import cycles, the largest module and function, the most parameters,
-and the lines outside the command line that phrase a `--flag`.
+and the strings outside the command line that phrase a `--flag` (messages; docstrings do not count).
 
     python scripts/structure.py [PACKAGE_DIR]      # default: ckptavg/ beside this script
 
@@ -14,7 +14,30 @@ import re
 import sys
 from pathlib import Path
 
-FLAG = re.compile(r"[\"'][^\"']*--[a-z][a-z-]+")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+# Flags of other programs that a message may quote (`hf upload ... --revision R`).
+OTHER_TOOLS = ("--revision",)
+# The command line: it parses flags and renders messages (render.py prints what cli.py hands it).
+COMMAND_LINE = ("cli.py", "__main__.py", "render.py")
+
+
+def flag_texts(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of each string in the code that phrases a --flag: messages, not docstrings or comments."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            flags = [f for f in FLAG.findall(node.value) if f not in OTHER_TOOLS]
+            if flags:
+                found.append((node.lineno, node.value))
+    return found
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -97,14 +120,14 @@ def main() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 params = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
                 functions.append((node.end_lineno - node.lineno + 1, params, f"{name}.{node.name}"))
-        if path.name not in ("cli.py", "__main__.py"):
-            flags += sum(1 for line in text.splitlines() if FLAG.search(line))
+        if path.name not in COMMAND_LINE:
+            flags += len(flag_texts(ast.parse(text)))
     print(f"largest module: {max(sizes)[1]} ({max(sizes)[0]} lines)")
     longest = max(functions)
     print(f"longest function: {longest[2]} ({longest[0]} lines, {longest[1]} parameters)")
     most = max(functions, key=lambda f: f[1])
     print(f"most parameters: {most[2]} ({most[1]})")
-    print(f"lines phrasing a --flag outside cli.py and __main__.py: {flags}")
+    print(f"strings phrasing a --flag outside the command line ({', '.join(COMMAND_LINE)}): {flags}")
     found = cycles(import_graph(root))
     print(f"import cycles: {len(found)}" + "".join(f"\n  {' -> '.join(c)}" for c in found))
 

@@ -283,7 +283,7 @@ def test_last_n_reads_newest_first_and_replaces_a_nonfinite_one(torch_run, tmp_p
     assert scan.progress[-1].bytes_done == sum(scan.read.values()) <= scan.progress[-1].bytes_total
     assert scan.progress[-1].bytes_total < sum(size.values())  # never planned to read the oldest
     assert any("read 3 of 4 checkpoints" in n for n in selection.notes)
-    assert any(f"--skip-nonfinite dropped {files[-1]}" in n for n in selection.notes)
+    assert any(f"skip_nonfinite=True dropped {files[-1]}" in n for n in selection.notes)
 
 
 def _eager(paths: list[Path], policy: Policy) -> list[str]:

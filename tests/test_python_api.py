@@ -108,7 +108,7 @@ BAD_AVERAGE = [
     ({"weights": [1, math.inf]}, r"weights=\[1, inf\]: .* not inf"),
     ({"weights": "1,inf"}, r"weights='1,inf': .* not inf"),
     ({"weights": [0, 0]}, r"weights=\[0, 0\]: every weight is 0"),
-    ({"weights": "one,two"}, r"weights='one,two': expected uniform, linear or numbers like 1,2,3"),
+    ({"weights": "one,two"}, r"weights='one,two': expected uniform, linear, wsm:CURVE or numbers like 1,2,3"),
     ({"weights": ["1", "2"]}, r"weights=\['1', '2'\]: '1' is not a number"),
     ({"weights": 3}, r"weights=3: expected uniform, linear"),
     ({"weights": []}, r"weights=\[\]: expected uniform, linear"),
@@ -172,7 +172,7 @@ def test_the_options_object_checks_every_value_and_returns_a_normalised_copy():
     assert (checked.shard_bytes, checked.budget_bytes, checked.out_dtype) == (2000, 1 << 20, torch.bfloat16)
     assert checked.load_options == ckptavg.checkpoint.LoadOptions(key="model", use_ema=True, strip_prefixes=("module.",))
     assert given.dtype == "torch.bfloat16" and checked.check() == checked  # the given object is left as it was
-    with pytest.raises(UsageError, match=r"--ema 1.5: expected a decay in \[0, 1\)"):
+    with pytest.raises(UsageError, match=r"^ema=1.5: expected a decay in \[0, 1\)"):
         AverageOptions(ema=1.5).check()
 
 

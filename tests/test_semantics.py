@@ -124,7 +124,7 @@ def test_ema_that_keeps_the_oldest_input_warns_and_strict_refuses(cli, tmp_path)
     paths = [save_layout(make_state(s), tmp_path, "hf-trainer", step=10 * (s + 1)) for s in range(3)]
     report = ckptavg.average(paths, tmp_path / "out", ema=0.999)
     assert report.inputs[0].weight > 0.99
-    assert any("oldest input" in w and "--ema 0.7" in w for w in report.warnings), report.warnings
+    assert any("oldest input" in w and "ema=0.7" in w for w in report.warnings), report.warnings
     result = cli("average", *paths, "--ema", "0.999", "--strict", "-o", tmp_path / "strict")
     assert result.code == 1 and "--strict" in result.err and "oldest input" in result.err
     assert not (tmp_path / "strict").exists()
@@ -233,7 +233,7 @@ def test_torch_compile_prefix_is_removed_with_a_note(tmp_path):
 def test_a_strip_prefix_that_matches_nothing_is_noted(tmp_path):
     paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
     report = ckptavg.average(paths, tmp_path / "out", strip_prefixes=["module."])
-    assert any("--strip-prefix module. matched no tensor name" in n for i in report.inputs for n in i.notes)
+    assert any("strip_prefixes='module.' matched no tensor name" in n for i in report.inputs for n in i.notes)
 
 
 def test_each_input_says_which_weights_were_taken(cli, tmp_path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptavg.errors import HostileInputError, InputError, UnsupportedError
+from ckptavg.errors import HostileInputError, InputError, UnsupportedError, option
 from ckptavg.formats.base import (
     Checkpoint,
     ComputedSource,
@@ -272,7 +272,7 @@ def model_entries(entries: dict[str, Entry | None], key: str | None) -> tuple[di
     if key:
         prefix = key.rstrip(".") + "."
         chosen = {n[len(prefix) :]: e for n, e in tensors.items() if n.startswith(prefix)}
-        return chosen, prefix, "--key"
+        return chosen, prefix, option("key")
     model = {n: e for n, e in tensors.items() if not n.startswith(NOT_MODEL)}
     for prefix, producer in MODEL_PREFIXES:
         if model and all(n.startswith(prefix) for n in model):

@@ -17,7 +17,7 @@ import re
 import struct
 from pathlib import Path
 
-from ckptavg.errors import InputError, UsageError
+from ckptavg.errors import InputError, UsageError, option
 from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.dcp import SHARDING_INFO, Blob, Chunk, Entry, read_blob, tensor_source
 from ckptavg.formats.detect import weight_files_in
@@ -66,7 +66,10 @@ def refuse_lone_shard(path: Path) -> None:
 def open_dcp_hf(path: Path, folder: Path, key: str | None = None, use_ema: bool = False) -> Checkpoint:
     """Every tensor of a folder of DCP-HF shard files, its parts checked to tile it."""
     if key or use_ema:
-        raise UsageError(path, "--key and --use-ema apply to PyTorch pickles; DCP's shard files hold one set of tensors")
+        raise UsageError(
+            path,
+            f"{option('key')} and {option('use_ema', True)} apply to PyTorch pickles; DCP's shard files hold one set of tensors",
+        )
     files = sorted(folder.glob("*.safetensors"))
     names = [m for f in files if (m := SHARD_FILE.fullmatch(f.name))]
     counts = {m.group(3) for m in names}

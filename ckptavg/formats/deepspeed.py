@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ckptavg.errors import InputError, UnsupportedError
+from ckptavg.errors import InputError, UnsupportedError, option
 from ckptavg.formats.base import Checkpoint, ExtentSource, TensorSource
 from ckptavg.formats.torch_io import PickleFile, as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
@@ -60,7 +60,9 @@ def _stage(value: Any, path: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise InputError(
-        path, "not a ZeRO optimizer state: no zero_stage (a BF16_Optimizer save? pass --key module for the 16-bit weights)"
+        path,
+        f"not a ZeRO optimizer state: no zero_stage (a BF16_Optimizer save? pass {option('key', 'module')} for the 16-bit "
+        "weights)",
     )
 
 
@@ -106,28 +108,28 @@ def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoi
             raise UnsupportedError(
                 model_files[0],
                 (
-                    "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop --key module to read "
-                    "the FP32 masters"
+                    "ZeRO-3 keeps no weights in its model states (its parameters are empty there); drop "
+                    f"{option('key', 'module')} to read the FP32 masters"
                 ),
             )
-        notes.append("the 16-bit module weights of the model states (--key module)")
+        notes.append(f"the 16-bit module weights of the model states ({option('key', 'module')})")
         ckpt = Checkpoint(
             path=path,
             format="deepspeed (module)",
             tensors=tensors,
             files=[model_files[0]],
             notes=notes,
-            weights_from="'module' of the model states (--key module)",
+            weights_from=f"'module' of the model states ({option('key', 'module')})",
         )
         return _with_step(ckpt, top, folder)
     if key is not None:
-        raise InputError(path, f"--key {key}: a DeepSpeed save holds the FP32 masters (default) or 'module'")
+        raise InputError(path, f"{option('key', key)}: a DeepSpeed save holds the FP32 masters (default) or 'module'")
     if not optim_files:
         raise InputError(
             folder,
             (
-                "has no *optim_states.pt, which hold the FP32 master weights; pass --key module for the 16-bit weights of the "
-                "model states"
+                "has no *optim_states.pt, which hold the FP32 master weights; pass "
+                f"{option('key', 'module')} for the 16-bit weights of the model states"
             ),
         )
     pickles = [PickleFile(f) for f in optim_files]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptavg.errors import InputError, UnsupportedError
+from ckptavg.errors import InputError, UnsupportedError, option
 from ckptavg.formats.base import TensorSource, tensor_buffer
 from ckptavg.formats.detect import read_model_config
 from ckptavg.formats.dtypes import is_floating
@@ -85,7 +85,8 @@ class Quantization:
         dropped = f"; {len(self.dropped)} activation scale(s) left out ({self.dropped[0]}, ...)" if self.dropped else ""
         return (
             f"quantized: {self.scheme}{block}; {len(self.weights)} weight(s) read as their values "
-            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with --requantize{dropped}"
+            f"(code x scale, exact in float64), their {len(self.scales)} scale tensor(s) written only with "
+            f"{option('requantize', True)}{dropped}"
         )
 
     def to_dict(self) -> dict:

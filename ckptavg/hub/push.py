@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckptavg.errors import OutputError, UsageError
+from ckptavg.errors import OutputError, UsageError, option
 from ckptavg.hub.inputs import quiet_progress_bars
 from ckptavg.hub.repo import hub_error, offline
 
@@ -21,20 +21,23 @@ def check_push(repo_id: str, out: Path | None, out_format: str = "auto", dry_run
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UsageError(None, f"--push-to-hub {repo_id}: not a Hub repo id ({str(e).splitlines()[0]}); write ORG/NAME") from e
+        raise UsageError(
+            None, f"{option('push_to_hub', repo_id)}: not a Hub repo id ({str(e).splitlines()[0]}); write ORG/NAME"
+        ) from e
     if "/" not in repo_id:
-        raise UsageError(None, f"--push-to-hub {repo_id}: name the repo as ORG/NAME (your user name or an organisation)")
+        raise UsageError(None, f"{option('push_to_hub', repo_id)}: name the repo as ORG/NAME (your user name or an organisation)")
     if dry_run:
-        raise UsageError(None, "--push-to-hub with --dry-run: a dry run writes nothing to push")
+        raise UsageError(None, f"{option('push_to_hub')} with {option('dry_run', True)}: a dry run writes nothing to push")
     if out is None:
-        raise UsageError(None, "--push-to-hub needs an output folder: pass -o OUT")
+        raise UsageError(None, f"{option('push_to_hub')} needs an output folder: pass {option('out', 'OUT')}")
     if output_layout(out, out_format)[1]:
         raise UsageError(
             None,
-            f"--push-to-hub uploads an output folder (weights, config, model card); -o {out.name} is one file: name a folder",
+            f"{option('push_to_hub')} uploads an output folder (weights, config, model card); {option('out', out.name)} is one "
+            "file: name a folder",
         )
     if offline():
-        raise UsageError(None, "--push-to-hub with HF_HUB_OFFLINE=1: unset it to upload")
+        raise UsageError(None, f"{option('push_to_hub')} with HF_HUB_OFFLINE=1: unset it to upload")
 
 
 class PushFailed(OutputError):

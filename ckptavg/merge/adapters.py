@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ckptavg.errors import MismatchError, UnsupportedError, UsageError
+from ckptavg.errors import MismatchError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import Checkpoint, ComputedSource, RowSource, TensorSource
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import (
@@ -68,7 +68,7 @@ def check_adapters(inputs: list[Checkpoint]) -> AdapterConfig | None:
             full.path,
             (
                 f"is a full model and {adapters[0].path} a PEFT adapter: average adapters with adapters (or merge them into "
-                "their base with --adapter-mode merged --base MODEL)"
+                f"their base with {option('adapter_mode', 'merged')} {option('base', 'MODEL')})"
             ),
         )
     first = adapters[0].adapter
@@ -116,18 +116,28 @@ def build_adapter_plan(
     truncates the exact average to that rank by SVD (reporting each module's error)."""
     config = inputs[0].adapter
     if mode not in MODES:
-        raise UsageError(None, f"--adapter-mode {mode!r}: expected one of {', '.join(MODES)}")
+        raise UsageError(None, f"{option('adapter_mode', repr(mode))}: expected one of {', '.join(MODES)}")
     if mode == "merged" and base is None:
-        raise UsageError(None, "--adapter-mode merged needs the base model: pass --base MODEL (a local folder or file)")
+        raise UsageError(
+            None,
+            f"{option('adapter_mode', 'merged')} needs the base model: pass {option('base', 'MODEL')} (a local folder or file)",
+        )
     if mode != "merged" and base is not None:
-        raise UsageError(None, "--base is the base model of --adapter-mode merged (or export --merge)")
+        raise UsageError(
+            None,
+            f"{option('base')} is the base model of {option('adapter_mode', 'merged')} (or export's {option('merge', True)})",
+        )
     plan = build_plan(inputs, weights, out_dtype, accum)
     modules = _modules(plan)
     summary = AdapterSummary(mode=mode, kind=config.kind, rank_in=config.r, rank_out=config.r, modules=len(modules))
     if rank is not None and (mode != "exact" or config.peft_type != "LORA"):
-        raise UsageError(None, "--adapter-rank truncates the exact average of LoRA adapters: use it with --adapter-mode exact")
+        raise UsageError(
+            None,
+            f"{option('adapter_rank')} truncates the exact average of LoRA adapters: use it with "
+            f"{option('adapter_mode', 'exact')}",
+        )
     if rank is not None and rank < 1:
-        raise UsageError(None, f"--adapter-rank must be at least 1, not {rank}")
+        raise UsageError(None, f"{option('adapter_rank')} must be at least 1, not {rank}")
     if config.peft_type != "LORA":  # IA3: its effect is linear in its vectors, so their mean is exact in every mode
         summary.mode, summary.rank_in, summary.rank_out = "params", None, None
         plan.output_kind, plan.adapter_config = "adapter", dict(config.raw)
@@ -143,7 +153,8 @@ def build_adapter_plan(
                 config.path,
                 (
                     "DoRA adapters have no exact average as an adapter (the magnitude normalisation is not linear): use "
-                    "--adapter-mode merged --base MODEL for the exact average as a full model, or --adapter-mode params"
+                    f"{option('adapter_mode', 'merged')} {option('base', 'MODEL')} for the exact average as a full model, or "
+                    f"{option('adapter_mode', 'params')}"
                 ),
             )
         kept = [i for i, w in enumerate(weights.normalized) if w != 0]

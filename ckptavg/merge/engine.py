@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError
+from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError, option
 from ckptavg.formats.base import FILES, TensorSource, read_exact, tensor_buffer
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.writer import TensorWriter
@@ -144,7 +144,7 @@ def _too_small(budget: int, needed: int, width: int) -> UsageError:
     return UsageError(
         None,
         (
-            f"--memory-budget {format_size(budget)} is too small for {width} inputs; it needs at least "
+            f"{option('memory_budget', format_size(budget))} is too small for {width} inputs; it needs at least "
             f"{math.ceil(needed / 2**20)}MiB"
         ),
     )
@@ -464,7 +464,7 @@ class Engine:
                     f"tensor {entry.name} holds {value} (element {first}); NaN/Inf weights cannot be averaged",
                 )
         raise CkptavgError(
-            None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider --dtype"
+            None, f"the average of tensor {entry.name} overflows {dtype_name(entry.dtype)}; choose a wider {option('dtype')}"
         )
 
 

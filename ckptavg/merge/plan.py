@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ckptavg.errors import MismatchError, UnsupportedError, UsageError
+from ckptavg.errors import MismatchError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import Checkpoint, TensorSource, slice_source
 from ckptavg.formats.quantized import DequantizedSource, quantized_specs, requantize_problem
 from ckptavg.formats.writer import TensorSpec
@@ -177,7 +177,7 @@ def prefix_hint(a: Checkpoint, b: Checkpoint) -> str:
     candidates = [n[: -len(first)] for n in a.tensors if first and n.endswith(first) and n != first]
     for prefix in candidates:
         if len(a.tensors) == len(b.tensors) and all(n.startswith(prefix) and n[len(prefix) :] in b.tensors for n in a.tensors):
-            return f"; the names of {a.path} are those of {b.path} behind {prefix!r}: pass --strip-prefix {prefix}"
+            return f"; the names of {a.path} are those of {b.path} behind {prefix!r}: pass {option('strip_prefixes', prefix)}"
     return ""
 
 
