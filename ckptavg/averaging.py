@@ -17,7 +17,8 @@ from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError, option
-from ckptavg.formats.base import FILES, Checkpoint, dtype_name
+from ckptavg.formats.base import FILES, Checkpoint
+from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
@@ -35,7 +36,7 @@ from ckptavg.formats.writer import (
 from ckptavg.globbing import expand
 from ckptavg.hub import Localized, is_hub, localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
-from ckptavg.merge.engine import Engine, ProgressFn
+from ckptavg.merge.engine import Engine
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.options import AverageOptions
@@ -52,6 +53,7 @@ from ckptavg.output import (
     staged,
     tmp_name,
 )
+from ckptavg.progress import ProgressFn
 from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
 from ckptavg.sizes import peak_rss

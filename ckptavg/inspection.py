@@ -8,22 +8,24 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptavg.checkpoint import EMA_KEYS, LoadOptions, open_checkpoint
 from ckptavg.discover import read_trainer_state, trainer_state_metrics
 from ckptavg.errors import InputError, UsageError, option
-from ckptavg.formats.base import FILES, Checkpoint, TensorSource, dtype_name, is_floating
+from ckptavg.formats.base import FILES, Checkpoint, TensorSource
 from ckptavg.formats.detect import TRAINING_FILES, read_model_config
+from ckptavg.formats.dtypes import is_floating
 from ckptavg.formats.peft import describe_adapter
 from ckptavg.formats.quantized import stored_tensors
 from ckptavg.formats.torch_io import as_dict
 from ckptavg.formats.unpickle import Opaque, TensorRef
 from ckptavg.globbing import expand_one
-from ckptavg.merge.engine import Progress, ProgressFn
 from ckptavg.output import Leftovers, find_leftovers, leftovers_sentence
+from ckptavg.progress import Progress, ProgressFn
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 32 << 20
 TRAINING_STATE = {
@@ -275,7 +277,7 @@ def inspect_checkpoint(
         stored = stored_tensors(ckpt.tensors)  # FP8/MXFP4 weights as their codes and scales, as the files hold them
         by_dtype: dict[str, int] = {}
         for src in stored.values():
-            by_dtype[dtype_name(src.dtype)] = by_dtype.get(dtype_name(src.dtype), 0) + src.nbytes
+            by_dtype[src.dtype_name] = by_dtype.get(src.dtype_name, 0) + src.nbytes
         metrics: dict[str, float] = {}
         state = read_trainer_state(ckpt.path) if ckpt.path.is_dir() else None
         if state is not None:
@@ -319,7 +321,7 @@ def inspect_checkpoint(
         )
         if tensors:
             report.tensor_list = [
-                TensorInfo(name, dtype_name(src.dtype), list(src.shape), src.nbytes)
+                TensorInfo(name, src.dtype_name, list(src.shape), src.nbytes)
                 for name, src in stored.items()
                 if regex is None or regex.search(name)
             ]
@@ -343,7 +345,7 @@ def _parameters(ckpt: Checkpoint) -> int:
 
 def for_each_chunk(src: TensorSource, fn: Callable[[int, torch.Tensor], None], chunk_bytes: int = CHUNK_BYTES) -> None:
     """Call fn(first element, flat chunk) over the tensor, mapped from the file a chunk at a time."""
-    itemsize = src.dtype.itemsize
+    itemsize = src.itemsize
     step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     for start in range(0, src.nbytes, step):
         view, mapping = src.view_range(start, min(step, src.nbytes - start))
@@ -360,6 +362,8 @@ def check_tensors(
     ckpt: Checkpoint, stop_at_first: bool = False, on_read: Callable[[str, int], None] | None = None
 ) -> list[TensorIssue]:
     """NaN, Inf and all-zero tensors, streamed chunk by chunk; `on_read(name, bytes)` after each chunk."""
+    import torch
+
     issues = []
     for name, src in ckpt.tensors.items():
         issue = TensorIssue(name)
@@ -367,8 +371,9 @@ def check_tensors(
 
         def visit(first: int, chunk: torch.Tensor) -> None:
             nonlocal nonzero
-            values = chunk.float() if chunk.dtype.itemsize == 1 and is_floating(chunk.dtype) else chunk
-            if is_floating(chunk.dtype):
+            floating = chunk.dtype.is_floating_point
+            values = chunk.float() if chunk.dtype.itemsize == 1 and floating else chunk
+            if floating:
                 issue.nan += int(torch.isnan(values).sum())
                 issue.inf += int(torch.isinf(values).sum())
             nonzero = nonzero or bool((values != 0).any())
@@ -472,7 +477,7 @@ def diff_checkpoints(
                 continue
             report.compared += 1
             on_bytes = functools.partial(reading.read, name)
-            if not (is_floating(sa.dtype) and is_floating(sb.dtype)):
+            if not (is_floating(sa.dtype_name) and is_floating(sb.dtype_name)):
                 report.integer_tensors += 1
                 if _differs(sa, sb, on_bytes):
                     report.integer_differs.append(name)
@@ -565,7 +570,9 @@ def _diff_sums(
 ) -> tuple[float, float, float, float, float]:
     """(sum a^2, sum b^2, sum ab, sum (a-b)^2, max |a-b|) in float64, reading both tensors chunk by chunk;
     `on_bytes(n)` after each chunk of both."""
-    itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
+    import torch
+
+    itemsize = max(sa.itemsize, sb.itemsize)
     per_chunk = max(1, (8 << 20) // itemsize)
     totals = [0.0, 0.0, 0.0, 0.0, 0.0]
     for first in range(0, sa.numel, per_chunk):
@@ -598,7 +605,9 @@ def _diff_sums(
 def _differs(sa: TensorSource, sb: TensorSource, on_bytes: Callable[[int], None] | None = None) -> bool:
     """Whether two tensors of the same shape hold different values, read chunk by chunk; stops at the first
     difference (`on_bytes` is then told the rest, as if read, so that a progress bar ends full)."""
-    itemsize = max(sa.dtype.itemsize, sb.dtype.itemsize)
+    import torch
+
+    itemsize = max(sa.itemsize, sb.itemsize)
     per_chunk = max(1, (8 << 20) // itemsize)
     exact = sa.dtype == sb.dtype
     differs = False

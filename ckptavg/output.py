@@ -18,17 +18,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptavg.checkpoint import real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError, option
-from ckptavg.formats.base import dtype_name
 from ckptavg.formats.detect import is_training_file
+from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.signals import committing
 from ckptavg.sizes import human_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_FILES = (
     "config.json",

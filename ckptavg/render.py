@@ -22,7 +22,7 @@ from ckptavg.sizes import human_bytes
 
 if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
-    from ckptavg.merge.engine import Progress
+    from ckptavg.progress import Progress
     from ckptavg.sweeping import SweepReport
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)

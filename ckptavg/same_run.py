@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ckptavg.formats.base import Checkpoint, is_floating
+from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.detect import read_model_config
 from ckptavg.merge.plan import Plan
 
@@ -67,7 +67,7 @@ def _sampled_entries(plan: Plan) -> list:
         and e.alias_of is None
         and len(e.shape) >= 2
         and e.numel > 0
-        and is_floating(e.input_dtype)
+        and e.input_dtype.is_floating_point
     ]
     return sorted(matrices, key=lambda e: -e.numel)[:TENSORS]
 

@@ -20,11 +20,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from ckptavg.discover import steps_from_name
 from ckptavg.errors import UsageError
-from ckptavg.formats.base import Checkpoint, TensorSource, read_exact, readable_by_range, tensor_buffer
+from ckptavg.formats.base import Checkpoint, TensorSource, read_exact, readable_by_range
 from ckptavg.formats.quantized import stored_tensors
 
 SAMPLE_BYTES = 64  # bytes read at each sampled place of a tensor (its start; then its middle and end)
@@ -78,7 +76,7 @@ def _named_for_its_step(path: Path) -> bool:
 
 
 def _layout(ckpt: Checkpoint) -> tuple:
-    return tuple(sorted((name, str(src.dtype), src.shape) for name, src in stored_tensors(ckpt.tensors).items()))
+    return tuple(sorted((name, src.dtype_name, src.shape) for name, src in stored_tensors(ckpt.tensors).items()))
 
 
 def _alike(checkpoints: Sequence[Checkpoint], members: list[int], part: str) -> list[list[int]]:
@@ -150,9 +148,9 @@ class _UncachedReads:
         """The bytes [start, start + size) of each (source, start, size): one read for a batch (_batches) of one file."""
         src = places[0][0]
         if type(src) is not TensorSource:  # extents: read through the source, by range
-            buffer = torch.empty(places[0][2], dtype=torch.uint8)
-            src.read_into(places[0][1], buffer)
-            return [bytes(tensor_buffer(buffer))]
+            out = bytearray(places[0][2])
+            src.read_bytes(places[0][1], memoryview(out))
+            return [bytes(out)]
         offsets = [s.offset + start for s, start, _ in places]
         fd = self._direct(src.path)
         if fd is not None:
@@ -209,18 +207,22 @@ def _identical(a: Checkpoint, b: Checkpoint) -> bool:
 
 def _same_tensor(a: TensorSource, b: TensorSource) -> bool:
     if not (readable_by_range(a) and readable_by_range(b)):
+        import torch
+
         try:
             return torch.equal(a.read().reshape(-1).view(torch.uint8), b.read().reshape(-1).view(torch.uint8))
         finally:
             a.release()
             b.release()
     size = min(CHUNK_BYTES, a.nbytes)
-    left, right = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+    left, right = bytearray(size), bytearray(size)
     for start in range(0, a.nbytes, CHUNK_BYTES):
         n = min(CHUNK_BYTES, a.nbytes - start)
-        a.read_into(start, left[:n])
-        b.read_into(start, right[:n])
-        if not torch.equal(left[:n], right[:n]):
+        if n < size:  # the last chunk, shorter
+            left, right = bytearray(n), bytearray(n)
+        a.read_bytes(start, memoryview(left))
+        b.read_bytes(start, memoryview(right))
+        if left != right:
             return False
     return True
 

@@ -20,9 +20,10 @@ from typing import ClassVar
 
 from ckptavg.checkpoint import LoadOptions, open_checkpoint
 from ckptavg.errors import InputError, OutputError
-from ckptavg.formats.base import TensorSource, dtype_name
+from ckptavg.formats.base import TensorSource
+from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.writer import TensorSpec, TensorWriter
-from ckptavg.merge.engine import Progress, ProgressFn
+from ckptavg.progress import Progress, ProgressFn
 
 READ_PIECE = 16 << 20
 

@@ -480,7 +480,7 @@ def split_part(args: argparse.Namespace, results: dict) -> None:
             torch.bfloat16,
             shape,
             [
-                TensorSource(Path(f"/ckpt/{k}/model-{where[name][0] + 1:05d}.safetensors"), where[name][1], torch.bfloat16, shape)
+                TensorSource(Path(f"/ckpt/{k}/model-{where[name][0] + 1:05d}.safetensors"), where[name][1], "bfloat16", shape)
                 for k in range(n_inputs)
             ],
             [1.0] * n_inputs,

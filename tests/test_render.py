@@ -19,7 +19,7 @@ from rich.console import Console
 
 import ckptavg
 from ckptavg.cli import _run_and_render
-from ckptavg.merge.engine import Progress
+from ckptavg.progress import Progress
 from ckptavg.render import ProgressDisplay, Throttle, human_bytes, print_export, print_summary
 from ckptavg.verify import VerifyProgress
 

@@ -11,9 +11,10 @@ from ckptavg.distributed.split import Unit, assign, fingerprint, owners, share_p
 from ckptavg.distributed.world import World, rank_progress
 from ckptavg.errors import UsageError
 from ckptavg.formats.writer import RangeWriter, TensorSpec, tensor_offsets
-from ckptavg.merge.engine import Engine, Progress, ProgressFn
+from ckptavg.merge.engine import Engine
 from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.output import TensorFiles, WriteOptions
+from ckptavg.progress import Progress, ProgressFn
 from ckptavg.sizes import peak_rss
 from ckptavg.verify import crc32_combine, verify_output
 

@@ -16,7 +16,7 @@ from ckptavg.errors import EXIT_SIGTERM, CkptavgError, Interrupted
 from ckptavg.signals import STOP_SIGNALS
 
 if TYPE_CHECKING:  # the command line asks under_torchrun() before torch is imported
-    from ckptavg.merge.engine import ProgressFn
+    from ckptavg.progress import ProgressFn
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BEAT_SECONDS = 1.0
@@ -297,7 +297,7 @@ def _fold_workers() -> int | None:
 def rank_progress(world: World, plan_read_bytes: int, total_units: int, on_progress: ProgressFn | None) -> ProgressFn:
     """The engine's progress callback on a rank: it stops the work when another rank has failed, posts this
     rank's progress, and on rank 0 reports the whole job's (its own plus the others' last beat)."""
-    from ckptavg.merge.engine import Progress
+    from ckptavg.progress import Progress
 
     def update(p: Progress) -> None:
         world.check_failure()

@@ -10,11 +10,13 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptavg.errors import InputError
+from ckptavg.formats.dtypes import itemsize, to_torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -32,14 +34,6 @@ def tensor_buffer(t: torch.Tensor) -> memoryview:
     if nbytes == 0:
         return memoryview(bytearray())
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def is_floating(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
 
 
 def _raise_open_file_limit() -> None:
@@ -87,6 +81,8 @@ def map_bytes(path: Path, offset: int, length: int) -> tuple[torch.Tensor, mmap.
 
     The mapping is populated at once (MAP_POPULATE), so the page-ins happen in the calling thread.
     """
+    import torch
+
     if length == 0:
         return torch.empty(0, dtype=torch.uint8), None
     base = offset - offset % PAGE
@@ -123,24 +119,34 @@ class TensorSource:
     """Where one tensor's bytes are on disk.
 
     `offset` is the byte offset of element 0 in `path`. A tensor whose `stride` is not the contiguous one
-    (a view saved by torch.save) is read whole and made contiguous on first use.
+    (a view saved by torch.save) is read whole and made contiguous on first use. The dtype is kept by
+    torch's name for it (`dtype_name`), so that describing a checkpoint imports no torch; `dtype` is the
+    torch.dtype, for the code that reads the bytes into tensors.
     """
 
     path: Path
     offset: int
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     stride: tuple[int, ...] | None = None
     storage: str | None = None  # identity of the storage it lives in, to find tied tensors
     _strided_cache: torch.Tensor | None = field(default=None, repr=False)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return to_torch(self.dtype_name)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype_name)
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
     @property
     def contiguous(self) -> bool:
@@ -161,16 +167,28 @@ class TensorSource:
         """Two sources with the same key hold the same values (tied weights)."""
         if self.storage is None:
             return None
-        return (self.storage, self.offset, self.shape, self.stride, self.dtype)
+        return (self.storage, self.offset, self.shape, self.stride, self.dtype_name)
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
         """Copy bytes [start, start + out.numel()) of the contiguous tensor into the uint8 tensor `out`."""
         if self.contiguous:
             read_exact(self.path, self.offset + start, tensor_buffer(out))
             return
+        import torch
+
         self.prepare()
         assert self._strided_cache is not None
         out.copy_(self._strided_cache.view(torch.uint8)[start : start + out.numel()])
+
+    def read_bytes(self, start: int, out: memoryview) -> None:
+        """Copy bytes [start, start + len(out)) of the contiguous tensor into `out`: stored bytes are read with
+        no torch; a source that makes a tensor first (strided, computed) imports it."""
+        if self.contiguous:
+            read_exact(self.path, self.offset + start, out)
+        elif len(out):
+            import torch
+
+            self.read_into(start, torch.frombuffer(out, dtype=torch.uint8))
 
     def prepare(self) -> None:
         """Make a strided source readable by range: read it whole once and make it contiguous (a no-op for
@@ -183,6 +201,8 @@ class TensorSource:
         slice of the materialised tensor for a strided source. Close the mapping once the view is dropped."""
         if self.contiguous:
             return map_bytes(self.path, self.offset + start, length)
+        import torch
+
         self.prepare()
         assert self._strided_cache is not None
         return self._strided_cache.view(torch.uint8)[start : start + length], None
@@ -192,15 +212,19 @@ class TensorSource:
 
     def read(self) -> torch.Tensor:
         """The whole tensor, contiguous, in memory (one tensor, never a checkpoint)."""
+        import torch
+
         raw = torch.empty(self.nbytes, dtype=torch.uint8)
         self.read_into(0, raw)
         self.release()
         return raw.view(self.dtype).reshape(self.shape)
 
     def _read_strided(self) -> torch.Tensor:
+        import torch
+
         assert self.stride is not None
         span = 1 + sum((size - 1) * st for size, st in zip(self.shape, self.stride))
-        raw = torch.empty(span * self.dtype.itemsize, dtype=torch.uint8)
+        raw = torch.empty(span * self.itemsize, dtype=torch.uint8)
         read_exact(self.path, self.offset, tensor_buffer(raw))
         view = raw.view(self.dtype).as_strided(self.shape, self.stride)
         return view.contiguous().reshape(-1)
@@ -216,9 +240,9 @@ class ExtentSource(TensorSource):
     extents: tuple[tuple[Path, int, int], ...] = ()  # (file, byte offset, byte length), in order
 
     @classmethod
-    def of(cls, extents: list[tuple[Path, int, int]], dtype: torch.dtype, shape: tuple[int, ...]) -> ExtentSource:
+    def of(cls, extents: list[tuple[Path, int, int]], dtype_name: str, shape: tuple[int, ...]) -> ExtentSource:
         first = extents[0] if extents else (Path(), 0, 0)
-        return cls(path=first[0], offset=first[1], dtype=dtype, shape=shape, extents=tuple(extents))
+        return cls(path=first[0], offset=first[1], dtype_name=dtype_name, shape=shape, extents=tuple(extents))
 
     @property
     def contiguous(self) -> bool:
@@ -226,15 +250,18 @@ class ExtentSource(TensorSource):
 
     @property
     def alias_key(self) -> tuple | None:
-        return ("extents", self.extents, self.shape, self.dtype)
+        return ("extents", self.extents, self.shape, self.dtype_name)
 
     def prepare(self) -> None:
         pass
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
+        self.read_bytes(start, tensor_buffer(out))
+
+    def read_bytes(self, start: int, out: memoryview) -> None:
         if self.contiguous:
-            return super().read_into(start, out)
-        view, at, done = tensor_buffer(out), 0, 0
+            return super().read_bytes(start, out)
+        view, at, done = out, 0, 0
         for path, offset, length in self.extents:
             lo, hi = max(start, at), min(start + len(view), at + length)
             if lo < hi:
@@ -286,6 +313,8 @@ class RowSource(TensorSource):
             self.on_release()
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
+        import torch
+
         row_bytes = self.nbytes // self.shape[0]
         first, end = start // row_bytes, -(-(start + out.numel()) // row_bytes)
         rows = self.compute_rows(first, end)
@@ -360,5 +389,5 @@ def readable_by_range(src: TensorSource) -> bool:
 def slice_source(src: TensorSource, first: int, count: int) -> TensorSource:
     """Elements [first, first + count) of `src` as a 1-D source of their own."""
     if type(src) is TensorSource and src.contiguous:  # plain stored bytes: the engine's fast path reads them
-        return TensorSource(src.path, src.offset + first * src.dtype.itemsize, src.dtype, (count,))
-    return SliceSource(src.path, src.offset, src.dtype, (count,), whole=src, first_byte=first * src.dtype.itemsize)
+        return TensorSource(src.path, src.offset + first * src.itemsize, src.dtype_name, (count,))
+    return SliceSource(src.path, src.offset, src.dtype_name, (count,), whole=src, first_byte=first * src.itemsize)

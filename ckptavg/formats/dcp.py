@@ -22,9 +22,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptavg.errors import HostileInputError, InputError, UnsupportedError, option
 from ckptavg.formats.base import (
@@ -33,12 +31,15 @@ from ckptavg.formats.base import (
     ExtentSource,
     TensorSource,
     contiguous_strides,
-    dtype_name,
     read_exact,
     tensor_buffer,
 )
-from ckptavg.formats.safetensors_io import SAFETENSORS_DTYPES, read_header
-from ckptavg.formats.unpickle import HostilePickleError, Opaque, RestrictedUnpickler, StorageRef, TensorRef, _opaque
+from ckptavg.formats.dtypes import ALIASES, DTYPES, SAFETENSORS, itemsize, to_torch
+from ckptavg.formats.safetensors_io import read_header
+from ckptavg.formats.unpickle import DTypeRef, HostilePickleError, Opaque, RestrictedUnpickler, StorageRef, TensorRef, _opaque
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA = ".metadata"
 MD = "torch.distributed.checkpoint.metadata"
@@ -95,9 +96,7 @@ class MetadataUnpickler(RestrictedUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return _opaque(module, name)
-        if (module, name) == ("torch", "Size") or (
-            module == "torch" and hasattr(torch, name) and isinstance(getattr(torch, name), torch.dtype)
-        ):
+        if (module, name) == ("torch", "Size") or (module == "torch" and (name in DTYPES or name in ALIASES)):
             return super().find_class(module, name)
         if (module, name) in (
             ("collections", "OrderedDict"),
@@ -140,7 +139,7 @@ class Chunk:
 @dataclass
 class Entry:
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     size: tuple[int, ...]
     chunks: list[Chunk]
 
@@ -252,7 +251,7 @@ def _entries(metadata: Any, ends: dict[str, int]) -> dict[str, Entry | None]:
         )
         if dtype is None and isinstance(properties, Opaque) and isinstance(properties._opaque_state, tuple):
             dtype = properties._opaque_state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, DTypeRef):
             raise InputError(None, f"corrupt .metadata: no dtype for {name}")
         chunks = []
         for chunk in tensor.get("chunks") or []:
@@ -263,7 +262,7 @@ def _entries(metadata: Any, ends: dict[str, int]) -> dict[str, Entry | None]:
                 raise InputError(None, f"corrupt .metadata: the chunk of {name} at {list(offsets)} has no storage entry")
             transforms = tuple(str(t) for t in (info.get("transform_descriptors") or ()))
             chunks.append(Chunk(offsets, sizes, str(info["relative_path"]), int(info["offset"]), int(info["length"]), transforms))
-        entries[name] = Entry(name, dtype, _ints(tensor["size"]), chunks)
+        entries[name] = Entry(name, dtype.name, _ints(tensor["size"]), chunks)
     return entries
 
 
@@ -312,7 +311,7 @@ class _Slice(io.RawIOBase):
         return n
 
 
-def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch.dtype) -> tuple[int, tuple[int, ...]]:
+def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype_name: str) -> tuple[int, tuple[int, ...]]:
     """(byte offset in `path` of the chunk's first element, its shape), from the archive's data.pkl and zip headers."""
     try:
         zf = zipfile.ZipFile(archive)
@@ -324,8 +323,8 @@ def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch
             raise InputError(path, f"corrupt DCP chunk of {name}: not a torch.save archive")
         refs: dict[str, StorageRef] = {}
 
-        def storage(key: str, dt: torch.dtype, numel: int) -> StorageRef:
-            refs[key] = StorageRef(key, dt, numel * dt.itemsize)
+        def storage(key: str, dt: str, numel: int) -> StorageRef:
+            refs[key] = StorageRef(key, dt, numel * itemsize(dt))
             return refs[key]
 
         ref = RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), storage).load()
@@ -340,11 +339,12 @@ def _chunk_location(path: Path, archive: Any, base: int, name: str, dtype: torch
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         data = info.header_offset + 30 + name_len + extra_len
     contiguous = all(st == want for st, want, size in zip(ref.stride, contiguous_strides(ref.shape), ref.shape) if size != 1)
-    if not contiguous or ref.storage.dtype.itemsize != dtype.itemsize:
-        raise InputError(path, f"corrupt DCP chunk of {name}: not a contiguous {dtype} tensor")
-    if (ref.offset + math.prod(ref.shape)) * dtype.itemsize > info.file_size:
+    size = itemsize(dtype_name)
+    if not contiguous or itemsize(ref.storage.dtype_name) != size:
+        raise InputError(path, f"corrupt DCP chunk of {name}: not a contiguous torch.{dtype_name} tensor")
+    if (ref.offset + math.prod(ref.shape)) * size > info.file_size:
         raise InputError(path, f"corrupt DCP chunk of {name}: its storage is shorter than the chunk")
-    return base + data + ref.offset * dtype.itemsize, ref.shape
+    return base + data + ref.offset * size, ref.shape
 
 
 def _safetensors_at(path: Path, offset: int) -> bool:
@@ -360,20 +360,20 @@ def _item_location(path: Path, chunk: Chunk, entry: Entry, blobs: dict[tuple[Pat
     a torch.save archive (it starts with a zip header), or a tensor of the safetensors blob that starts there
     (`blobs` keeps each blob's header, parsed once)."""
     if not _safetensors_at(path, chunk.offset):
-        return _chunk_location(path, _Slice(path, chunk.offset, chunk.length), chunk.offset, entry.name, entry.dtype)
+        return _chunk_location(path, _Slice(path, chunk.offset, chunk.length), chunk.offset, entry.name, entry.dtype_name)
     if (path, chunk.offset) not in blobs:
         blobs[(path, chunk.offset)] = read_blob(path, chunk.offset)
     blob = blobs[(path, chunk.offset)]
     found = blob.header.get(entry.name)
     if found is None:
         raise InputError(path, f"corrupt DCP item: the safetensors data at byte {chunk.offset} holds no {entry.name}")
-    shape, dtype = tuple(found["shape"]), SAFETENSORS_DTYPES[found["dtype"]]
+    shape, dtype_name = tuple(found["shape"]), SAFETENSORS[found["dtype"]]
     placed = blob.saved_offsets.get(entry.name) if blob.saved_offsets is not None else None
-    if dtype != entry.dtype or shape != chunk.sizes or (placed is not None and placed != chunk.offsets):
+    if dtype_name != entry.dtype_name or shape != chunk.sizes or (placed is not None and placed != chunk.offsets):
         raise InputError(
             path,
-            f"corrupt DCP item: {entry.name} is {dtype_name(dtype)} {list(shape)} at {list(placed or ())} "
-            f"in the safetensors data, the metadata says {dtype_name(entry.dtype)} {list(chunk.sizes)} at {list(chunk.offsets)}",
+            f"corrupt DCP item: {entry.name} is {dtype_name} {list(shape)} at {list(placed or ())} "
+            f"in the safetensors data, the metadata says {entry.dtype_name} {list(chunk.sizes)} at {list(chunk.offsets)}",
         )
     return blob.data_start + found["data_offsets"][0], shape
 
@@ -425,35 +425,36 @@ def tensor_source(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob
                 raise InputError(
                     path, f"corrupt DCP chunk of {entry.name}: shape {list(shape)}, the metadata says {list(c.sizes)}"
                 )
-            extents.append((path, start, math.prod(c.sizes) * entry.dtype.itemsize))
-        return ExtentSource.of(extents, entry.dtype, entry.size)
+            extents.append((path, start, math.prod(c.sizes) * itemsize(entry.dtype_name)))
+        return ExtentSource.of(extents, entry.dtype_name, entry.size)
     return ComputedSource(
         path=folder / chunks[0].file,
         offset=0,
-        dtype=entry.dtype,
+        dtype_name=entry.dtype_name,
         shape=entry.size,
         compute=lambda: _assemble(folder, entry, blobs),
     )
 
 
 def _assemble(folder: Path, entry: Entry, blobs: dict[tuple[Path, int], Blob]) -> torch.Tensor:
-    full = torch.empty(entry.size, dtype=entry.dtype)
+    import torch
+
+    dtype, size = to_torch(entry.dtype_name), itemsize(entry.dtype_name)
+    full = torch.empty(entry.size, dtype=dtype)
     for c in entry.chunks:
         if not math.prod(c.sizes):
             continue
         path = folder / c.file
         if c.transforms:
             archive: Any = io.BytesIO(_zstd(path, c))
-            start, shape = _chunk_location(path, archive, 0, entry.name, entry.dtype)
-            raw = torch.frombuffer(
-                bytearray(archive.getbuffer()[start : start + math.prod(shape) * entry.dtype.itemsize]), dtype=torch.uint8
-            )
+            start, shape = _chunk_location(path, archive, 0, entry.name, entry.dtype_name)
+            raw = torch.frombuffer(bytearray(archive.getbuffer()[start : start + math.prod(shape) * size]), dtype=torch.uint8)
         else:
             start, shape = _item_location(path, c, entry, blobs)
-            raw = torch.empty(math.prod(shape) * entry.dtype.itemsize, dtype=torch.uint8)
+            raw = torch.empty(math.prod(shape) * size, dtype=torch.uint8)
             if raw.numel():
                 read_exact(path, start, tensor_buffer(raw))
-        block = raw.view(entry.dtype).reshape(shape)
+        block = raw.view(dtype).reshape(shape)
         full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = block
     return full
 

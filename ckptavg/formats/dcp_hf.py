@@ -18,10 +18,11 @@ import struct
 from pathlib import Path
 
 from ckptavg.errors import InputError, UsageError, option
-from ckptavg.formats.base import Checkpoint, dtype_name
+from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.dcp import SHARDING_INFO, Blob, Chunk, Entry, read_blob, tensor_source
 from ckptavg.formats.detect import weight_files_in
-from ckptavg.formats.safetensors_io import MAX_HEADER, SAFETENSORS_DTYPES
+from ckptavg.formats.dtypes import SAFETENSORS, itemsize
+from ckptavg.formats.safetensors_io import MAX_HEADER
 
 SHARD_FILE = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")
 SHARDED_DIR = "sharded"  # where enable_consolidation=True leaves the parts, beside the consolidated files
@@ -82,16 +83,16 @@ def open_dcp_hf(path: Path, folder: Path, key: str | None = None, use_ema: bool 
         if blob.saved_offsets is None:
             raise InputError(file, f"named like a DCP shard file, but its header has no {SHARDING_INFO}")
         for name, found in blob.header.items():
-            dtype, shape = SAFETENSORS_DTYPES[found["dtype"]], tuple(found["shape"])
-            entry = entries.setdefault(name, Entry(name, dtype, (), []))
-            if dtype != entry.dtype or (entry.chunks and len(shape) != len(entry.chunks[0].sizes)):
+            dtype_name, shape = SAFETENSORS[found["dtype"]], tuple(found["shape"])
+            entry = entries.setdefault(name, Entry(name, dtype_name, (), []))
+            if dtype_name != entry.dtype_name or (entry.chunks and len(shape) != len(entry.chunks[0].sizes)):
                 first = entry.chunks[0]
                 raise InputError(
                     folder,
-                    f"{name}: its parts disagree: {dtype_name(dtype)} {list(shape)} in {file.name}, "
-                    f"{dtype_name(entry.dtype)} {list(first.sizes)} in {first.file}",
+                    f"{name}: its parts disagree: {dtype_name} {list(shape)} in {file.name}, "
+                    f"{entry.dtype_name} {list(first.sizes)} in {first.file}",
                 )
-            nbytes = math.prod(shape) * dtype.itemsize
+            nbytes = math.prod(shape) * itemsize(dtype_name)
             entry.chunks.append(Chunk(blob.saved_offsets[name], shape, file.name, 0, nbytes))
     for entry in entries.values():  # the global shape: as far as the parts reach in each dimension
         dims = range(len(entry.chunks[0].sizes))

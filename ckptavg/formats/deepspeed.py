@@ -17,8 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckptavg.errors import InputError, UnsupportedError, option
 from ckptavg.formats.base import Checkpoint, ExtentSource, TensorSource
 from ckptavg.formats.torch_io import PickleFile, as_dict
@@ -75,7 +73,7 @@ def _extents(parts: list[TensorSource], start: int, count: int) -> list[tuple[Pa
         n = src.numel
         lo, hi = max(start, at), min(start + count, at + n)
         if lo < hi:
-            size = src.dtype.itemsize
+            size = src.itemsize
             extents.append((src.path, src.offset + (lo - at) * size, (hi - lo) * size))
         at += n
     return extents
@@ -206,7 +204,7 @@ def _truncate(extents: list[tuple[Path, int, int]], nbytes: int) -> list[tuple[P
 def _source(extents: list[tuple[Path, int, int]], shape: tuple[int, ...], problem: str, folder: Path) -> TensorSource:
     if sum(length for _, _, length in extents) != math.prod(shape) * 4:
         raise InputError(folder, f"corrupt ZeRO save: {problem}")
-    return ExtentSource.of(extents, torch.float32, shape)
+    return ExtentSource.of(extents, "float32", shape)
 
 
 def _add_frozen(tensors: dict[str, TensorSource], states: PickleFile, stage: int, model_files: list[Path]) -> None:
@@ -222,8 +220,8 @@ def _add_frozen(tensors: dict[str, TensorSource], states: PickleFile, stage: int
         parts = [p.source(f[name], name) for p, f in zip(per_rank, fragments) if isinstance(f.get(name), TensorRef)]
         if not parts:
             raise InputError(model_files[0], f"frozen parameter {name} has no fragment in the model states")
-        extents = _truncate(_extents(parts, 0, sum(src.numel for src in parts)), math.prod(shape) * parts[0].dtype.itemsize)
-        tensors[name] = ExtentSource.of(extents, parts[0].dtype, shape)
+        extents = _truncate(_extents(parts, 0, sum(src.numel for src in parts)), math.prod(shape) * parts[0].itemsize)
+        tensors[name] = ExtentSource.of(extents, parts[0].dtype_name, shape)
 
 
 def _with_step(ckpt: Checkpoint, top: dict, folder: Path) -> Checkpoint:

@@ -20,21 +20,24 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptavg.errors import InputError, UnsupportedError, option
-from ckptavg.formats.base import TensorSource, dtype_name, tensor_buffer
+from ckptavg.formats.base import TensorSource, tensor_buffer
 from ckptavg.formats.detect import read_model_config
+from ckptavg.formats.dtypes import is_floating
 
+if TYPE_CHECKING:
+    import torch
+
+# torch's names of the FP8 dtypes -> the scheme's name in reports
 FP8 = {
-    torch.float8_e4m3fn: "e4m3",
-    torch.float8_e5m2: "e5m2",
-    torch.float8_e4m3fnuz: "e4m3fnuz",
-    torch.float8_e5m2fnuz: "e5m2fnuz",
+    "float8_e4m3fn": "e4m3",
+    "float8_e5m2": "e5m2",
+    "float8_e4m3fnuz": "e4m3fnuz",
+    "float8_e5m2fnuz": "e5m2fnuz",
 }
-E8M0 = getattr(torch, "float8_e8m0fnu", None)
+E8M0 = "float8_e8m0fnu"
 # E2M1 magnitudes by code (bit 3 is the sign), OCP Microscaling Formats spec v1.0, section 5.3.3
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_BLOCK = 32
@@ -132,6 +135,8 @@ class DequantizedSource(TensorSource):
         pass
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
+        import torch
+
         assert start % 8 == 0 and out.numel() % 8 == 0, (start, out.numel())
         first = start // 8
         values = self.values(first, first + out.numel() // 8)
@@ -142,12 +147,16 @@ class DequantizedSource(TensorSource):
 
     def values(self, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the dequantized tensor, flat, float64."""
+        import torch
+
         if hi <= lo:
             return torch.empty(0, dtype=torch.float64)
         return _fp8_values(self, lo, hi) if self.kind == "fp8" else _mxfp4_values(self, lo, hi)
 
 
 def _read_bytes(src: TensorSource, start: int, count: int) -> torch.Tensor:
+    import torch
+
     raw = torch.empty(count, dtype=torch.uint8)
     if count:
         src.read_into(start, raw)
@@ -155,6 +164,8 @@ def _read_bytes(src: TensorSource, start: int, count: int) -> torch.Tensor:
 
 
 def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
+    import torch
+
     assert s.codes is not None and s.scales is not None
     codes = _values_of_codes(s.codes.dtype).index_select(0, _read_bytes(s.codes, lo, hi - lo).int())
     if s.block == (0, 0):  # one scale for the whole tensor
@@ -167,8 +178,8 @@ def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
     row = torch.arange(first_row, end_row)
     scale_row = (row // rows) * scale_rows + (row % rows) // block_rows  # the batch's block row
     low, high = int(scale_row[0]), int(scale_row[-1]) + 1
-    itemsize = s.scales.dtype.itemsize
-    table = _read_bytes(s.scales, low * scale_cols * itemsize, (high - low) * scale_cols * itemsize)
+    size = s.scales.itemsize
+    table = _read_bytes(s.scales, low * scale_cols * size, (high - low) * scale_cols * size)
     table = table.view(s.scales.dtype).to(torch.float64).reshape(high - low, scale_cols)
     per_row = table.index_select(0, scale_row - low)  # [rows of the range, scale_cols]
     at = lo
@@ -194,6 +205,8 @@ def _fp8_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
 def _values_of_codes(dtype: torch.dtype) -> torch.Tensor:
     """The float64 value of each of the 256 codes of a one-byte dtype: a table lookup (index_select) converts
     codes about twice as fast as a dtype cast on a CPU."""
+    import torch
+
     if dtype == torch.uint8:  # two E2M1 codes per byte: the pair's values, low nibble first
         e2m1 = torch.tensor(E2M1, dtype=torch.float64)
         return torch.stack((e2m1.repeat(16), e2m1.repeat_interleave(16)), dim=-1)
@@ -202,6 +215,8 @@ def _values_of_codes(dtype: torch.dtype) -> torch.Tensor:
 
 def _decode_mx(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     """[..., k, 16] bytes and [..., k] exponents -> [..., k * 32] float64 values."""
+    import torch
+
     pairs = _values_of_codes(torch.uint8).index_select(0, codes.reshape(-1).int())  # [n, 2]: low nibble first
     values = pairs.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
     values = torch.ldexp(values, (exponents.to(torch.int64) - 127).to(torch.float64).unsqueeze(-1))
@@ -209,6 +224,8 @@ def _decode_mx(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
 
 
 def _mxfp4_values(s: DequantizedSource, lo: int, hi: int) -> torch.Tensor:
+    import torch
+
     assert s.codes is not None and s.scales is not None
     groups = s.codes.shape[-2]
     if not s.transposed:  # the natural layout: element i is nibble i % 2 of byte i // 2, scaled by exponent i // 32
@@ -314,9 +331,9 @@ def _fp8_source(
     shape = codes.shape
     cols = shape[-1] if shape else 1
     rows = shape[-2] if len(shape) >= 2 else 1
-    if not scales.dtype.is_floating_point or scales.dtype in FP8 or scales.dtype.itemsize < 2:
+    if not is_floating(scales.dtype_name) or scales.dtype_name in FP8 or scales.itemsize < 2:
         raise UnsupportedError(
-            path, f"scale {scale_name} is {dtype_name(scales.dtype)}: an unknown FP8 scheme (FP32 or BF16 scales expected)"
+            path, f"scale {scale_name} is {scales.dtype_name}: an unknown FP8 scheme (FP32 or BF16 scales expected)"
         )
     block_from = ""
     if scales.numel == 1:
@@ -333,7 +350,7 @@ def _fp8_source(
     source = DequantizedSource(
         path=codes.path,
         offset=codes.offset,
-        dtype=torch.float64,
+        dtype_name="float64",
         shape=shape,
         codes=codes,
         scales=scales,
@@ -341,26 +358,26 @@ def _fp8_source(
         block=block or (0, 0),
         scale_suffix=scale_name.removeprefix(name),
     )
-    return source, f"fp8 {FP8[codes.dtype]}, {how}", block_from
+    return source, f"fp8 {FP8[codes.dtype_name]}, {how}", block_from
 
 
 def _mxfp4_source(path: Path, name: str, codes: TensorSource, scales: TensorSource) -> DequantizedSource:
-    if codes.dtype != torch.uint8 or len(codes.shape) < 2 or codes.shape[-1] != 16 or scales.shape != codes.shape[:-1]:
+    if codes.dtype_name != "uint8" or len(codes.shape) < 2 or codes.shape[-1] != 16 or scales.shape != codes.shape[:-1]:
         raise UnsupportedError(
             path,
-            f"{name}_blocks {dtype_name(codes.dtype)} {list(codes.shape)} with {name}_scales {list(scales.shape)}: "
+            f"{name}_blocks {codes.dtype_name} {list(codes.shape)} with {name}_scales {list(scales.shape)}: "
             "not MXFP4 as gpt-oss writes it (U8 [..., G, 16] blocks and [..., G] scales)",
         )
-    if scales.dtype not in (torch.uint8, E8M0):
-        raise UnsupportedError(path, f"{name}_scales is {dtype_name(scales.dtype)}: MXFP4 scales are U8 or F8_E8M0 exponents")
+    if scales.dtype_name not in ("uint8", E8M0):
+        raise UnsupportedError(path, f"{name}_scales is {scales.dtype_name}: MXFP4 scales are U8 or F8_E8M0 exponents")
     prefix, logical = codes.shape[:-2], codes.shape[-2] * MX_BLOCK
     transposed = len(prefix) == 2
     shape = (prefix[0], logical, prefix[1]) if transposed else (*prefix, logical)
-    raw_scales = scales if scales.dtype == torch.uint8 else _as_bytes(scales)
+    raw_scales = scales if scales.dtype_name == "uint8" else _as_bytes(scales)
     return DequantizedSource(
         path=codes.path,
         offset=codes.offset,
-        dtype=torch.float64,
+        dtype_name="float64",
         shape=shape,
         codes=codes,
         scales=raw_scales,
@@ -374,7 +391,7 @@ def _mxfp4_source(path: Path, name: str, codes: TensorSource, scales: TensorSour
 def _as_bytes(src: TensorSource) -> TensorSource:
     """An E8M0 scale tensor read as the raw exponent bytes it is."""
     return TensorSource(
-        path=src.path, offset=src.offset, dtype=torch.uint8, shape=src.shape, stride=src.stride, storage=src.storage
+        path=src.path, offset=src.offset, dtype_name="uint8", shape=src.shape, stride=src.stride, storage=src.storage
     )
 
 
@@ -396,7 +413,7 @@ def dequantized(
     quant = Quantization(scheme="", method=method)
     consumed: set[str] = set()
     for name, src in tensors.items():
-        if src.dtype in FP8:
+        if src.dtype_name in FP8:
             scale_name = next((n for n in (f"{name}_scale_inv", f"{name}_scale") if n in tensors), None)
             if scale_name is None:
                 if method in KNOWN_METHODS:
@@ -444,7 +461,7 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
         if name.endswith(("_scale_inv", ".weight_scale")):
             weight = name.removesuffix("_scale_inv").removesuffix("_scale")
             what = (
-                f"its weight {weight} is {dtype_name(tensors[weight].dtype)}, not FP8"
+                f"its weight {weight} is {tensors[weight].dtype_name}, not FP8"
                 if weight in tensors
                 else f"its weight {weight} is not in this file (in another shard? pass the whole folder)"
             )
@@ -452,7 +469,7 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
         if (
             name.endswith("_scales")
             and f"{name.removesuffix('_scales')}_blocks" not in tensors
-            and src.dtype in (torch.uint8, E8M0)
+            and src.dtype_name in ("uint8", E8M0)
         ):
             raise UnsupportedError(
                 path,
@@ -461,7 +478,7 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
                     "(in another shard? pass the whole folder)"
                 ),
             )
-        if name.endswith("_blocks") and src.dtype == torch.uint8 and f"{name.removesuffix('_blocks')}_scales" not in tensors:
+        if name.endswith("_blocks") and src.dtype_name == "uint8" and f"{name.removesuffix('_blocks')}_scales" not in tensors:
             raise UnsupportedError(
                 path,
                 (
@@ -469,7 +486,7 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
                     "another shard? pass the whole folder)"
                 ),
             )
-        if E8M0 is not None and src.dtype == E8M0:
+        if src.dtype_name == E8M0:
             raise UnsupportedError(
                 path,
                 (
@@ -480,8 +497,6 @@ def _refuse_orphans(path: Path, tensors: dict[str, TensorSource], consumed: set[
 
 
 # Writing the inputs' own scheme again (--requantize)
-
-FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in FP8}
 
 
 def requantize_problem(src: DequantizedSource) -> str | None:
@@ -558,6 +573,8 @@ class Fp8Requantizer:
             band = min(src.block[0], rows - self._row % rows)
             if len(self._pending) < band * cols * 8:
                 return
+            import torch
+
             values = torch.frombuffer(bytearray(self._pending[: band * cols * 8]), dtype=torch.float64).reshape(band, cols)
             del self._pending[: band * cols * 8]
             codes, scales = _quantize_band(values, src.block[1], src.codes.dtype, self._scale_dtype(src))
@@ -571,6 +588,8 @@ class Fp8Requantizer:
         return src.scales.dtype
 
     def _write_scales(self, src: DequantizedSource) -> None:
+        import torch
+
         scales = torch.cat(self._scales).contiguous() if self._scales else torch.empty(0, dtype=self._scale_dtype(src))
         self._scales, self._row = [], 0
         self.writer.write(tensor_buffer(scales.view(torch.uint8).reshape(-1)))
@@ -591,12 +610,14 @@ def _quantize_band(
     values: torch.Tensor, block_cols: int, code_dtype: torch.dtype, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [r, cols] of float64 values (one block row) -> FP8 codes [r, cols] and one scale row [1, ceil(cols / block_cols)]."""
+    import torch
+
     rows, cols = values.shape
     groups = -(-cols // block_cols)
+    limit = float(torch.finfo(code_dtype).max)  # the format's largest value: 448 for E4M3
     padded = torch.nn.functional.pad(values.abs(), (0, groups * block_cols - cols))
     absmax = padded.reshape(rows, groups, block_cols).amax(dim=(0, 2))
-    scales = torch.where(absmax > 0, absmax / FP8_MAX[code_dtype], torch.ones_like(absmax)).to(scale_dtype)
+    scales = torch.where(absmax > 0, absmax / limit, torch.ones_like(absmax)).to(scale_dtype)
     per_col = scales.double().repeat_interleave(block_cols)[:cols]
-    limit = FP8_MAX[code_dtype]
     codes = (values / per_col).clamp(-limit, limit).to(code_dtype)
     return codes.contiguous(), scales.reshape(1, groups)

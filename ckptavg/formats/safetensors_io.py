@@ -7,34 +7,11 @@ import math
 import struct
 from pathlib import Path
 
-import torch
-
 from ckptavg.errors import InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource
+from ckptavg.formats.dtypes import SAFETENSORS, itemsize
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E8M0": torch.float8_e8m0fnu,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
-}
 PACKED_DTYPES = {"F4": "4-bit floats, two per byte", "F6_E2M3": "6-bit floats", "F6_E3M2": "6-bit floats"}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -101,7 +78,7 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         if not isinstance(entry, dict):
             raise InputError(path, f"corrupt safetensors header: entry for tensor {name!r} is not an object")
         kind = entry.get("dtype")
-        if isinstance(kind, str) and kind not in SAFETENSORS_DTYPES:
+        if isinstance(kind, str) and kind not in SAFETENSORS:
             if kind in PACKED_DTYPES:
                 raise UnsupportedError(
                     path,
@@ -112,9 +89,8 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         shape, offsets = _naturals(entry.get("shape")), _naturals(entry.get("data_offsets"), 2)
         if not isinstance(kind, str) or shape is None or offsets is None:
             raise InputError(path, f"corrupt safetensors header: bad dtype, shape or data_offsets for tensor {name!r}")
-        dtype = SAFETENSORS_DTYPES[kind]
         begin, end = offsets
-        if end - begin != math.prod(shape) * dtype.itemsize:
+        if end - begin != math.prod(shape) * itemsize(SAFETENSORS[kind]):
             raise InputError(
                 path, f"corrupt safetensors header: tensor {name!r} has {end - begin} bytes for shape {shape} {entry['dtype']}"
             )
@@ -139,7 +115,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorSource], dict[str, str
         name: TensorSource(
             path=path,
             offset=data_start + entry["data_offsets"][0],
-            dtype=SAFETENSORS_DTYPES[entry["dtype"]],
+            dtype_name=SAFETENSORS[entry["dtype"]],
             shape=tuple(int(d) for d in entry["shape"]),
         )
         for name, entry in ordered

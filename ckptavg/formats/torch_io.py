@@ -13,10 +13,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckptavg.errors import HostileInputError, InputError, UnsupportedError
 from ckptavg.formats.base import TensorSource
+from ckptavg.formats.dtypes import itemsize
 from ckptavg.formats.unpickle import HostilePickleError, Opaque, QuantizedTensorRef, RestrictedUnpickler, StorageRef, TensorRef
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -62,9 +61,9 @@ class PickleFile:
             raise InputError(path, f"corrupt PyTorch pickle ({type(e).__name__}: {str(e)[:200]})") from e
         self.opaque_globals = sorted(self._unpickler_globals)
 
-    def _storage_ref(self, key: str, dtype: torch.dtype, numel: int) -> StorageRef:
-        self._itemsize[key] = dtype.itemsize
-        return StorageRef(key, dtype, numel * dtype.itemsize)
+    def _storage_ref(self, key: str, dtype_name: str, numel: int) -> StorageRef:
+        self._itemsize[key] = itemsize(dtype_name)
+        return StorageRef(key, dtype_name, numel * itemsize(dtype_name))
 
     def _load_zip(self) -> Any:
         with zipfile.ZipFile(self.path) as archive:
@@ -129,7 +128,7 @@ class PickleFile:
         key = ref.storage.key
         if key not in self.storage_offsets:
             raise InputError(self.path, f"tensor {name!r} refers to storage {key}, which is missing from the file")
-        need = (ref.offset + 1 + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride))) * ref.dtype.itemsize
+        need = (ref.offset + 1 + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride))) * itemsize(ref.dtype_name)
         if 0 in ref.shape:
             need = 0
         if need > self.storage_sizes[key] or need > ref.storage.nbytes:
@@ -138,8 +137,8 @@ class PickleFile:
             )
         return TensorSource(
             path=self.path,
-            offset=self.storage_offsets[key] + ref.offset * ref.dtype.itemsize,
-            dtype=ref.dtype,
+            offset=self.storage_offsets[key] + ref.offset * itemsize(ref.dtype_name),
+            dtype_name=ref.dtype_name,
             shape=ref.shape,
             stride=ref.stride,
             storage=f"{self.path}:{key}",

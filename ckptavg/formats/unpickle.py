@@ -17,16 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import torch
+from ckptavg.formats.dtypes import ALIASES, DTYPES, STORAGE_TYPES
 
-STORAGE_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "complex", "slice", "int", "float", "str", "bool"}
-TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+@dataclass(frozen=True)
+class DTypeRef:
+    """A torch dtype the pickle names (`torch.bfloat16`), kept by torch's name for it: no torch is imported."""
+
+    name: str
 
 
 @dataclass(frozen=True)
 class StorageType:
-    dtype: torch.dtype
+    dtype_name: str
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class StorageRef:
     """A storage record of the file: `key` names its bytes, `nbytes` is what the pickle says it holds."""
 
     key: str
-    dtype: torch.dtype
+    dtype_name: str
     nbytes: int
 
 
@@ -44,7 +49,7 @@ class TensorRef:
     offset: int  # in elements of dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
 
 
 class QuantizedTensorRef:
@@ -106,13 +111,15 @@ def _opaque(module: str, name: str) -> type[Opaque]:
 
 
 def _rebuild_tensor(storage: StorageRef, offset: int, size: tuple, stride: tuple, *_: Any) -> TensorRef:
-    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), storage.dtype)
+    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), storage.dtype_name)
 
 
 def _rebuild_tensor_v3(
-    storage: StorageRef, offset: int, size: tuple, stride: tuple, requires_grad: Any, hooks: Any, dtype: torch.dtype, *_: Any
+    storage: StorageRef, offset: int, size: tuple, stride: tuple, requires_grad: Any, hooks: Any, dtype: DTypeRef, *_: Any
 ) -> TensorRef:
-    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), dtype)
+    if not isinstance(dtype, DTypeRef):
+        raise pickle.UnpicklingError(f"a tensor whose dtype is a {type(dtype).__name__}")
+    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), dtype.name)
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> Any:
@@ -231,9 +238,9 @@ def dangerous(module: str, name: str) -> bool:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a torch checkpoint's structure; `storage_ref(key, dtype, numel)` describes each storage."""
+    """Unpickles a torch checkpoint's structure; `storage_ref(key, dtype name, numel)` describes each storage."""
 
-    def __init__(self, file: BinaryIO, storage_ref: Callable[[str, torch.dtype, int], StorageRef]) -> None:
+    def __init__(self, file: BinaryIO, storage_ref: Callable[[str, str, int], StorageRef]) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage_ref = storage_ref
         self.opaque_globals: set[str] = set()
@@ -243,12 +250,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         if (module, name) in _TORCH_FUNCTIONS:
             return _TORCH_FUNCTIONS[(module, name)]
-        if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
-            return StorageType(STORAGE_DTYPES[name])
+        if module in ("torch", "torch.storage") and name in STORAGE_TYPES:
+            return StorageType(STORAGE_TYPES[name])
         if module in ("torch", "torch.storage") and name in ("UntypedStorage", "_UntypedStorage"):
-            return StorageType(torch.uint8)
-        if module == "torch" and name in TORCH_DTYPES:
-            return getattr(torch, name)
+            return StorageType("uint8")
+        if module == "torch" and (name in DTYPES or name in ALIASES):
+            return DTypeRef(ALIASES.get(name, name))
         if module == "builtins" and name in SAFE_BUILTINS:
             return getattr(builtins, name)
         if dangerous(module, name):
@@ -265,4 +272,4 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, StorageType):
             raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
         key = key.decode() if isinstance(key, bytes) else str(key)
-        return self._storage_ref(key, storage_type.dtype, int(numel))
+        return self._storage_ref(key, storage_type.dtype_name, int(numel))

@@ -13,11 +13,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+from ckptavg.formats.dtypes import SAFETENSORS_CODES, dtype_name
 
-from ckptavg.formats.safetensors_io import SAFETENSORS_NAMES
+if TYPE_CHECKING:
+    import torch
 
 COPY_PIECE = 16 * 1024 * 1024
 FLUSH_EVERY = 64 * 1024 * 1024
@@ -142,7 +143,7 @@ def encode_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     offset = 0
     for spec in specs:
         header[spec.name] = {
-            "dtype": SAFETENSORS_NAMES[spec.dtype],
+            "dtype": SAFETENSORS_CODES[dtype_name(spec.dtype)],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }

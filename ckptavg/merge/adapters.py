@@ -22,6 +22,7 @@ import torch
 
 from ckptavg.errors import MismatchError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import Checkpoint, ComputedSource, RowSource, TensorSource
+from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import (
     AGREE_ON,
     KEY_PREFIX,
@@ -192,7 +193,7 @@ def _computed(entry: PlanEntry, shape: tuple[int, ...], compute) -> None:
     """Make `entry` one computed tensor, written as it is (scale 1)."""
     path = entry.sources[-1].path
     entry.shape = shape
-    entry.sources = [ComputedSource(path=path, offset=0, dtype=entry.dtype, shape=shape, compute=compute)]
+    entry.sources = [ComputedSource(path=path, offset=0, dtype_name=dtype_name(entry.dtype), shape=shape, compute=compute)]
     entry.weights, entry.divisor = [1.0], 1.0
     entry.accum_dtype = accumulator_for(entry.dtype, "fp64")
 
@@ -437,7 +438,7 @@ def _merged_plan(
             RowSource(
                 path=entry.sources[0].path,
                 offset=0,
-                dtype=entry.dtype,
+                dtype_name=dtype_name(entry.dtype),
                 shape=entry.shape,
                 compute_rows=lambda lo, hi, merged=merged, dtype=entry.dtype: merged.rows(lo, hi).to(dtype),
                 on_release=merged.release,

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError, option
-from ckptavg.formats.base import FILES, TensorSource, dtype_name, read_exact, tensor_buffer
+from ckptavg.formats.base import FILES, TensorSource, read_exact, tensor_buffer
+from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.writer import TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
+from ckptavg.progress import Progress, ProgressFn
 from ckptavg.sizes import format_size
 
 CPU_MEMORY_BUDGET = 64 << 20
@@ -43,18 +45,6 @@ CACHE_BLOCK_ELEMENTS = 1 << 18  # a 1 MiB FP32 accumulator block: it and the inp
 MIN_BLOCK_ELEMENTS = 1 << 12
 MAX_CHUNK_BYTES = 64 << 20
 OUTPUT_SLOTS = 3
-
-
-@dataclass(frozen=True)
-class Progress:
-    bytes_done: int
-    bytes_total: int
-    tensors_done: int
-    tensors_total: int
-    tensor: str
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: torch.Tensor, out: torch.Tensor) -> None:

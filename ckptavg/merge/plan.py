@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ckptavg.errors import MismatchError, UnsupportedError, UsageError, option
-from ckptavg.formats.base import Checkpoint, TensorSource, dtype_name, is_floating, slice_source
+from ckptavg.formats.base import Checkpoint, TensorSource, slice_source
 from ckptavg.formats.quantized import DequantizedSource, quantized_specs, requantize_problem
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.merge.weights import Weights
@@ -161,10 +161,10 @@ def check_compatible(inputs: list[Checkpoint], limit: int = 3) -> None:
             if src.shape != ref.shape:
                 problems.append((src.path, f"{name} has shape {list(src.shape)}, expected {list(ref.shape)}"))
             elif src.quantization != ref.quantization:
-                kinds = [f"{s.quantization} quantized" if s.quantization else dtype_name(s.dtype) for s in (src, ref)]
+                kinds = [f"{s.quantization} quantized" if s.quantization else s.dtype_name for s in (src, ref)]
                 problems.append((src.path, f"{name} is {kinds[0]}, {reference.path} has it {kinds[1]}"))
-            elif src.dtype != ref.dtype:
-                problems.append((src.path, f"{name} is {dtype_name(src.dtype)}, expected {dtype_name(ref.dtype)}"))
+            elif src.dtype_name != ref.dtype_name:
+                problems.append((src.path, f"{name} is {src.dtype_name}, expected {ref.dtype_name}"))
         if problems:
             more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
             text = "; ".join(p for _, p in problems[:limit])
@@ -211,10 +211,10 @@ def build_plan(
     for name, ref in inputs[0].tensors.items():
         if ref.dtype.is_complex:
             raise UnsupportedError(
-                inputs[0].path, f"tensor {name} is complex ({dtype_name(ref.dtype)}); ckptavg averages real tensors only"
+                inputs[0].path, f"tensor {name} is complex ({ref.dtype_name}); ckptavg averages real tensors only"
             )
         sources = [ckpt.tensors[name] for ckpt in inputs]
-        floating = is_floating(ref.dtype)
+        floating = ref.dtype.is_floating_point
         entry = PlanEntry(
             name=name,
             dtype=(out_dtype or (DEQUANTIZED_DTYPE if ref.quantization else ref.dtype)) if floating else ref.dtype,
