@@ -20,6 +20,7 @@ from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, U
 from ckptavg.formats.base import FILES, Checkpoint, dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
+from ckptavg.formats.pickle_same import SameLayoutWriter, check_same_layout
 from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
@@ -173,6 +174,7 @@ def average(
     adapter_rank: int | None = None,
     rank_timeout: float | None = None,
     requantize: bool = False,
+    training_state: str = "drop",
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -194,7 +196,9 @@ def average(
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
         out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
-            "safetensors" or "pt" (a folder then holds pytorch_model.bin).
+            "safetensors", "pt" (a folder then holds pytorch_model.bin), or "same": the newest input's own layout,
+            for PyTorch pickles (fairseq .pt, Lightning .ckpt, timm .pth.tar, ...): its entries kept, its weights
+            replaced by the merged ones (formats/pickle_same.py); the output is a file named with its suffix.
         memory_budget: bytes (or "64MB") of buffers the engine may use; None: 64 MiB on a CPU, 512 MiB of
             pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
         fsync: make the output durable before it is renamed into place (the default). False leaves the
@@ -209,6 +213,8 @@ def average(
         base: the base model of the adapters, for adapter_mode="merged".
         adapter_rank: truncate the exact average of LoRA adapters to this rank by SVD (each module's error reported).
         check_same_run: compare a small sample of every input to warn when they look like different runs.
+        training_state: with out_format="same": "drop" (the default) leaves out the newest input's optimizer,
+            scheduler, scaler and RNG entries; "newest" keeps them, so that training resumes from the merge.
         requantize: write FP8 weights (read dequantized) in their inputs' scheme again: the same dtype, block size
             and scale names, new scales from each block's absolute maximum; config.json keeps its quantization_config.
         rank_timeout: under torchrun (or inside an initialised torch.distributed process group), the seconds a
@@ -251,6 +257,7 @@ def average(
         adapter_rank=adapter_rank,
         rank_timeout=rank_timeout,
         requantize=requantize,
+        training_state=training_state,
     ).check()
     paths, out_path = _check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
@@ -398,6 +405,8 @@ def _plan_run(
     )  # rank 0 samples the inputs
     if options.strict and report.warnings:
         raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
+    if options.out_format == "same" and out_path is not None:
+        report.notes.extend(check_same_layout(plan.inputs, out_path, output_specs(plan), options.training_state))
     if out_path is not None and not options.dry_run and leader:
         check_space(out_path, plan.output_bytes)
     return plan, report
@@ -566,7 +575,10 @@ def _write_output(
             return job.follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             files, writer = None, None
-            if kind == "pt":
+            if kind == "same":
+                report.output_files = [out_path.name]
+                writer = SameLayoutWriter(tmp, specs, plan.inputs[-1], options.training_state, recipe, durable=options.fsync)
+            elif kind == "pt":
                 report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
                 writer = TorchWriter(
                     tmp if single_file else tmp / report.output_files[0],
@@ -598,7 +610,7 @@ def _write_output(
                     job.gather_shares(world, on_progress, plan.read_bytes, job.share_report(0, [], []))
             if single_file:
                 if options.verify:
-                    _verify(tmp, out_path, specs, crcs, report, on_progress)
+                    _verify(tmp, out_path, specs, crcs, report, on_progress, read_back=options.read_back)
             else:
                 _finish_folder(plan, report, tmp, files, options)
                 report.output_files.append(
@@ -662,12 +674,15 @@ def _verify(
     report: AverageReport,
     on_progress: ProgressFn | None = None,
     world: World | None = None,
+    read_back: LoadOptions = LoadOptions(),
 ) -> None:
     """--verify: read the staged output back and check it against the CRC-32s kept while writing. The ranks of
     a job that wrote a folder read its files back between them (rank 0 hands them out, by size)."""
     started = time.perf_counter()
     if world is None:
-        hashes = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
+        hashes = verify_output(
+            tmp, out, specs, crcs, on_progress, read_back=read_back
+        )  # VerifyProgress: bytes checked / to check
     else:
         hashes = job.verify_shared(world, tmp, out, specs, crcs, on_progress)
     report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ckptavg.checkpoint import real_path
+from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError, option
 from ckptavg.formats.base import dtype_name
 from ckptavg.formats.detect import is_training_file
@@ -376,8 +376,10 @@ def refuse_file_suffix(out: Path) -> None:
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
     """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
     with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
-    if out_format not in ("auto", "safetensors", "pt"):
-        raise UsageError(None, f"{option('out_format', repr(out_format))}: expected safetensors or pt")
+    if out_format not in ("auto", "safetensors", "pt", "same"):
+        raise UsageError(None, f"{option('out_format', repr(out_format))}: expected safetensors, pt or same")
+    if out_format == "same":  # one file named as the newest input (formats/pickle_same.py checks it once they are open)
+        return "same", True
     refuse_file_suffix(out)
     if out.suffix == ".safetensors":
         if out_format == "pt":
@@ -405,6 +407,8 @@ class WriteOptions:
     memory_budget: int | None = None
     fsync: bool = True
     verify: bool = False
+    training_state: str = "drop"  # out_format="same": the newest input's training state left out, or kept ("newest")
+    read_back: LoadOptions = LoadOptions()  # where --verify finds the weights in the output (the inputs' place with "same")
 
 
 @dataclass
