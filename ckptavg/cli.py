@@ -174,6 +174,21 @@ RequantizeOpt = Annotated[
         ),
     ),
 ]
+TrainingStateOpt = Annotated[
+    str,
+    typer.Option(
+        "--training-state",
+        metavar="WHAT",
+        help=(
+            "With --format same: drop (default) leaves out the newest input's optimizer, scheduler, scaler and RNG entries; "
+            "newest keeps them, so that training resumes from the merge."
+        ),
+    ),
+]
+SAME_FORMAT_HELP = (
+    "same: the newest input's own layout (PyTorch pickles: fairseq .pt, Lightning .ckpt, timm .pth.tar): its entries kept, its "
+    "weights replaced; OUT is a file with its suffix."
+)
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -305,6 +320,18 @@ def average(
     ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help=(
+                "auto (by OUT's name: .safetensors, .pt/.pth/.bin, else a safetensors folder), safetensors, pt, or "
+                f"{SAME_FORMAT_HELP}"
+            ),
+        ),
+    ] = "auto",
+    training_state: TrainingStateOpt = "drop",
     strict: Annotated[
         bool,
         typer.Option(
@@ -336,7 +363,7 @@ def average(
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
     average_checkpoints = _deferred("ckptavg.averaging", "average")
-    pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
+    pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     _run_and_render(
         lambda **callbacks: pushed(
@@ -365,6 +392,8 @@ def average(
                 verify=verify,
                 rank_timeout=rank_timeout,
                 requantize=requantize,
+                out_format=out_format,
+                training_state=training_state,
                 **callbacks,
             )
         ),
@@ -742,7 +771,7 @@ def export(
             metavar="FORMAT",
             help=(
                 "safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named "
-                ".pt/.pth/.bin, else safetensors."
+                f".pt/.pth/.bin, else safetensors. {SAME_FORMAT_HELP}"
             ),
         ),
     ] = "auto",
@@ -772,6 +801,7 @@ def export(
     ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
+    training_state: TrainingStateOpt = "drop",
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -812,6 +842,7 @@ def export(
                 verify=verify,
                 rank_timeout=rank_timeout,
                 requantize=requantize,
+                training_state=training_state,
                 **callbacks,
             )
         ),

@@ -162,8 +162,10 @@ class SameLayoutWriter(TorchWriter):
         self.training_state = training_state
         self.entry = recipe_entry(recipe, training_state)
         final_name = {id(src): name for name, src in newest.tensors.items()}
-        self._weights = {id(ref): final_name[id(src)] for ref, src in newest.weight_refs if id(src) in final_name}
-        missing = {spec.name for spec in specs} - set(self._weights.values())
+        self._names: dict[int, list[str]] = {}  # each weight TensorRef of the pickle: its names (two for one tensor saved twice)
+        for ref, src in newest.weight_refs:
+            self._names.setdefault(id(ref), []).append(final_name[id(src)])
+        missing = {spec.name for spec in specs} - {name for names in self._names.values() for name in names}
         if missing:
             raise AssertionError(f"no place in {newest.path} for {sorted(missing)[:3]}")
 
@@ -176,8 +178,17 @@ class SameLayoutWriter(TorchWriter):
             if str(key) not in dropped or not isinstance(key, str):
                 top[key] = value
         top[RECIPE_ENTRY] = self.entry
+        weights = {}
+        for ref_id, names in self._names.items():
+            if len({id(self._storages[name]) for name in names}) > 1:
+                raise UnsupportedError(
+                    self.newest.path,
+                    f"saves {names[0]} and {names[1]} as one tensor, which the older inputs do not: their means differ; not "
+                    "written back in this layout",
+                )
+            weights[ref_id] = self._storages[names[0]]
         buffer = io.BytesIO()
-        pickler = _InertPickler(buffer, self.newest.path, self._weights, self._storages, len(self._storages))
+        pickler = _InertPickler(buffer, self.newest.path, weights, len(self._storages))
         pickler.dump(top)
         for key, ref in pickler.copied:
             self._copy_storage(key, ref)
@@ -212,13 +223,10 @@ class _InertPickler(pickle._Pickler):  # type: ignore[name-defined]
     TensorRef is written as torch.save writes a tensor: a weight over the merged tensor's record, any other over
     its own storage, copied (`copied`: the new record key and the input's storage)."""
 
-    def __init__(
-        self, file: io.BytesIO, path: Path, weights: dict[int, str], merged: dict[str, _Storage], first_key: int
-    ) -> None:
+    def __init__(self, file: io.BytesIO, path: Path, weights: dict[int, _Storage], first_key: int) -> None:
         super().__init__(file, protocol=2)
         self.path = path
-        self.weights = weights
-        self.merged = merged
+        self.weights = weights  # id of a weight's TensorRef -> the record of its merged tensor
         self.copied: list[tuple[str, StorageRef]] = []
         self._keys: dict[str, str] = {}
         self._next_key = first_key
@@ -238,9 +246,8 @@ class _InertPickler(pickle._Pickler):  # type: ignore[name-defined]
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, TensorRef):
-            name = self.weights.get(id(obj))
-            if name is not None:
-                storage = self.merged[name]  # a tied weight shares its twin's record (same shape and dtype)
+            storage = self.weights.get(id(obj))
+            if storage is not None:  # a tied weight shares its twin's record (the same shape and dtype)
                 shape = tuple(storage.spec.shape)
                 return (
                     torch._utils._rebuild_tensor_v2,
