@@ -179,16 +179,10 @@ TrainingStateOpt = Annotated[
     typer.Option(
         "--training-state",
         metavar="WHAT",
-        help=(
-            "With --format same: drop (default) leaves out the newest input's optimizer, scheduler, scaler and RNG entries; "
-            "newest keeps them, so that training resumes from the merge."
-        ),
+        help="With --format same: drop (default) or newest (its optimizer, RNG, ... kept: resumable).",
+        show_default=False,
     ),
 ]
-SAME_FORMAT_HELP = (
-    "same: the newest input's own layout (PyTorch pickles: fairseq .pt, Lightning .ckpt, timm .pth.tar): its entries kept, its "
-    "weights replaced; OUT is a file with its suffix."
-)
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -325,10 +319,8 @@ def average(
         typer.Option(
             "--format",
             metavar="FORMAT",
-            help=(
-                "auto (by OUT's name: .safetensors, .pt/.pth/.bin, else a safetensors folder), safetensors, pt, or "
-                f"{SAME_FORMAT_HELP}"
-            ),
+            help="auto (by OUT's name), safetensors, pt, or same (the newest input's own layout).",
+            show_default=False,
         ),
     ] = "auto",
     training_state: TrainingStateOpt = "drop",
@@ -770,8 +762,8 @@ def export(
             "--format",
             metavar="FORMAT",
             help=(
-                "safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named "
-                f".pt/.pth/.bin, else safetensors. {SAME_FORMAT_HELP}"
+                "safetensors, pt (a torch state dict; pytorch_model.bin in a folder), or same (the checkpoint's own layout, "
+                "without its training state: .pt, .ckpt, .pth.tar). auto: pt for an OUT named .pt/.pth/.bin, else safetensors."
             ),
         ),
     ] = "auto",
