@@ -72,7 +72,7 @@ def training_entries(ckpt: Checkpoint) -> list[str]:
     """The newest input's top-level entries that are training state (optimizer, scheduler, scaler, RNG)."""
     known = {key for keys in TRAINING_STATE_KEYS.values() for key in keys}
     top = ckpt.pickle.obj if ckpt.pickle is not None else {}
-    return [str(k) for k in top if k in known and k not in _protected(ckpt.weights_key)]
+    return [k for k in top if isinstance(k, str) and k in known and k not in _protected(ckpt.weights_key)]
 
 
 def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpec], training_state: str) -> list[str]:
@@ -175,7 +175,7 @@ class SameLayoutWriter(TorchWriter):
         source = pickle_file.obj
         top = type(source)() if type(source) in (dict, collections.OrderedDict) else {}
         for key, value in source.items():
-            if str(key) not in dropped or not isinstance(key, str):
+            if key not in dropped:
                 top[key] = value
         top[RECIPE_ENTRY] = self.entry
         weights = {}
@@ -271,6 +271,10 @@ class _InertPickler(pickle._Pickler):  # type: ignore[name-defined]
     def save_global(self, obj: Any, name: str | None = None) -> None:
         if isinstance(obj, type) and issubclass(obj, Opaque):
             self.write(pickle.GLOBAL + f"{obj._module}\n{obj._name}\n".encode())
+            self.memoize(obj)
+            return
+        if isinstance(obj, torch.dtype):  # as torch names it, not from a search of every loaded module for the object
+            self.write(pickle.GLOBAL + f"torch\n{str(obj).removeprefix('torch.')}\n".encode())
             self.memoize(obj)
             return
         if str(getattr(obj, "__module__", "")).startswith("ckptavg"):
