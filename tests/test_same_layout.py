@@ -233,6 +233,18 @@ def test_lightning_resumes_from_newest(lightning_ckpts, tmp_path):
     assert trainer.current_epoch == newest["epoch"] + 2 and trainer.global_step > newest["global_step"]
 
 
+def test_lightning_compiled_names_kept_and_verified(lightning_compiled_ckpts, tmp_path):
+    """The inputs' own names in the output (model._orig_mod.*), whatever prefixes the reader removed; --verify reads
+    them back where the inputs had them."""
+    paths = _epochs(lightning_compiled_ckpts)[-2:]
+    out = tmp_path / "merged.ckpt"
+    report = ckptavg.average(paths, out, out_format="same", strip_prefixes=["model."], verify=True)
+    assert report.verified
+    got = load(out)
+    assert all(name.startswith("model._orig_mod.") for name in got["state_dict"])
+    assert_same_tensors(got["state_dict"], mean_of([load(p)["state_dict"] for p in paths]))
+
+
 # ----------------------------------------------------------------------------------------------------------- timm
 
 
@@ -295,6 +307,11 @@ def test_export_same_layout(tmp_path):
     got, original = load(out), load(path)
     assert_same_tensors(got["model_state_dict"], original["model_state_dict"])
     assert got["step"] == 7 and "optimizer_state_dict" not in got
+    ckptavg.export(path, tmp_path / "bf16.pt", out_format="same", dtype="bf16", training_state="newest")
+    got = torch.load(tmp_path / "bf16.pt", weights_only=True)  # plain types only: torch's safe loader reads it
+    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in original["model_state_dict"].items()}
+    assert_same_tensors(got["model_state_dict"], want)
+    assert_equal_nested(got["optimizer_state_dict"], original["optimizer_state_dict"])
 
 
 def test_refusals(tmp_path, cli):
