@@ -680,9 +680,8 @@ def _verify(
     a job that wrote a folder read its files back between them (rank 0 hands them out, by size)."""
     started = time.perf_counter()
     if world is None:
-        hashes = verify_output(
-            tmp, out, specs, crcs, on_progress, read_back=read_back
-        )  # VerifyProgress: bytes checked / to check
+        # on_progress is told of a VerifyProgress: bytes checked / to check
+        hashes = verify_output(tmp, out, specs, crcs, on_progress, read_back=read_back)
     else:
         hashes = job.verify_shared(world, tmp, out, specs, crcs, on_progress)
     report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}

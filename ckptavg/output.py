@@ -368,7 +368,11 @@ def refuse_file_suffix(out: Path) -> None:
         return
     suffix = out.suffix.lower()
     if suffix == ".ckpt":
-        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {_written()}")
+        raise UsageError(
+            out,
+            f"a Lightning .ckpt is written in its inputs' layout: {option('out_format', 'same')}; else ckptavg writes "
+            f"{_written()}",
+        )
     if suffix in NOT_WRITTEN:
         raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {_written()}")
 
