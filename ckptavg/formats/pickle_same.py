@@ -117,7 +117,7 @@ def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpe
         raise UsageError(
             None,
             f"{option('out', out.name)}: {option('out_format', 'same')} writes one file in the layout of the newest input, "
-            f"{newest.files[0].name}: name it *{suffix or ' without a suffix'}",
+            f"{newest.files[0].name}: name it *{suffix}",
         )
     entries = training_entries(newest)
     notes = [
