@@ -21,6 +21,7 @@ from ckptavg.formats.base import FILES, Checkpoint
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
+from ckptavg.formats.pickle_same import SameLayoutWriter, check_same_layout
 from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.writer import (
@@ -176,6 +177,7 @@ def average(
     adapter_rank: int | None = None,
     rank_timeout: float | None = None,
     requantize: bool = False,
+    training_state: str = "drop",
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[AverageReport], None] | None = None,
     make_weights: Callable[[int], Weights] | None = None,
@@ -200,7 +202,9 @@ def average(
         overwrite: replace an existing output.
         dry_run: build and check the plan, write nothing.
         out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
-            "safetensors" or "pt" (a folder then holds pytorch_model.bin).
+            "safetensors", "pt" (a folder then holds pytorch_model.bin), or "same": the newest input's own layout,
+            for PyTorch pickles (fairseq .pt, Lightning .ckpt, timm .pth.tar, ...): its entries kept, its weights
+            replaced by the merged ones (formats/pickle_same.py); the output is a file named with its suffix.
         memory_budget: bytes (or "64MB") of buffers the engine may use; None: 64 MiB on a CPU, 512 MiB of
             pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
         fsync: make the output durable before it is renamed into place (the default). False leaves the
@@ -215,6 +219,8 @@ def average(
         base: the base model of the adapters, for adapter_mode="merged".
         adapter_rank: truncate the exact average of LoRA adapters to this rank by SVD (each module's error reported).
         check_same_run: compare a small sample of every input to warn when they look like different runs.
+        training_state: with out_format="same": "drop" (the default) leaves out the newest input's optimizer,
+            scheduler, scaler and RNG entries; "newest" keeps them, so that training resumes from the merge.
         requantize: write FP8 weights (read dequantized) in their inputs' scheme again: the same dtype, block size
             and scale names, new scales from each block's absolute maximum; config.json keeps its quantization_config.
         rank_timeout: under torchrun (or inside an initialised torch.distributed process group), the seconds a
@@ -258,6 +264,7 @@ def average(
         adapter_rank=adapter_rank,
         rank_timeout=rank_timeout,
         requantize=requantize,
+        training_state=training_state,
     ).check()
     paths, out_path = _check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
@@ -411,6 +418,8 @@ def _plan_run(
     )  # rank 0 samples the inputs
     if options.strict and report.warnings:
         raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
+    if options.out_format == "same" and out_path is not None:
+        report.notes.extend(check_same_layout(plan.inputs, out_path, output_specs(plan), options.training_state))
     if out_path is not None and not options.dry_run and leader:
         check_space(out_path, plan.output_bytes)
     return plan, report
@@ -626,16 +635,23 @@ class OutputFiles:
         self.kind, self.single_file, self.specs, self.recipe = kind, single_file, specs, recipe
         self.files: TensorFiles | None = None
         self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
-        if kind == "pt":
+        if kind == "same":
+            report.output_files = [out_path.name]
+        elif kind == "pt":
             report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
         else:
             self.files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
             report.output_files = list(self.files.names)
 
     def open_writer(self, options: WriteOptions) -> TensorWriter:
-        """The writer the engine fills: the .pt file, or the safetensors files."""
+        """The writer the engine fills: the newest input's pickle again (--format same), the .pt file, or the
+        safetensors files."""
         if self.files is not None:
             return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
+        if self.kind == "same":
+            return SameLayoutWriter(
+                self.tmp, self.specs, self.plan.inputs[-1], options.training_state, self.recipe, durable=options.fsync
+            )
         if not self.single_file and len(self.specs) and self.plan.output_bytes > options.shard_bytes:
             self.report.notes.append(
                 f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
@@ -654,7 +670,7 @@ class OutputFiles:
         plan, report, tmp, out_path, recipe = self.plan, self.report, self.tmp, self.out_path, self.recipe
         if self.single_file:
             if options.verify:
-                _verify(tmp, out_path, self.specs, crcs, report, on_progress)
+                _verify(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
             return
         _finish_folder(plan, report, tmp, self.files, options)
         report.output_files.append(
@@ -722,12 +738,14 @@ def _verify(
     report: AverageReport,
     on_progress: ProgressFn | None = None,
     world: World | None = None,
+    read_back: LoadOptions = LoadOptions(),
 ) -> None:
     """--verify: read the staged output back and check it against the CRC-32s kept while writing. The ranks of
     a job that wrote a folder read its files back between them (rank 0 hands them out, by size)."""
     started = time.perf_counter()
     if world is None:
-        hashes = verify_output(tmp, out, specs, crcs, on_progress)  # VerifyProgress: bytes checked / to check
+        # on_progress is told of a VerifyProgress: bytes checked / to check
+        hashes = verify_output(tmp, out, specs, crcs, on_progress, read_back=read_back)
     else:
         hashes = job.verify_shared(world, tmp, out, specs, crcs, on_progress)
     report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}

@@ -229,6 +229,7 @@ def _open_file(path: Path, weights_file: Path, options: LoadOptions) -> Checkpoi
         skipped=skipped,
         weights_key=where,
         pickle=pickle_file,
+        weight_refs=[(ref, tensors[name]) for name, ref in refs.items() if isinstance(ref, TensorRef)],
     )
     recipe = None if pickle_file.legacy else recipe_in_zip(weights_file)  # a .pt file ckptavg wrote
     found = merge_steps(steps_from_entries(meta), steps_from_recipe(recipe, f"{RECIPE_FILE} record"))

@@ -175,6 +175,15 @@ RequantizeOpt = Annotated[
         ),
     ),
 ]
+TrainingStateOpt = Annotated[
+    str,
+    typer.Option(
+        "--training-state",
+        metavar="WHAT",
+        help="With --format same: drop (default) or newest (its optimizer, RNG, ... kept: resumable).",
+        show_default=False,
+    ),
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -314,6 +323,16 @@ def average(
     ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="auto (by OUT's name), safetensors, pt, or same (the newest input's own layout).",
+            show_default=False,
+        ),
+    ] = "auto",
+    training_state: TrainingStateOpt = "drop",
     strict: Annotated[
         bool,
         typer.Option(
@@ -345,7 +364,7 @@ def average(
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
     average_checkpoints = _deferred("ckptavg.averaging", "average")
-    pushed = _push_after(push_to_hub, output, "auto", dry_run, private, revision, commit_message)
+    pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     _run_and_render(
         lambda **callbacks: pushed(
@@ -375,6 +394,8 @@ def average(
                 verify=verify,
                 rank_timeout=rank_timeout,
                 requantize=requantize,
+                out_format=out_format,
+                training_state=training_state,
                 **callbacks,
             )
         ),
@@ -871,8 +892,8 @@ def export(
             "--format",
             metavar="FORMAT",
             help=(
-                "safetensors or pt (a torch state dict; pytorch_model.bin in a folder). auto: pt for an OUT named "
-                ".pt/.pth/.bin, else safetensors."
+                "safetensors, pt (a torch state dict; pytorch_model.bin in a folder), or same (the checkpoint's own layout, "
+                "without its training state: .pt, .ckpt, .pth.tar). auto: pt for an OUT named .pt/.pth/.bin, else safetensors."
             ),
         ),
     ] = "auto",
@@ -902,6 +923,7 @@ def export(
     ] = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
+    training_state: TrainingStateOpt = "drop",
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,
@@ -942,6 +964,7 @@ def export(
                 verify=verify,
                 rank_timeout=rank_timeout,
                 requantize=requantize,
+                training_state=training_state,
                 **callbacks,
             )
         ),

@@ -12,6 +12,7 @@ import torch
 from ckptavg.checkpoint import LoadOptions
 from ckptavg.checks import check_choice, check_int, check_number, check_prefixes, check_size, check_text
 from ckptavg.errors import UsageError, option
+from ckptavg.formats.pickle_same import TRAINING_STATES
 from ckptavg.merge.adapters import MODES as ADAPTER_MODES
 from ckptavg.merge.plan import OUTPUT_DTYPES, short_dtype_name
 from ckptavg.merge.weights import check_weights
@@ -49,6 +50,7 @@ class AverageOptions:
     adapter_rank: int | None = None
     rank_timeout: float | None = None
     requantize: bool = False
+    training_state: str = "drop"
 
     def check(self) -> AverageOptions:
         """Each option's type and value (a UsageError naming its flag), before any input is opened or the output
@@ -68,7 +70,14 @@ class AverageOptions:
         _sizes = (self.shard_bytes, self.budget_bytes)  # each size's value, checked here in the order of the flags
         check_text("key", self.key)
         prefixes = check_prefixes("strip_prefixes", self.strip_prefixes)
-        check_choice("out_format", self.out_format, ("auto", "safetensors", "pt"))
+        check_choice("out_format", self.out_format, ("auto", "safetensors", "pt", "same"))
+        check_choice("training_state", self.training_state, TRAINING_STATES)
+        if self.training_state != "drop" and self.out_format != "same":
+            raise UsageError(
+                None,
+                f"{option('training_state', self.training_state)} applies to {option('out_format', 'same')}: other formats write "
+                "the weights alone",
+            )
         check_choice("adapter_mode", self.adapter_mode, ADAPTER_MODES)
         if self.adapter_rank is not None:
             check_int("adapter_rank", self.adapter_rank, low=1)
@@ -99,7 +108,16 @@ class AverageOptions:
     def write_options(self, device: torch.device) -> WriteOptions:
         """The options that reach the writer and the engine, on the device chosen for this rank."""
         return WriteOptions(
-            self.overwrite, self.shard_bytes, device, self.dtype, self.out_format, self.budget_bytes, self.fsync, self.verify
+            self.overwrite,
+            self.shard_bytes,
+            device,
+            self.dtype,
+            self.out_format,
+            self.budget_bytes,
+            self.fsync,
+            self.verify,
+            self.training_state,
+            self.load_options if self.out_format == "same" else LoadOptions(),
         )
 
 

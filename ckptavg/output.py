@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptavg.checkpoint import real_path
+from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.errors import CkptavgError, OutputError, UsageError, option
 from ckptavg.formats.detect import is_training_file
 from ckptavg.formats.dtypes import dtype_name
@@ -372,7 +372,11 @@ def refuse_file_suffix(out: Path) -> None:
         return
     suffix = out.suffix.lower()
     if suffix == ".ckpt":
-        raise UsageError(out, f"a Lightning .ckpt output is not written yet; ckptavg writes {_written()}")
+        raise UsageError(
+            out,
+            f"a Lightning .ckpt is written in its inputs' layout: {option('out_format', 'same')}; else ckptavg writes "
+            f"{_written()}",
+        )
     if suffix in NOT_WRITTEN:
         raise UsageError(out, f"ckptavg does not write {suffix} files; it writes {_written()}")
 
@@ -380,8 +384,10 @@ def refuse_file_suffix(out: Path) -> None:
 def output_layout(out: Path, out_format: str) -> tuple[str, bool]:
     """(format, single file?) of an output path: a .safetensors or .pt/.pth/.bin file, else a folder. A name
     with the suffix of a file format ckptavg does not write (.ckpt, .gguf, ...) is refused."""
-    if out_format not in ("auto", "safetensors", "pt"):
-        raise UsageError(None, f"{option('out_format', repr(out_format))}: expected safetensors or pt")
+    if out_format not in ("auto", "safetensors", "pt", "same"):
+        raise UsageError(None, f"{option('out_format', repr(out_format))}: expected safetensors, pt or same")
+    if out_format == "same":  # one file named as the newest input (formats/pickle_same.py checks it once they are open)
+        return "same", True
     refuse_file_suffix(out)
     if out.suffix == ".safetensors":
         if out_format == "pt":
@@ -409,6 +415,8 @@ class WriteOptions:
     memory_budget: int | None = None
     fsync: bool = True
     verify: bool = False
+    training_state: str = "drop"  # out_format="same": the newest input's training state left out, or kept ("newest")
+    read_back: LoadOptions = LoadOptions()  # where --verify finds the weights in the output (the inputs' place with "same")
 
 
 @dataclass

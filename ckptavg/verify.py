@@ -14,7 +14,7 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -183,19 +183,21 @@ def verify_output(
     crcs: dict[str, int],
     on_progress: ProgressFn | None = None,
     only: Collection[str] | None = None,
+    read_back: LoadOptions = LoadOptions(),
 ) -> dict[str, str | None]:
     """Check the staged output (a folder or one file) against the specs and CRCs of what was written.
 
     `on_progress`, when given, is called with a `VerifyProgress` (bytes checked of all the files to read)
     before each file and after each piece read. Returns {file name: sha256} for every file of the output.
     With `only` (file names), only those files are read back (the ranks of a job share the reading): the
-    others' sha256 is None, and their tensors' CRCs are not checked here.
+    others' sha256 is None, and their tensors' CRCs are not checked here. `read_back` says where the weights are
+    in the output (an output in the inputs' layout keeps them where the inputs had them).
 
     Raises:
         OutputError: a tensor is missing, extra, or reads back different bytes, dtype or shape.
     """
     try:
-        written = open_checkpoint(staged, LoadOptions(dequantize=False))  # the bytes as written: FP8 codes and scales too
+        written = open_checkpoint(staged, replace(read_back, dequantize=False))  # the bytes as written: FP8 codes and scales too
     except InputError as e:
         raise OutputError(out, f"verification failed: the output does not read back ({e.problem})") from e
     expected = {spec.name: spec for spec in specs}

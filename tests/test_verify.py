@@ -82,12 +82,12 @@ def test_bytes_that_rot_on_the_disk_before_the_rename_are_caught(cli, tmp_path, 
     paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
     real_verify = ckptavg.averaging.verify_output
 
-    def rot_then_verify(staged, out, specs, crcs, *progress):
+    def rot_then_verify(staged, out, specs, crcs, *progress, **options):
         shard = staged / "model.safetensors"
         data = bytearray(shard.read_bytes())
         data[-5] ^= 0x01
         shard.write_bytes(bytes(data))
-        return real_verify(staged, out, specs, crcs, *progress)
+        return real_verify(staged, out, specs, crcs, *progress, **options)
 
     monkeypatch.setattr(ckptavg.averaging, "verify_output", rot_then_verify)
     result = cli("average", *paths, "-o", tmp_path / "merged", "--verify")

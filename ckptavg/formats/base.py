@@ -346,6 +346,7 @@ class Checkpoint:
     weights_from: str = ""  # which weights were taken and why, for the report (raw or EMA, key, prefixes removed)
     adapter: Any = None  # the AdapterConfig of a PEFT adapter (formats/peft.py)
     pickle: Any = None  # the PickleFile of a single-file PyTorch checkpoint: its structure, never run
+    weight_refs: list = field(default_factory=list)  # a pickle's weights: (TensorRef in `pickle.obj`, its TensorSource)
     quantization: Any = None  # the Quantization of FP8 / MXFP4 weights, read dequantized (formats/quantized.py)
 
     @property

@@ -23,6 +23,34 @@ TRAINING_FILES = {
 }
 TRAINING_STATE_FILES = frozenset(name for names in TRAINING_FILES.values() for name in names)
 TRAINING_PREFIXES = ("optimizer", "global_step", "rng_state")  # optimizer_0.bin, global_step500/, rng_state_3.pth
+# The top-level entries of a PyTorch pickle that are training state, not the model, by kind (fairseq, Lightning,
+# timm, plain training loops): what training_state="drop" leaves out of an output written in its inputs' layout.
+# Not here, because their loaders need them: fairseq's optimizer_history and extra_state, Lightning's loops and
+# callbacks.
+TRAINING_STATE_KEYS = {
+    "optimizer": ("optimizer", "optimizers", "optimizer_state_dict", "optim", "optimizer_states", "last_optimizer_state"),
+    "scheduler": ("scheduler", "schedulers", "lr_scheduler", "lr_schedulers", "scheduler_state_dict", "lr_scheduler_state_dict"),
+    "scaler": (
+        "scaler",
+        "grad_scaler",
+        "scaler_state_dict",
+        "amp_scaler",
+        "amp",
+        "MixedPrecision",
+        "MixedPrecisionPlugin",
+        "native_amp_scaling_state",
+        "amp_scaling_state",
+    ),
+    "rng": (
+        "rng_state",
+        "rng_states",
+        "torch_rng_state",
+        "cuda_rng_state",
+        "numpy_rng_state",
+        "python_rng_state",
+        "random_state",
+    ),
+}
 # A run's checkpoint folders: the Trainer's checkpoint-N, torchtitan's and NeMo's step-N
 CHECKPOINT_FOLDER = re.compile(r"(checkpoint|step)-(\d+)")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

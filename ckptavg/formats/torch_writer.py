@@ -130,10 +130,7 @@ class TorchWriter:
         self._advance_if_full()
         if self._position != len(self.specs):
             raise AssertionError(f"writer stopped at {self.current.name}")
-        state = collections.OrderedDict((spec.name, _Tensor(self._storages[spec.name])) for spec in self.specs)
-        buffer = io.BytesIO()
-        _Pickler(buffer, protocol=2).dump(state)
-        self._record("data.pkl", buffer.getvalue())
+        self._record("data.pkl", self._data_pkl())
         self._record(".format_version", b"1")
         self._record(".storage_alignment", str(ALIGNMENT).encode())
         self._record("byteorder", b"little")
@@ -145,6 +142,13 @@ class TorchWriter:
         if self.durable:
             os.fsync(self._file.fileno())
         self._file.close()
+
+    def _data_pkl(self) -> bytes:
+        """The pickle of the file: a flat state dict of the tensors written (another layout overrides it)."""
+        state = collections.OrderedDict((spec.name, _Tensor(self._storages[spec.name])) for spec in self.specs)
+        buffer = io.BytesIO()
+        _Pickler(buffer, protocol=2).dump(state)
+        return buffer.getvalue()
 
     def abort(self) -> None:
         if not self._file.closed:

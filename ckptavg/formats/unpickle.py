@@ -59,20 +59,25 @@ class QuantizedTensorRef:
 class Opaque:
     """Stands in for any class or function the pickle names that is not a plain container or a tensor.
 
-    It records the arguments and state it is given; it never runs code from the file.
+    It records the arguments and state it is given, and how it was made, so that the pickle can be written back
+    as it was (formats/pickle_same.py); it never runs code from the file.
     """
 
     _global = "?"
+    _module = "?"  # the global's module and name, as the pickle names them (after Python 2 names are mapped)
+    _name = "?"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         obj = object.__new__(cls)
         object.__setattr__(obj, "_opaque_args", args)
         object.__setattr__(obj, "_opaque_state", None)
         object.__setattr__(obj, "_opaque_items", {})
+        object.__setattr__(obj, "_opaque_called", False)  # True once __init__ ran: made by REDUCE (a call), not NEWOBJ
+        object.__setattr__(obj, "_opaque_appended", False)  # its items came by append (list-like), not by setitem
         return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        object.__setattr__(self, "_opaque_called", True)
 
     def __setstate__(self, state: Any) -> None:
         object.__setattr__(self, "_opaque_state", state)
@@ -81,6 +86,7 @@ class Opaque:
         self._opaque_items[key] = value
 
     def append(self, value: Any) -> None:
+        object.__setattr__(self, "_opaque_appended", True)
         self._opaque_items[len(self._opaque_items)] = value
 
     def extend(self, values: Any) -> None:
@@ -106,7 +112,8 @@ _OPAQUE_TYPES: dict[str, type[Opaque]] = {}
 def _opaque(module: str, name: str) -> type[Opaque]:
     qualname = f"{module}.{name}"
     if qualname not in _OPAQUE_TYPES:
-        _OPAQUE_TYPES[qualname] = type(name.replace(".", "_") or "Opaque", (Opaque,), {"_global": qualname})
+        attributes = {"_global": qualname, "_module": module, "_name": name}
+        _OPAQUE_TYPES[qualname] = type(name.replace(".", "_") or "Opaque", (Opaque,), attributes)
     return _OPAQUE_TYPES[qualname]
 
 
