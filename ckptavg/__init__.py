@@ -21,12 +21,14 @@ __all__ = [
     "DiffReport",
     "InspectReport",
     "Selection",
+    "SweepReport",
     "__version__",
     "average",
     "diff",
     "export",
     "inspect",
     "select",
+    "sweep",
 ]
 
 if _TYPE_CHECKING:
@@ -39,11 +41,14 @@ if _TYPE_CHECKING:
     from ckptavg.exporting import export
     from ckptavg.inspection import DiffReport, InspectReport
     from ckptavg.selection import Selection
+    from ckptavg.sweeping import SweepReport, sweep
 
 # Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
 _LAZY = {
     "average": "ckptavg.averaging",
     "export": "ckptavg.exporting",
+    "sweep": "ckptavg.sweeping",
+    "SweepReport": "ckptavg.sweeping",
     "AverageReport": "ckptavg.averaging",
     "Selection": "ckptavg.selection",
     "InspectReport": "ckptavg.inspection",

@@ -536,19 +536,9 @@ def _write_output(
     output is written by rank 0 alone. Fills the report's output and copied files and bytes written; returns
     the bytes read (by all ranks, on rank 0).
     """
-    kind, single_file = output_layout(out_path, options.out_format)
-    if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
-        raise UsageError(
-            None,
-            (
-                f"{option('out', out_path.name)}: an adapter is written as a folder (adapter_model.safetensors + "
-                "adapter_config.json); name a folder"
-            ),
-        )
+    kind, single_file = check_output_layout(plan, out_path, options)
     recipe = _recipe(report)
     specs = output_specs(plan)
-    if kind == "pt" and (problem := check_pt_dtypes(specs)):
-        raise UsageError(None, f"{option('out_format', 'pt')} cannot hold {problem}; use safetensors")
     shared = world is not None and kind == "safetensors"
     verify_shared = options.verify and shared and not single_file  # the ranks read the folder's files back between them
     try:
@@ -560,57 +550,105 @@ def _write_output(
             )
             return job.follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
-            files, writer = None, None
-            if kind == "pt":
-                report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
-                writer = TorchWriter(
-                    tmp if single_file else tmp / report.output_files[0],
-                    specs,
-                    durable=options.fsync,
-                    recipe=json.dumps(recipe) if single_file else None,
-                )
-                if not single_file and len(specs) and plan.output_bytes > options.shard_bytes:
-                    report.notes.append(
-                        f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
-                    )
-            else:
-                files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
-                report.output_files = list(files.names)
+            output = OutputFiles(plan, report, out_path, tmp, kind, single_file, specs, recipe, options)
             if shared:
-                assert world is not None and files is not None
-                lay_out_files(files.paths, files.shards, files.metadata)
+                assert world is not None and output.files is not None
+                lay_out_files(output.files.paths, output.files.shards, output.files.metadata)
                 world.post("staged", {})
-                bytes_read, crcs = job.lead(plan, files, options, world, on_progress)
-                report.bytes_written = sum(p.stat().st_size for p in files.paths)
+                bytes_read, crcs = job.lead(plan, output.files, options, world, on_progress)
+                report.bytes_written = sum(p.stat().st_size for p in output.files.paths)
             else:
                 if world is not None:
                     world.post("staged", {})  # the other ranks have no share of a .pt output
-                if writer is None:
-                    assert files is not None
-                    writer = SafetensorsWriter(files.paths, files.shards, files.metadata, durable=options.fsync)
-                bytes_read, crcs, report.bytes_written = _run_engine(plan, writer, options, specs, on_progress)
+                bytes_read, crcs, report.bytes_written = _run_engine(
+                    plan, output.open_writer(options), options, specs, on_progress
+                )
                 if world is not None:
                     job.gather_shares(world, on_progress, plan.read_bytes, job.share_report(0, [], []))
-            if single_file:
-                if options.verify:
-                    _verify(tmp, out_path, specs, crcs, report, on_progress)
-            else:
-                _finish_folder(plan, report, tmp, files, options)
-                report.output_files.append(
-                    write_card(tmp, recipe, out_path.name, verified=options.verify)
-                )  # README.md, from the recipe; --verify covers it
-                if options.verify:  # after the copies, so that the recipe records every file's sha256
-                    _verify(tmp, out_path, specs, crcs, report, on_progress, world if verify_shared else None)
-                    recipe["verified"] = True
-                    recipe["files"] = {
-                        name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()
-                    }
-                recipe["written"] = report.output_files + report.copied_files
-                write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
-                report.output_files.append(RECIPE_FILE)
+            output.finish(crcs, options, on_progress, world if verify_shared else None)
             return bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
+
+
+def check_output_layout(plan: Plan, out_path: Path, options: WriteOptions) -> tuple[str, bool]:
+    """The output's kind ("safetensors" or "pt") and whether it is one file, refused when the plan cannot be
+    written so (an adapter as one file, a dtype .pt cannot hold)."""
+    kind, single_file = output_layout(out_path, options.out_format)
+    if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
+        raise UsageError(
+            None,
+            (
+                f"{option('out', out_path.name)}: an adapter is written as a folder (adapter_model.safetensors + "
+                "adapter_config.json); name a folder"
+            ),
+        )
+    if kind == "pt" and (problem := check_pt_dtypes(output_specs(plan))):
+        raise UsageError(None, f"{option('out_format', 'pt')} cannot hold {problem}; use safetensors")
+    return kind, single_file
+
+
+class OutputFiles:
+    """One output being written into its staging path `tmp`: its tensor files (or .pt file), then, once the
+    engine has filled them, what goes beside them (index, model files, card, recipe, --verify)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        report: AverageReport,
+        out_path: Path,
+        tmp: Path,
+        kind: str,
+        single_file: bool,
+        specs: list[TensorSpec],
+        recipe: dict,
+        options: WriteOptions,
+    ) -> None:
+        self.plan, self.report, self.out_path, self.tmp = plan, report, out_path, tmp
+        self.kind, self.single_file, self.specs, self.recipe = kind, single_file, specs, recipe
+        self.files: TensorFiles | None = None
+        self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
+        if kind == "pt":
+            report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
+        else:
+            self.files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
+            report.output_files = list(self.files.names)
+
+    def open_writer(self, options: WriteOptions) -> TensorWriter:
+        """The writer the engine fills: the .pt file, or the safetensors files."""
+        if self.files is not None:
+            return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
+        if not self.single_file and len(self.specs) and self.plan.output_bytes > options.shard_bytes:
+            self.report.notes.append(
+                f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
+            )
+        return TorchWriter(
+            self.tmp if self.single_file else self.tmp / self.report.output_files[0],
+            self.specs,
+            durable=options.fsync,
+            recipe=json.dumps(self.recipe) if self.single_file else None,
+        )
+
+    def finish(
+        self, crcs: dict[str, int], options: WriteOptions, on_progress: ProgressFn | None, world: World | None = None
+    ) -> None:
+        """Once the weights are written: a folder's index, model files, card and recipe; --verify's read-back."""
+        plan, report, tmp, out_path, recipe = self.plan, self.report, self.tmp, self.out_path, self.recipe
+        if self.single_file:
+            if options.verify:
+                _verify(tmp, out_path, self.specs, crcs, report, on_progress)
+            return
+        _finish_folder(plan, report, tmp, self.files, options)
+        report.output_files.append(
+            write_card(tmp, recipe, out_path.name, verified=options.verify)
+        )  # README.md; --verify covers it
+        if options.verify:  # after the copies, so that the recipe records every file's sha256
+            _verify(tmp, out_path, self.specs, crcs, report, on_progress, world)
+            recipe["verified"] = True
+            recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
+        recipe["written"] = report.output_files + report.copied_files
+        write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+        report.output_files.append(RECIPE_FILE)
 
 
 def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: TensorFiles | None, options: WriteOptions) -> None:
@@ -634,19 +672,28 @@ def _run_engine(
     plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None
 ) -> tuple[int, dict[str, int], int]:
     """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
-    checked = ChecksumWriter(writer, specs) if options.verify else None
+    target, checked = engine_target(plan, writer, options, specs)
     engine = Engine(plan, options.device, options.memory_budget)
-    target = checked or writer
-    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
-        target = Fp8Requantizer(
-            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
-        )
     try:
         engine.run(target, on_progress)
         target.finish()
     finally:
         writer.abort()
     return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
+
+
+def engine_target(
+    plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec]
+) -> tuple[TensorWriter, ChecksumWriter | None]:
+    """What the engine writes into for `writer`: CRC-32s kept on the way with --verify, FP8 weights quantized
+    again with requantize; and the checksum keeper, if any."""
+    checked = ChecksumWriter(writer, specs) if options.verify else None
+    target = checked or writer
+    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
+        target = Fp8Requantizer(
+            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
+        )
+    return target, checked
 
 
 def _verify(

@@ -122,6 +122,7 @@ def model_files(folder: Path) -> list[Path]:
 
 
 RECIPE_FILE = "ckptavg.json"
+SWEEP_FILE = "sweep.json"  # what `sweep` wrote in its folder: one folder per candidate, and this record
 
 
 def check_output_name(out: Path) -> None:
@@ -161,17 +162,19 @@ def written_by_ckptavg(out: Path) -> bool:
 
 
 def foreign_files(folder: Path) -> list[str]:
-    """The entries of a folder that its ckptavg recipe does not list: all of them when it has no recipe."""
+    """The entries of a folder that its ckptavg record (ckptavg.json, or a sweep's sweep.json) does not list: all of
+    them when it has none."""
     names = sorted(p.name for p in folder.iterdir())
+    record = RECIPE_FILE if RECIPE_FILE in names or SWEEP_FILE not in names else SWEEP_FILE
     try:
-        recipe = json.loads((folder / RECIPE_FILE).read_text())
+        recipe = json.loads((folder / record).read_text())
     except (OSError, ValueError):
         return names
     if not isinstance(recipe, dict) or recipe.get("tool") != "ckptavg":
         return names
     listed = recipe.get("written")
     if isinstance(listed, list):
-        mine = {str(n) for n in listed} | {RECIPE_FILE}
+        mine = {str(n) for n in listed} | {record}
     else:  # written by a version that did not list its files: weights, index and model files only
         mine = {n for n in names if n.endswith((".safetensors", ".safetensors.index.json")) or n == "pytorch_model.bin"}
         mine |= {p.name for p in model_files(folder)} | {RECIPE_FILE}

@@ -23,6 +23,7 @@ from ckptavg.sizes import human_bytes
 if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
     from ckptavg.merge.engine import Progress
+    from ckptavg.sweeping import SweepReport
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -66,6 +67,20 @@ def plan_line(report: AverageReport) -> str:
         else:  # the range, then the ends: in training order the first input is the oldest
             first, last = ("first", "last") if report.order == "given" else ("oldest", "newest")
             parts.append(f"weights {min(weights):.3g}..{max(weights):.3g} ({first} {weights[0]:.3g}, {last} {weights[-1]:.3g})")
+    if report.bytes_to_read:
+        parts.append(f"{human_bytes(report.bytes_to_read)} to read")
+    return ", ".join(parts)
+
+
+def sweep_plan_line(report: SweepReport) -> str:
+    """One line for a sweep's plan: inputs, the candidates, the passes over the inputs, bytes to read."""
+    n = len(report.inputs)
+    steps = [i.step for i in report.inputs if i.step is not None]
+    where = f" (steps {min(steps)}..{max(steps)})" if len(set(steps)) > 1 else ""
+    k = len(report.candidates)
+    names = ", ".join(c.name for c in report.candidates[:6]) + (", ..." if k > 6 else "")
+    passes = "one read" if report.passes == 1 else f"{report.passes} reads"
+    parts = [f"{n} input{'' if n == 1 else 's'}{where}", f"{k} candidate{'' if k == 1 else 's'} ({names})", passes]
     if report.bytes_to_read:
         parts.append(f"{human_bytes(report.bytes_to_read)} to read")
     return ", ".join(parts)
@@ -125,9 +140,12 @@ class ProgressDisplay:
         self._live = None
 
     # callbacks of average() / export()
-    def on_plan(self, report: AverageReport) -> None:
-        self.plan = plan_line(report)
-        self.verb = "exporting" if report.strategy == "export" else "averaging"
+    def on_plan(self, report: AverageReport | SweepReport) -> None:
+        if hasattr(report, "candidates"):  # a sweep: its candidates, made in one pass
+            self.plan, self.verb = sweep_plan_line(report), "sweeping"  # type: ignore[arg-type]
+        else:
+            self.plan = plan_line(report)  # type: ignore[arg-type]
+            self.verb = "exporting" if report.strategy == "export" else "averaging"  # type: ignore[union-attr]
         self.phase, self.phase_started, self.progress = self.verb, self.clock(), None
         self.throttle = Throttle(self.clock)
         self.warn(report)
@@ -433,6 +451,56 @@ def print_summary(report: AverageReport, console: Console | None = None) -> None
     for note in grouped_notes(report):
         row("note", note)
     _output_rows(row, report)
+
+
+def _weights_cell(weights: list[float], steps: list[int | None]) -> str:
+    """A candidate's weights, oldest first; for many inputs the range and the ends."""
+    if len(weights) <= 6:
+        return " ".join(f"{w:.3g}" for w in weights)
+    return f"{weights[0]:.3g} .. {weights[-1]:.3g} (min {min(weights):.3g}, max {max(weights):.3g})"
+
+
+def candidates_table(report: SweepReport) -> Table:
+    """The candidates of a sweep: name, recipe, the inputs each averages (by step where known) and their weights."""
+    table = Table(title=f"{len(report.candidates)} candidates", title_justify="left", show_edge=False)
+    table.add_column("candidate", no_wrap=True)
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("inputs", no_wrap=True)
+    table.add_column("weights, oldest first", overflow="fold")
+    for c in report.candidates:
+        known = [s for s in c.steps if s is not None]
+        if len(known) == len(c.steps) and known:
+            inputs = f"{len(c.steps)} (steps {known[0]}..{known[-1]})" if len(known) > 1 else f"1 (step {known[0]})"
+        else:
+            inputs = str(len(c.inputs))
+        table.add_row(c.name, c.recipe, inputs, _weights_cell(c.weights, c.steps))
+    return table
+
+
+def print_sweep(report: SweepReport, console: Console | None = None) -> None:
+    """What `sweep` did (or would do): the candidates table, notes, the output folder and the one read's cost."""
+    out = console or _stdout()
+    row = _Rows(out)
+    out.print(candidates_table(report))
+    n = len(report.inputs)
+    order = "in the order given" if report.order == "given" else f"ordered by {report.order}"
+    row("inputs", f"{n} checkpoint{'' if n == 1 else 's'}, {order}")
+    row("tensors", f"{report.tensors} ({report.parameters:,} parameters) per candidate, on {report.device}")
+    for note in report.notes:
+        row("note", note)
+    if report.dry_run:
+        row("output", f"{report.output} (not written: dry run)" if report.output else "no output given (dry run)")
+        row("dry run", f"would read {human_bytes(report.bytes_to_read)} once for all candidates; nothing written")
+        return
+    row("output", f"{report.output}: {', '.join(c.name + '/' for c in report.candidates)}, sweep.json")
+    if report.verified:
+        row("verified", "every candidate's tensors read back from the disk match what was written")
+    passes = "in one read" if report.passes == 1 else f"in {report.passes} reads"
+    row(
+        "done",
+        f"read {human_bytes(report.bytes_read)} {passes}, wrote {human_bytes(report.bytes_written)} in {report.seconds:.2f} s"
+        f"{_rate(report)}, peak memory {human_bytes(report.peak_rss_bytes)}",  # type: ignore[arg-type]
+    )
 
 
 def one_line(text: str) -> str:

@@ -28,6 +28,8 @@ PUBLIC = {
     "select",
     "inspect",
     "diff",
+    "sweep",
+    "SweepReport",
     "AverageReport",
     "Selection",
     "InspectReport",

@@ -30,7 +30,7 @@ import ckptavg
 README = Path(__file__).parent.parent / "README.md"
 VENV_BIN = Path(sys.executable).parent
 ENTRY_POINT = VENV_BIN / "ckptavg"
-COMMANDS = ("average", "select", "inspect", "export")
+COMMANDS = ("average", "select", "inspect", "export", "sweep")
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 # Example lines that cannot run on the fixture tree, with the reason. Keep it short.

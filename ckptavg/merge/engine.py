@@ -12,6 +12,11 @@ On a CUDA device a reader thread preads whole chunks into double-buffered pinned
 to the device on a side stream while the previous chunk is folded, and the result is copied back on a
 third stream while the next chunk is folded. The per-element arithmetic is the same `fold` in the same
 input order, so both devices produce the same bits for the same accumulation dtype.
+
+One pass can make several outputs (`ckptavg sweep`): given K plans over the same inputs (one per candidate
+weighting), each chunk of every input any of them reads is read once and folded K times, each candidate's
+fold over its own inputs in its own order, into its own output chunk and writer. A candidate's bytes are
+therefore those a run of its plan alone writes. K = 1 is `average`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -102,47 +107,132 @@ def active_inputs(entry: PlanEntry) -> list[tuple[int, float]]:
 
 
 @dataclass
+class Row:
+    """One output tensor of each of K plans: their entries (the same name and length), the sources any of
+    them reads, each once, in the order first used, and for each plan the sources it folds (`picks`, indices
+    into `sources` in its own input order) with their weights."""
+
+    entries: list[PlanEntry]
+    sources: list[TensorSource]
+    picks: list[list[int]]
+    weights: list[list[float]]
+
+    @property
+    def entry(self) -> PlanEntry:
+        return self.entries[0]
+
+    @property
+    def copied(self) -> bool:
+        return self.entry.weights is None
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.nbytes for s in self.sources)
+
+
+def rows_of(plans: Sequence[Plan]) -> list[Row]:
+    """The plans' entries side by side, each source they share named once; a ValueError when the plans do not
+    list the same tensors in the same order (`plans_differ` says why, for the caller that checks first)."""
+    if problem := plans_differ(plans):
+        raise ValueError(problem)
+    rows = []
+    for entries in zip(*(p.entries for p in plans)):
+        sources: list[TensorSource] = []
+        index: dict[int, int] = {}
+        picks, weights = [], []
+        for entry in entries:
+            picked = []
+            for i, _ in active_inputs(entry):
+                source = entry.sources[i]
+                if id(source) not in index:
+                    index[id(source)] = len(sources)
+                    sources.append(source)
+                picked.append(index[id(source)])
+            picks.append(picked)
+            weights.append([w for _, w in active_inputs(entry)])
+        rows.append(Row(list(entries), sources, picks, weights))
+    return rows
+
+
+def plans_differ(plans: Sequence[Plan]) -> str | None:
+    """Why these plans cannot be run in one pass (None when they can): each must list the same output tensors in
+    the same order, each of the same length and input dtype, copied or folded, tied alike."""
+    first = plans[0]
+    for plan in plans[1:]:
+        if len(plan.entries) != len(first.entries):
+            return f"{len(plan.entries)} output tensors, the first plan has {len(first.entries)}"
+        for a, b in zip(first.entries, plan.entries):
+            if (a.name, a.numel, a.input_dtype, a.dtype, a.alias_of, a.weights is None) != (
+                b.name,
+                b.numel,
+                b.input_dtype,
+                b.dtype,
+                b.alias_of,
+                b.weights is None,
+            ):
+                return f"tensor {b.name} is not made as {a.name} is in the first plan"
+    return None
+
+
+@dataclass
 class Chunk:
-    entry: PlanEntry
+    row: Row
     start: int  # first element
     count: int  # elements
     last: bool
 
     @property
+    def entry(self) -> PlanEntry:
+        return self.row.entry
+
+    @property
     def sources(self) -> list[TensorSource]:
-        return [self.entry.sources[i] for i, _ in active_inputs(self.entry)]
+        return self.row.sources
 
     @property
     def input_bytes(self) -> int:
-        return self.count * self.entry.input_dtype.itemsize * len(active_inputs(self.entry))
+        return self.count * self.entry.input_dtype.itemsize * len(self.row.sources)
 
 
 @dataclass(frozen=True)
 class Sizes:
     """How a memory budget is spent: output chunks in flight, and per-worker input blocks (CPU) or
-    double-buffered pinned input chunks (CUDA)."""
+    double-buffered pinned input chunks (CUDA).
+
+    With K outputs (a sweep's candidates) every chunk in flight is K output chunks, so the chunk is K times
+    smaller and the total stays within the budget whatever K. On a CPU the input blocks and the accumulator
+    are not multiplied: a worker folds its blocks into the K outputs one after another, reusing one
+    accumulator block, while the blocks are still in its cache. The inputs counted are the distinct ones
+    any output reads (each read once)."""
 
     chunk_bytes: int  # bytes of one output chunk (and, on CUDA, of one input's staging buffer)
     block_elements: int  # elements folded at once by a CPU worker
 
     @staticmethod
     def for_plan(plan: Plan, budget: int, workers: int, cuda: bool) -> Sizes:
-        folded = [e for e in plan.entries if e.weights is not None and e.alias_of is None]
-        width = max([len(active_inputs(e)) for e in folded] or [1])
-        in_size = max([e.input_dtype.itemsize for e in plan.entries] or [1])
-        acc_size = max([e.accum_dtype.itemsize for e in folded if e.accum_dtype is not None] or [4])
+        return Sizes.for_rows(rows_of([plan]), budget, workers, cuda)
+
+    @staticmethod
+    def for_rows(rows: list[Row], budget: int, workers: int, cuda: bool) -> Sizes:
+        outputs = len(rows[0].entries) if rows else 1
+        made = [r for r in rows if r.entry.alias_of is None]
+        folded = [r for r in made if not r.copied]
+        width = max([len(r.sources) for r in made] or [1])
+        in_size = max([r.entry.input_dtype.itemsize for r in rows] or [1])
+        acc_size = max([e.accum_dtype.itemsize for r in folded for e in r.entries if e.accum_dtype is not None] or [4])
+        slots = OUTPUT_SLOTS * outputs
         if cuda:
-            chunk = budget // (OUTPUT_SLOTS + 2 * width)
+            chunk = budget // (slots + 2 * width)
             if chunk < MIN_BLOCK_ELEMENTS * in_size:
-                raise _too_small(budget, (OUTPUT_SLOTS + 2 * width) * MIN_BLOCK_ELEMENTS * in_size, width)
+                raise _too_small(budget, (slots + 2 * width) * MIN_BLOCK_ELEMENTS * in_size, width, outputs)
             return Sizes(_align(min(chunk, MAX_CHUNK_BYTES)), 0)
         # Each worker's input blocks, accumulator and scratch come first (their size sets the fold's speed),
         # up to a cache-sized block; output chunks in flight get the rest.
         per_element = workers * (width * in_size + 2 * acc_size)
         block = min(CACHE_BLOCK_ELEMENTS, budget // 2 // per_element)
-        chunk = (budget - block * per_element) // OUTPUT_SLOTS
+        chunk = (budget - block * per_element) // slots
         if block < MIN_BLOCK_ELEMENTS or chunk < MIN_BLOCK_ELEMENTS * 8:
-            raise _too_small(budget, MIN_BLOCK_ELEMENTS * (per_element + 8 * OUTPUT_SLOTS) * 2, width)
+            raise _too_small(budget, MIN_BLOCK_ELEMENTS * (per_element + 8 * slots) * 2, width, outputs)
         chunk = _align(min(MAX_CHUNK_BYTES, chunk))
         return Sizes(chunk, block - block % 64)
 
@@ -151,11 +241,12 @@ def _align(n: int) -> int:
     return max(64, n - n % 64)
 
 
-def _too_small(budget: int, needed: int, width: int) -> UsageError:
+def _too_small(budget: int, needed: int, width: int, outputs: int = 1) -> UsageError:
+    outputs_text = f" and {outputs} outputs" if outputs > 1 else ""
     return UsageError(
         None,
         (
-            f"{option('memory_budget', format_size(budget))} is too small for {width} inputs; it needs at least "
+            f"{option('memory_budget', format_size(budget))} is too small for {width} inputs{outputs_text}; it needs at least "
             f"{math.ceil(needed / 2**20)}MiB"
         ),
     )
@@ -169,22 +260,32 @@ class _Failure:
 class Engine:
     """Runs a plan into a writer on one device ('cpu' or a CUDA device) within `memory_budget` bytes of buffers.
 
-    `staged=True` runs the CUDA pipeline's reader thread and staging buffers on the CPU too (tests use it to
-    cover that path on machines without a GPU).
+    Given several plans over the same inputs (one per candidate of a sweep), it runs them in one pass into as
+    many writers: each input chunk is read once (see `rows_of`). `staged=True` runs the CUDA pipeline's reader
+    thread and staging buffers on the CPU too (tests use it to cover that path on machines without a GPU).
     """
 
     def __init__(
-        self, plan: Plan, device: torch.device, memory_budget: int | None = None, staged: bool = False, workers: int | None = None
+        self,
+        plan: Plan | Sequence[Plan],
+        device: torch.device,
+        memory_budget: int | None = None,
+        staged: bool = False,
+        workers: int | None = None,
     ) -> None:
         """`workers`: CPU fold workers (default: torch's thread count, at most the cores)."""
-        self.plan = plan
+        self.plans = [plan] if isinstance(plan, Plan) else list(plan)
+        self.plan = self.plans[0]
+        self.rows = rows_of(self.plans)
+        self.outputs = len(self.plans)
         self.device = device
         self.cuda = device.type == "cuda"
         self.staged = staged or self.cuda
         self.workers = 1 if self.staged else max(1, workers or min(torch.get_num_threads(), os.cpu_count() or 1))
         budget = memory_budget or (CUDA_MEMORY_BUDGET if self.cuda else CPU_MEMORY_BUDGET)
-        self.sizes = Sizes.for_plan(plan, budget, self.workers, self.staged)
-        self._block_bytes = self.sizes.block_elements * max([e.input_dtype.itemsize for e in plan.entries] or [1])
+        self.sizes = Sizes.for_rows(self.rows, budget, self.workers, self.staged)
+        self._block_bytes = self.sizes.block_elements * max([r.entry.input_dtype.itemsize for r in self.rows] or [1])
+        self.read_bytes = sum(r.read_bytes for r in self.rows if r.entry.alias_of is None)  # what run() reads
         self.bytes_read = 0
         self._stop = threading.Event()
         self._out_free: queue.Queue = queue.Queue()
@@ -199,20 +300,27 @@ class Engine:
     def chunks(self) -> list[Chunk]:
         """The work, in output order; alias entries have no chunks (their bytes are repeated)."""
         work = []
-        for entry in self.plan.entries:
-            if entry.alias_of is None:
-                per_chunk = max(1, self.sizes.chunk_bytes // max(entry.dtype.itemsize, entry.input_dtype.itemsize))
-                starts = list(range(0, entry.numel, per_chunk)) or [0]
+        for row in self.rows:
+            if row.entry.alias_of is None:
+                itemsize = max([e.dtype.itemsize for e in row.entries] + [row.entry.input_dtype.itemsize])
+                per_chunk = max(1, self.sizes.chunk_bytes // itemsize)
+                numel = row.entry.numel
+                starts = list(range(0, numel, per_chunk)) or [0]
                 for i, start in enumerate(starts):
-                    work.append(Chunk(entry, start, min(per_chunk, entry.numel - start), i == len(starts) - 1))
+                    work.append(Chunk(row, start, min(per_chunk, numel - start), i == len(starts) - 1))
         return work
 
-    def run(self, writer: TensorWriter, on_progress: ProgressFn | None = None) -> None:
-        """Execute the plan into `writer`; returns once every byte has been handed to it."""
+    def run(self, writer: TensorWriter | Sequence[TensorWriter], on_progress: ProgressFn | None = None) -> None:
+        """Execute the plan(s) into `writer` (one per plan); returns once every byte has been handed to them."""
+        writers = list(writer) if isinstance(writer, (list, tuple)) else [writer]
+        if len(writers) != self.outputs:
+            raise ValueError(f"{len(writers)} writers for {self.outputs} plans")
         work = self.chunks()
         for _ in range(OUTPUT_SLOTS):
-            self._out_free.put(torch.empty(self.sizes.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda))
-        writer_thread = threading.Thread(target=self._write_behind, args=(writer,), daemon=True, name="ckptavg-write")
+            self._out_free.put(
+                [torch.empty(self.sizes.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(self.outputs)]
+            )
+        writer_thread = threading.Thread(target=self._write_behind, args=(writers,), daemon=True, name="ckptavg-write")
         reader_thread = threading.Thread(target=self._read_ahead, args=(work,), daemon=True, name="ckptavg-read")
         torch_threads = torch.get_num_threads()
         if self.workers > 1:
@@ -227,29 +335,28 @@ class Engine:
                 reader_thread.start()
             chunks = iter(work)
             pending: tuple | None = None  # the previous chunk, still being folded (CPU) or copied back (CUDA)
-            for done, entry in enumerate(self.plan.entries, 1):
+            for done, row in enumerate(self.rows, 1):
+                entry = row.entry
                 if entry.alias_of is not None:
                     if pending is not None:
                         self._hand_over(*pending)
                         pending = None
-                    self._to_write.put(("repeat", entry.alias_of, 0))
+                    self._to_write.put(("repeat", [e.alias_of for e in row.entries], None))
                     continue
                 last = False
                 while not last:
                     chunk = next(chunks)
-                    out = self._out_free.get()
+                    outs = self._out_free.get()
                     if self._write_error is not None:
                         raise self._write_error
-                    current = self._reduce_staged(chunk, out) if self.staged else self._submit_on_cpu(chunk, out)
+                    current = self._reduce_staged(chunk, outs) if self.staged else self._submit_on_cpu(chunk, outs)
                     if pending is not None:
                         self._hand_over(*pending)
                     pending = current
                     self.bytes_read += chunk.input_bytes
                     last = chunk.last
                     if on_progress:
-                        on_progress(
-                            Progress(self.bytes_read, self.plan.read_bytes, done - (not last), len(self.plan.entries), entry.name)
-                        )
+                        on_progress(Progress(self.bytes_read, self.read_bytes, done - (not last), len(self.rows), entry.name))
             if pending is not None:
                 self._hand_over(*pending)
             self._to_write.put(None)
@@ -268,77 +375,87 @@ class Engine:
                 self._pool = None
                 torch.set_num_threads(torch_threads)
 
-    def _hand_over(
-        self, chunk: Chunk, out: torch.Tensor, finite: bool | torch.Tensor | list[Future], copied_back: object
-    ) -> None:
-        """Give a finished output chunk to the writer, once it is on the host and known to be finite."""
+    def _hand_over(self, chunk: Chunk, outs: list[torch.Tensor], finite: Callable[[], list[bool]], copied_back: object) -> None:
+        """Give a chunk's finished outputs to the writer thread, once they are on the host and known to be finite."""
         if copied_back is not None:
             copied_back.synchronize()  # type: ignore[attr-defined]
-        if isinstance(finite, list):
-            finite = all([f.result() for f in finite])
-        if not bool(finite):
-            self._explain_nonfinite(chunk)
-        nbytes = chunk.count * chunk.entry.dtype.itemsize
-        self._to_write.put(("data", out, nbytes))
+        for k, ok in enumerate(finite()):
+            if not ok:
+                self._explain_nonfinite(chunk, k)
+        self._to_write.put(("data", outs, [chunk.count * e.dtype.itemsize for e in chunk.row.entries]))
         if chunk.last:
             for source in chunk.sources:
                 source.release()
 
-    def _write_behind(self, writer: TensorWriter) -> None:
+    def _write_behind(self, writers: list[TensorWriter]) -> None:
         while True:
             item = self._to_write.get()
             if item is None:
                 return
             kind, payload, nbytes = item
-            try:
-                if self._write_error is None:
-                    if kind == "repeat":
-                        writer.repeat(payload)
-                    else:
-                        writer.write(tensor_buffer(payload[:nbytes]))
-            except OSError as e:  # the main thread raises it at its next chunk
-                self._write_error = OutputError(e.filename or writer.paths[0].parent, f"cannot write: {e.strerror or e}")
-            except BaseException as e:
-                self._write_error = e
+            for k, writer in enumerate(writers):
+                try:
+                    if self._write_error is None:
+                        if kind == "repeat":
+                            writer.repeat(payload[k])
+                        else:
+                            writer.write(tensor_buffer(payload[k][: nbytes[k]]))
+                except OSError as e:  # the main thread raises it at its next chunk
+                    self._write_error = OutputError(e.filename or writer.paths[0].parent, f"cannot write: {e.strerror or e}")
+                except BaseException as e:
+                    self._write_error = e
             if kind == "data":
                 self._out_free.put(payload)
 
     # The CPU pipeline: workers read and fold block by block.
 
-    def _submit_on_cpu(self, chunk: Chunk, out_buffer: torch.Tensor) -> tuple:
-        """Start folding one chunk into out_buffer: pieces of it go to the workers, a few per worker so that
-        one slowed down by the writer's thread does not leave the others idle. Returns what _hand_over needs."""
+    def _submit_on_cpu(self, chunk: Chunk, outs: list[torch.Tensor]) -> tuple:
+        """Start folding one chunk into `outs` (one buffer per plan): pieces of it go to the workers, a few per
+        worker so that one slowed down by the writer's thread does not leave the others idle. Returns what
+        _hand_over needs."""
         for source in chunk.sources:
             source.prepare()  # a strided source is made contiguous once, here, not by two workers at once
         count = chunk.count
         if self._pool is None:
-            return chunk, out_buffer, self._fold_slice(chunk, out_buffer, 0, count), None
+            finite = self._fold_slice(chunk, outs, 0, count)
+            return chunk, outs, lambda: finite, None
         step = max(self.sizes.block_elements, -(-count // (4 * self.workers)))
         step += -step % 64
-        futures = [
-            self._pool.submit(self._fold_slice, chunk, out_buffer, lo, min(count, lo + step)) for lo in range(0, count, step)
-        ]
-        return chunk, out_buffer, futures, None
+        futures = [self._pool.submit(self._fold_slice, chunk, outs, lo, min(count, lo + step)) for lo in range(0, count, step)]
 
-    def _fold_slice(self, chunk: Chunk, out_buffer: torch.Tensor, lo: int, hi: int) -> bool:
-        """Read and fold elements [lo, hi) of a chunk, block by block; True when the result is finite.
+        def finite() -> list[bool]:
+            results = [f.result() for f in futures]
+            return [all(r[k] for r in results) for k in range(len(outs))]
+
+        return chunk, outs, finite, None
+
+    def _fold_slice(self, chunk: Chunk, outs: list[torch.Tensor], lo: int, hi: int) -> list[bool]:
+        """Read elements [lo, hi) of a chunk's inputs block by block, and fold each block into every plan's
+        output; for each plan, True when its result is finite.
 
         This loop runs once per block and input, so it avoids per-call Python work: the descriptors, buffer
         views and accumulator are looked up once per slice, and full blocks reuse the same tensor views."""
-        entry = chunk.entry
-        itemsize = entry.input_dtype.itemsize
-        if entry.weights is None:
-            raw = out_buffer[lo * itemsize : hi * itemsize]
-            chunk.sources[0].read_into((chunk.start + lo) * itemsize, raw)
-            return True
-        assert entry.accum_dtype is not None
-        weights = [w for _, w in active_inputs(entry)]
+        row = chunk.row
+        itemsize = row.entry.input_dtype.itemsize
+        if row.copied:
+            read: dict[int, torch.Tensor] = {}
+            for out_buffer, picked in zip(outs, row.picks):
+                raw = out_buffer[lo * itemsize : hi * itemsize]
+                if picked[0] in read:
+                    raw.copy_(read[picked[0]])
+                else:
+                    row.sources[picked[0]].read_into((chunk.start + lo) * itemsize, raw)
+                    read[picked[0]] = raw
+            return [True] * len(outs)
         block = self.sizes.block_elements
-        buffers, views = self._worker_views(len(weights), entry.input_dtype)
-        acc = self._worker_accumulator(entry.accum_dtype)
-        out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
-        readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in chunk.sources]
-        finite = True
+        buffers, views = self._worker_views(len(row.sources), row.entry.input_dtype)
+        folds = []
+        for entry, out_buffer, picked, weights in zip(row.entries, outs, row.picks, row.weights):
+            assert entry.accum_dtype is not None
+            out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+            folds.append((entry, out, [views[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype)))
+        readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in row.sources]
+        finite = [True] * len(outs)
         for start in range(lo, hi, block):
             count = min(block, hi - start)
             at = (chunk.start + start) * itemsize
@@ -347,11 +464,14 @@ class Engine:
                     read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
                 else:
                     source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
-            if count == block:
-                fold_block(views, weights, entry.divisor, acc, out[start : start + count])
-            else:
-                fold_block([v[:count] for v in views], weights, entry.divisor, acc[:count], out[start : start + count])
-            finite = finite and all_finite(out[start : start + count])
+            for k, (entry, out, picked_views, picked, weights, acc) in enumerate(folds):
+                if count == block:
+                    fold_block(picked_views, weights, entry.divisor, acc, out[start : start + count])
+                else:
+                    fold_block(
+                        [views[j][:count] for j in picked], weights, entry.divisor, acc[:count], out[start : start + count]
+                    )
+                finite[k] = finite[k] and all_finite(out[start : start + count])
         return finite
 
     def _worker_views(self, width: int, dtype: torch.dtype) -> tuple[list[memoryview], list[torch.Tensor]]:
@@ -385,11 +505,11 @@ class Engine:
     # The staged pipeline (CUDA): a reader thread fills pinned chunks; copies overlap the fold on side streams.
 
     def _start_staging(self, work: list[Chunk]) -> None:
-        width = max([len(active_inputs(c.entry)) for c in work] or [1])
+        width = max([len(c.sources) for c in work] or [1])
         for _ in range(2):
             self._slots.put([torch.empty(self.sizes.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(width)])
         if self.cuda:
-            self._cuda = _CudaState(self.device, width, self.sizes.chunk_bytes)
+            self._cuda = _CudaState(self.device, width, self.sizes.chunk_bytes, self.outputs)
 
     def _read_ahead(self, work: list[Chunk]) -> None:
         try:
@@ -405,27 +525,32 @@ class Engine:
         except BaseException as e:  # handed to the main thread, which raises it
             self._staged.put(_Failure(e))
 
-    def _reduce_staged(self, chunk: Chunk, out_buffer: torch.Tensor) -> tuple:
-        """Fold one staged chunk; returns what _hand_over needs once the result is back on the host."""
+    def _reduce_staged(self, chunk: Chunk, outs: list[torch.Tensor]) -> tuple:
+        """Fold one staged chunk into every plan's output; returns what _hand_over needs once the results are
+        back on the host."""
         item = self._staged.get()
         if isinstance(item, _Failure):
             raise item.error
         staged_chunk, slot = item
         assert staged_chunk is chunk
-        entry = chunk.entry
-        in_bytes = chunk.count * entry.input_dtype.itemsize
-        if entry.weights is None:
-            out_buffer[:in_bytes].copy_(slot[0][:in_bytes])
+        row = chunk.row
+        in_bytes = chunk.count * row.entry.input_dtype.itemsize
+        if row.copied:
+            for out_buffer, picked in zip(outs, row.picks):
+                out_buffer[:in_bytes].copy_(slot[picked[0]][:in_bytes])
             self._slots.put(slot)
-            return chunk, out_buffer, True, None
-        assert entry.accum_dtype is not None
-        weights = [w for _, w in active_inputs(entry)]
-        out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+            return chunk, outs, lambda: [True] * len(outs), None
         if not self.cuda:
-            views = [buffer[:in_bytes].view(entry.input_dtype) for buffer in slot[: len(weights)]]
-            fold(views, weights, entry.divisor, self._accumulator(entry.accum_dtype, CACHE_BLOCK_ELEMENTS), out)
+            views = [buffer[:in_bytes].view(row.entry.input_dtype) for buffer in slot[: len(row.sources)]]
+            finite = []
+            for entry, out_buffer, picked, weights in zip(row.entries, outs, row.picks, row.weights):
+                assert entry.accum_dtype is not None
+                out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+                acc = self._accumulator(entry.accum_dtype, CACHE_BLOCK_ELEMENTS)
+                fold([views[j] for j in picked], weights, entry.divisor, acc, out)
+                finite.append(all_finite(out))
             self._slots.put(slot)
-            return chunk, out_buffer, all_finite(out), None
+            return chunk, outs, lambda: finite, None
         cuda = self._cuda
         t = cuda.turn = cuda.turn ^ 1
         with torch.cuda.stream(cuda.to_device):
@@ -434,32 +559,41 @@ class Engine:
             inputs = []
             for buffer, device_buffer in zip(slot, cuda.inputs[t]):
                 device_buffer[:in_bytes].copy_(buffer[:in_bytes], non_blocking=True)
-                inputs.append(device_buffer[:in_bytes].view(entry.input_dtype))
+                inputs.append(device_buffer[:in_bytes].view(row.entry.input_dtype))
             arrived = torch.cuda.Event()
             arrived.record(cuda.to_device)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(arrived)
         if cuda.copied[t] is not None:
-            compute.wait_event(cuda.copied[t])  # this output buffer's previous copy-back has finished
-        device_out = cuda.outputs[t][: out.numel() * out.element_size()].view(entry.dtype)
-        fold(inputs, weights, entry.divisor, self._accumulator(entry.accum_dtype, chunk.count), device_out)
-        finite = torch.isfinite(device_out.float() if device_out.dtype.itemsize == 1 else device_out).all()
+            compute.wait_event(cuda.copied[t])  # these output buffers' previous copy-back has finished
+        results = []
+        for k, (entry, picked, weights) in enumerate(zip(row.entries, row.picks, row.weights)):
+            assert entry.accum_dtype is not None
+            device_out = cuda.outputs[t][k][: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+            fold(
+                [inputs[j] for j in picked], weights, entry.divisor, self._accumulator(entry.accum_dtype, chunk.count), device_out
+            )
+            finite = torch.isfinite(device_out.float() if device_out.dtype.itemsize == 1 else device_out).all()
+            results.append((entry, device_out, finite))
         folded = cuda.folded[t] = torch.cuda.Event()
         folded.record(compute)
         with torch.cuda.stream(cuda.to_host):
             cuda.to_host.wait_event(folded)
-            out.copy_(device_out, non_blocking=True)
-            cuda.finite[t].copy_(finite, non_blocking=True)
-            finite.record_stream(cuda.to_host)  # not reused by the allocator before this copy is done
+            for k, (entry, device_out, finite) in enumerate(results):
+                out = outs[k][: chunk.count * entry.dtype.itemsize].view(entry.dtype)
+                out.copy_(device_out, non_blocking=True)
+                cuda.finite[t][k].copy_(finite, non_blocking=True)
+                finite.record_stream(cuda.to_host)  # not reused by the allocator before this copy is done
             copied = cuda.copied[t] = torch.cuda.Event()
             copied.record(cuda.to_host)
         arrived.synchronize()  # the pinned slot is on the device: the reader may refill it
         self._slots.put(slot)
-        return chunk, out_buffer, cuda.finite[t], copied
+        flags = cuda.finite[t]
+        return chunk, outs, lambda: [bool(f) for f in flags], copied
 
-    def _explain_nonfinite(self, chunk: Chunk) -> None:
-        """Name the input holding a NaN/Inf in this chunk (re-read from its file), or report an overflow."""
-        entry = chunk.entry
+    def _explain_nonfinite(self, chunk: Chunk, k: int = 0) -> None:
+        """Name the input holding a NaN/Inf in this chunk of plan k (re-read from its file), or report an overflow."""
+        entry = chunk.row.entries[k]
         itemsize = entry.input_dtype.itemsize
         for i, _ in active_inputs(entry):
             raw = torch.empty(chunk.count * itemsize, dtype=torch.uint8)
@@ -482,12 +616,12 @@ class Engine:
 class _CudaState:
     """Two sets of device buffers used in turn, the copy streams, and the events that order them."""
 
-    def __init__(self, device: torch.device, width: int, chunk_bytes: int) -> None:
+    def __init__(self, device: torch.device, width: int, chunk_bytes: int, outputs: int = 1) -> None:
         self.to_device = torch.cuda.Stream(device)
         self.to_host = torch.cuda.Stream(device)
         self.inputs = [[torch.empty(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(width)] for _ in range(2)]
-        self.outputs = [torch.empty(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
-        self.finite = [torch.empty((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+        self.outputs = [[torch.empty(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(outputs)] for _ in range(2)]
+        self.finite = [[torch.empty((), dtype=torch.bool, pin_memory=True) for _ in range(outputs)] for _ in range(2)]
         self.folded: list = [None, None]
         self.copied: list = [None, None]
         self.turn = 1
