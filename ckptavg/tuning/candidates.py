@@ -49,9 +49,12 @@ def default_candidates(steps: list[int | None]) -> list[Candidate]:
 
 
 def asked_candidates(texts: list[str], steps: list[int | None]) -> list[Candidate]:
-    """The candidates of the recipes asked for, after the baseline (unless a recipe is the baseline itself)."""
-    chosen = candidates(parse_recipes(texts), steps)
+    """The candidates of the recipes asked for, after the baseline (unless a recipe is the baseline itself); none
+    asked for: the baseline alone (with the greedy soup, the soup is the other candidate)."""
     n = len(steps)
+    if not texts:
+        return [baseline(n)]
+    chosen = candidates(parse_recipes(texts), steps)
     same = [c for c in chosen if c.inputs == (n - 1,)]
     return [same[0], *(c for c in chosen if c is not same[0])] if same else [baseline(n), *chosen]
 

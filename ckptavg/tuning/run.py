@@ -557,10 +557,14 @@ def tune(
     from ckptavg.tuning.candidates import asked_candidates, default_candidates
     from ckptavg.tuning.guards import parse_guards
 
-    if (eval_command is None) == (eval_text is None) and not dry_run:
-        raise UsageError(None, f"give one evaluation: {option('eval_command', 'CMD')} or {option('eval_text', 'FILE')}")
     if eval_command is not None and eval_text is not None:
         raise UsageError(None, f"{option('eval_command', 'CMD')} and {option('eval_text', 'FILE')}: give one of them")
+    if eval_command is None and eval_text is None and not dry_run:
+        raise UsageError(None, f"give one evaluation: {option('eval_command', 'CMD')} or {option('eval_text', 'FILE')}")
+    if eval_command is not None:
+        from ckptavg.tuning.evaluation import check_command
+
+        check_command(eval_command)
     metric, mode = check_mode(metric, mode, eval_text is not None)
     checked_guards = tuple(parse_guards(guards))
     if eval_timeout is not None:
@@ -571,7 +575,8 @@ def tune(
         from ckptavg.recipes import parse_recipes
 
         texts = [recipes] if isinstance(recipes, str) else list(recipes)
-        parse_recipes(texts)  # a bad recipe is refused before any input is opened
+        if texts:
+            parse_recipes(texts)  # a bad recipe is refused before any input is opened
     plot_path = _check_plot(plot)
     keep = Path(check_path("keep_candidates", keep_candidates)) if keep_candidates is not None else None
     scoring = _scoring(eval_command, eval_text, eval_tokens, eval_timeout, device, metric, mode, checked_guards)
