@@ -532,16 +532,22 @@ def tune_table(report: TuneReport) -> Table:
         for c in report.candidates:
             table.add_row("", c.name, c.recipe, _inputs_cell(c.steps, c.inputs), _weights_cell(c.weights, c.steps))
         return table
-    others = list(dict.fromkeys(k for c in report.candidates for k in c.metrics if k != report.metric))[:3]
+    names = dict.fromkeys(k for c in report.candidates for k in c.metrics if k != report.metric)
+    # the other metrics, those that tell the candidates apart (perplexity's token count is the same for all)
+    others = [k for k in names if len({c.metrics.get(k) for c in report.candidates if c.failure is None}) > 1][:3]
     table.add_column(report.metric, justify="right", no_wrap=True)
     table.add_column("vs baseline", justify="right", no_wrap=True)
     for name in others:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("s", justify="right", no_wrap=True)
-    table.add_column("note", overflow="fold")
+    notes = [
+        c.failure and f"failed: {c.failure}" or "; ".join(c.held_back) or ("score reused" if c.reused else "")
+        for c in report.candidates
+    ]
+    if any(notes):
+        table.add_column("note", overflow="fold")
     base = report.row(report.baseline).score
-    for c in report.candidates:
-        note = c.failure and f"failed: {c.failure}" or "; ".join(c.held_back) or ("score reused" if c.reused else "")
+    for c, note in zip(report.candidates, notes):
         table.add_row(
             "*" if c.winner else "",
             Text(c.name, style="bold green" if c.winner else ""),
@@ -551,7 +557,7 @@ def tune_table(report: TuneReport) -> Table:
             _delta(c, base),
             *(_score(c.metrics.get(k)) for k in others),
             f"{c.seconds:.1f}",
-            Text(one_line(note), style="red" if c.failure else "yellow" if c.held_back else "dim"),
+            *([Text(one_line(note), style="red" if c.failure else "yellow" if c.held_back else "dim")] if any(notes) else []),
         )
     return table
 
@@ -583,8 +589,9 @@ def print_tune(report: TuneReport, console: Console | None = None) -> None:
         row("guards", ", ".join(report.guards))
     soup = report.soup or {}
     if soup.get("order"):
-        kept = set(soup["kept"])
-        row("greedy soup", ", ".join(f"{s}{'' if s in kept else ' (left out)'}" for s in soup["order"]))
+        left_out = [s for s in soup["order"] if s not in soup["kept"]]
+        text = f"kept {len(soup['kept'])} of {len(soup['order'])}, best alone first: {', '.join(soup['kept'])}"
+        row("greedy soup", text + (f"; left out: {', '.join(left_out)}" if left_out else ""))
     for note in report.notes:
         row("note", note)
     if report.dry_run:

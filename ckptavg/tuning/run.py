@@ -8,6 +8,7 @@ as `average` writes it, its ckptavg.json and card holding the whole table.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import time
@@ -108,6 +109,7 @@ class Scoring:
     metric: str
     mode: str
     guards: tuple[Guard, ...] = ()
+    prepare: Callable[[], None] | None = None  # before the first evaluation, so that it is not counted in its time
 
 
 class Tuner:
@@ -190,8 +192,9 @@ class Tuner:
 
     # -- writing and scoring ------------------------------------------------------------------------------
 
-    def write(self, chosen: list[Candidate]) -> dict[str, Path]:
-        """Write candidates with the one-read sweep into the staging folder; their folders by name."""
+    def write(self, chosen: list[Candidate], on_progress: Callable | None = None) -> dict[str, Path]:
+        """Write candidates with the one-read sweep into the staging folder; their folders by name. Progress is
+        shown for the first write, of every candidate; the soup's steps and the winner's rewrite are one each."""
         from ckptavg.sweeping import sweep_candidates
 
         assert self.staging is not None
@@ -323,7 +326,9 @@ def _evaluate_all(tuner: Tuner, report: TuneReport, table: list[Candidate], alon
     if state.found:
         report.notes.append(f"found the scores of an interrupted run ({state.path.name}): each one measured is reused")
     missing = [c for c in wanted if tuner.keep is not None or state.scores.get(tuner.key(c)) is None]
-    folders = tuner.write(missing) if missing else {}
+    folders = tuner.write(missing, tuner.on_progress) if missing else {}
+    if missing and tuner.scoring.prepare is not None:
+        tuner.scoring.prepare()
     baseline = rows[report.baseline]
     alone_scores: dict[int, Evaluation] = {}
     best: CandidateResult | None = None
@@ -626,7 +631,9 @@ def _scoring(
             return _with_metric(evaluator(folder), metric)
 
         identity = {"text": str(Path(text).resolve()), "text_file": input_identity(Path(text)), "tokens": evaluator.max_tokens}
-        return Scoring(evaluate, identity | {"device": device}, metric, mode, guards)
+        return Scoring(
+            evaluate, identity | {"device": device}, metric, mode, guards, lambda: importlib.import_module("transformers")
+        )
     if command is None:  # a dry run without an evaluation: nothing is scored
         return Scoring(lambda folder: Evaluation(failure="no evaluation"), {}, metric, mode, guards)
     from ckptavg.tuning.evaluation import check_command, run_evaluation
