@@ -33,7 +33,7 @@ from ckptavg.formats.writer import (
     write_text,
 )
 from ckptavg.globbing import expand
-from ckptavg.hub import Localized, localize
+from ckptavg.hub import Localized, is_hub, localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
 from ckptavg.merge.engine import Engine, ProgressFn
 from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
@@ -46,6 +46,7 @@ from ckptavg.output import (
     WriteOptions,
     check_destination,
     check_output_name,
+    check_space,
     copy_model_files,
     output_layout,
     staged,
@@ -336,16 +337,20 @@ def _check_inputs_and_output(
 
 def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None) -> _Inputs:
     """Each input opened (hf:// ones fetched into the HF cache), refused when one is given twice or holds the
-    output; the output's place checked (by rank 0) before any download."""
+    output; the output's place checked once (by rank 0): before any download, else once the inputs are open
+    (so that an input named as the output is refused as such)."""
     leader = world is None or world.leader
     device = choose_device(options.device, world.local_rank if world else None)
-    local = localize(paths, options.base, out=out_path if leader and not options.dry_run else None, overwrite=options.overwrite)
+    remote = any(is_hub(p) for p in [*paths, *([options.base] if options.base is not None else [])])
+    if remote and out_path is not None and leader:
+        check_destination(out_path, options.overwrite)
+    local = localize(paths, options.base)
     checkpoints = [local.open(p, options.load_options) for p in local.paths]
     base_model = local.open(local.base, LoadOptions()) if local.base is not None else None
     refuse_overlaps(checkpoints + ([base_model] if base_model else []), out_path)
     refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
-    if out_path is not None and leader:
-        check_destination(out_path, options.overwrite, needed_bytes=0)
+    if not remote and out_path is not None and leader:
+        check_destination(out_path, options.overwrite)
     return _Inputs(local, checkpoints, base_model, device)
 
 
@@ -394,7 +399,7 @@ def _plan_run(
     if options.strict and report.warnings:
         raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
     if out_path is not None and not options.dry_run and leader:
-        check_destination(out_path, options.overwrite, plan.output_bytes)
+        check_space(out_path, plan.output_bytes)
     return plan, report
 
 

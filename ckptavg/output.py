@@ -197,9 +197,9 @@ def describe_foreign(out: Path) -> str:
     return f"is a file ckptavg did not write (no ckptavg recipe in it); {advice}"
 
 
-def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
-    """Refuse before any work: an existing OUT without --overwrite or that ckptavg did not write, a folder
-    that cannot be written, too little space."""
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse before any work: an existing OUT without overwrite or that ckptavg did not write, a folder
+    that cannot be written."""
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(out, f"already exists; pass {option('overwrite', True)} to replace it")
@@ -216,6 +216,11 @@ def check_destination(out: Path, overwrite: bool, needed_bytes: int) -> None:
         os.unlink(name)
     except OSError as e:
         raise OutputError(out, f"cannot be written in {parent}: {e.strerror or e}") from e
+
+
+def check_space(out: Path, needed_bytes: int) -> None:
+    """Refuse before writing when the output's folder has too little room for `needed_bytes`."""
+    parent = out.parent if str(out.parent) else Path(".")
     usage = shutil.disk_usage(parent)
     if usage.total == 0:
         raise OutputError(out, f"cannot be written in {parent}: not a filesystem that holds files")

@@ -242,12 +242,10 @@ def localize(
     base: str | os.PathLike | None = None,
     *,
     extra: Sequence[str] = (),
-    out: Path | None = None,
-    overwrite: bool = False,
 ) -> Localized:
     """Turn the `hf://` inputs among `paths` (and `base`) into folders of the Hugging Face cache, downloading
     what they need; other paths pass through. `extra`: more file names to fetch when present (inspect takes
-    trainer_state.json). `out`: checked for --overwrite before any download.
+    trainer_state.json).
 
     Raises:
         InputError: unknown repo or revision, gated or private without a token, no network and not cached,
@@ -258,10 +256,6 @@ def localize(
     hub = [i for i, p in enumerate(everything) if is_hub(p)]
     if not hub:
         return local
-    if out is not None:
-        from ckptavg.output import check_destination
-
-        check_destination(out, overwrite, needed_bytes=0)  # before the downloads, not after them
     quiet_progress_bars()
     repos: dict[str, CachedRepo] = {}
     items: dict[int, Input] = {}
