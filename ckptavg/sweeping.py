@@ -38,7 +38,7 @@ from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.merge.weights import oldest_weight_warning
 from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs
-from ckptavg.output import SWEEP_FILE, WriteOptions, check_destination, staged
+from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
@@ -198,7 +198,7 @@ def sweep_candidates(
         if options.strict and report.warnings:
             raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
         if out_path is not None and not options.dry_run:
-            check_destination(out_path, options.overwrite, sum(p.output_bytes for p in plans))
+            check_space(out_path, sum(p.output_bytes for p in plans))
         if on_plan:
             on_plan(report)
         if options.dry_run:

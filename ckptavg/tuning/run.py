@@ -283,7 +283,7 @@ def run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) ->
         report.seconds = time.perf_counter() - started
         return report
     out = tuner.out
-    check_destination(out, overwrite, 0)
+    check_destination(out, overwrite)
     state = TuneState(state_path(out))
     if tuner.keep is not None:
         _make_keep_folder(tuner.keep, [c.name for c in table + alone])
