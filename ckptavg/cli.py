@@ -566,8 +566,8 @@ def tune(
         list[str] | None,
         typer.Option(
             "--guard",
-            metavar="METRIC:TOL[:min|max]",
-            help="A candidate losing more than TOL on METRIC against the baseline cannot win (repeatable).",
+            metavar="GUARD",
+            help="METRIC:TOL[:min|max]: a candidate losing more than TOL on METRIC against the baseline cannot win (repeatable).",
             show_default=False,
         ),
     ] = None,
@@ -610,9 +610,9 @@ def tune(
 
     Example:
 
-        ckptavg tune run/checkpoint-* -o best --eval-text heldout.txt --greedy-soup --plot tune.svg
+        ckptavg tune run/checkpoint-* -o best --eval-text held.txt --greedy-soup
 
-        ckptavg tune run/checkpoint-* -o best --eval 'python eval.py {model}' --metric accuracy --guard gsm8k:0.02:max
+        ckptavg tune ckpt-* -o best --eval 'python eval.py {model}' --metric acc
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
     tune_checkpoints = _deferred("ckptavg.tuning.run", "tune")
 

@@ -54,4 +54,5 @@ def plot_scores(report: Any, path: Path) -> None:
     axes.set_title(f"ckptavg tune: {report.metric} per candidate{winner}", fontsize=10)
     if baseline is not None:
         axes.legend(loc="lower right", fontsize=8)
-    figure.savefig(path)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # an SVG's text stays text: small, searchable
+        figure.savefig(path)

@@ -630,7 +630,7 @@ def _scoring(
         def evaluate(folder: Path) -> Evaluation:
             return _with_metric(evaluator(folder), metric)
 
-        identity = {"text": str(Path(text).resolve()), "text_file": input_identity(Path(text)), "tokens": evaluator.max_tokens}
+        identity = {"text": str(text), "text_file": input_identity(Path(text)), "tokens": evaluator.max_tokens}
         return Scoring(
             evaluate, identity | {"device": device}, metric, mode, guards, lambda: importlib.import_module("transformers")
         )
