@@ -76,6 +76,9 @@ def select(
     skip_nonfinite: bool = False,
     skip_spikes: bool = False,
     spike_k: float = 3.0,
+    window_steps: int | None = None,
+    window_tokens: int | str | None = None,
+    min_interval: int | None = None,
     metrics_file: str | os.PathLike | None = None,
     key: str | None = None,
     on_progress: Callable[[Any], None] | None = None,
@@ -90,6 +93,12 @@ def select(
         every, min_step, max_step, after_warmup: filters by step; max_step may be "best" (up to the best by `metric`).
         skip_nonfinite: drop checkpoints holding NaN or Inf (reads their tensors). skip_spikes, spike_k: drop
             checkpoints whose metric jumps beyond median + k*MAD of its neighbours.
+        window_steps: only checkpoints within this many steps of the newest candidate (boundary included).
+        window_tokens: the same in tokens seen (an int, or "500M", "20B": K, M, B, T are 10^3 .. 10^12); refused,
+            naming them, when candidates do not record their tokens (trainer_state.json's num_input_tokens_seen,
+            or a checkpoint's tokens, consumed_tokens, consumed_train_samples x seq_length).
+        min_interval: walking back from the newest, keep a checkpoint only when it is at least this many steps
+            before the one kept after it. The windows and min_interval are filters, applied before last/top_k.
         metrics_file: CSV, JSON or JSONL of metrics by step or path. key: where the weights are (for skip_nonfinite).
         on_progress: called with a ReadProgress while skip_nonfinite reads tensors.
 
@@ -105,11 +114,18 @@ def select(
     from ckptavg.checks import check_int, check_number, check_path, check_text
     from ckptavg.errors import UsageError, option
     from ckptavg.inspection import first_nonfinite
-    from ckptavg.selection import Policy, gather
+    from ckptavg.selection import Policy, gather, token_count
     from ckptavg.selection import select as choose
 
     items = [check_path("paths", p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    for name, value in (("last", last), ("top_k", top_k), ("every", every), ("min_step", min_step)):
+    for name, value in (
+        ("last", last),
+        ("top_k", top_k),
+        ("every", every),
+        ("min_step", min_step),
+        ("window_steps", window_steps),
+        ("min_interval", min_interval),
+    ):
         if value is not None:
             check_int(name, value)
     if isinstance(max_step, str):
@@ -137,6 +153,9 @@ def select(
         skip_nonfinite=skip_nonfinite,
         skip_spikes=skip_spikes,
         spike_k=spike_k,
+        window_steps=window_steps,
+        window_tokens=token_count(window_tokens),
+        min_interval=min_interval,
     )
     policy.check()
     options = LoadOptions(key=key)

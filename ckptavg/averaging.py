@@ -152,6 +152,7 @@ def average(
     weights: str | Sequence[float] | None = None,
     ema: float | None = None,
     ema_half_life: float | None = None,
+    ema_sigma_rel: float | None = None,
     order: str = "auto",
     dtype: str | None = None,
     accum: str = "auto",
@@ -182,9 +183,12 @@ def average(
     Args:
         paths: checkpoint files or folders, in any layout ckptavg reads.
         out: a folder (sharded safetensors + index + model files) or a `.safetensors` file; None only with dry_run.
-        weights: None or "uniform" (mean), "linear" (1..N), or one weight per input: [1, 2, 3] or "1,2,3".
+        weights: None or "uniform" (mean), "linear" (1..N), "wsm:CURVE" (Warmup-Stable-Merge's weights for the decay
+            curve linear, cosine or minus-sqrt, each also + "__reverse"), or one weight per input: [1, 2, 3] or "1,2,3".
         ema: decay of an exponential moving average over the ordered inputs (instead of weights).
         ema_half_life: an EMA in training steps with this half-life, honouring irregular spacing (instead of weights).
+        ema_sigma_rel: the power-function EMA (EDM2) of this relative width in (0, 0.2887), over the inputs' steps
+            (instead of weights).
         order: "auto" (by step, else epoch, else as given) or "given".
         dtype: output dtype of floating tensors ("bf16", "fp16", "fp32", or torch's "bfloat16", ...); None keeps the input's.
         accum: "auto" (FP32 for 16-bit inputs, FP64 for FP32), "fp32" or "fp64" (or "float32", "float64").
@@ -230,6 +234,7 @@ def average(
         weights=weights,
         ema=ema,
         ema_half_life=ema_half_life,
+        ema_sigma_rel=ema_sigma_rel,
         order=order,
         dtype=dtype,
         accum=accum,
@@ -373,11 +378,17 @@ def _plan_run(
                 f"use {option('ema', 'DECAY')} instead"
             ),
         )
+    if options.ema_sigma_rel is not None and (unknown := [str(c.path) for c in checkpoints if c.step is None]):
+        raise UsageError(
+            None,
+            f"{option('ema_sigma_rel', options.ema_sigma_rel)} needs the training step of every input: none known for "
+            f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}",
+        )
     steps = [c.step for c in checkpoints]
     strategy = (
         make_weights(len(checkpoints))
         if make_weights
-        else parse_weights(options.weights, options.ema, len(checkpoints), options.ema_half_life, steps)
+        else parse_weights(options.weights, options.ema, len(checkpoints), options.ema_half_life, steps, options.ema_sigma_rel)
     )
     require_order(inputs.checkpoints, ordered_by, options.order, strategy.strategy)
     if note := order_note(inputs.checkpoints, checkpoints, strategy.strategy):

@@ -234,7 +234,7 @@ def average(
         typer.Option(
             "--weights",
             metavar="SPEC",
-            help="uniform (default), linear (1..N, newer counts more) or numbers like 1,2,3 (normalised).",
+            help="uniform (default), linear (1..N), wsm:linear|cosine|minus-sqrt (Warmup-Stable-Merge) or numbers like 1,2,3.",
         ),
     ] = None,
     ema: Annotated[
@@ -254,6 +254,14 @@ def average(
                 "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
                 "checkpoints (needs every input's step)."
             ),
+        ),
+    ] = None,
+    ema_sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-sigma-rel",
+            metavar="S",
+            help="Power-function EMA (EDM2) of relative width S in (0, 0.2887), over the inputs' steps.",
         ),
     ] = None,
     order: Annotated[
@@ -350,6 +358,7 @@ def average(
                 weights=weights,
                 ema=ema,
                 ema_half_life=ema_half_life,
+                ema_sigma_rel=ema_sigma_rel,
                 strict=strict,
                 order=order,
                 adapter_mode=adapter_mode,
@@ -767,6 +776,19 @@ def select(
         float | None,
         typer.Option("--after-warmup", metavar="FRACTION", help="Only steps after this fraction of the run, e.g. 0.5."),
     ] = None,
+    window_steps: Annotated[
+        int | None, typer.Option("--window-steps", metavar="S", help="Only steps within S of the newest candidate's.")
+    ] = None,
+    window_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--window-tokens", metavar="T", help="Only checkpoints within T tokens seen (500M, 20B) of the newest candidate."
+        ),
+    ] = None,
+    min_interval: Annotated[
+        int | None,
+        typer.Option("--min-interval", metavar="S", help="From the newest back, keep checkpoints at least S steps apart."),
+    ] = None,
     skip_nonfinite: Annotated[
         bool, typer.Option("--skip-nonfinite", help="Drop checkpoints holding NaN or Inf (reads every tensor, streaming).")
     ] = False,
@@ -805,7 +827,7 @@ def select(
 ) -> None:
     """Print the checkpoints to average or keep, one path per line (NUL-terminated with --print0), in step order.
 
-    Filters (--min-step, --max-step, --after-warmup, --every, --skip-nonfinite, --skip-spikes) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). --skip-nonfinite reads tensors, so it reads only the candidates that could be chosen, and a non-finite one among the last N is replaced by the next older finite one. Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
+    Filters (--min-step, --max-step, --after-warmup, --every, --window-steps, --window-tokens, --skip-spikes, --min-interval, --skip-nonfinite) narrow the candidates; --last N and --top-k K then choose among them, and together choose the union (the K best plus the N newest). --skip-nonfinite reads tensors, so it reads only the candidates that could be chosen, and a non-finite one among the last N is replaced by the next older finite one. Checkpoints without a step, unreadable or incomplete ones (a save in progress) are reported and never printed. Nothing is ever deleted by ckptavg.
 
     Example:
 
@@ -819,7 +841,7 @@ def select(
     from ckptavg.checkpoint import LoadOptions
     from ckptavg.errors import InputError
     from ckptavg.inspection import first_nonfinite
-    from ckptavg.selection import Policy, gather
+    from ckptavg.selection import Policy, gather, token_count
     from ckptavg.selection import select as choose
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
@@ -838,6 +860,9 @@ def select(
         skip_nonfinite=skip_nonfinite,
         skip_spikes=skip_spikes,
         spike_k=spike_k,
+        window_steps=window_steps,
+        window_tokens=token_count(window_tokens),
+        min_interval=min_interval,
     )
     policy.check()
     options = LoadOptions(key=key)

@@ -5,7 +5,8 @@ Steps come from the folder or file name (`checkpoint-N`, Lightning `step=N`/`epo
 `step`, `epoch`); a model ckptavg wrote has them in its recipe (`ckptavg.json`): an export is at its
 input's step, an average at its newest input's, so that exports and averages can be ordered and averaged
 again. Metrics come from `trainer_state.json`'s log history, from entries stored in the
-checkpoint (`metrics`, `best_metric`, Lightning's ModelCheckpoint state), or from a metrics file.
+checkpoint (`metrics`, `best_metric`, Lightning's ModelCheckpoint state), or from a metrics file. Tokens seen come
+from `trainer_state.json` (`num_input_tokens_seen`) or the checkpoint's entries (metrics.checkpoint_tokens).
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ def steps_from_recipe(recipe: dict | None, where: str) -> StepInfo:
 def steps_from_trainer_state(state: dict | None) -> StepInfo:
     """The Trainer's global_step, when trainer_state.json has one."""
     return StepInfo(step=_int((state or {}).get("global_step")), source="trainer_state.json")
+
+
+def tokens_from_trainer_state(state: dict | None) -> tuple[int | None, str | None]:
+    """(tokens seen, where) from the Trainer's num_input_tokens_seen; 0 is "not counted" (transformers writes 0 unless
+    include_num_input_tokens_seen is on), so it is None."""
+    tokens = _int((state or {}).get("num_input_tokens_seen"))
+    return (tokens, "trainer_state.json num_input_tokens_seen") if tokens else (None, None)
 
 
 def _int(value: Any) -> int | None:

@@ -71,6 +71,35 @@ def checkpoint_metrics(pickle_file: PickleFile) -> tuple[dict[str, float], dict[
     return metrics, others
 
 
+TOKEN_KEYS = ("tokens", "consumed_tokens")
+SAMPLE_KEYS = ("consumed_train_samples",)
+SEQUENCE_KEYS = ("seq_length", "seq_len", "sequence_length", "max_seq_length", "max_seq_len")
+
+
+def checkpoint_tokens(pickle_file: PickleFile) -> tuple[int | None, str | None]:
+    """(tokens seen, where) from a checkpoint's entries: `tokens` or `consumed_tokens`, else `consumed_train_samples`
+    times a sequence length recorded beside it (Megatron keeps both in `args`); at the top level, then in `args`.
+    A count of 0 is "not recorded"."""
+    top = as_dict(pickle_file.obj) or {}
+    places = [("", top)] + [("args.", args) for args in [as_dict(top.get("args"))] if args]
+    counts: dict[str, int] = {}  # {"args.seq_length": 2048, ...}: the positive whole numbers under those keys
+    for prefix, entries in places:
+        for key in (*TOKEN_KEYS, *SAMPLE_KEYS, *SEQUENCE_KEYS):
+            value = scalar(pickle_file, entries.get(key), prefix + key)
+            if value is not None and value > 0 and value.is_integer():
+                counts[prefix + key] = int(value)
+
+    def first(keys: tuple[str, ...]) -> str | None:
+        return next((prefix + key for prefix, _ in places for key in keys if prefix + key in counts), None)
+
+    if tokens := first(TOKEN_KEYS):
+        return counts[tokens], f"checkpoint {tokens}"
+    samples, length = first(SAMPLE_KEYS), first(SEQUENCE_KEYS)
+    if samples and length:
+        return counts[samples] * counts[length], f"checkpoint {samples} x {length}"
+    return None, None
+
+
 def mode_from_name(metric: str) -> tuple[str, str] | None:
     """("min" or "max", the word that says so) from a metric's name, matched on its last component: the part after
     the last "/", its last word (Lightning's _epoch/_step suffixes dropped); a loss or an error anywhere in that part."""

@@ -27,6 +27,7 @@ class AverageOptions:
     weights: str | Sequence[float] | None = None
     ema: float | None = None
     ema_half_life: float | None = None
+    ema_sigma_rel: float | None = None
     order: str = "auto"
     dtype: str | None = None
     accum: str = "auto"
@@ -56,7 +57,7 @@ class AverageOptions:
         dtype = short_dtype_name(self.dtype) if isinstance(self.dtype, str) else self.dtype
         accum = short_dtype_name(self.accum) if isinstance(self.accum, str) else self.accum
         device = str(self.device) if isinstance(self.device, torch.device) else self.device
-        weights = check_weights(self.weights, self.ema, self.ema_half_life)
+        weights = check_weights(self.weights, self.ema, self.ema_half_life, self.ema_sigma_rel)
         if dtype is not None:
             check_choice("dtype", dtype, OUTPUT_DTYPES)
         check_choice("accum", accum, ("auto", "fp32", "fp64"))

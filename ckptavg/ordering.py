@@ -11,6 +11,8 @@ ORDER_DEPENDENT = {
     "linear": lambda: option("weights", "linear"),
     "weighted": lambda: f"explicit {option('weights')}",
     "ema": lambda: f"{option('ema')} or {option('ema_half_life')}",
+    "wsm": lambda: option("weights", "wsm:CURVE"),
+    "ema-sigma-rel": lambda: option("ema_sigma_rel"),
 }
 
 
@@ -31,14 +33,15 @@ def order_inputs(inputs: list[Checkpoint], order: str = "auto") -> tuple[list[Ch
 
 def require_order(given: list[Checkpoint], ordered_by: str, order: str, strategy: str) -> None:
     """A strategy that weights inputs by their place in training needs that order known, or asked for as given."""
-    if order == "given" or ordered_by != "given" or len(given) < 2 or strategy not in ORDER_DEPENDENT:
+    family = strategy.partition(":")[0]  # wsm:minus-sqrt, ema-sigma-rel:0.05: the weighting, without its parameter
+    if order == "given" or ordered_by != "given" or len(given) < 2 or family not in ORDER_DEPENDENT:
         return
     unknown = [c for c in given if c.step is None and c.epoch is None] or [c for c in given if c.step is None]
     names = ", ".join(str(c.path) for c in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
     raise UsageError(
         None,
         f"cannot tell the training order of the inputs: no step or epoch known for {names}; "
-        f"{ORDER_DEPENDENT[strategy]()} depends on that order: pass {option('order', 'given')} to use the order of the "
+        f"{ORDER_DEPENDENT[family]()} depends on that order: pass {option('order', 'given')} to use the order of the "
         "command line",
     )
 

@@ -1,12 +1,14 @@
 """`select`: which checkpoints to average or keep, by step windows, metrics and health checks.
 
-Filters (`min_step`, `max_step`, `after_warmup`, `every`, `skip_nonfinite`, `skip_spikes`, `max_step="best"`)
-narrow the candidates; selectors (`last`, `top_k`) then choose among what is left, and when both are given
-the choice is their union: the K best by the metric plus the N newest. With no selector every candidate that
-passes the filters is chosen. Candidates without a step, and those that cannot be read or are incomplete (a
-save in progress: a truncated file, a missing shard, no weights yet), are ignored and reported, never chosen
-or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also keeps back the
-newest readable checkpoint and, with a metric, every checkpoint without a value for it.
+Filters narrow the candidates, in this order: `min_step`, `max_step`, `after_warmup`, `every`, the windows
+`window_steps` and `window_tokens` (within so many steps or tokens seen of the newest candidate left),
+`skip_spikes`, `min_interval` (walking back from the newest, each kept checkpoint at least so many steps before
+the one kept after it), `skip_nonfinite`, `max_step="best"`. Selectors (`last`, `top_k`) then choose among what is
+left, and when both are given the choice is their union: the K best by the metric plus the N newest. With no
+selector every candidate that passes the filters is chosen. Candidates without a step, and those that cannot be
+read or are incomplete (a save in progress: a truncated file, a missing shard, no weights yet), are ignored and
+reported, never chosen or inverted; a hostile pickle is an error. The deletion list (`Selection.inverted`) also
+keeps back the newest readable checkpoint and, with a metric, every checkpoint without a value for it.
 
 `skip_nonfinite` is the one filter that reads tensors: it runs last and reads only the candidates the
 selectors would take, replacing a non-finite one by the next in line, so the choice is the one a read of
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -32,12 +35,14 @@ from ckptavg.discover import (
     read_trainer_state,
     steps_from_name,
     steps_from_path,
+    tokens_from_trainer_state,
     trainer_state_metrics,
 )
 from ckptavg.errors import HostileInputError, InputError, UsageError, option
 from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.detect import CHECKPOINT_FOLDER
 from ckptavg.globbing import expand
+from ckptavg.sizes import TOKENS, format_tokens, parse_tokens
 
 MODES = ("min", "max")
 EPOCH_AS_STEP = "epoch (no candidate has a step)"
@@ -62,6 +67,8 @@ class Candidate:
     copy_of: str | None = None  # holds the same weights as this candidate (a last/best copy): ignored
     modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # metric -> (min or max, where the checkpoint records it)
     tensor_bytes: int = 0  # of its weights, from the headers: what --skip-nonfinite reads
+    tokens: int | None = None  # tokens seen in training when it was saved (None: not recorded)
+    tokens_source: str | None = None
 
     def metric(self, name: str | None) -> float | None:
         return self.metrics.get(name) if name else None
@@ -88,6 +95,9 @@ class Policy:
     skip_spikes: bool = False
     spike_k: float = 3.0
     spike_window: int = 2
+    window_steps: int | None = None  # within so many steps of the newest candidate
+    window_tokens: int | None = None  # within so many tokens seen of the newest candidate
+    min_interval: int | None = None  # kept checkpoints at least so many steps apart, walking back from the newest
 
     def check(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -112,6 +122,11 @@ class Policy:
             raise UsageError(
                 None, f"{option('min_step', self.min_step)} is above {option('max_step', self.max_step)}: no step can pass both"
             )
+        for name, value, low in (("window_steps", self.window_steps, 0), ("window_tokens", self.window_tokens, 0)):
+            if value is not None and value < low:
+                raise UsageError(None, f"{option(name, value)}: expected a whole number >= {low}")
+        if self.min_interval is not None and self.min_interval < 1:
+            raise UsageError(None, f"{option('min_interval', self.min_interval)}: expected a number of steps >= 1")
 
 
 @dataclass
@@ -178,7 +193,7 @@ def _describe(
     path: Path, table: MetricsTable | None, options: LoadOptions | None
 ) -> tuple[Candidate, dict[str, dict[str, float]], Checkpoint | None]:
     """describe(), and the opened checkpoint (None when unreadable) for the check for copies."""
-    from ckptavg.metrics import checkpoint_metrics, recorded_modes, trainer_modes
+    from ckptavg.metrics import checkpoint_metrics, checkpoint_tokens, recorded_modes, trainer_modes
 
     candidate = Candidate(path=str(path))
     ckpt = None
@@ -195,6 +210,7 @@ def _describe(
             mine, others = checkpoint_metrics(ckpt.pickle)
             sources.append(("checkpoint", mine))
             candidate.modes.update(recorded_modes(ckpt.pickle))
+            candidate.tokens, candidate.tokens_source = checkpoint_tokens(ckpt.pickle)
     except HostileInputError:
         raise
     except InputError as e:
@@ -206,6 +222,8 @@ def _describe(
     if state is not None:
         sources.insert(0, ("trainer_state.json", trainer_state_metrics(state, found.step)))
         candidate.modes.update(trainer_modes(folder))
+        if (recorded := tokens_from_trainer_state(state))[0] is not None:
+            candidate.tokens, candidate.tokens_source = recorded
     candidate.step, candidate.epoch, candidate.step_source = found.step, found.epoch, found.source
     if table is not None:
         sources.append(("metrics file", table.lookup(path, candidate.step)))
@@ -320,6 +338,7 @@ def _hub_candidates(
                     trainer_state_metrics(state, row.step if row.step is not None else state.get("global_step"))
                 )
                 candidate.metric_sources.update({k: "trainer_state.json" for k in candidate.metrics})
+                candidate.tokens, candidate.tokens_source = tokens_from_trainer_state(state)
             if table is not None:
                 for key, value in table.lookup(Path(row.path), row.step).items():
                     if key not in candidate.metrics:
@@ -503,8 +522,8 @@ def select(
     notes: list[str] = [mode_note] if mode_note else []
     if any(c.step_source == EPOCH_AS_STEP for c in ordered):
         notes.append(
-            f"ordered by epoch: no candidate has a step ({option('min_step')}, {option('max_step')} and {option('every')} count "
-            "epochs)"
+            f"ordered by epoch: no candidate has a step ({option('min_step')}, {option('max_step')}, {option('every')}, "
+            f"{option('window_steps')} and {option('min_interval')} count epochs)"
         )
 
     def drop(keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str], flag: str | None = None) -> None:
@@ -525,6 +544,21 @@ def select(
         drop(lambda c: c.step >= start, lambda c: f"in the first {policy.after_warmup:.0%} of the run (step < {start:g})")
     if policy.every is not None:
         drop(lambda c: c.step % policy.every == 0, lambda c: f"step not a multiple of {option('every', policy.every)}")
+    if policy.window_steps is not None and pool:
+        newest_step = pool[-1].step
+        drop(
+            lambda c: newest_step - c.step <= policy.window_steps,
+            lambda c: f"outside {option('window_steps', policy.window_steps)} of step {newest_step}",
+        )
+    if policy.window_tokens is not None and pool:
+        newest, newest_tokens = pool[-1], _tokens_of(pool, policy.window_tokens)[-1]
+        drop(
+            lambda c: newest_tokens - c.tokens <= policy.window_tokens,
+            lambda c: (
+                f"outside {option('window_tokens', format_tokens(policy.window_tokens))} of {format_tokens(newest_tokens)} "
+                f"tokens (step {newest.step}): at {format_tokens(c.tokens)}"
+            ),
+        )
     metric = policy.metric
     if metric:
         for c in pool:
@@ -548,6 +582,12 @@ def select(
                 f"{policy.spike_k:g} x MAD)"
             ),
             option("skip_spikes", True),
+        )
+    if policy.min_interval is not None:
+        after = _kept_at_intervals(pool, policy.min_interval)
+        drop(
+            lambda c: after[id(c)] is None,
+            lambda c: f"within {option('min_interval', policy.min_interval)} of step {after[id(c)]}, which is kept",
         )
     if policy.skip_nonfinite and has_nonfinite is not None:
         scan = _Scan(has_nonfinite, on_progress)
@@ -594,6 +634,48 @@ def select(
     if hint:
         notes.append(hint)
     return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint, mode_source=mode_source)
+
+
+def token_count(value: object) -> int | None:
+    """A token count as given (500M, 20B, a whole number >= 0), for window_tokens; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_tokens(value)
+        except UsageError as e:
+            raise UsageError(None, f"{option('window_tokens', repr(value))}: {TOKENS}") from e
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise UsageError(None, f"{option('window_tokens', repr(value))}: {TOKENS}")
+    return int(value)
+
+
+def _tokens_of(pool: list[Candidate], window: int) -> list[int]:
+    """The tokens seen by each candidate of `pool`; refused, naming them, when some do not record it."""
+    missing = [c.path for c in pool if c.tokens is None]
+    if missing:
+        names = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise UsageError(
+            None,
+            f"{option('window_tokens', format_tokens(window))} needs the tokens seen by every checkpoint; none recorded for "
+            f"{names} (read from trainer_state.json's num_input_tokens_seen, where 0 means not counted: set "
+            "include_num_input_tokens_seen; or a checkpoint's tokens, consumed_tokens, or consumed_train_samples with "
+            "seq_length)",
+        )
+    return [c.tokens for c in pool if c.tokens is not None]
+
+
+def _kept_at_intervals(pool: list[Candidate], interval: int) -> dict[int, int | None]:
+    """Walking back from the newest of `pool` (in step order): None for each checkpoint kept, at least `interval`
+    steps before the one kept after it; for the others, the step of that kept one."""
+    after: dict[int, int | None] = {}
+    kept: int | None = None
+    for c in reversed(pool):
+        if kept is None or kept - c.step >= interval:  # type: ignore[operator]
+            after[id(c)], kept = None, c.step
+        else:
+            after[id(c)] = kept
+    return after
 
 
 def _pick(pool: list[Candidate], policy: Policy) -> tuple[Candidate | None, list[Candidate], list[Candidate], list[Candidate]]:

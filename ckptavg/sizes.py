@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from fractions import Fraction
 
 from ckptavg.errors import UsageError
 
@@ -53,3 +54,32 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+# Token counts are quoted in decimal units (a 20B-token window, 15T tokens of pre-training).
+TOKEN_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+TOKENS = "expected a whole number of tokens >= 0 like 500M, 20B or 1500000 (K, M, B, T: 10^3 .. 10^12)"
+
+
+def parse_tokens(text: str) -> int:
+    """'500M', '20B', '1.5T' (decimal: K, M, B, T are 10^3 .. 10^12) or a plain count; a whole number >= 0."""
+    value = text.strip().upper()
+    unit = TOKEN_UNITS.get(value[-1:], 1) if value else 1
+    number = value[:-1] if unit > 1 else value
+    try:
+        exact = Fraction(number) * unit  # exact: 1.5B is 1500000000, with no float rounding
+    except (ValueError, ZeroDivisionError) as e:
+        raise UsageError(None, f"token count {text!r}: {TOKENS}") from e
+    if "/" in number or exact < 0 or exact.denominator != 1:
+        raise UsageError(None, f"token count {text!r}: {TOKENS}")
+    return int(exact)
+
+
+def format_tokens(n: int) -> str:
+    """A token count in the largest decimal unit that writes it exactly in a few digits (20B, 1.5T, 500M), else as
+    it is (123456789): what parse_tokens reads back as the same count."""
+    for name, unit in sorted(TOKEN_UNITS.items(), key=lambda kv: -kv[1]):
+        text = f"{n / unit:.6g}{name}"
+        if n >= unit and "e" not in text and parse_tokens(text) == n:
+            return text
+    return str(n)

@@ -180,6 +180,15 @@ def hf_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_run_tokens(tmp_path_factory):
+    """hf_run's Trainer with include_num_input_tokens_seen: trainer_state.json records the tokens seen."""
+    pytest.importorskip("accelerate")
+    from runs import hf_trainer_run
+
+    return hf_trainer_run(tmp_path_factory.mktemp("hf-tokens") / "run", count_tokens=True)
+
+
+@pytest.fixture(scope="session")
 def lightning_ckpts(tmp_path_factory):
     pytest.importorskip("lightning")
     from runs import lightning_run

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 
-def hf_trainer_run(root: Path) -> Path:
-    """transformers.Trainer: checkpoint-2 ... checkpoint-10 with eval_loss in trainer_state.json."""
+def hf_trainer_run(root: Path, count_tokens: bool = False) -> Path:
+    """transformers.Trainer: checkpoint-2 ... checkpoint-10 with eval_loss in trainer_state.json (and with
+    `count_tokens`, num_input_tokens_seen: 64 a step, 4 sequences of 16 tokens)."""
     import transformers
 
     torch.manual_seed(0)
@@ -37,6 +38,7 @@ def hf_trainer_run(root: Path) -> Path:
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        include_num_input_tokens_seen=count_tokens,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:16])
     trainer.train()
