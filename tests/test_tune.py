@@ -278,6 +278,11 @@ def test_dry_run_lists_the_default_candidates_and_their_weights(lm_run, cli):
     assert rows["last-4"]["weights"] == [0.25] * 4 and len(rows["last-4"]["inputs"]) == 4
     d = 0.6  # ema:D over 12 inputs: x1 gets d^11, x_i (1 - d) d^(12 - i)
     assert rows["ema-0.6"]["weights"] == pytest.approx([d**11] + [(1 - d) * d ** (12 - i) for i in range(2, 13)])
+    # WSM's minus-sqrt over the newest 4: d_k = 1 - sqrt(k/4), c_3 = d_3, c_k = d_k - d_(k+1), c_0 = 1 - the others
+    d = [1 - (k / 4) ** 0.5 for k in range(4)]
+    c = [d[1] - d[2], d[2] - d[3], d[3]]
+    assert rows["wsm-minus-sqrt-last-4"]["weights"] == pytest.approx([1 - sum(c), *c])
+    assert rows["wsm-minus-sqrt-last-4"]["steps"] == [108, 120, 132, 144] and "wsm-minus-sqrt" in rows
     r = cli("tune", *_checkpoints(run), "--eval-text", held_out, "--dry-run")
     assert r.code == 0 and "ema-0.846" in r.out and "nothing evaluated or written" in r.out
 
