@@ -307,3 +307,33 @@ def test_bad_options_are_refused_before_any_work(lm_run, cli, tmp_path):
     (existing / "notes.txt").write_text("mine")
     r = cli("tune", *paths, "-o", existing, "--eval-text", held_out, "--overwrite")
     assert r.code == 3 and "notes.txt" in r.err and (existing / "notes.txt").exists()
+
+
+def test_keep_candidates_keeps_every_folder_scored(lm_run, cli, tmp_path, scripted):
+    run, _ = lm_run
+    command, log = scripted({"last-1": {"loss": 3.0}, "mean": {"loss": 2.0}})
+    keep = tmp_path / "kept"
+    paths = _checkpoints(run)[-3:]
+    r = cli(
+        "tune",
+        *paths,
+        "-o",
+        tmp_path / "out",
+        "--eval",
+        command,
+        "--metric",
+        "loss",
+        "--recipe",
+        "mean",
+        "--keep-candidates",
+        keep,
+    )
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in keep.iterdir()) == ["last-1", "mean"]
+    assert read_output(keep / "mean").keys() == read_output(tmp_path / "out").keys()
+    for name, tensor in read_output(keep / "mean").items():
+        assert torch.equal(tensor, read_output(tmp_path / "out")[name])  # the winner is the kept candidate's weights
+    assert json.loads((keep / "mean" / "ckptavg.json").read_text())["sweep"]["candidate"] == "mean"
+    inside = cli("tune", *paths, "-o", paths[0] / "best", "--eval", command, "--metric", "loss", "--recipe", "mean")
+    assert inside.code == 3 and "ckptavg never writes into an input" in inside.err
+    assert log.read_text().split() == ["last-1", "mean"]  # refused before any evaluation

@@ -131,6 +131,7 @@ class Tuner:
         self.choose, self.soup_asked, self.keep = choose, soup, keep
         self.on_candidate, self.on_progress = on_candidate, on_progress
         self.staging: Path | None = None
+        self.overwrite = False
         self.written = 0
         self.bytes_read = 0
         self.retained: tuple[str, Path] | None = None  # the best eligible candidate's folder, kept for OUT
@@ -149,7 +150,9 @@ class Tuner:
             made["table"], made["alone"] = table, alone
             return table + alone
 
-        planned = sweep_candidates(self.paths, None, choose, replace(self.options, dry_run=True))
+        # With OUT: it is refused here, before any work, when it is an input, inside one, or exists (without
+        # overwrite, or not written by ckptavg).
+        planned = sweep_candidates(self.paths, self.out, choose, replace(self.options, dry_run=True, overwrite=self.overwrite))
         self.bytes_read += planned.bytes_read
         table, alone = made["table"], made["alone"]
         summaries = {s.name: s for s in planned.candidates}
@@ -274,16 +277,16 @@ def best_of(rows: Sequence[CandidateResult], mode: str) -> CandidateResult | Non
 
 def run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -> TuneReport:
     """The whole run (see the module's docstring)."""
-    from ckptavg.output import check_destination, output_lock, remove_leftovers, tmp_name
+    from ckptavg.output import output_lock, remove_leftovers, tmp_name
 
     started = time.perf_counter()
+    tuner.overwrite = overwrite
     report, table, alone = tuner.plan()
     if dry_run or tuner.out is None:
         report.dry_run = True
         report.seconds = time.perf_counter() - started
         return report
     out = tuner.out
-    check_destination(out, overwrite)
     state = TuneState(state_path(out))
     if tuner.keep is not None:
         _make_keep_folder(tuner.keep, [c.name for c in table + alone])
