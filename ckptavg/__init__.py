@@ -44,7 +44,8 @@ if _TYPE_CHECKING:
     from ckptavg.inspection import DiffReport, InspectReport
     from ckptavg.selection import Selection
     from ckptavg.sweeping import SweepReport, sweep
-    from ckptavg.tuning.run import TuneReport, tune
+    from ckptavg.tuning.report import TuneReport
+    from ckptavg.tuning.run import tune
 
 # Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
 _LAZY = {
@@ -52,7 +53,7 @@ _LAZY = {
     "export": "ckptavg.exporting",
     "sweep": "ckptavg.sweeping",
     "tune": "ckptavg.tuning.run",
-    "TuneReport": "ckptavg.tuning.run",
+    "TuneReport": "ckptavg.tuning.report",
     "SweepReport": "ckptavg.sweeping",
     "AverageReport": "ckptavg.averaging",
     "Selection": "ckptavg.selection",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the CLI starts (and --help answers) without importing torch
     from ckptavg.averaging import AverageReport
     from ckptavg.merge.engine import Progress
     from ckptavg.sweeping import SweepReport
-    from ckptavg.tuning.run import CandidateResult, TuneReport
+    from ckptavg.tuning.report import CandidateResult, TuneReport
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -13,90 +13,19 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ckptavg.errors import InputError, OutputError, UsageError, option
 from ckptavg.recipes import Candidate
 from ckptavg.tuning.evaluation import Evaluation
 from ckptavg.tuning.guards import Guard, broken_guards
+from ckptavg.tuning.report import CandidateResult, TuneReport
 from ckptavg.tuning.soup import Soup, better_or_equal, greedy_soup
 from ckptavg.tuning.state import TuneState, evaluation_key, input_identity, state_path
-from ckptavg.version import __version__
 
 SOUP = "greedy-soup"
 CandidateFn = Callable[[list], list[Candidate]]
-
-
-@dataclass
-class CandidateResult:
-    """One row of the table: a candidate, its weights over the inputs, and how it scored."""
-
-    name: str
-    recipe: str
-    inputs: list[str]
-    steps: list[int | None]
-    weights: list[float]
-    metrics: dict[str, float] = field(default_factory=dict)
-    score: float | None = None
-    delta: float | None = None  # score - the baseline's score
-    seconds: float = 0.0
-    failure: str | None = None
-    held_back: list[str] = field(default_factory=list)  # the guards it breaks: it cannot win
-    reused: bool = False  # the score was measured by an earlier, interrupted run
-    baseline: bool = False
-    winner: bool = False
-
-    @property
-    def eligible(self) -> bool:
-        return self.failure is None and self.score is not None and not self.held_back
-
-
-@dataclass
-class TuneReport:
-    """What `tune` did (or, with dry_run, would do); `to_dict()` is the --json document and the `tune` section
-    of the winner's ckptavg.json."""
-
-    inputs: list[dict]
-    order: str
-    metric: str
-    mode: str
-    evaluation: dict
-    candidates: list[CandidateResult]
-    baseline: str
-    winner: str | None = None
-    guards: list[str] = field(default_factory=list)
-    soup: dict | None = None
-    output: str | None = None
-    output_files: list[str] = field(default_factory=list)
-    kept_candidates: str | None = None
-    plot: str | None = None
-    evaluated: int = 0
-    reused: int = 0
-    bytes_read: int = 0
-    seconds: float = 0.0
-    dry_run: bool = False
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    version: str = __version__
-
-    def row(self, name: str) -> CandidateResult:
-        return next(c for c in self.candidates if c.name == name)
-
-    @property
-    def gain(self) -> float | None:
-        """The winner's score minus the baseline's."""
-        return self.row(self.winner).delta if self.winner else None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def record(self) -> dict:
-        """The table as the winner's ckptavg.json keeps it."""
-        keep = ("metric", "mode", "evaluation", "baseline", "winner", "guards", "soup", "inputs", "order")
-        data = {k: v for k, v in self.to_dict().items() if k in keep}
-        data["candidates"] = [asdict(c) for c in self.candidates]
-        return data
 
 
 @dataclass(frozen=True)
@@ -441,13 +370,13 @@ def _publish(tuner: Tuner, report: TuneReport, winner: CandidateResult, candidat
     from ckptavg.output import RECIPE_FILE, staged
 
     assert tuner.out is not None
-    if tuner.retained is not None and tuner.retained[0] == winner.name and tuner.keep is None:
+    if tuner.retained is not None and tuner.retained[0] == winner.name:
         folder = tuner.retained[1]
     else:
         candidate = next(c for c in candidates if c.name == winner.name)
         folder = tuner.write([candidate])[candidate.name]
     with staged(tuner.out, overwrite, is_dir=True, notes=report.notes) as tmp:
-        if tuner.keep is not None:
+        if tuner.keep is not None and folder.parent == tuner.keep:  # a kept candidate stays where it was kept
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
         else:
             for entry in folder.iterdir():
