@@ -58,6 +58,7 @@ def test_tune_with_eval_text_writes_the_winner_and_the_table(lm_run, cli, tmp_pa
     assert rows["last-1"]["score"] == pytest.approx(perplexity(str(paths[-1]), str(held_out), TOKENS)[0], rel=1e-5)
     winner = min(rows.values(), key=lambda c: c["score"])
     assert report["winner"] == winner["name"] and winner["winner"] and sum(c["winner"] for c in rows.values()) == 1
+    assert report["gain"] == winner["delta"] <= 0  # the baseline is a candidate: the winner is never worse
     # OUT holds the winner's weights (the mean of its inputs with its weights), the model files, the table
     expected = _mean([Path(p) for p in winner["inputs"]], winner["weights"])
     written = read_output(out)

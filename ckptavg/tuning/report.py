@@ -68,11 +68,11 @@ class TuneReport:
         return self.row(self.winner).delta if self.winner else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"gain": self.gain}
 
     def record(self) -> dict:
         """The table as the winner's ckptavg.json keeps it."""
-        keep = ("metric", "mode", "evaluation", "baseline", "winner", "guards", "soup", "inputs", "order")
+        keep = ("metric", "mode", "evaluation", "baseline", "winner", "gain", "guards", "soup", "inputs", "order")
         data = {k: v for k, v in self.to_dict().items() if k in keep}
         data["candidates"] = [asdict(c) for c in self.candidates]
         return data
