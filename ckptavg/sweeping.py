@@ -32,13 +32,13 @@ from ckptavg.averaging import (
 )
 from ckptavg.distributed import under_torchrun
 from ckptavg.errors import OutputError, StrictError, UsageError, option
-from ckptavg.formats.base import FILES
+from ckptavg.formats.base import FILES, Checkpoint
 from ckptavg.merge.engine import Engine, ProgressFn, plans_differ, rows_of
 from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.merge.weights import oldest_weight_warning
 from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs
-from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged
+from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, output_layout, staged
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
@@ -186,7 +186,7 @@ def sweep_candidates(
     if under_torchrun() or _in_process_group():
         raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
     paths, out_path = _check_inputs_and_output(paths, out, options)
-    if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+    if out_path is not None and output_layout(out_path, options.out_format)[1]:
         raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
     try:
         inputs = _open_inputs(paths, out_path, options, None)
@@ -222,7 +222,7 @@ def _in_process_group() -> bool:
 
 
 def _plan_candidates(
-    inputs: _Inputs, checkpoints: list, chosen: list[Candidate], options: AverageOptions
+    inputs: _Inputs, checkpoints: list[Checkpoint], chosen: list[Candidate], options: AverageOptions
 ) -> tuple[list[Plan], list[AverageReport]]:
     """Each candidate planned as `average` plans it over its own inputs. Whether the inputs look like one run
     is checked once, with the candidate that reads the most of them."""
@@ -238,7 +238,7 @@ def _plan_candidates(
 
 
 def _sweep_report(
-    checkpoints: list,
+    checkpoints: list[Checkpoint],
     ordered_by: str,
     notes: list[str],
     out_path: Path | None,

@@ -4,6 +4,7 @@ computed here; the inputs are read once whatever the number of candidates."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -257,3 +258,95 @@ def test_torchrun_is_refused(run, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(CkptavgError, match="sweep runs in one process"):
         ckptavg.sweep(paths, tmp_path / "s", recipes=["mean"])
+
+
+# --- every input format average reads ------------------------------------------------------------------------
+
+
+def _step_folders(root: Path, prefix: str) -> list[Path]:
+    return sorted(root.glob(f"{prefix}*"), key=lambda p: int(p.name.removeprefix(prefix)))
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin")))
+
+
+@pytest.mark.parametrize(
+    ("fixture", "prefix", "keywords", "passes"),
+    [
+        ("dcp_fsdp2_ckpts", "step-", {}, 1),
+        ("deepspeed_zero3_ckpts", "global_step", {}, 1),
+        ("lora_plain", "checkpoint-", {"adapter_mode": "params"}, 1),
+        ("lora_plain", "checkpoint-", {"adapter_mode": "exact"}, 3),  # each candidate stacks its own factors
+    ],
+    ids=["dcp", "zero3", "lora-params", "lora-exact"],
+)
+def test_every_format_gives_what_average_writes(request, tmp_path, fixture, prefix, keywords, passes):
+    paths = _step_folders(request.getfixturevalue(fixture), prefix)
+    assert len(paths) >= 3
+    report = ckptavg.sweep(paths, tmp_path / "s", recipes=["mean", "last:2", "ema:0.5"], **keywords)
+    assert report.passes == passes
+    for name, chosen, options in [("mean", paths, {}), ("last-2", paths[-2:], {}), ("ema-0.5", paths, {"ema": 0.5})]:
+        alone = tmp_path / name
+        ckptavg.average(chosen, alone, **options, **keywords)
+        files = _weight_files(alone)
+        assert files and _weight_files(tmp_path / "s" / name) == files
+        for file in files:
+            assert (tmp_path / "s" / name / file).read_bytes() == (alone / file).read_bytes(), (name, file)
+    if passes == 1:
+        assert report.bytes_read == ckptavg.average(paths, tmp_path / "one", **keywords).bytes_read
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["cpu-workers", "staged"])
+def test_engine_runs_k_plans_as_k_runs_would(run, tmp_path, staged):
+    """The engine's two pipelines (CPU fold workers; the staged reader of the CUDA path, run on the CPU) write
+    for each of K plans over overlapping inputs the bytes a run of that plan alone writes."""
+    from ckptavg.checkpoint import LoadOptions, open_checkpoint
+    from ckptavg.merge.plan import output_specs
+    from ckptavg.merge.weights import ema, linear
+
+    paths, _ = run
+    inputs = [open_checkpoint(p, LoadOptions()) for p in paths]
+    plans = [
+        build_plan(inputs, uniform(4)),
+        build_plan(inputs[2:], uniform(2)),
+        build_plan(inputs, linear(4), accum="fp64"),
+        build_plan(inputs[1:], ema(3, 0.7), torch.float32),
+    ]
+
+    def writer(plan, path: Path) -> SafetensorsWriter:
+        return SafetensorsWriter([path], [output_specs(plan)], {"format": "pt"})
+
+    together = [writer(p, tmp_path / f"k{k}.safetensors") for k, p in enumerate(plans)]
+    engine = Engine(plans, torch.device("cpu"), 1 << 20, staged=staged, workers=2)
+    assert len(engine.chunks()) > len(plans[0].entries)  # the big tensor is cut into chunks
+    engine.run(together)
+    for w in together:
+        w.finish()
+    for k, plan in enumerate(plans):
+        alone = writer(plan, tmp_path / f"alone{k}.safetensors")
+        Engine(plan, torch.device("cpu"), staged=staged).run(alone)
+        alone.finish()
+        assert (tmp_path / f"k{k}.safetensors").read_bytes() == (tmp_path / f"alone{k}.safetensors").read_bytes(), k
+    assert engine.bytes_read == plans[0].read_bytes  # inputs[2:] and inputs[1:] are read with the mean's, once
+
+
+def test_progress_shows_the_pass_and_the_candidates(run, tmp_path):
+    from rich.console import Console
+
+    from ckptavg.render import ProgressDisplay
+
+    paths, _ = run
+    display = ProgressDisplay(enabled=True, console=Console(file=io.StringIO(), force_terminal=False))
+    seen = []
+    report = ckptavg.sweep(
+        paths,
+        tmp_path / "s",
+        recipes=["mean", "last:2"],
+        on_plan=display.on_plan,
+        on_progress=lambda p: seen.append((p.bytes_done, p.bytes_total)) or display.update(p),
+    )
+    assert display.verb == "sweeping"
+    assert display.plan.startswith("4 inputs (steps 100..500), 2 candidates (mean, last-2), one read, ")
+    assert seen[-1] == (report.bytes_read, report.bytes_to_read)
+    assert display.status_text().startswith("sweeping 100%")

@@ -156,21 +156,21 @@ def rows_of(plans: Sequence[Plan]) -> list[Row]:
 
 def plans_differ(plans: Sequence[Plan]) -> str | None:
     """Why these plans cannot be run in one pass (None when they can): each must list the same output tensors in
-    the same order, each of the same length and input dtype, copied or folded, tied alike."""
+    the same order, each of the same length and input dtype, copied or folded, tied alike (their output and
+    accumulator dtypes may differ)."""
     first = plans[0]
     for plan in plans[1:]:
         if len(plan.entries) != len(first.entries):
             return f"{len(plan.entries)} output tensors, the first plan has {len(first.entries)}"
         for a, b in zip(first.entries, plan.entries):
-            if (a.name, a.numel, a.input_dtype, a.dtype, a.alias_of, a.weights is None) != (
+            if (a.name, a.numel, a.input_dtype, a.alias_of, a.weights is None) != (
                 b.name,
                 b.numel,
                 b.input_dtype,
-                b.dtype,
                 b.alias_of,
                 b.weights is None,
             ):
-                return f"tensor {b.name} is not made as {a.name} is in the first plan"
+                return f"tensor {b.name} (in plan order) differs from the first plan's {a.name} in length, dtype, copy or tie"
     return None
 
 
