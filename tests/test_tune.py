@@ -338,3 +338,26 @@ def test_keep_candidates_keeps_every_folder_scored(lm_run, cli, tmp_path, script
     inside = cli("tune", *paths, "-o", paths[0] / "best", "--eval", command, "--metric", "loss", "--recipe", "mean")
     assert inside.code == 3 and "ckptavg never writes into an input" in inside.err
     assert log.read_text().split() == ["last-1", "mean"]  # refused before any evaluation
+
+
+def test_sigterm_during_an_evaluation_ends_it_and_keeps_the_scores(lm_run, tmp_path, scripted, monkeypatch):
+    run, _ = lm_run
+    pids = tmp_path / "pids"
+    command, log = scripted({"last-1": {"loss": 3.0}, "mean": "hang"})
+    out = tmp_path / "out"
+    env = dict(os.environ, TUNE_PIDS=str(pids), PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "ckptavg", "tune", *map(str, _checkpoints(run)[-2:]), "-o", str(out), "--eval", command]
+    tune = subprocess.Popen([*args, "--metric", "loss", "--recipe", "mean"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tune.send_signal(signal.SIGTERM)
+    try:
+        _, err = tune.communicate(timeout=60)
+    finally:
+        tune.kill()  # a tune that did not stop is not left running
+    assert tune.returncode == 143, err
+    for pid in map(int, pids.read_text().split()):  # the evaluation and the child it started are gone
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    assert not out.exists() and not (tmp_path / ".out.tune.ckptavg-partial").exists()
+    assert len(json.loads((tmp_path / ".out.ckptavg-tune.json").read_text())["scores"]) == 1  # last-1's, for a rerun

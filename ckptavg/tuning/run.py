@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ckptavg.errors import InputError, OutputError, UsageError, option
 from ckptavg.recipes import Candidate
+from ckptavg.signals import steps_of_a_longer_run
 from ckptavg.tuning.evaluation import Evaluation
 from ckptavg.tuning.guards import Guard, broken_guards
 from ckptavg.tuning.report import CandidateResult, TuneReport
@@ -132,13 +133,14 @@ class Tuner:
         assert self.staging is not None
         self.written += 1
         folder = self.staging / f"write-{self.written}"
-        report = sweep_candidates(
-            self.paths,
-            folder,
-            lambda steps: list(chosen),
-            replace(self.options, dry_run=False, overwrite=False),
-            self.on_progress,
-        )
+        with steps_of_a_longer_run():  # the run succeeds when the winner is in OUT, not when a candidate is written
+            report = sweep_candidates(
+                self.paths,
+                folder,
+                lambda steps: list(chosen),
+                replace(self.options, dry_run=False, overwrite=False),
+                on_progress,
+            )
         self.bytes_read += report.bytes_read
         return {c.name: Path(c.output) for c in report.candidates if c.output}
 
