@@ -838,42 +838,34 @@ def select(
     """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():  # under torchrun, rank 0 alone reads and prints
         return
-    from ckptavg.checkpoint import LoadOptions
+    import ckptavg
     from ckptavg.errors import InputError
-    from ckptavg.inspection import first_nonfinite
-    from ckptavg.selection import Policy, gather, token_count
-    from ckptavg.selection import select as choose
 
     if max_step is not None and max_step != "best" and not max_step.isdigit():
         raise UsageError(None, f"--max-step takes a step or 'best', not {max_step!r}")
     if print0 and json_output:
         raise UsageError(None, "--print0 and --json: choose one (--json lists the paths in JSON)")
-    policy = Policy(
-        last=last,
-        top_k=top_k,
-        metric=metric,
-        mode=mode,
-        every=every,
-        min_step=min_step,
-        max_step=int(max_step) if max_step and max_step.isdigit() else max_step,
-        after_warmup=after_warmup,
-        skip_nonfinite=skip_nonfinite,
-        skip_spikes=skip_spikes,
-        spike_k=spike_k,
-        window_steps=window_steps,
-        window_tokens=token_count(window_tokens),
-        min_interval=min_interval,
-    )
-    policy.check()
-    options = LoadOptions(key=key)
     display = ProgressDisplay(enabled=not quiet, inputs=len(inputs))
     with display.running():
-        candidates = gather(inputs, metrics_file, options)
-        selection = choose(
-            candidates,
-            policy,
+        selection = ckptavg.select(
+            inputs,
+            last=last,
+            top_k=top_k,
+            metric=metric,
+            mode=mode,
+            every=every,
+            min_step=min_step,
+            max_step=int(max_step) if max_step and max_step.isdigit() else max_step,
+            after_warmup=after_warmup,
+            skip_nonfinite=skip_nonfinite,
+            skip_spikes=skip_spikes,
+            spike_k=spike_k,
+            window_steps=window_steps,
+            window_tokens=window_tokens,
+            min_interval=min_interval,
+            metrics_file=metrics_file,
+            key=key,
             on_progress=display.update,
-            has_nonfinite=lambda c, on_bytes=None: first_nonfinite(Path(c.path), options, on_bytes),
         )
     print_selection(selection, quiet, json_output=json_output, invert=invert)
     if json_output:
@@ -972,15 +964,10 @@ def inspect(
     """  # noqa: E501  (one line per paragraph: typer keeps the line breaks)
     if follower():
         return
-    from ckptavg.checkpoint import LoadOptions
+    import ckptavg
     from ckptavg.errors import InputError
-    from ckptavg.inspection import diff_checkpoints, diff_problems, inspect_checkpoint
+    from ckptavg.inspection import diff_problems
 
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UsageError(None, f"--filter {pattern!r}: not a valid regular expression ({e})") from e
     asked = (
         ("--fail-if-different", fail_if_different),
         ("--max-rel-l2", max_rel_l2 is not None),
@@ -993,11 +980,11 @@ def inspect(
         raise UsageError(None, f"--max-rel-l2 {max_rel_l2:g}: expected a number >= 0")
     if min_cosine is not None and not -1 <= min_cosine <= 1:
         raise UsageError(None, f"--min-cosine {min_cosine:g}: expected a number in [-1, 1]")
-    options = LoadOptions(key=key, use_ema=use_ema, strip_prefixes=tuple(strip_prefix or ()))
+    where = {"key": key, "use_ema": use_ema, "strip_prefixes": tuple(strip_prefix or ())}
     display = ProgressDisplay(enabled=not quiet, inputs=1 if diff is None else 2)
     if diff is not None:
         with display.running():
-            report = diff_checkpoints(path, diff, options, pattern, on_progress=display.update)
+            report = ckptavg.diff(path, diff, pattern=pattern, on_progress=display.update, **where)
         if json_output:
             print_json(report.to_dict())
         elif not quiet:
@@ -1007,7 +994,7 @@ def inspect(
             raise InputError(None, f"{report.a} vs {report.b}: {'; '.join(problems)}")
         return
     with display.running() if check else contextlib.nullcontext():
-        report = inspect_checkpoint(path, options, tensors=tensors, pattern=pattern, check=check, on_progress=display.update)
+        report = ckptavg.inspect(path, tensors=tensors, pattern=pattern, check=check, on_progress=display.update, **where)
     if json_output:
         print_json(report.to_dict())
     elif not quiet:
