@@ -22,6 +22,7 @@ __all__ = [
     "InspectReport",
     "Selection",
     "SweepReport",
+    "TuneReport",
     "__version__",
     "average",
     "diff",
@@ -29,6 +30,7 @@ __all__ = [
     "inspect",
     "select",
     "sweep",
+    "tune",
 ]
 
 if _TYPE_CHECKING:
@@ -42,12 +44,16 @@ if _TYPE_CHECKING:
     from ckptavg.inspection import DiffReport, InspectReport
     from ckptavg.selection import Selection
     from ckptavg.sweeping import SweepReport, sweep
+    from ckptavg.tuning.report import TuneReport
+    from ckptavg.tuning.run import tune
 
 # Imported on first use, so that `import ckptavg` (and `ckptavg --help`) loads no torch.
 _LAZY = {
     "average": "ckptavg.averaging",
     "export": "ckptavg.exporting",
     "sweep": "ckptavg.sweeping",
+    "tune": "ckptavg.tuning.run",
+    "TuneReport": "ckptavg.tuning.report",
     "SweepReport": "ckptavg.sweeping",
     "AverageReport": "ckptavg.averaging",
     "Selection": "ckptavg.selection",

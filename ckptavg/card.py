@@ -96,6 +96,8 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
             "ckptavg.json)"
         )
     lines.append(f"- ckptavg {recipe.get('version')}, {recipe.get('created')}")
+    if recipe.get("tune"):
+        lines += tune_section(recipe["tune"])
     lines += [
         "",
         "Command:",
@@ -110,6 +112,41 @@ def card_body(recipe: dict[str, Any], name: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def tune_section(tune: dict[str, Any]) -> list[str]:
+    """The table of `ckptavg tune` that chose these weights: every candidate, its score and delta to the baseline."""
+    evaluation = tune.get("evaluation") or {}
+    how = (
+        f"`{evaluation['command']}`"
+        if "command" in evaluation
+        else f"perplexity on `{evaluation.get('text')}` ({evaluation.get('tokens')} tokens at most)"
+    )
+    better = "lower is better" if tune.get("mode") == "min" else "higher is better"
+    lines = [
+        "",
+        "## Chosen by evaluation",
+        "",
+        f"`ckptavg tune` scored each candidate with {how}: {tune.get('metric')}, {better}. The baseline is "
+        f"{tune.get('baseline')}; the winner, marked, is this model.",
+        "",
+        f"| | Candidate | Recipe | {tune.get('metric')} | vs baseline | Note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in tune.get("candidates", []):
+        score = "" if c.get("score") is None else f"{c['score']:.6g}"
+        delta = "baseline" if c.get("baseline") else "" if c.get("delta") is None else f"{c['delta']:+.4g}"
+        note = f"failed: {c['failure']}" if c.get("failure") else "; ".join(c.get("held_back") or [])
+        mark = "**winner**" if c.get("winner") else ""
+        lines.append(f"| {mark} | {_cell(c.get('name'))} | {_cell(c.get('recipe'))} | {score} | {delta} | {_cell(note)} |")
+    soup = tune.get("soup") or {}
+    if soup.get("order"):
+        kept = set(soup.get("kept", []))
+        tried = ", ".join(f"{s}{'' if s in kept else ' (left out)'}" for s in soup["order"])
+        lines += ["", f"Greedy soup, inputs tried best first: {tried}."]
+    if tune.get("guards"):
+        lines += ["", f"Guards: {', '.join(tune['guards'])}."]
+    return lines
+
+
 def command_line(recipe: dict[str, Any]) -> str:
     """The command line when run as `ckptavg` (or `python -m ckptavg`), else the Python call that made it."""
     argv = list(sys.argv)
@@ -117,7 +154,7 @@ def command_line(recipe: dict[str, Any]) -> str:
     if program.name == "ckptavg" or (program.name == "__main__.py" and program.parent.name == "ckptavg"):
         return shlex.join(["ckptavg", *argv[1:]])
     paths = [i.get("path") for i in recipe.get("inputs", [])]
-    function = "export" if recipe.get("strategy") == "export" else "average"
+    function = "export" if recipe.get("strategy") == "export" else "tune" if recipe.get("tune") else "average"
     first = repr(paths[0]) if function == "export" and paths else repr(paths)
     return f"# from Python (the options are in ckptavg.json)\nckptavg.{function}({first}, ...)"
 

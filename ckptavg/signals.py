@@ -27,3 +27,15 @@ def committing() -> Iterator[None]:
         if not (committed and keep_ignored_after_commit):
             for s, handler in previous:
                 signal.signal(s, handler)
+
+
+@contextmanager
+def steps_of_a_longer_run() -> Iterator[None]:
+    """Within the block an output renamed into place is a step of a longer run (`tune`'s candidates), not its
+    end: the stop signals are restored after each such rename, so that Ctrl-C or SIGTERM still stops the run."""
+    global keep_ignored_after_commit
+    before, keep_ignored_after_commit = keep_ignored_after_commit, False
+    try:
+        yield
+    finally:
+        keep_ignored_after_commit = before

@@ -144,7 +144,6 @@ def sweep(
     Raises:
         CkptavgError: bad inputs, options or recipes (UsageError), unwritable output (OutputError).
     """
-    started = time.perf_counter()
     asked = parse_recipes(recipes)
     paths = _check_paths(paths, out, base)
     options = AverageOptions(
@@ -169,6 +168,21 @@ def sweep(
         adapter_rank=adapter_rank,
         requantize=requantize,
     ).check()
+    return sweep_candidates(paths, out, lambda steps: candidates(asked, steps), options, on_progress, on_plan)
+
+
+def sweep_candidates(
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike | None,
+    choose: Callable[[list[int | None]], list[Candidate]],
+    options: AverageOptions,
+    on_progress: ProgressFn | None = None,
+    on_plan: Callable[[SweepReport], None] | None = None,
+) -> SweepReport:
+    """`sweep` with its options checked and the candidates given by `choose`, called with the training step of
+    each ordered input (oldest first; None where unknown) once the inputs are open: another command's own
+    candidates (`tune` asks for windows the recipe grammar does not spell) written the same way, from one read."""
+    started = time.perf_counter()
     if under_torchrun() or _in_process_group():
         raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
     paths, out_path = _check_inputs_and_output(paths, out, options)
@@ -177,7 +191,7 @@ def sweep(
     try:
         inputs = _open_inputs(paths, out_path, options, None)
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
-        chosen = candidates(asked, [c.step for c in checkpoints])
+        chosen = choose([c.step for c in checkpoints])
         plans, reports = _plan_candidates(inputs, checkpoints, chosen, options)
         report = _sweep_report(checkpoints, ordered_by, notes, out_path, chosen, plans, reports, inputs)
         report.dry_run = options.dry_run

@@ -473,3 +473,16 @@ def deepspeed_2rank_zero3_bf16_ckpts(_deepspeed_2rank_runs):
     """ZeRO-3, 2 ranks, bf16: zero_pp_rank_{0,1}_mp_rank_00_model_states.pt +
     bf16_zero_pp_rank_{0,1}_mp_rank_00_optim_states.pt."""
     return _deepspeed_2rank_runs["zero3_bf16"]
+
+
+# A real Trainer run of a tiny causal LM with its tokenizer, and held-out text (tests/tune_runs.py), for `tune`.
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory):
+    """(run folder with checkpoint-12 ... checkpoint-144, held-out .txt file)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from tune_runs import tiny_lm_run
+
+    return tiny_lm_run(tmp_path_factory.mktemp("lm") / "run")

@@ -23,7 +23,7 @@ from ckptavg.inspection import inspect_checkpoint
 from ckptavg.selection import Policy
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-COMMANDS = ("average", "select", "inspect", "export")
+COMMANDS = ("average", "select", "inspect", "export", "tune")
 
 
 def entry_point(*args: object, columns: int | None = None) -> subprocess.CompletedProcess:

@@ -30,6 +30,8 @@ PUBLIC = {
     "diff",
     "sweep",
     "SweepReport",
+    "tune",
+    "TuneReport",
     "AverageReport",
     "Selection",
     "InspectReport",
@@ -66,7 +68,7 @@ def test_public_names_are_the_api_and_nothing_else():
     assert others - PUBLIC <= {
         "annotations"
     }  # the __future__ import; submodules (ckptavg.errors, ...) are attributes once imported
-    for function in (ckptavg.select, ckptavg.inspect, ckptavg.diff, ckptavg.average, ckptavg.export):
+    for function in (ckptavg.select, ckptavg.inspect, ckptavg.diff, ckptavg.average, ckptavg.export, ckptavg.tune):
         assert function.__doc__ and "Returns" in function.__doc__
 
 
