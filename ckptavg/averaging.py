@@ -235,9 +235,6 @@ def average(
     Raises:
         CkptavgError: bad inputs (InputError...), bad options (UsageError), unwritable output (OutputError).
     """
-    started = time.perf_counter()
-    # Every option's value first, before any input is opened or the output looked at.
-    paths = _check_paths(paths, out, base)
     options = AverageOptions(
         weights=weights,
         ema=ema,
@@ -265,7 +262,24 @@ def average(
         rank_timeout=rank_timeout,
         requantize=requantize,
         training_state=training_state,
-    ).check()
+    )
+    return average_with(paths, out, options, on_progress=on_progress, on_plan=on_plan, make_weights=make_weights)
+
+
+def average_with(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None,
+    options: AverageOptions,
+    *,
+    on_progress: ProgressFn | None = None,
+    on_plan: Callable[[AverageReport], None] | None = None,
+    make_weights: Callable[[int], Weights] | None = None,
+) -> AverageReport:
+    """`average` with its options as one object, as the command line builds them: each value checked first
+    (before any input is opened or the output looked at), then open the inputs → plan → write."""
+    started = time.perf_counter()
+    paths = _check_paths(paths, out, options.base)
+    options = options.check()
     paths, out_path = _check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
     leader = world is None or world.leader

@@ -161,10 +161,7 @@ RankTimeoutOpt = Annotated[
     typer.Option(
         "--rank-timeout",
         metavar="SECONDS",
-        help=(
-            "Under torchrun: a rank that shows no sign of life for this long (killed, its node down) fails the whole job, "
-            "naming it."
-        ),
+        help=("Under torchrun: a rank silent this long (killed, node down) fails the job, naming it."),
     ),
 ]
 RequantizeOpt = Annotated[
@@ -172,9 +169,8 @@ RequantizeOpt = Annotated[
     typer.Option(
         "--requantize",
         help=(
-            "FP8 inputs (read as their values, code x scale): write the output in their scheme again (same dtype, block size "
-            "and scale names; each new scale = the block's absolute maximum / the format's max) instead of the exact mean in "
-            "--dtype (bf16 by default)."
+            "FP8 inputs: write the output in their own scheme again (dtype, block size, scale names; scales from each "
+            "block's absolute maximum) instead of the exact mean in --dtype (bf16 by default)."
         ),
     ),
 ]
@@ -366,42 +362,43 @@ def average(
 
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
-    average_checkpoints = _deferred("ckptavg.averaging", "average")
     pushed = _push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
+    def run(**callbacks: Any) -> Any:
+        from ckptavg.averaging import average_with  # imported under the progress display: torch takes a while
+        from ckptavg.options import AverageOptions
+
+        options = AverageOptions(
+            weights=weights,
+            ema=ema,
+            ema_half_life=ema_half_life,
+            ema_sigma_rel=ema_sigma_rel,
+            order=order,
+            dtype=dtype,
+            accum=accum_dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            key=key,
+            use_ema=use_ema,
+            strip_prefixes=strip_prefix or (),
+            overwrite=overwrite,
+            dry_run=dry_run,
+            out_format=out_format,
+            memory_budget=memory_budget,
+            fsync=not no_fsync,
+            verify=verify,
+            strict=strict,
+            adapter_mode=adapter_mode,
+            base=base,
+            adapter_rank=adapter_rank,
+            rank_timeout=rank_timeout,
+            requantize=requantize,
+            training_state=training_state,
+        )
+        return pushed(average_with(inputs, output, options, **callbacks))
+
     _run_and_render(
-        lambda **callbacks: pushed(
-            average_checkpoints(
-                inputs,
-                output,
-                weights=weights,
-                ema=ema,
-                ema_half_life=ema_half_life,
-                ema_sigma_rel=ema_sigma_rel,
-                strict=strict,
-                order=order,
-                adapter_mode=adapter_mode,
-                base=base,
-                adapter_rank=adapter_rank,
-                dtype=dtype,
-                accum=accum_dtype,
-                device=device,
-                max_shard_size=max_shard_size,
-                key=key,
-                use_ema=use_ema,
-                strip_prefixes=strip_prefix or (),
-                overwrite=overwrite,
-                dry_run=dry_run,
-                memory_budget=memory_budget,
-                fsync=not no_fsync,
-                verify=verify,
-                rank_timeout=rank_timeout,
-                requantize=requantize,
-                out_format=out_format,
-                training_state=training_state,
-                **callbacks,
-            )
-        ),
+        run,
         print_summary,
         json_output,
         quiet,
