@@ -518,96 +518,140 @@ def select(
     policy = replace(policy, mode=mode)
     ordered = sorted((c for c in candidates if c.ignored is None), key=lambda c: c.step)  # type: ignore[arg-type, return-value]
     ignored = [c for c in candidates if c.ignored is not None]
-    pool = list(ordered)
-    notes: list[str] = [mode_note] if mode_note else []
+    pool = _Pool(list(ordered), [mode_note] if mode_note else [])
     if any(c.step_source == EPOCH_AS_STEP for c in ordered):
-        notes.append(
+        pool.notes.append(
             f"ordered by epoch: no candidate has a step ({option('min_step')}, {option('max_step')}, {option('every')}, "
             f"{option('window_steps')} and {option('min_interval')} count epochs)"
         )
+    _filter_steps(pool, policy, ordered)
+    _filter_windows(pool, policy)
+    metric = policy.metric
+    if metric:
+        for c in pool.candidates:
+            if c.rank_value(metric) is None:
+                c.why.append(f"no {metric}" + (" (NaN)" if c.metric(metric) is not None else ""))
+    if policy.skip_spikes:
+        _drop_spikes(pool, policy, ordered)
+    if policy.min_interval is not None:
+        after = _kept_at_intervals(pool.candidates, policy.min_interval)
+        pool.drop(
+            lambda c: after[id(c)] is None,
+            lambda c: f"within {option('min_interval', policy.min_interval)} of step {after[id(c)]}, which is kept",
+        )
+    if policy.skip_nonfinite and has_nonfinite is not None:
+        _drop_nonfinite(pool, policy, has_nonfinite, on_progress)
+    _choose(pool, policy)
+    _keep_back([c for c in ordered if c.ignored is None], metric)
+    hint = (
+        metric_hint(candidates, metric)
+        if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None)
+        else None
+    )
+    if hint:
+        pool.notes.append(hint)
+    return Selection(candidates=ordered + ignored, policy=policy, notes=pool.notes, metric_hint=hint, mode_source=mode_source)
 
-    def drop(keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str], flag: str | None = None) -> None:
-        nonlocal pool
-        for c in pool:
+
+@dataclass
+class _Pool:
+    """The candidates still in the running (in step order), and the notes for stderr said on the way."""
+
+    candidates: list[Candidate]
+    notes: list[str]
+
+    def drop(self, keep: Callable[[Candidate], bool], reason: Callable[[Candidate], str], said_by: str | None = None) -> None:
+        """Drop the candidates `keep` refuses, each with its reason (and a note naming `said_by`, when given)."""
+        for c in self.candidates:
             if not keep(c):
                 c.why.append(reason(c))
-                if flag:
-                    notes.append(f"{flag} dropped {c.path}: {reason(c)}")
-        pool = [c for c in pool if keep(c)]
+                if said_by:
+                    self.notes.append(f"{said_by} dropped {c.path}: {reason(c)}")
+        self.candidates = [c for c in self.candidates if keep(c)]
 
+
+def _filter_steps(pool: _Pool, policy: Policy, ordered: list[Candidate]) -> None:
+    """min_step, max_step, after_warmup (a fraction of the newest step) and every."""
     if policy.min_step is not None:
-        drop(lambda c: c.step >= policy.min_step, lambda c: f"before {option('min_step', policy.min_step)}")
+        pool.drop(lambda c: c.step >= policy.min_step, lambda c: f"before {option('min_step', policy.min_step)}")
     if isinstance(policy.max_step, int):
-        drop(lambda c: c.step <= policy.max_step, lambda c: f"after {option('max_step', policy.max_step)}")
+        pool.drop(lambda c: c.step <= policy.max_step, lambda c: f"after {option('max_step', policy.max_step)}")
     if policy.after_warmup is not None and ordered:
-        start = policy.after_warmup * max(c.step for c in ordered)
-        drop(lambda c: c.step >= start, lambda c: f"in the first {policy.after_warmup:.0%} of the run (step < {start:g})")
+        start = policy.after_warmup * max(c.step for c in ordered)  # type: ignore[type-var]
+        pool.drop(lambda c: c.step >= start, lambda c: f"in the first {policy.after_warmup:.0%} of the run (step < {start:g})")
     if policy.every is not None:
-        drop(lambda c: c.step % policy.every == 0, lambda c: f"step not a multiple of {option('every', policy.every)}")
-    if policy.window_steps is not None and pool:
-        newest_step = pool[-1].step
-        drop(
+        pool.drop(lambda c: c.step % policy.every == 0, lambda c: f"step not a multiple of {option('every', policy.every)}")
+
+
+def _filter_windows(pool: _Pool, policy: Policy) -> None:
+    """window_steps and window_tokens: within that distance of the newest candidate left (the boundary included)."""
+    if policy.window_steps is not None and pool.candidates:
+        newest_step = pool.candidates[-1].step
+        pool.drop(
             lambda c: newest_step - c.step <= policy.window_steps,
             lambda c: f"outside {option('window_steps', policy.window_steps)} of step {newest_step}",
         )
-    if policy.window_tokens is not None and pool:
-        newest, newest_tokens = pool[-1], _tokens_of(pool, policy.window_tokens)[-1]
-        drop(
+    if policy.window_tokens is not None and pool.candidates:
+        newest, newest_tokens = pool.candidates[-1], _tokens_of(pool.candidates, policy.window_tokens)[-1]
+        pool.drop(
             lambda c: newest_tokens - c.tokens <= policy.window_tokens,
             lambda c: (
                 f"outside {option('window_tokens', format_tokens(policy.window_tokens))} of {format_tokens(newest_tokens)} "
                 f"tokens (step {newest.step}): at {format_tokens(c.tokens)}"
             ),
         )
+
+
+def _drop_spikes(pool: _Pool, policy: Policy, ordered: list[Candidate]) -> None:
+    """The candidates whose metric jumps beyond its neighbours' median + k x MAD (judged over every readable one)."""
     metric = policy.metric
-    if metric:
-        for c in pool:
-            if c.rank_value(metric) is None:
-                c.why.append(f"no {metric}" + (" (NaN)" if c.metric(metric) is not None else ""))
-    if policy.skip_spikes:
-        readable = [c for c in ordered if c.ignored is None]
-        judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
-        if len(judged) < SPIKE_MIN_VALUES:
-            notes.append(
-                f"{option('skip_spikes', True)}: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are "
-                "needed to judge spikes; none dropped"
-            )
-        found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
-        spikes = dict(zip(map(id, readable), found))
-        shown = _like([c.rank_value(metric) for c in judged])
-        drop(
-            lambda c: spikes[id(c)] is None,
-            lambda c: (
-                f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + "
-                f"{policy.spike_k:g} x MAD)"
-            ),
-            option("skip_spikes", True),
+    readable = [c for c in ordered if c.ignored is None]
+    judged = [c for c in readable if c.rank_value(metric) is not None and math.isfinite(c.rank_value(metric))]
+    if len(judged) < SPIKE_MIN_VALUES:
+        pool.notes.append(
+            f"{option('skip_spikes', True)}: {len(judged)} checkpoint(s) with a finite {metric}, {SPIKE_MIN_VALUES} are "
+            "needed to judge spikes; none dropped"
         )
-    if policy.min_interval is not None:
-        after = _kept_at_intervals(pool, policy.min_interval)
-        drop(
-            lambda c: after[id(c)] is None,
-            lambda c: f"within {option('min_interval', policy.min_interval)} of step {after[id(c)]}, which is kept",
+    found = find_spikes([c.rank_value(metric) for c in readable], policy.spike_k, policy.spike_window, policy.mode)
+    spikes = dict(zip(map(id, readable), found))
+    shown = _like([c.rank_value(metric) for c in judged])
+    pool.drop(
+        lambda c: spikes[id(c)] is None,
+        lambda c: (
+            f"{metric} spike: {spikes[id(c)][0]:g} beyond {shown(spikes[id(c)][1])} (neighbours' median + "
+            f"{policy.spike_k:g} x MAD)"
+        ),
+        option("skip_spikes", True),
+    )
+
+
+def _drop_nonfinite(
+    pool: _Pool, policy: Policy, has_nonfinite: Callable[..., str | None], on_progress: Callable[[Any], None] | None
+) -> None:
+    """The candidates holding NaN or Inf, read lazily: only those that could be chosen (see `select`)."""
+    scan = _Scan(has_nonfinite, on_progress)
+    scan.settle(pool.candidates, policy)
+    pool.candidates = [c for c in pool.candidates if c.ignored is None]
+    pool.drop(
+        lambda c: scan.problems.get(id(c)) is None,
+        lambda c: f"non-finite: {scan.problems[id(c)]}",
+        option("skip_nonfinite", True),
+    )
+    unread = [c for c in pool.candidates if id(c) not in scan.problems]
+    if unread:
+        read = len(scan.problems)
+        pool.notes.append(
+            f"{option('skip_nonfinite', True)} read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
+            "the others were not read for NaN/Inf"
         )
-    if policy.skip_nonfinite and has_nonfinite is not None:
-        scan = _Scan(has_nonfinite, on_progress)
-        scan.settle(pool, policy)
-        pool = [c for c in pool if c.ignored is None]
-        drop(
-            lambda c: scan.problems.get(id(c)) is None,
-            lambda c: f"non-finite: {scan.problems[id(c)]}",
-            option("skip_nonfinite", True),
-        )
-        unread = [c for c in pool if id(c) not in scan.problems]
-        if unread:
-            read = len(scan.problems)
-            notes.append(
-                f"{option('skip_nonfinite', True)} read {read} of {read + len(unread)} checkpoints, those that could be chosen; "
-                "the others were not read for NaN/Inf"
-            )
-    best, _, top, last = _pick(pool, policy)
+
+
+def _choose(pool: _Pool, policy: Policy) -> None:
+    """Mark what the selectors take from the pool (the top-k, the last N, or all of it), each with why."""
+    metric = policy.metric
+    best, _, top, last = _pick(pool.candidates, policy)
     if best is not None:
-        drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
+        pool.drop(lambda c: c.step <= best.step, lambda c: f"after the best {metric} (step {best.step})")
     chosen: list[Candidate] = []
     for rank, c in enumerate(top, 1):
         c.why.append(f"top-{policy.top_k} by {metric} (#{rank})")
@@ -616,24 +660,15 @@ def select(
         c.why.append(f"among the last {policy.last}")
         chosen.append(c)
     if policy.top_k is None and policy.last is None:
-        for c in pool:
+        for c in pool.candidates:
             c.why.append("passes the filters")
             chosen.append(c)
     for c in chosen:
         c.chosen = True
     selectors = [f"the last {policy.last}" if policy.last else "", f"the top-{policy.top_k} by {metric}" if policy.top_k else ""]
-    for c in pool:
+    for c in pool.candidates:
         if not c.chosen:
             c.why.append("not among " + " or ".join(s for s in selectors if s))
-    _keep_back([c for c in ordered if c.ignored is None], metric)
-    hint = (
-        metric_hint(candidates, metric)
-        if metric and not any(c.rank_value(metric) is not None for c in ordered if c.ignored is None)
-        else None
-    )
-    if hint:
-        notes.append(hint)
-    return Selection(candidates=ordered + ignored, policy=policy, notes=notes, metric_hint=hint, mode_source=mode_source)
 
 
 def token_count(value: object) -> int | None:

@@ -119,7 +119,7 @@ def main() -> None:
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 params = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
-                functions.append((node.end_lineno - node.lineno + 1, params, f"{name}.{node.name}"))
+                functions.append((node.end_lineno - node.lineno + 1, params, f"{name}.{node.name}", name))
         if path.name not in COMMAND_LINE:
             flags += len(flag_texts(ast.parse(text)))
     print(f"largest module: {max(sizes)[1]} ({max(sizes)[0]} lines)")
@@ -127,6 +127,13 @@ def main() -> None:
     print(f"longest function: {longest[2]} ({longest[0]} lines, {longest[1]} parameters)")
     most = max(functions, key=lambda f: f[1])
     print(f"most parameters: {most[2]} ({most[1]})")
+    # Internal: neither a command (its flags are its parameters) nor the public API (its keywords): the functions of
+    # ckptavg/__init__.py and those it loads by name (_LAZY).
+    lazy = ast.literal_eval(re.search(r"_LAZY = (\{.*?\})", (root / "__init__.py").read_text(), re.S).group(1))
+    public = {f"{module}.{name}" for name, module in lazy.items()}
+    internal = [f for f in functions if f[3] not in (root.name, f"{root.name}.cli") and f[2] not in public]
+    longest, most = max(internal), max(internal, key=lambda f: f[1])
+    print(f"internal: longest function {longest[2]} ({longest[0]} lines), most parameters {most[2]} ({most[1]})")
     print(f"strings phrasing a --flag outside the command line ({', '.join(COMMAND_LINE)}): {flags}")
     found = cycles(import_graph(root))
     print(f"import cycles: {len(found)}" + "".join(f"\n  {' -> '.join(c)}" for c in found))
