@@ -280,7 +280,7 @@ def average_with(
     started = time.perf_counter()
     paths = _check_paths(paths, out, options.base)
     options = options.check()
-    paths, out_path = _check_inputs_and_output(paths, out, options)
+    paths, out_path, layout = _check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
     leader = world is None or world.leader
     agreed = False
@@ -298,7 +298,9 @@ def average_with(
             report.peak_rss_bytes = peak_rss()
             return report
         assert out_path is not None
-        report.bytes_read = _write_output(plan, report, out_path, options.write_options(inputs.device), on_progress, world)
+        assert layout is not None
+        write_options = options.write_options(inputs.device)
+        report.bytes_read = _write_output(plan, report, out_path, layout, write_options, on_progress, world)
         report.output_disk_bytes = disk_size(out_path) if leader else 0
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
@@ -343,24 +345,25 @@ def _check_paths(paths: object, out: object, base: object) -> list[str | os.Path
 
 def _check_inputs_and_output(
     paths: list[str | os.PathLike], out: str | os.PathLike | None, options: AverageOptions
-) -> tuple[list[str | os.PathLike], Path | None]:
-    """The inputs, any pattern no shell expanded (run/checkpoint-*) expanded, and the output's name, before
-    either is opened."""
+) -> tuple[list[str | os.PathLike], Path | None, tuple[str, bool] | None]:
+    """The inputs, any pattern no shell expanded (run/checkpoint-*) expanded, the output's name and its layout
+    (kind, one file?: decided here once, from the name and the format asked for), before either is opened."""
     paths = expand(paths)
     if not paths:
         raise UsageError(None, "no inputs given")
     out_path = Path(out) if out is not None else None
     if out_path is None and not options.dry_run:
         raise UsageError(None, f"no output given: pass {option('out', 'OUT')} (or {option('dry_run', True)})")
-    if out_path is not None:
-        if output_layout(out_path, options.out_format)[1] and options.max_shard_size is not None:
+    layout = output_layout(out_path, options.out_format) if out_path is not None else None
+    if out_path is not None and layout is not None:
+        if layout[1] and options.max_shard_size is not None:
             raise UsageError(
                 None,
                 f"{out_path.name} is one file, never sharded: {option('max_shard_size')} applies to an output folder "
                 "(leave it out, or name a folder)",
             )
         check_output_name(out_path)
-    return paths, out_path
+    return paths, out_path, layout
 
 
 def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None) -> _Inputs:
@@ -566,6 +569,7 @@ def _write_output(
     plan: Plan,
     report: AverageReport,
     out_path: Path,
+    layout: tuple[str, bool],
     options: WriteOptions,
     on_progress: ProgressFn | None,
     world: World | None = None,
@@ -577,7 +581,7 @@ def _write_output(
     output is written by rank 0 alone. Fills the report's output and copied files and bytes written; returns
     the bytes read (by all ranks, on rank 0).
     """
-    kind, single_file = check_output_layout(plan, out_path, options)
+    kind, single_file = check_output_layout(plan, out_path, layout)
     recipe = _recipe(report)
     specs = output_specs(plan)
     shared = world is not None and kind == "safetensors"
@@ -612,10 +616,10 @@ def _write_output(
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
 
 
-def check_output_layout(plan: Plan, out_path: Path, options: WriteOptions) -> tuple[str, bool]:
-    """The output's kind ("safetensors" or "pt") and whether it is one file, refused when the plan cannot be
-    written so (an adapter as one file, a dtype .pt cannot hold)."""
-    kind, single_file = output_layout(out_path, options.out_format)
+def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) -> tuple[str, bool]:
+    """The output's `layout` (kind, one file?), refused when the plan cannot be written so (an adapter as one
+    file, a dtype .pt cannot hold)."""
+    kind, single_file = layout
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,

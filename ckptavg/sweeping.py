@@ -38,7 +38,7 @@ from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.merge.weights import oldest_weight_warning
 from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs
-from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, output_layout, staged
+from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
@@ -185,8 +185,8 @@ def sweep_candidates(
     started = time.perf_counter()
     if under_torchrun() or _in_process_group():
         raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
-    paths, out_path = _check_inputs_and_output(paths, out, options)
-    if out_path is not None and output_layout(out_path, options.out_format)[1]:
+    paths, out_path, layout = _check_inputs_and_output(paths, out, options)
+    if out_path is not None and layout is not None and layout[1]:
         raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
     try:
         inputs = _open_inputs(paths, out_path, options, None)
@@ -205,8 +205,9 @@ def sweep_candidates(
             report.seconds = time.perf_counter() - started
             report.peak_rss_bytes = peak_rss()
             return report
-        assert out_path is not None
-        _write_sweep(plans, reports, report, chosen, out_path, options.write_options(inputs.device), on_progress)
+        assert out_path is not None and layout is not None
+        write_options = options.write_options(inputs.device)
+        _write_sweep(plans, reports, report, chosen, out_path, layout, write_options, on_progress)
         report.output_disk_bytes = disk_size(out_path)
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss()
@@ -300,12 +301,13 @@ def _write_sweep(
     report: SweepReport,
     chosen: list[Candidate],
     out_path: Path,
+    layout: tuple[str, bool],
     options: WriteOptions,
     on_progress: ProgressFn | None,
 ) -> None:
     """Every candidate into its folder under the staged DIR, in one pass when the plans allow it, then
     sweep.json; DIR is renamed into place once all are complete."""
-    kinds = [check_output_layout(plan, out_path, options)[0] for plan in plans]
+    kinds = [check_output_layout(plan, out_path, layout)[0] for plan in plans]
     try:
         with staged(out_path, options.overwrite, is_dir=True, notes=report.notes) as tmp:
             outputs = []

@@ -536,7 +536,7 @@ def tune(
     ).check()
     if under_torchrun():
         raise UsageError(None, "tune runs in one process: run it without torchrun")
-    paths, out_path = _check_inputs_and_output(paths, out, options)
+    paths, out_path, _ = _check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(None, f"{option('out', out_path.name)}: tune writes the winner as a folder; name a folder")
     choose = (lambda steps: asked_candidates(texts, steps)) if recipes is not None else default_candidates
