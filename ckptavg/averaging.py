@@ -278,15 +278,15 @@ def average_with(
     """`average` with its options as one object, as the command line builds them: each value checked first
     (before any input is opened or the output looked at), then open the inputs → plan → write."""
     started = time.perf_counter()
-    paths = _check_paths(paths, out, options.base)
+    paths = check_paths(paths, out, options.base)
     options = options.check()
-    paths, out_path, layout = _check_inputs_and_output(paths, out, options)
+    paths, out_path, layout = check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
     leader = world is None or world.leader
     agreed = False
     try:
-        inputs = _open_inputs(paths, out_path, options, world)
-        plan, report = _plan_run(inputs, out_path, options, world, make_weights)
+        inputs = open_inputs(paths, out_path, options, world)
+        plan, report = plan_run(inputs, out_path, options, world, make_weights)
         if world is not None:
             report.world_size = world.size
             job.agree(world, plan, out_path, options.out_format, options.shard_bytes)
@@ -322,7 +322,7 @@ def average_with(
 
 
 @dataclass
-class _Inputs:
+class OpenedInputs:
     """The opened inputs of a run: the local paths of any hf:// ones, each checkpoint, the adapters' base model,
     and the device this rank folds on."""
 
@@ -332,7 +332,7 @@ class _Inputs:
     device: torch.device
 
 
-def _check_paths(paths: object, out: object, base: object) -> list[str | os.PathLike]:
+def check_paths(paths: object, out: object, base: object) -> list[str | os.PathLike]:
     """The inputs as a list (one path alone is one input, not its characters), each a str or os.PathLike."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
@@ -343,7 +343,7 @@ def _check_paths(paths: object, out: object, base: object) -> list[str | os.Path
     return [check_path("paths", p) for p in items]
 
 
-def _check_inputs_and_output(
+def check_inputs_and_output(
     paths: list[str | os.PathLike], out: str | os.PathLike | None, options: AverageOptions
 ) -> tuple[list[str | os.PathLike], Path | None, tuple[str, bool] | None]:
     """The inputs, any pattern no shell expanded (run/checkpoint-*) expanded, the output's name and its layout
@@ -366,7 +366,9 @@ def _check_inputs_and_output(
     return paths, out_path, layout
 
 
-def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None) -> _Inputs:
+def open_inputs(
+    paths: list[str | os.PathLike], out_path: Path | None, options: AverageOptions, world: World | None
+) -> OpenedInputs:
     """Each input opened (hf:// ones fetched into the HF cache), refused when one is given twice or holds the
     output; the output's place checked once (by rank 0): before any download, else once the inputs are open
     (so that an input named as the output is refused as such)."""
@@ -382,11 +384,11 @@ def _open_inputs(paths: list[str | os.PathLike], out_path: Path | None, options:
     refuse_copies(checkpoints)  # a last/best copy beside its epoch checkpoint: the same weights twice
     if not remote and out_path is not None and leader:
         check_destination(out_path, options.overwrite)
-    return _Inputs(local, checkpoints, base_model, device)
+    return OpenedInputs(local, checkpoints, base_model, device)
 
 
-def _plan_run(
-    inputs: _Inputs,
+def plan_run(
+    inputs: OpenedInputs,
     out_path: Path | None,
     options: AverageOptions,
     world: World | None,
@@ -582,7 +584,7 @@ def _write_output(
     the bytes read (by all ranks, on rank 0).
     """
     kind, single_file = check_output_layout(plan, out_path, layout)
-    recipe = _recipe(report)
+    recipe = recipe_of(report)
     specs = output_specs(plan)
     shared = world is not None and kind == "safetensors"
     verify_shared = options.verify and shared and not single_file  # the ranks read the folder's files back between them
@@ -823,7 +825,7 @@ def _report(plan: Plan, ordered_by: str, out: Path | None, device: torch.device,
     return report
 
 
-def _recipe(report: AverageReport) -> dict:
+def recipe_of(report: AverageReport) -> dict:
     return {
         "tool": "ckptavg",
         "version": __version__,

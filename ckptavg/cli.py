@@ -78,6 +78,18 @@ DtypeOpt = Annotated[
         ),
     ),
 ]
+OrderOpt = Annotated[
+    str,
+    typer.Option(
+        "--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order."
+    ),
+]
+AccumOpt = Annotated[
+    str,
+    typer.Option(
+        "--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64."
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 ShardOpt = Annotated[
     str | None,
@@ -269,19 +281,9 @@ def average(
             help="Power-function EMA (EDM2) of relative width S in (0, 0.2887), over the inputs' steps.",
         ),
     ] = None,
-    order: Annotated[
-        str,
-        typer.Option(
-            "--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order."
-        ),
-    ] = "auto",
+    order: OrderOpt = "auto",
     dtype: DtypeOpt = None,
-    accum_dtype: Annotated[
-        str,
-        typer.Option(
-            "--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64."
-        ),
-    ] = "auto",
+    accum_dtype: AccumOpt = "auto",
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,
     key: KeyOpt = None,
@@ -437,19 +439,9 @@ def sweep(
             show_default=False,
         ),
     ] = None,
-    order: Annotated[
-        str,
-        typer.Option(
-            "--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order."
-        ),
-    ] = "auto",
+    order: OrderOpt = "auto",
     dtype: DtypeOpt = None,
-    accum_dtype: Annotated[
-        str,
-        typer.Option(
-            "--accum-dtype", metavar="DTYPE", help="Accumulator: auto (FP32 for 16-bit inputs, FP64 for FP32), fp32 or fp64."
-        ),
-    ] = "auto",
+    accum_dtype: AccumOpt = "auto",
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,
     key: KeyOpt = None,
@@ -608,12 +600,7 @@ def tune(
             "--plot", metavar="FILE", help="Draw the score per candidate to FILE (.svg, .png or .pdf; needs ckptavg[plot])."
         ),
     ] = None,
-    order: Annotated[
-        str,
-        typer.Option(
-            "--order", metavar="MODE", help="auto: by training step (else epoch, else as given); given: command-line order."
-        ),
-    ] = "auto",
+    order: OrderOpt = "auto",
     dtype: DtypeOpt = None,
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,

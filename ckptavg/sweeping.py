@@ -19,16 +19,16 @@ from pathlib import Path
 from ckptavg.averaging import (
     AverageReport,
     InputSummary,
+    OpenedInputs,
     OutputFiles,
-    _check_inputs_and_output,
-    _check_paths,
-    _Inputs,
-    _open_inputs,
-    _plan_run,
-    _recipe,
+    check_inputs_and_output,
     check_output_layout,
+    check_paths,
     disk_size,
     engine_target,
+    open_inputs,
+    plan_run,
+    recipe_of,
 )
 from ckptavg.distributed import under_torchrun
 from ckptavg.errors import OutputError, StrictError, UsageError, option
@@ -145,7 +145,7 @@ def sweep(
         CkptavgError: bad inputs, options or recipes (UsageError), unwritable output (OutputError).
     """
     asked = parse_recipes(recipes)
-    paths = _check_paths(paths, out, base)
+    paths = check_paths(paths, out, base)
     options = AverageOptions(
         order=order,
         dtype=dtype,
@@ -185,11 +185,11 @@ def sweep_candidates(
     started = time.perf_counter()
     if under_torchrun() or _in_process_group():
         raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
-    paths, out_path, layout = _check_inputs_and_output(paths, out, options)
+    paths, out_path, layout = check_inputs_and_output(paths, out, options)
     if out_path is not None and layout is not None and layout[1]:
         raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
     try:
-        inputs = _open_inputs(paths, out_path, options, None)
+        inputs = open_inputs(paths, out_path, options, None)
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
         chosen = choose([c.step for c in checkpoints])
         plans, reports = _plan_candidates(inputs, checkpoints, chosen, options)
@@ -223,16 +223,16 @@ def _in_process_group() -> bool:
 
 
 def _plan_candidates(
-    inputs: _Inputs, checkpoints: list[Checkpoint], chosen: list[Candidate], options: AverageOptions
+    inputs: OpenedInputs, checkpoints: list[Checkpoint], chosen: list[Candidate], options: AverageOptions
 ) -> tuple[list[Plan], list[AverageReport]]:
     """Each candidate planned as `average` plans it over its own inputs. Whether the inputs look like one run
     is checked once, with the candidate that reads the most of them."""
     widest = max(range(len(chosen)), key=lambda k: len(chosen[k].inputs))
     plans, reports = [], []
     for k, candidate in enumerate(chosen):
-        own = _Inputs(inputs.local, [checkpoints[i] for i in candidate.inputs], inputs.base, inputs.device)
+        own = OpenedInputs(inputs.local, [checkpoints[i] for i in candidate.inputs], inputs.base, inputs.device)
         checked = replace(options, check_same_run=options.check_same_run and k == widest, strict=False)
-        plan, report = _plan_run(own, None, checked, None, lambda n, w=candidate.weights: w)
+        plan, report = plan_run(own, None, checked, None, lambda n, w=candidate.weights: w)
         plans.append(plan)
         reports.append(report)
     return plans, reports
@@ -246,7 +246,7 @@ def _sweep_report(
     chosen: list[Candidate],
     plans: list[Plan],
     reports: list[AverageReport],
-    inputs: _Inputs,
+    inputs: OpenedInputs,
 ) -> SweepReport:
     summaries = [
         InputSummary(str(c.path), c.format, c.step, c.epoch, 0.0, len(c.tensors), c.nbytes, list(c.notes), c.weights_from or None)
@@ -368,7 +368,7 @@ def _run_pass(plans: list[Plan], outputs: list[OutputFiles], options: WriteOptio
 
 
 def _candidate_recipe(report: AverageReport, candidate: Candidate) -> dict:
-    return _recipe(report) | {"sweep": {"candidate": candidate.name, "recipe": candidate.recipe}}
+    return recipe_of(report) | {"sweep": {"candidate": candidate.name, "recipe": candidate.recipe}}
 
 
 def _sweep_record(report: SweepReport, written: list[str]) -> dict:

@@ -489,7 +489,7 @@ def tune(
         CkptavgError: bad inputs or options (UsageError), every candidate failing or none passing the guards
         (InputError), an unwritable output (OutputError).
     """
-    from ckptavg.averaging import _check_inputs_and_output, _check_paths
+    from ckptavg.averaging import check_inputs_and_output, check_paths
     from ckptavg.checks import check_int, check_number, check_path
     from ckptavg.distributed import under_torchrun
     from ckptavg.options import AverageOptions
@@ -519,7 +519,7 @@ def tune(
     plot_path = _check_plot(plot)
     keep = Path(check_path("keep_candidates", keep_candidates)) if keep_candidates is not None else None
     scoring = _scoring(eval_command, eval_text, eval_tokens, eval_timeout, device, metric, mode, checked_guards)
-    paths = _check_paths(paths, out, None)
+    paths = check_paths(paths, out, None)
     options = AverageOptions(
         order=order,
         dtype=dtype,
@@ -536,7 +536,7 @@ def tune(
     ).check()
     if under_torchrun():
         raise UsageError(None, "tune runs in one process: run it without torchrun")
-    paths, out_path, _ = _check_inputs_and_output(paths, out, options)
+    paths, out_path, _ = check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(None, f"{option('out', out_path.name)}: tune writes the winner as a folder; name a folder")
     choose = (lambda steps: asked_candidates(texts, steps)) if recipes is not None else default_candidates
