@@ -17,8 +17,13 @@ from pathlib import Path
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 # Flags of other programs that a message may quote (`hf upload ... --revision R`).
 OTHER_TOOLS = ("--revision",)
-# The command line: it parses flags and renders messages (render.py prints what cli.py hands it).
-COMMAND_LINE = ("cli.py", "__main__.py", "render.py")
+# The command line: it parses flags and renders messages (render.py prints what cli/ hands it).
+COMMAND_LINE = ("cli", "__main__.py", "render.py")
+
+
+def on_the_command_line(path: Path, root: Path) -> bool:
+    """Whether the file is part of the command line (COMMAND_LINE names files and folders of the package)."""
+    return path.relative_to(root).parts[0] in COMMAND_LINE
 
 
 def flag_texts(tree: ast.AST) -> list[tuple[int, str]]:
@@ -120,7 +125,7 @@ def main() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 params = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
                 functions.append((node.end_lineno - node.lineno + 1, params, f"{name}.{node.name}", name))
-        if path.name not in COMMAND_LINE:
+        if not on_the_command_line(path, root):
             flags += len(flag_texts(ast.parse(text)))
     print(f"largest module: {max(sizes)[1]} ({max(sizes)[0]} lines)")
     longest = max(functions)
@@ -131,7 +136,7 @@ def main() -> None:
     # ckptavg/__init__.py and those it loads by name (_LAZY).
     lazy = ast.literal_eval(re.search(r"_LAZY = (\{.*?\})", (root / "__init__.py").read_text(), re.S).group(1))
     public = {f"{module}.{name}" for name, module in lazy.items()}
-    internal = [f for f in functions if f[3] not in (root.name, f"{root.name}.cli") and f[2] not in public]
+    internal = [f for f in functions if f[3] != root.name and not f[3].startswith(f"{root.name}.cli") and f[2] not in public]
     longest, most = max(internal), max(internal, key=lambda f: f[1])
     print(f"internal: longest function {longest[2]} ({longest[0]} lines), most parameters {most[2]} ({most[1]})")
     print(f"strings phrasing a --flag outside the command line ({', '.join(COMMAND_LINE)}): {flags}")

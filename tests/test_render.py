@@ -18,7 +18,7 @@ from conftest import make_state, save_layout
 from rich.console import Console
 
 import ckptavg
-from ckptavg.cli import _run_and_render
+from ckptavg.cli.running import run_and_render
 from ckptavg.progress import Progress
 from ckptavg.render import ProgressDisplay, Throttle, human_bytes, print_export, print_summary
 from ckptavg.verify import VerifyProgress
@@ -284,7 +284,7 @@ def fake_run(report):
 @pytest.mark.parametrize("json_output", [False, True])
 def test_warnings_go_to_stderr_even_with_json(runs, capsys, json_output):
     report = plan_report(runs, warnings=["input 2 was saved by another model (12 of 40 tensors differ in shape)", "second\nline"])
-    _run_and_render(fake_run(report), print_summary, json_output, quiet=False, inputs=3)
+    run_and_render(fake_run(report), print_summary, json_output, quiet=False, inputs=3)
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         "warning: input 2 was saved by another model (12 of 40 tensors differ in shape)",
@@ -298,7 +298,7 @@ def test_warnings_go_to_stderr_even_with_json(runs, capsys, json_output):
 
 def test_quiet_silences_warnings(runs, capsys):
     report = plan_report(runs, warnings=["something looks wrong"])
-    _run_and_render(fake_run(report), print_summary, False, quiet=True, inputs=3)
+    run_and_render(fake_run(report), print_summary, False, quiet=True, inputs=3)
     assert capsys.readouterr() == ("", "")
 
 
@@ -310,7 +310,7 @@ def test_warnings_added_after_the_plan_are_printed_once(runs, capsys):
         report.warnings.append("after writing")
         return report
 
-    _run_and_render(run, print_summary, True, quiet=False, inputs=3)
+    run_and_render(run, print_summary, True, quiet=False, inputs=3)
     assert capsys.readouterr().err.splitlines() == ["warning: at the plan", "warning: after writing"]
 
 

@@ -1,0 +1,225 @@
+"""`ckptavg average`: checkpoints averaged into one model (mean, weighted, linear, EMA, WSM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptavg.cli.params import (
+    AccumOpt,
+    BudgetOpt,
+    CommitMessageOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    KeyOpt,
+    NoFsyncOpt,
+    OrderOpt,
+    OverwriteOpt,
+    PrivateOpt,
+    PushOpt,
+    PushRevisionOpt,
+    QuietOpt,
+    RankTimeoutOpt,
+    RequantizeOpt,
+    ShardOpt,
+    StripOpt,
+    TrainingStateOpt,
+    UseEmaOpt,
+    VerifyOpt,
+)
+from ckptavg.cli.running import app, push_after, run_and_render
+from ckptavg.render import (
+    print_summary,
+)
+
+
+@app.command()
+def average(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help=(
+                "Checkpoint files or folders: safetensors (sharded too), .pt/.bin/.ckpt, checkpoint-N/, PEFT adapters, "
+                "torch.distributed.checkpoint and DeepSpeed saves; or hf://ORG/REPO on the Hugging Face Hub, with @REVISION and "
+                "/FOLDER optional (hf://org/run@main/checkpoint-500)."
+            ),
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUT",
+            help=(
+                "Output folder (sharded safetensors + index + config/tokenizer; an adapter for adapters), or one file: "
+                ".safetensors, .pt/.pth/.bin/.pth.tar. Another file suffix (.ckpt, .gguf, .onnx, .zip, ...) is refused."
+            ),
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            metavar="SPEC",
+            help="uniform (default), linear (1..N), wsm:linear|cosine|minus-sqrt (Warmup-Stable-Merge) or numbers like 1,2,3.",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(
+            "--ema",
+            metavar="DECAY",
+            help="Exponential moving average over the ordered inputs: e_i = DECAY*e_(i-1) + (1-DECAY)*x_i.",
+        ),
+    ] = None,
+    ema_half_life: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-half-life",
+            metavar="STEPS",
+            help=(
+                "EMA in training steps: each input's weight decays by half every STEPS steps, whatever the spacing of the "
+                "checkpoints (needs every input's step)."
+            ),
+        ),
+    ] = None,
+    ema_sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--ema-sigma-rel",
+            metavar="S",
+            help="Power-function EMA (EDM2) of relative width S in (0, 0.2887), over the inputs' steps.",
+        ),
+    ] = None,
+    order: OrderOpt = "auto",
+    dtype: DtypeOpt = None,
+    accum_dtype: AccumOpt = "auto",
+    device: DeviceOpt = "auto",
+    max_shard_size: ShardOpt = None,
+    key: KeyOpt = None,
+    use_ema: UseEmaOpt = False,
+    strip_prefix: StripOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
+    memory_budget: BudgetOpt = None,
+    no_fsync: NoFsyncOpt = False,
+    verify: VerifyOpt = False,
+    adapter_mode: Annotated[
+        str,
+        typer.Option(
+            "--adapter-mode",
+            metavar="MODE",
+            help=(
+                "PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; "
+                "rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or "
+                "merged (a full model: --base + the mean change; exact for DoRA too)."
+            ),
+        ),
+    ] = "exact",
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            metavar="MODEL",
+            help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.",
+        ),
+    ] = None,
+    adapter_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--adapter-rank",
+            metavar="R",
+            help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.",
+        ),
+    ] = None,
+    rank_timeout: RankTimeoutOpt = 120.0,
+    requantize: RequantizeOpt = False,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="auto (by OUT's name), safetensors, pt, or same (the newest input's own layout).",
+            show_default=False,
+        ),
+    ] = "auto",
+    training_state: TrainingStateOpt = "drop",
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help=(
+                "Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an "
+                "error: exit 1, nothing written. For CI."
+            ),
+        ),
+    ] = False,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Average checkpoints into one inference-only model (mean, weighted, linear or EMA).
+
+    Tensors are streamed one chunk at a time, so memory stays bounded whatever the model size. Floating tensors are accumulated in FP32 (FP64 for FP32 inputs) and rounded once; integer tensors such as num_batches_tracked are copied from the newest input.
+
+    Example:
+
+        ckptavg average runs/checkpoint-* -o merged
+
+        ckptavg average ckpt_*.pt --ema 0.9 --dtype bf16 -o m.safetensors --json
+
+        ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
+    """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
+    pushed = push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
+
+    def run(**callbacks: Any) -> Any:
+        from ckptavg.averaging import average_with  # imported under the progress display: torch takes a while
+        from ckptavg.options import AverageOptions
+
+        options = AverageOptions(
+            weights=weights,
+            ema=ema,
+            ema_half_life=ema_half_life,
+            ema_sigma_rel=ema_sigma_rel,
+            order=order,
+            dtype=dtype,
+            accum=accum_dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            key=key,
+            use_ema=use_ema,
+            strip_prefixes=strip_prefix or (),
+            overwrite=overwrite,
+            dry_run=dry_run,
+            out_format=out_format,
+            memory_budget=memory_budget,
+            fsync=not no_fsync,
+            verify=verify,
+            strict=strict,
+            adapter_mode=adapter_mode,
+            base=base,
+            adapter_rank=adapter_rank,
+            rank_timeout=rank_timeout,
+            requantize=requantize,
+            training_state=training_state,
+        )
+        return pushed(average_with(inputs, output, options, **callbacks))
+
+    run_and_render(
+        run,
+        print_summary,
+        json_output,
+        quiet,
+        inputs=len(inputs),
+    )
