@@ -17,8 +17,8 @@ from pathlib import Path
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 # Flags of other programs that a message may quote (`hf upload ... --revision R`).
 OTHER_TOOLS = ("--revision",)
-# The command line: it parses flags and renders messages (render.py prints what cli/ hands it).
-COMMAND_LINE = ("cli", "__main__.py", "render.py")
+# The command line: it parses flags and renders messages (render/ prints what cli/ hands it).
+COMMAND_LINE = ("cli", "__main__.py", "render")
 
 
 def on_the_command_line(path: Path, root: Path) -> bool:
