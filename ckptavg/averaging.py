@@ -2,130 +2,51 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
 from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import FILES, Checkpoint
 from ckptavg.formats.dtypes import dtype_name
-from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
-from ckptavg.formats.pickle_same import SameLayoutWriter, check_same_layout
-from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
-from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
+from ckptavg.formats.pickle_same import check_same_layout
 from ckptavg.formats.writer import (
-    SafetensorsWriter,
-    TensorSpec,
-    TensorWriter,
     lay_out_files,
-    shard_file_names,
-    split_shards,
-    write_index,
-    write_text,
 )
 from ckptavg.globbing import expand
 from ckptavg.hub import Localized, is_hub, localize
 from ckptavg.merge.adapters import AdapterSummary, build_adapter_plan, check_adapters
-from ckptavg.merge.engine import Engine
-from ckptavg.merge.plan import OUTPUT_DTYPES, Plan, build_plan, output_specs
+from ckptavg.merge.plan import Plan, build_plan, output_specs
 from ckptavg.merge.weights import Weights, oldest_weight_warning, parse_weights
 from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs, order_note, require_order
 from ckptavg.output import (
-    RECIPE_FILE,
-    TensorFiles,
     WriteOptions,
     check_destination,
     check_output_name,
     check_space,
-    copy_model_files,
     output_layout,
     staged,
     tmp_name,
 )
 from ckptavg.progress import ProgressFn
+from ckptavg.reports import AverageReport, InputSummary
 from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
 from ckptavg.sizes import peak_rss
-from ckptavg.verify import ChecksumWriter, verify_output
 from ckptavg.version import __version__
+from ckptavg.writing import OutputFiles, check_output_layout, disk_size, run_engine, tensor_files
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
-
-
-@dataclass
-class InputSummary:
-    path: str
-    format: str
-    step: int | None
-    epoch: int | None
-    weight: float
-    tensors: int
-    bytes: int
-    notes: list[str]
-    weights_from: str | None = (
-        None  # which weights were taken from the input and why (raw or EMA, key, prefixes); None: its tensors as stored
-    )
-    hub: dict | None = (
-        None  # an hf:// input: repo, revision asked, commit resolved, subfolder (path is then the pinned hf:// URL)
-    )
-
-
-@dataclass
-class AverageReport:
-    """What `average` did (or, with dry_run, would do); `to_dict()` is the --json document."""
-
-    inputs: list[InputSummary]
-    order: str
-    strategy: str
-    output: str | None
-    output_files: list[str]
-    copied_files: list[str]
-    tensors: int
-    parameters: int
-    input_dtypes: dict[str, int]
-    output_dtypes: dict[str, int]
-    accumulate: dict[str, int]
-    copied_from_newest: list[str]
-    tied: list[list[str]]
-    device: str
-    input_disk_bytes: int = 0
-    output_disk_bytes: int = 0
-    bytes_to_read: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    peak_rss_bytes: int = 0
-    dry_run: bool = False
-    verified: bool = False
-    verify_seconds: float = 0.0
-    sha256: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # things that look wrong; --strict makes them errors
-    adapter: dict | None = None  # PEFT adapters: mode, kind, ranks, and params mode's error per module
-    world_size: int = 1  # processes that wrote the output (torchrun)
-    version: str = __version__
-    pushed: dict | None = None  # --push-to-hub: repo, revision, commit, commit_url
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["gb_per_s"] = round(self.gb_per_s, 3)
-        return data
 
 
 def choose_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -553,20 +474,6 @@ def file_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _tensor_files(
-    plan: Plan, specs: list[TensorSpec], tmp: Path, out_path: Path, single_file: bool, shard_bytes: int, recipe: dict
-) -> TensorFiles:
-    if plan.output_kind == "adapter":
-        return TensorFiles([ADAPTER_WEIGHTS], [tmp / ADAPTER_WEIGHTS], [specs], {"format": "pt"})
-    if single_file:
-        return TensorFiles(
-            [out_path.name], [tmp], [specs], {"format": "pt", "ckptavg": json.dumps(recipe, separators=(",", ":"))}
-        )
-    shards = split_shards(specs, shard_bytes)
-    names = shard_file_names(len(shards))
-    return TensorFiles(names, [tmp / name for name in names], shards, {"format": "pt"})
-
-
 def _write_output(
     plan: Plan,
     report: AverageReport,
@@ -591,7 +498,7 @@ def _write_output(
     try:
         if world is not None and not world.leader:
             files = (
-                _tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe)
+                tensor_files(plan, specs, tmp_name(out_path), out_path, single_file, options.shard_bytes, recipe)
                 if shared
                 else None
             )
@@ -607,7 +514,7 @@ def _write_output(
             else:
                 if world is not None:
                     world.post("staged", {})  # the other ranks have no share of a .pt output
-                bytes_read, crcs, report.bytes_written = _run_engine(
+                bytes_read, crcs, report.bytes_written = run_engine(
                     plan, output.open_writer(options), options, specs, on_progress
                 )
                 if world is not None:
@@ -616,168 +523,6 @@ def _write_output(
             return bytes_read
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
-
-
-def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) -> tuple[str, bool]:
-    """The output's `layout` (kind, one file?), refused when the plan cannot be written so (an adapter as one
-    file, a dtype .pt cannot hold)."""
-    kind, single_file = layout
-    if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
-        raise UsageError(
-            None,
-            (
-                f"{option('out', out_path.name)}: an adapter is written as a folder (adapter_model.safetensors + "
-                "adapter_config.json); name a folder"
-            ),
-        )
-    if kind == "pt" and (problem := check_pt_dtypes(output_specs(plan))):
-        raise UsageError(None, f"{option('out_format', 'pt')} cannot hold {problem}; use safetensors")
-    return kind, single_file
-
-
-class OutputFiles:
-    """One output being written into its staging path `tmp`: its tensor files (or .pt file), then, once the
-    engine has filled them, what goes beside them (index, model files, card, recipe, --verify)."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        report: AverageReport,
-        out_path: Path,
-        tmp: Path,
-        kind: str,
-        single_file: bool,
-        specs: list[TensorSpec],
-        recipe: dict,
-        options: WriteOptions,
-    ) -> None:
-        self.plan, self.report, self.out_path, self.tmp = plan, report, out_path, tmp
-        self.kind, self.single_file, self.specs, self.recipe = kind, single_file, specs, recipe
-        self.files: TensorFiles | None = None
-        self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
-        if kind == "same":
-            report.output_files = [out_path.name]
-        elif kind == "pt":
-            report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
-        else:
-            self.files = _tensor_files(plan, specs, tmp, out_path, single_file, options.shard_bytes, recipe)
-            report.output_files = list(self.files.names)
-
-    def open_writer(self, options: WriteOptions) -> TensorWriter:
-        """The writer the engine fills: the newest input's pickle again (--format same), the .pt file, or the
-        safetensors files."""
-        if self.files is not None:
-            return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
-        if self.kind == "same":
-            return SameLayoutWriter(
-                self.tmp, self.specs, self.plan.inputs[-1], options.training_state, self.recipe, durable=options.fsync
-            )
-        if not self.single_file and len(self.specs) and self.plan.output_bytes > options.shard_bytes:
-            self.report.notes.append(
-                f"{option('out_format', 'pt')} writes one file; {option('max_shard_size')} applies to safetensors"
-            )
-        return TorchWriter(
-            self.tmp if self.single_file else self.tmp / self.report.output_files[0],
-            self.specs,
-            durable=options.fsync,
-            recipe=json.dumps(self.recipe) if self.single_file else None,
-        )
-
-    def finish(
-        self, crcs: dict[str, int], options: WriteOptions, on_progress: ProgressFn | None, world: World | None = None
-    ) -> None:
-        """Once the weights are written: a folder's index, model files, card and recipe; --verify's read-back."""
-        plan, report, tmp, out_path, recipe = self.plan, self.report, self.tmp, self.out_path, self.recipe
-        if self.single_file:
-            if options.verify:
-                _verify(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
-            return
-        _finish_folder(plan, report, tmp, self.files, options)
-        report.output_files.append(
-            write_card(tmp, recipe, out_path.name, verified=options.verify)
-        )  # README.md; --verify covers it
-        if options.verify:  # after the copies, so that the recipe records every file's sha256
-            _verify(tmp, out_path, self.specs, crcs, report, on_progress, world)
-            recipe["verified"] = True
-            recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
-        recipe["written"] = report.output_files + report.copied_files
-        write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
-        report.output_files.append(RECIPE_FILE)
-
-
-def _finish_folder(plan: Plan, report: AverageReport, tmp: Path, files: TensorFiles | None, options: WriteOptions) -> None:
-    """Beside the weights of a folder output: the index, an adapter's config, and the model files copied from
-    the newest input."""
-    if files is not None and len(files.names) > 1:
-        write_index(tmp / "model.safetensors.index.json", files.shards, files.names, {"format": "pt"})
-        report.output_files.append("model.safetensors.index.json")
-    if plan.adapter_config is not None:
-        write_text(tmp / ADAPTER_CONFIG, json.dumps(plan.adapter_config, indent=2) + "\n")
-        report.output_files.append(ADAPTER_CONFIG)
-    files_from = plan.files_from or plan.inputs[-1].folder
-    if files_from is not None:
-        out_dtype = OUTPUT_DTYPES[options.dtype] if options.dtype else plan.dequantized
-        report.copied_files = copy_model_files(files_from, tmp, out_dtype, dequantized=plan.dequantized is not None)
-    else:
-        report.notes.append("no config or tokenizer copied: the newest input is a file, not a model folder")
-
-
-def _run_engine(
-    plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec], on_progress: ProgressFn | None
-) -> tuple[int, dict[str, int], int]:
-    """Run the whole plan into `writer`: (bytes read, each tensor's CRC-32 with --verify, bytes written)."""
-    target, checked = engine_target(plan, writer, options, specs)
-    engine = Engine(plan, options.device, options.memory_budget)
-    try:
-        engine.run(target, on_progress)
-        target.finish()
-    finally:
-        writer.abort()
-    return engine.bytes_read, checked.crcs if checked else {}, writer.bytes_written
-
-
-def engine_target(
-    plan: Plan, writer: TensorWriter, options: WriteOptions, specs: list[TensorSpec]
-) -> tuple[TensorWriter, ChecksumWriter | None]:
-    """What the engine writes into for `writer`: CRC-32s kept on the way with --verify, FP8 weights quantized
-    again with requantize; and the checksum keeper, if any."""
-    checked = ChecksumWriter(writer, specs) if options.verify else None
-    target = checked or writer
-    if plan.requantize:  # the engine writes the merged values; the FP8 codes and scales are what reach the file
-        target = Fp8Requantizer(
-            target, [(e.nbytes, e.sources[0] if isinstance(e.sources[0], DequantizedSource) else None) for e in plan.entries]
-        )
-    return target, checked
-
-
-def _verify(
-    tmp: Path,
-    out: Path,
-    specs: list[TensorSpec],
-    crcs: dict[str, int],
-    report: AverageReport,
-    on_progress: ProgressFn | None = None,
-    world: World | None = None,
-    read_back: LoadOptions = LoadOptions(),
-) -> None:
-    """--verify: read the staged output back and check it against the CRC-32s kept while writing. The ranks of
-    a job that wrote a folder read its files back between them (rank 0 hands them out, by size)."""
-    started = time.perf_counter()
-    if world is None:
-        # on_progress is told of a VerifyProgress: bytes checked / to check
-        hashes = verify_output(tmp, out, specs, crcs, on_progress, read_back=read_back)
-    else:
-        hashes = job.verify_shared(world, tmp, out, specs, crcs, on_progress)
-    report.sha256 = {name: sha for name, sha in hashes.items() if sha is not None}
-    report.verified = True
-    report.verify_seconds = time.perf_counter() - started
-
-
-def disk_size(path: Path) -> int:
-    """Bytes on disk of a file, or of every file under a folder."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _count_dtypes(dtypes: list[torch.dtype]) -> dict[str, int]:

@@ -20,12 +20,8 @@ from ckptavg.averaging import (
     AverageReport,
     InputSummary,
     OpenedInputs,
-    OutputFiles,
     check_inputs_and_output,
-    check_output_layout,
     check_paths,
-    disk_size,
-    engine_target,
     open_inputs,
     plan_run,
     recipe_of,
@@ -42,6 +38,7 @@ from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
+from ckptavg.writing import OutputFiles, check_output_layout, disk_size, engine_target
 
 
 @dataclass

@@ -12,6 +12,7 @@ from conftest import make_state, read_output, reference_average, save_layout
 
 import ckptavg
 import ckptavg.averaging
+import ckptavg.writing
 
 
 def sha256(path) -> str:
@@ -80,7 +81,7 @@ def test_bytes_corrupted_on_their_way_to_the_disk_are_caught(cli, tmp_path, monk
 
 def test_bytes_that_rot_on_the_disk_before_the_rename_are_caught(cli, tmp_path, monkeypatch):
     paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
-    real_verify = ckptavg.averaging.verify_output
+    real_verify = ckptavg.writing.verify_output
 
     def rot_then_verify(staged, out, specs, crcs, *progress, **options):
         shard = staged / "model.safetensors"
@@ -89,6 +90,6 @@ def test_bytes_that_rot_on_the_disk_before_the_rename_are_caught(cli, tmp_path, 
         shard.write_bytes(bytes(data))
         return real_verify(staged, out, specs, crcs, *progress, **options)
 
-    monkeypatch.setattr(ckptavg.averaging, "verify_output", rot_then_verify)
+    monkeypatch.setattr(ckptavg.writing, "verify_output", rot_then_verify)
     result = cli("average", *paths, "-o", tmp_path / "merged", "--verify")
     assert_nothing_written(result, tmp_path)
