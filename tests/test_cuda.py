@@ -23,7 +23,7 @@ from conftest import make_state, read_output, reference_average, save_layout
 from safetensors.torch import save_file
 
 import ckptavg
-from ckptavg import averaging
+from ckptavg import writing
 from ckptavg.merge import engine as engine_module
 from ckptavg.merge.engine import Engine
 
@@ -59,7 +59,7 @@ def average_on(
         engines.append(Engine(plan, dev, memory_budget, staged=staged))
         return engines[-1]
 
-    with patch.object(averaging, "Engine", spy):
+    with patch.object(writing, "Engine", spy):
         report = ckptavg.average(paths, out, device=device, order="given", **options)
     return report, engines
 
@@ -244,7 +244,7 @@ def test_nan_found_mid_run_on_cuda_is_one_line_and_leaves_nothing(cli, tmp_path)
         engines.append(Engine(plan, dev, memory_budget))
         return engines[-1]
 
-    with patch.object(averaging, "Engine", spy):
+    with patch.object(writing, "Engine", spy):
         result = cli(
             "average", *paths, "-o", tmp_path / "out", "--device", "cuda", "--memory-budget", "1MiB", "--max-shard-size", "600KB"
         )
