@@ -14,8 +14,8 @@ import torch
 from ckptavg.checkpoint import LoadOptions, real_path
 from ckptavg.checks import check_path
 from ckptavg.distributed import World, job, join
-from ckptavg.errors import EXIT_SIGINT, Interrupted, OutputError, StrictError, UsageError, option
-from ckptavg.formats.base import FILES, Checkpoint
+from ckptavg.errors import OutputError, StrictError, UsageError, option
+from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import check_same_layout
@@ -204,14 +204,12 @@ def average_with(
     paths, out_path, layout = check_inputs_and_output(paths, out, options)
     world = join(options.rank_timeout)
     leader = world is None or world.leader
-    agreed = False
-    try:
+    with job.failures_shared(world):
         inputs = open_inputs(paths, out_path, options, world)
         plan, report = plan_run(inputs, out_path, options, world, make_weights)
         if world is not None:
             report.world_size = world.size
-            job.agree(world, plan, out_path, options.out_format, options.shard_bytes)
-            agreed = True
+            job.agree(world, [plan], out_path, options.out_format, options.shard_bytes)
         if on_plan and leader:
             on_plan(report)
         if options.dry_run:
@@ -226,20 +224,6 @@ def average_with(
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
         return report
-    except Exception as e:
-        if world is not None:
-            if not agreed:
-                world.gather_error("plan", e)
-            raise world.fail(e) from e
-        raise
-    except KeyboardInterrupt:
-        if world is not None:  # the other ranks stop too, and rank 0 says why
-            world.fail(Interrupted("SIGINT", EXIT_SIGINT))
-        raise
-    finally:
-        FILES.close()
-        if world is not None:
-            world.close()
 
 
 @dataclass
@@ -502,14 +486,21 @@ def _write_output(
                 if shared
                 else None
             )
-            return job.follow(plan, files, world, on_progress, options, tmp_name(out_path) if verify_shared else None)
+            return job.follow(
+                [plan],
+                [files] if files is not None else None,
+                world,
+                on_progress,
+                options,
+                tmp_name(out_path) if verify_shared else None,
+            )
         with staged(out_path, options.overwrite, is_dir=not single_file, notes=report.notes) as tmp:
             output = OutputFiles(plan, report, out_path, tmp, kind, single_file, specs, recipe, options)
             if shared:
                 assert world is not None and output.files is not None
                 lay_out_files(output.files.paths, output.files.shards, output.files.metadata)
                 world.post("staged", {})
-                bytes_read, crcs = job.lead(plan, output.files, options, world, on_progress)
+                bytes_read, [crcs] = job.lead([plan], [output.files], options, world, on_progress)
                 report.bytes_written = sum(p.stat().st_size for p in output.files.paths)
             else:
                 if world is not None:

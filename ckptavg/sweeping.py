@@ -26,19 +26,20 @@ from ckptavg.averaging import (
     plan_run,
     recipe_of,
 )
-from ckptavg.distributed import under_torchrun
+from ckptavg.distributed import World, job, join
 from ckptavg.errors import OutputError, StrictError, UsageError, option
-from ckptavg.formats.base import FILES, Checkpoint
+from ckptavg.formats.base import Checkpoint
+from ckptavg.formats.writer import lay_out_files
 from ckptavg.merge.engine import Engine, ProgressFn, plans_differ, rows_of
 from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.merge.weights import oldest_weight_warning
 from ckptavg.options import AverageOptions
 from ckptavg.ordering import order_inputs
-from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged
+from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged, tmp_name
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
-from ckptavg.writing import OutputFiles, check_output_layout, disk_size, engine_target
+from ckptavg.writing import OutputFiles, check_output_layout, disk_size, engine_target, tensor_files
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SweepReport:
     bytes_read: int = 0
     bytes_written: int = 0
     output_disk_bytes: int = 0
+    world_size: int = 1  # processes that wrote the outputs (torchrun)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     dry_run: bool = False
@@ -119,6 +121,7 @@ def sweep(
     base: str | os.PathLike | None = None,
     adapter_rank: int | None = None,
     requantize: bool = False,
+    rank_timeout: float = 120.0,
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[SweepReport], None] | None = None,
 ) -> SweepReport:
@@ -133,6 +136,8 @@ def sweep(
         out_format: "auto" or "safetensors" (each candidate a safetensors folder), or "pt" (pytorch_model.bin).
         memory_budget: as for `average`; the candidates' output chunks share it, so memory does not grow with
             their number.
+        rank_timeout: under torchrun (as for `average`): each rank writes its share of every candidate from one
+            read of its part of the inputs; a rank silent this long fails the job, naming it.
         The other options are those of `average`, applied to every candidate.
 
     Returns:
@@ -164,6 +169,7 @@ def sweep(
         base=base,
         adapter_rank=adapter_rank,
         requantize=requantize,
+        rank_timeout=rank_timeout,
     ).check()
     return sweep_candidates(paths, out, lambda steps: candidates(asked, steps), options, on_progress, on_plan)
 
@@ -180,23 +186,32 @@ def sweep_candidates(
     each ordered input (oldest first; None where unknown) once the inputs are open: another command's own
     candidates (`tune` asks for windows the recipe grammar does not spell) written the same way, from one read."""
     started = time.perf_counter()
-    if under_torchrun() or _in_process_group():
-        raise UsageError(None, "sweep runs in one process: run it without torchrun (average runs under torchrun)")
     paths, out_path, layout = check_inputs_and_output(paths, out, options)
     if out_path is not None and layout is not None and layout[1]:
         raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
-    try:
-        inputs = open_inputs(paths, out_path, options, None)
+    world = join(options.rank_timeout)
+    leader = world is None or world.leader
+    with job.failures_shared(world):
+        inputs = open_inputs(paths, out_path, options, world)
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
         chosen = choose([c.step for c in checkpoints])
-        plans, reports = _plan_candidates(inputs, checkpoints, chosen, options)
+        plans, reports = _plan_candidates(inputs, checkpoints, chosen, options, world)
         report = _sweep_report(checkpoints, ordered_by, notes, out_path, chosen, plans, reports, inputs)
         report.dry_run = options.dry_run
+        if world is not None:
+            report.world_size = world.size
+            for candidate_report in reports:  # each candidate's recipe says how many processes wrote it
+                candidate_report.world_size = world.size
+            if report.passes > 1:
+                raise UsageError(
+                    None, "these candidates are read in a pass each (see the notes); run the sweep in one process, not torchrun"
+                )
+            job.agree(world, plans, out_path, options.out_format, options.shard_bytes)
         if options.strict and report.warnings:
             raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
-        if out_path is not None and not options.dry_run:
+        if out_path is not None and not options.dry_run and leader:
             check_space(out_path, sum(p.output_bytes for p in plans))
-        if on_plan:
+        if on_plan and leader:
             on_plan(report)
         if options.dry_run:
             report.seconds = time.perf_counter() - started
@@ -204,23 +219,15 @@ def sweep_candidates(
             return report
         assert out_path is not None and layout is not None
         write_options = options.write_options(inputs.device)
-        _write_sweep(plans, reports, report, chosen, out_path, layout, write_options, on_progress)
-        report.output_disk_bytes = disk_size(out_path)
+        _write_sweep(plans, reports, report, chosen, out_path, layout, write_options, on_progress, world)
+        report.output_disk_bytes = disk_size(out_path) if leader else 0
         report.seconds = time.perf_counter() - started
-        report.peak_rss_bytes = peak_rss()
+        report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
         return report
-    finally:
-        FILES.close()
-
-
-def _in_process_group() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _plan_candidates(
-    inputs: OpenedInputs, checkpoints: list[Checkpoint], chosen: list[Candidate], options: AverageOptions
+    inputs: OpenedInputs, checkpoints: list[Checkpoint], chosen: list[Candidate], options: AverageOptions, world: World | None
 ) -> tuple[list[Plan], list[AverageReport]]:
     """Each candidate planned as `average` plans it over its own inputs. Whether the inputs look like one run
     is checked once, with the candidate that reads the most of them."""
@@ -229,7 +236,7 @@ def _plan_candidates(
     for k, candidate in enumerate(chosen):
         own = OpenedInputs(inputs.local, [checkpoints[i] for i in candidate.inputs], inputs.base, inputs.device)
         checked = replace(options, check_same_run=options.check_same_run and k == widest, strict=False)
-        plan, report = plan_run(own, None, checked, None, lambda n, w=candidate.weights: w)
+        plan, report = plan_run(own, None, checked, world, lambda n, w=candidate.weights: w)
         plans.append(plan)
         reports.append(report)
     return plans, reports
@@ -301,11 +308,24 @@ def _write_sweep(
     layout: tuple[str, bool],
     options: WriteOptions,
     on_progress: ProgressFn | None,
+    world: World | None = None,
 ) -> None:
     """Every candidate into its folder under the staged DIR, in one pass when the plans allow it, then
-    sweep.json; DIR is renamed into place once all are complete."""
+    sweep.json; DIR is renamed into place once all are complete.
+
+    In a job of several ranks (`world`), rank 0 stages DIR and lays out every candidate's files, each rank
+    writes its share of all of them from one read of its units, and rank 0 finishes (and verifies) them; the
+    other ranks have no share of a .pt output."""
     kinds = [check_output_layout(plan, out_path, layout)[0] for plan in plans]
+    shared = world is not None and all(kind == "safetensors" for kind in kinds)
     try:
+        if world is not None and not world.leader:
+            files = [
+                tensor_files(plan, output_specs(plan), tmp_name(out_path) / c.name, out_path, False, options.shard_bytes, {})
+                for plan, c in zip(plans, chosen)
+            ]
+            report.bytes_read = job.follow(plans, files if shared else None, world, on_progress, options, None)
+            return
         with staged(out_path, options.overwrite, is_dir=True, notes=report.notes) as tmp:
             outputs = []
             for candidate, plan, candidate_report, kind in zip(chosen, plans, reports, kinds):
@@ -325,9 +345,17 @@ def _write_sweep(
                         options,
                     )
                 )
-            groups = [list(range(len(plans)))] if report.passes == 1 else [[k] for k in range(len(plans))]
-            for group in groups:
-                report.bytes_read += _run_pass([plans[k] for k in group], [outputs[k] for k in group], options, on_progress)
+            if shared:
+                assert world is not None
+                report.bytes_read = _write_shares(plans, outputs, options, world, on_progress)
+            else:
+                if world is not None:
+                    world.post("staged", {})  # the other ranks have no share of a .pt output
+                groups = [list(range(len(plans)))] if report.passes == 1 else [[k] for k in range(len(plans))]
+                for group in groups:
+                    report.bytes_read += _run_pass([plans[k] for k in group], [outputs[k] for k in group], options, on_progress)
+                if world is not None:
+                    job.gather_shares(world, on_progress, job.read_bytes(plans), job.share_report(0, [], []))
             for output, summary in zip(outputs, report.candidates):
                 output.finish(output.crcs, options, on_progress)
                 summary.output_files = output.report.output_files
@@ -340,6 +368,25 @@ def _write_sweep(
             (tmp / SWEEP_FILE).write_text(json.dumps(_sweep_record(report, written), indent=2) + "\n")
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
+
+
+def _write_shares(
+    plans: list[Plan], outputs: list[OutputFiles], options: WriteOptions, world: World, on_progress: ProgressFn | None
+) -> int:
+    """Rank 0 of a job: lay out every candidate's files, write its share of all of them while the other ranks
+    write theirs, and gather their reports; returns the bytes read by all ranks."""
+    files = []
+    for output in outputs:
+        assert output.files is not None
+        lay_out_files(output.files.paths, output.files.shards, output.files.metadata)
+        files.append(output.files)
+    world.post("staged", {})
+    bytes_read, crcs = job.lead(plans, files, options, world, on_progress)
+    for output, output_crcs in zip(outputs, crcs):
+        assert output.files is not None
+        output.crcs = output_crcs
+        output.report.bytes_written = sum(p.stat().st_size for p in output.files.paths)
+    return bytes_read
 
 
 def _run_pass(plans: list[Plan], outputs: list[OutputFiles], options: WriteOptions, on_progress: ProgressFn | None) -> int:

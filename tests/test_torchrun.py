@@ -433,6 +433,72 @@ def test_select_inspect_and_export_under_torchrun(llama_bf16_run, tmp_path):
     same_output(tmp_path / "one", tmp_path / "two", 2)
 
 
+def test_sweep_under_torchrun_writes_every_candidate_as_one_process(llama_bf16_run, tmp_path):
+    """Each rank writes its share of every candidate from one read of its units: each candidate's files are
+    byte for byte those of a sweep in one process, verified, and the inputs are read once between the ranks."""
+    recipes = ["--recipe", "mean", "--recipe", "last:2", "--recipe", "ema:0.5"]
+    args = [*llama_bf16_run, *recipes, "--max-shard-size", "5MB", "--no-fsync", "--json"]
+    one = ckptavg("sweep", *args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "sweep", *args, "-o", tmp_path / "two", "--verify")
+    assert two.returncode == 0, two.stderr
+    report = json.loads(two.stdout)
+    assert report["world_size"] == 2 and report["verified"] and report["passes"] == 1
+    assert report["bytes_read"] == json.loads(one.stdout)["bytes_read"] == report["bytes_to_read"]
+    for name in ("mean", "last-2", "ema-0.5"):
+        assert len(list((tmp_path / "two" / name).glob("model-*.safetensors"))) > 1
+        left = json.loads((tmp_path / "one" / name / "ckptavg.json").read_text())
+        right = json.loads((tmp_path / "two" / name / "ckptavg.json").read_text())
+        assert not left.get("verified") and right["verified"]
+        for recipe in (left, right):
+            for key in ("verified", "files"):
+                recipe.pop(key, None)
+        (tmp_path / "two" / name / "ckptavg.json").write_text(json.dumps(right))
+        (tmp_path / "one" / name / "ckptavg.json").write_text(json.dumps(left))
+        same_output(tmp_path / "one" / name, tmp_path / "two" / name, 2)
+    assert stray_files(tmp_path) == []
+
+
+def test_tune_under_torchrun_rank_0_evaluates_and_every_rank_writes(lm_run, tmp_path):
+    """tune under torchrun: the candidates (and the greedy soup's steps, each an order rank 0 gives) are written
+    by both ranks, rank 0 alone runs the evaluation, and the table and the winner are those of one process. The
+    evaluation is a stand-in that starts at once: a number made from the candidate's weights (its sha256)."""
+    run, _ = lm_run
+    paths = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-3:]
+    log = tmp_path / "evaluated.log"
+    script = tmp_path / "score.py"
+    script.write_text(
+        "import hashlib, os, sys\n"
+        f"open({str(log)!r}, 'a').write(os.environ.get('RANK', '-') + '\\n')\n"
+        "digest = hashlib.sha256(open(os.path.join(sys.argv[1], 'model.safetensors'), 'rb').read()).hexdigest()\n"
+        "print(int(digest[:8], 16) / 2**32)\n"
+    )
+    args = [
+        *paths,
+        "--eval",
+        f"{sys.executable} {script} {{model}}",
+        "--mode",
+        "min",
+        "--recipe",
+        "mean",
+        "--greedy-soup",
+        "--json",
+    ]
+    one = ckptavg("tune", *args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    evaluated = len(log.read_text().splitlines())
+    two = torchrun(2, "tune", *args, "-o", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert b["world_size"] == 2 and b["evaluated"] == a["evaluated"] == evaluated > 3
+    assert log.read_text().splitlines()[evaluated:] == ["0"] * evaluated  # every evaluation on rank 0
+    assert [(c["name"], c["score"]) for c in a["candidates"]] == [(c["name"], c["score"]) for c in b["candidates"]]
+    assert a["winner"] == b["winner"] and a["soup"]["kept"] == b["soup"]["kept"]
+    assert len(a["soup"]["steps"]) > 1  # the soup wrote means of its own, each an order to the other rank
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluated.log", "one", "score.py", "two"]  # no staging left
+
+
 def _api_worker(rank: int, port: int, inputs: list[str], out: str) -> None:
     import torch.distributed as dist
 
@@ -514,7 +580,7 @@ def test_dcp_and_deepspeed_saves_under_torchrun(dcp_tp_ckpts, deepspeed_2rank_ze
 def test_lora_adapters_under_torchrun(lora_plain, peft_base, tmp_path):
     """PEFT adapters, exact (computed stacked factors, read whole) and merged into the base (rows computed on
     demand): the ranks' output is the single process's."""
-    inputs = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-3:]
+    inputs = sorted(lora_plain.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:]
     for mode in ("exact", "merged"):
         extra = ["--adapter-mode", mode] + (["--base", str(peft_base)] if mode == "merged" else [])
         assert ckptavg("average", *inputs, *extra, "-o", tmp_path / f"{mode}-one", "-q").returncode == 0

@@ -19,6 +19,7 @@ from ckptavg.cli.params import (
     OrderOpt,
     OverwriteOpt,
     QuietOpt,
+    RankTimeoutOpt,
     RequantizeOpt,
     ShardOpt,
     StripOpt,
@@ -90,6 +91,7 @@ def sweep(
         typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD."),
     ] = None,
     requantize: RequantizeOpt = False,
+    rank_timeout: RankTimeoutOpt = 120.0,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning as an error: exit 1, nothing written.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -97,7 +99,7 @@ def sweep(
 ) -> None:
     """Average the same checkpoints several ways from one read: one complete output per candidate weighting.
 
-    Each input byte is read once; every chunk is folded into each candidate's output, and each candidate's weight files are byte for byte those `ckptavg average` writes with the same inputs and weighting. Memory stays within --memory-budget whatever the number of candidates. DIR is written as a whole: a failure leaves nothing.
+    Each input byte is read once; every chunk is folded into each candidate's output, and each candidate's weight files are byte for byte those `ckptavg average` writes with the same inputs and weighting. Memory stays within --memory-budget whatever the number of candidates. DIR is written as a whole: a failure leaves nothing. Under torchrun, each rank writes its share of every candidate.
 
     Example:
 
@@ -128,6 +130,7 @@ def sweep(
             adapter_mode=adapter_mode,
             base=base,
             adapter_rank=adapter_rank,
+            rank_timeout=rank_timeout,
             requantize=requantize,
             **callbacks,
         ),

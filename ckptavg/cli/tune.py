@@ -17,6 +17,7 @@ from ckptavg.cli.params import (
     OrderOpt,
     OverwriteOpt,
     QuietOpt,
+    RankTimeoutOpt,
     ShardOpt,
     StripOpt,
     UseEmaOpt,
@@ -129,13 +130,14 @@ def tune(
     memory_budget: BudgetOpt = None,
     verify: VerifyOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Treat every warning as an error: exit 1, nothing written.")] = False,
+    rank_timeout: RankTimeoutOpt = 120.0,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Choose the merge by evaluation: average the checkpoints several ways, score each candidate, write the best.
 
-    The candidates are written with one read of the inputs, evaluated one at a time and removed once scored. The winner (the best score among those no --guard holds back) is written to OUT like an average output; its ckptavg.json and model card hold the whole table. Run again after an interruption, it reuses the scores already measured.
+    The candidates are written with one read of the inputs, evaluated one at a time and removed once scored. The winner (the best score among those no --guard holds back) is written to OUT like an average output; its ckptavg.json and model card hold the whole table. Run again after an interruption, it reuses the scores already measured. Under torchrun, every rank writes its share of the candidates and rank 0 evaluates them.
 
     Example:
 
@@ -176,6 +178,7 @@ def tune(
             memory_budget=memory_budget,
             verify=verify,
             strict=strict,
+            rank_timeout=rank_timeout,
             on_candidate=on_candidate,
             on_progress=on_progress,
         ),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ckptavg.formats.base import TensorSource
     from ckptavg.merge.plan import Plan
 
 UNITS_PER_RANK = 8  # pieces per rank: enough to even out the shares, few enough to keep each read long
@@ -73,10 +74,28 @@ def assign(units: list[Unit], world_size: int) -> list[list[Unit]]:
 
 def share_plan(plan: Plan, units: list[Unit]) -> Plan:
     """The plan of one rank: its units as entries of their own."""
+    return share_plans([plan], units)[0]
+
+
+def share_plans(plans: list[Plan], units: list[Unit]) -> list[Plan]:
+    """The plans of one rank (a sweep's candidates, made of the same tensors): its units as entries of their own
+    in each, every source the plans share cut once, so that one pass reads it once for all of them."""
+    from ckptavg.formats.base import slice_source
     from ckptavg.merge.plan import Plan
 
-    entries = [plan.entries[u.entry].slice(u.first, u.count) for u in units]
-    return Plan(plan.inputs, plan.weights, entries, plan.output_kind, plan.adapter_config, plan.files_from)
+    cut: dict[tuple[int, int, int], TensorSource] = {}
+
+    def slice_once(source: TensorSource, first: int, count: int) -> TensorSource:
+        key = (id(source), first, count)
+        if key not in cut:
+            cut[key] = slice_source(source, first, count)
+        return cut[key]
+
+    shares = []
+    for plan in plans:
+        entries = [plan.entries[u.entry].slice(u.first, u.count, slice_once) for u in units]
+        shares.append(Plan(plan.inputs, plan.weights, entries, plan.output_kind, plan.adapter_config, plan.files_from))
+    return shares
 
 
 def fingerprint(plan: Plan, layout: Iterable[object]) -> str:

@@ -75,6 +75,7 @@ class World:
         self.interrupted = False  # told to stop (torchrun's SIGTERM): leave at once, wait for no one
         self.peak_rss = 0  # rank 0, once every rank has reported: the largest rank's peak memory
         self.failure = False  # a rank has posted a failure (seen by the beat thread)
+        self.agreed = False  # every rank has posted the same plan (job.agree): a failure since is posted, not gathered
         self._beats = threading.Thread(target=self._beat, daemon=True, name="ckptavg-beat")
         self._beats.start()
 

@@ -6,6 +6,7 @@ The plan is plain data, so it could be split across processes by tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +49,18 @@ class PlanEntry:
     def input_dtype(self) -> torch.dtype:
         return self.sources[0].dtype
 
-    def slice(self, first: int, count: int) -> PlanEntry:
+    def slice(
+        self, first: int, count: int, slice_of: Callable[[TensorSource, int, int], TensorSource] = slice_source
+    ) -> PlanEntry:
         """Elements [first, first + count) of this output tensor as an entry of its own (flat). Folding is
         elementwise, so its bytes are exactly those of the same range of the whole tensor; a tied tensor's
-        share is computed again from its sources rather than repeated."""
+        share is computed again from its sources rather than repeated. `slice_of` cuts each source (plans that
+        share sources pass one that cuts each once, so that one pass still reads it once)."""
         return PlanEntry(
             self.name,
             self.dtype,
             (count,),
-            [slice_source(s, first, count) for s in self.sources],
+            [slice_of(s, first, count) for s in self.sources],
             self.weights,
             self.divisor,
             self.accum_dtype,

@@ -53,6 +53,7 @@ class TuneReport:
     evaluated: int = 0
     reused: int = 0
     bytes_read: int = 0
+    world_size: int = 1  # processes that wrote the candidates (torchrun); rank 0 evaluated them
     seconds: float = 0.0
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)

@@ -9,6 +9,7 @@ as `average` writes it, its ckptavg.json and card holding the whole table.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import shutil
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ckptavg.distributed import World
 from ckptavg.errors import InputError, OutputError, UsageError, option
 from ckptavg.recipes import Candidate
 from ckptavg.signals import steps_of_a_longer_run
@@ -65,6 +67,7 @@ class Tuner:
         self.written = 0
         self.bytes_read = 0
         self.retained: tuple[str, Path] | None = None  # the best eligible candidate's folder, kept for OUT
+        self.world: World | None = None  # under torchrun: rank 0 evaluates, every rank writes the candidates
 
     # -- planning ---------------------------------------------------------------------------------------
 
@@ -128,11 +131,16 @@ class Tuner:
     def write(self, chosen: list[Candidate], on_progress: Callable | None = None) -> dict[str, Path]:
         """Write candidates with the one-read sweep into the staging folder; their folders by name. Progress is
         shown for the first write, of every candidate; the soup's steps and the winner's rewrite are one each."""
-        from ckptavg.sweeping import sweep_candidates
-
         assert self.staging is not None
         self.written += 1
         folder = self.staging / f"write-{self.written}"
+        if self.world is not None:  # the other ranks write their share of the same candidates (follow_orders)
+            self.world.post(f"order/{self.written}", {"write": [[c.name, list(c.inputs)] for c in chosen], "folder": str(folder)})
+        return self._sweep(chosen, folder, on_progress)
+
+    def _sweep(self, chosen: list[Candidate], folder: Path, on_progress: Callable | None = None) -> dict[str, Path]:
+        from ckptavg.sweeping import sweep_candidates
+
         with steps_of_a_longer_run():  # the run succeeds when the winner is in OUT, not when a candidate is written
             report = sweep_candidates(
                 self.paths,
@@ -186,6 +194,26 @@ class Tuner:
             return
         shutil.rmtree(folder, ignore_errors=True)
 
+    def follow_orders(self, known: list[Candidate]) -> None:
+        """A rank other than 0 under torchrun: write its share of each set of candidates rank 0 writes, in the
+        same order, until rank 0 says the run is over (or fails, which fails this rank too)."""
+        from ckptavg.tuning.candidates import mean_of
+
+        assert self.world is not None
+        by_name = {c.name: c for c in known}
+        for n in itertools.count(1):
+            self.world.wait([f"order/{n}"], watch=[0])
+            order = self.world.read(f"order/{n}")
+            if "write" not in order:
+                return
+            chosen = []
+            for name, inputs in order["write"]:
+                candidate = by_name.get(name) or mean_of(inputs, name)  # the soup's means are made as rank 0 makes them
+                if list(candidate.inputs) != inputs:
+                    raise UsageError(None, f"rank {self.world.rank} planned {name} over other inputs than rank 0")
+                chosen.append(candidate)
+            self._sweep(chosen, Path(order["folder"]))
+
 
 def _alone_candidates(steps: list, taken: set[str]) -> list[Candidate]:
     """Each input but the newest alone (the newest alone is the baseline), named by its step when every step is
@@ -207,7 +235,23 @@ def best_of(rows: Sequence[CandidateResult], mode: str) -> CandidateResult | Non
 
 
 def run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -> TuneReport:
-    """The whole run (see the module's docstring)."""
+    """The whole run (see the module's docstring). Under torchrun every rank plans and writes the candidates
+    (each its share, as `sweep` does), and rank 0 alone evaluates them, keeps the state and writes OUT; the
+    other ranks follow its orders."""
+    from ckptavg.distributed import job, join
+
+    world = None if dry_run or tuner.out is None else join(tuner.options.rank_timeout)
+    if world is not None:
+        world.agreed = True  # each step agrees on its own plans; a failure now is posted for all to see
+    tuner.world = world
+    with job.failures_shared(world):
+        report = _run_tune(tuner, overwrite, dry_run, plot)
+        if world is not None and world.leader:
+            world.post(f"order/{tuner.written + 1}", {"end": True})
+        return report
+
+
+def _run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -> TuneReport:
     from ckptavg.output import output_lock, remove_leftovers, tmp_name
 
     started = time.perf_counter()
@@ -217,6 +261,11 @@ def run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) ->
         report.dry_run = True
         report.seconds = time.perf_counter() - started
         return report
+    if tuner.world is not None:
+        report.world_size = tuner.world.size
+        if not tuner.world.leader:
+            tuner.follow_orders(table + alone)
+            return report
     out = tuner.out
     state = TuneState(state_path(out))
     if tuner.keep is not None:
@@ -456,6 +505,7 @@ def tune(
     memory_budget: str | int | None = None,
     verify: bool = False,
     strict: bool = False,
+    rank_timeout: float = 120.0,
     on_candidate: Callable[[CandidateResult], None] | None = None,
     on_progress: Callable | None = None,
 ) -> TuneReport:
@@ -479,6 +529,9 @@ def tune(
         guards: "METRIC:TOL[:min|max]": a candidate losing more than TOL on METRIC against the baseline cannot win.
         keep_candidates: a folder to keep every candidate in (else each is removed once scored).
         plot: an .svg, .png or .pdf file: score per candidate (needs matplotlib: ckptavg[plot]).
+        rank_timeout: under torchrun, every rank writes its share of the candidates and rank 0 alone evaluates
+            them; a rank silent this long while writing fails the job (the others wait for rank 0's evaluations
+            as long as it is alive).
         on_candidate: called with each row of the table once scored.
         The other options are those of `average`, applied to every candidate.
 
@@ -491,7 +544,6 @@ def tune(
     """
     from ckptavg.averaging import check_inputs_and_output, check_paths
     from ckptavg.checks import check_int, check_number, check_path
-    from ckptavg.distributed import under_torchrun
     from ckptavg.options import AverageOptions
     from ckptavg.tuning.candidates import asked_candidates, default_candidates
     from ckptavg.tuning.guards import parse_guards
@@ -533,9 +585,8 @@ def tune(
         verify=verify,
         strict=strict,
         dry_run=dry_run,
+        rank_timeout=rank_timeout,
     ).check()
-    if under_torchrun():
-        raise UsageError(None, "tune runs in one process: run it without torchrun")
     paths, out_path, _ = check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(None, f"{option('out', out_path.name)}: tune writes the winner as a folder; name a folder")
