@@ -10,6 +10,11 @@ row (the inputs are read once first), so the rows compare the tools, not the dis
 Rows, each run --repeat times (median): one `average` (the mean of all N, the unit of the ratios); for each
 K, one `sweep` of the first K recipes below, and the K `average` runs that write the same outputs. Wall time
 and peak RSS come from /usr/bin/time -v. The outputs are removed after each run (disk).
+
+Floors, measured in the same run: reading the inputs once (`cat` to /dev/null, warm), and writing K outputs'
+bytes once (K x one input's bytes in 64 MiB writes to a file in DIR, fsynced unless --no-fsync). "x floor" is a
+row's wall over the larger of the read floor and its K's write floor: what no tool writing those outputs from
+those inputs can beat on this disk.
 """
 
 from __future__ import annotations
@@ -54,6 +59,24 @@ def run(cmd: list[str], files: list[str], out: Path) -> tuple[float, int]:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def write_floor(folder: Path, nbytes: int, fsync: bool) -> tuple[float, int]:
+    """Seconds to write `nbytes` once, as K outputs would be written (64 MiB pieces, fsynced at the end)."""
+    import time
+
+    piece = bytes(64 << 20)
+    path = folder / "write-floor.bin"
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        for start in range(0, nbytes, len(piece)):
+            f.write(piece[: min(len(piece), nbytes - start)])
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    wall = time.perf_counter() - started
+    path.unlink()
+    return wall, 0
+
+
 def median_of(repeat: int, measure) -> tuple[float, int]:
     results = [measure() for _ in range(repeat)]
     return statistics.median(r[0] for r in results), max(r[1] for r in results)
@@ -85,6 +108,12 @@ def main() -> None:
         return ckptavg("average", *map(str, chosen), "-o", str(out), *options, *extra)
 
     rows = []
+    args.dir.mkdir(parents=True, exist_ok=True)
+    read_floor = median_of(args.repeat, lambda: run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], files, out))[0]
+    one_output = sum(Path(f).stat().st_size for f in files) // args.models
+    write_floors = {
+        k: median_of(args.repeat, lambda k=k: write_floor(args.dir, k * one_output, not args.no_fsync))[0] for k in ks
+    }
     run(average(RECIPES[0]), files, out)  # unmeasured: the first run also pays for cold Python and torch imports
     one = median_of(args.repeat, lambda: run(average(RECIPES[0]), files, out))
     rows.append(("average (mean of all)", 1, *one))
@@ -103,10 +132,13 @@ def main() -> None:
     gb = sum(Path(f).stat().st_size for f in files) / 1e9
     print(f"\n{args.models} x {args.size_gb:g} GB bf16 inputs ({gb:.2f} GB), warm page cache, {os.cpu_count()} cores")
     print(f"recipes in K order: {', '.join(r for r, _, _ in RECIPES[: max(ks)])}\n")
-    print("| run | K | wall | vs one average | peak RSS |")
-    print("|---|---|---|---|---|")
+    floor_text = ", ".join(f"K={k} {w:.1f} s" for k, w in write_floors.items())
+    print(f"floors: read the inputs once {read_floor:.1f} s; write K outputs once {floor_text}\n")
+    print("| run | K | wall | vs one average | x floor | peak RSS |")
+    print("|---|---|---|---|---|---|")
     for label, k, wall, rss in rows:
-        print(f"| {label} | {k} | {wall:.1f} s | {wall / one[0]:.2f}x | {rss / 1e9:.2f} GB |")
+        floor = max(read_floor, write_floors.get(k, write_floors[min(write_floors)] * k / min(write_floors)))
+        print(f"| {label} | {k} | {wall:.1f} s | {wall / one[0]:.2f}x | {wall / floor:.2f}x | {rss / 1e9:.2f} GB |")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -114,6 +146,8 @@ def main() -> None:
                     "models": args.models,
                     "size_gb": args.size_gb,
                     "fsync": not args.no_fsync,
+                    "read_floor_s": read_floor,
+                    "write_floor_s": write_floors,
                     "rows": [{"run": label, "k": k, "wall_s": wall, "peak_rss_bytes": rss} for label, k, wall, rss in rows],
                 },
                 indent=2,

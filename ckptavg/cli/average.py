@@ -9,6 +9,9 @@ import typer
 
 from ckptavg.cli.params import (
     AccumOpt,
+    AdapterModeOpt,
+    AdapterRankOpt,
+    BaseOpt,
     BudgetOpt,
     CommitMessageOpt,
     DebugOpt,
@@ -26,6 +29,7 @@ from ckptavg.cli.params import (
     RankTimeoutOpt,
     RequantizeOpt,
     ShardOpt,
+    StrictOpt,
     StripOpt,
     TrainingStateOpt,
     UseEmaOpt,
@@ -111,34 +115,9 @@ def average(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
-    adapter_mode: Annotated[
-        str,
-        typer.Option(
-            "--adapter-mode",
-            metavar="MODE",
-            help=(
-                "PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; "
-                "rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or "
-                "merged (a full model: --base + the mean change; exact for DoRA too)."
-            ),
-        ),
-    ] = "exact",
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            "--base",
-            metavar="MODEL",
-            help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.",
-        ),
-    ] = None,
-    adapter_rank: Annotated[
-        int | None,
-        typer.Option(
-            "--adapter-rank",
-            metavar="R",
-            help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.",
-        ),
-    ] = None,
+    adapter_mode: AdapterModeOpt = "exact",
+    base: BaseOpt = None,
+    adapter_rank: AdapterRankOpt = None,
     rank_timeout: RankTimeoutOpt = 120.0,
     requantize: RequantizeOpt = False,
     out_format: Annotated[
@@ -151,16 +130,7 @@ def average(
         ),
     ] = "auto",
     training_state: TrainingStateOpt = "drop",
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help=(
-                "Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an "
-                "error: exit 1, nothing written. For CI."
-            ),
-        ),
-    ] = False,
+    strict: StrictOpt = False,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: PushRevisionOpt = None,

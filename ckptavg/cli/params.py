@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -162,5 +163,43 @@ OverwriteOpt = Annotated[
     typer.Option(
         "--overwrite",
         help="Replace OUT if a previous ckptavg run wrote it. Never an input, a training checkpoint or a folder of other files.",
+    ),
+]
+AdapterModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--adapter-mode",
+        metavar="MODE",
+        help=(
+            "PEFT adapters: exact (an adapter whose change to every module is exactly the weighted mean of the changes; "
+            "rank grows to the sum), params (the parameter-wise mean at the same rank, with its error against exact) or "
+            "merged (a full model: --base + the mean change; exact for DoRA too)."
+        ),
+    ),
+]
+BaseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--base",
+        metavar="MODEL",
+        help="The adapters' base model (a local folder or file, or hf://ORG/REPO@REVISION), for --adapter-mode merged.",
+    ),
+]
+AdapterRankOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--adapter-rank",
+        metavar="R",
+        help="Truncate the exact average of LoRA adapters to rank R by SVD; the summary gives each module's error.",
+    ),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help=(
+            "Treat every warning (inputs that look like different runs, an EMA that is mostly its oldest input, ...) as an "
+            "error: exit 1, nothing written. For CI."
+        ),
     ),
 ]

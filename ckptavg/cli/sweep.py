@@ -9,6 +9,9 @@ import typer
 
 from ckptavg.cli.params import (
     AccumOpt,
+    AdapterModeOpt,
+    AdapterRankOpt,
+    BaseOpt,
     BudgetOpt,
     DebugOpt,
     DeviceOpt,
@@ -22,6 +25,7 @@ from ckptavg.cli.params import (
     RankTimeoutOpt,
     RequantizeOpt,
     ShardOpt,
+    StrictOpt,
     StripOpt,
     UseEmaOpt,
     VerifyOpt,
@@ -78,21 +82,12 @@ def sweep(
     memory_budget: BudgetOpt = None,
     no_fsync: NoFsyncOpt = False,
     verify: VerifyOpt = False,
-    adapter_mode: Annotated[
-        str,
-        typer.Option("--adapter-mode", metavar="MODE", help="PEFT adapters: exact, params or merged, as for average."),
-    ] = "exact",
-    base: Annotated[
-        Path | None,
-        typer.Option("--base", metavar="MODEL", help="The adapters' base model, for --adapter-mode merged."),
-    ] = None,
-    adapter_rank: Annotated[
-        int | None,
-        typer.Option("--adapter-rank", metavar="R", help="Truncate the exact average of LoRA adapters to rank R by SVD."),
-    ] = None,
+    adapter_mode: AdapterModeOpt = "exact",
+    base: BaseOpt = None,
+    adapter_rank: AdapterRankOpt = None,
     requantize: RequantizeOpt = False,
     rank_timeout: RankTimeoutOpt = 120.0,
-    strict: Annotated[bool, typer.Option("--strict", help="Treat every warning as an error: exit 1, nothing written.")] = False,
+    strict: StrictOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
