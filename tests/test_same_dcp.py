@@ -9,7 +9,10 @@ byte for byte. .metadata is read here with torch's own (unrestricted) unpickler:
 from __future__ import annotations
 
 import functools
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,6 +197,101 @@ def test_fsdp2_uneven_and_empty_chunks_load_into_model_and_optimizer(dcp_fsdp2_c
         assert all(torch.equal(optimizer["state"][param][k], v) for k, v in state.items()), param
 
 
+def _fsdp2_resume(merged: Path, newest: Path, result: Path) -> None:
+    """One of two gloo ranks: _Net under FSDP2 as dist_runs trains it, loaded from `merged` and from `newest` with
+    dcp.load, then one more optimizer step; rank 0 saves the full model and optimizer state dicts and the losses."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        loaded = {}
+        for name, folder in (("merged", merged), ("newest", newest)):
+            torch.manual_seed(5)
+            model = _Net()
+            fully_shard(model.lin, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+            state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+            dcp_load(state, checkpoint_id=str(folder))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optimizer"])
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            loaded[name] = {
+                # copies: the plain buffers (BatchNorm's running stats) come as the module's own tensors, which the step changes
+                "model": {k: v.clone() for k, v in get_model_state_dict(model, options=full).items()},
+                "optimizer": get_optimizer_state_dict(model, opt, options=full),
+            }
+            tokens = torch.randint(0, 11, (8, 3), generator=torch.Generator().manual_seed(dist.get_rank()))
+            loss = model(tokens).pow(2).mean()
+            loss.backward()
+            opt.step()
+            loaded[name]["loss"] = float(loss)
+        if dist.get_rank() == 0:
+            torch.save(loaded, result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path: Path, *args: str, timeout: float = 120) -> None:
+    """This file run as `python test_same_dcp.py ARGS...` by two gloo ranks on 127.0.0.1; the ranks' output on failure."""
+    from dist_runs import _free_port
+
+    root = Path(__file__).resolve().parent
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(root.parent), str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, *args],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    tails = []
+    for log in logs:
+        log.seek(0)
+        tails.append(log.read()[-3000:])
+        log.close()
+    assert codes == [0, 0], "\n".join(tails)
+
+
+def test_fsdp2_two_ranks_resume_from_the_merge(dcp_fsdp2_ckpts, tmp_path):
+    """The output loaded by FSDP2 itself on two gloo ranks, each reading its own shards, and training goes on."""
+    inputs, out = steps(dcp_fsdp2_ckpts), tmp_path / "merged"
+    ckptavg.average(inputs, out, out_format="same", training_state="newest")
+    run_two_ranks(tmp_path, "fsdp2-resume", str(out), str(inputs[-1]), str(tmp_path / "loaded.pt"))
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    want = float64_mean(inputs, [n for n in metadata(out).state_dict_metadata if n.startswith("model.")])
+    merged, newest = loaded["merged"], loaded["newest"]
+    assert merged["model"].keys() == {n.removeprefix("model.") for n in want}
+    assert all(torch.equal(merged["model"][n.removeprefix("model.")], w) for n, w in want.items())
+    assert merged["optimizer"]["param_groups"] == newest["optimizer"]["param_groups"]
+    for param, state in newest["optimizer"]["state"].items():
+        assert all(torch.equal(merged["optimizer"]["state"][param][k], v) for k, v in state.items()), param
+    assert torch.isfinite(torch.tensor(merged["loss"])) and merged["loss"] != newest["loss"]
+
+
 def test_fsdp2_drop_lists_only_the_model(dcp_fsdp2_ckpts, tmp_path):
     inputs, out = steps(dcp_fsdp2_ckpts), tmp_path / "merged"
     ckptavg.average(inputs, out, out_format="same")
@@ -298,3 +396,10 @@ def test_a_dcp_save_inside_a_trainer_folder_is_refused(dcp_accelerate_ckpts, tmp
     out = tmp_path / "model"
     ckptavg.average([i / "pytorch_model_fsdp_0" for i in inputs], out, out_format="same", verify=True)
     assert all(n.startswith("model.") for n in metadata(out).state_dict_metadata)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["fsdp2-resume"]:
+        _fsdp2_resume(*(Path(a) for a in sys.argv[2:5]))
+    else:
+        sys.exit(f"usage: {sys.argv[0]} fsdp2-resume MERGED NEWEST RESULT")
