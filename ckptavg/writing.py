@@ -144,6 +144,7 @@ class OutputFiles:
                 recipe["files"] = {
                     name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()
                 }
+            recipe["training_state"] = options.training_state
             recipe["written"] = list(report.output_files)
             write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
             report.output_files.append(RECIPE_FILE)

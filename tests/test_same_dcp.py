@@ -374,6 +374,33 @@ def test_zstd_compressed_items_are_copied_compressed(tmp_path):
     )
 
 
+class _Touch:
+    """Pickles as a call of Path.touch: whoever unpickles it creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_pickled_items_are_copied_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    inputs = []
+    for step in (1, 2):
+        g = torch.Generator().manual_seed(step)
+        inputs.append(tmp_path / f"step-{step}")
+        dcp_save(
+            {"model": {"w": torch.randn(4, 3, generator=g)}, "extra": {"hook": _Touch(marker)}}, checkpoint_id=str(inputs[-1])
+        )
+    assert not marker.exists()
+    out = tmp_path / "merged"
+    report = ckptavg.average(inputs, out, out_format="same", training_state="newest", verify=True)
+    assert any("extra (1)" in note for note in report.notes)
+    assert not marker.exists()
+    assert item_bytes(out, metadata(out), "extra.hook") == item_bytes(inputs[-1], metadata(inputs[-1]), "extra.hook")
+
+
 def test_mixed_layouts_a_file_name_and_a_dtype_change_are_refused(dcp_fsdp2_ckpts, tmp_path):
     inputs = steps(dcp_fsdp2_ckpts)
     pickle_input = reference_path(dcp_fsdp2_ckpts, inputs[0])  # torch's own dcp_to_torch_save of step-2
