@@ -401,6 +401,20 @@ def test_pickled_items_are_copied_never_unpickled(tmp_path):
     assert item_bytes(out, metadata(out), "extra.hook") == item_bytes(inputs[-1], metadata(inputs[-1]), "extra.hook")
 
 
+def test_items_serialized_as_safetensors_are_refused(tmp_path):
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    inputs = []
+    for step in (1, 2):
+        inputs.append(tmp_path / f"step-{step}")
+        writer = FileSystemWriter(str(inputs[-1]), serialization_format=SerializationFormat.SAFETENSORS)
+        dcp_save({"model": {"w": torch.full((4, 3), float(step))}}, storage_writer=writer)
+    with pytest.raises(UnsupportedError, match="serialized as safetensors is not written back yet"):
+        ckptavg.average(inputs, tmp_path / "merged", out_format="same")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_mixed_layouts_a_file_name_and_a_dtype_change_are_refused(dcp_fsdp2_ckpts, tmp_path):
     inputs = steps(dcp_fsdp2_ckpts)
     pickle_input = reference_path(dcp_fsdp2_ckpts, inputs[0])  # torch's own dcp_to_torch_save of step-2
