@@ -12,6 +12,8 @@ from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions
 from ckptavg.distributed import World, job
 from ckptavg.errors import UsageError, option
+from ckptavg.formats.dcp_same import KIND as SAME_DCP
+from ckptavg.formats.dcp_same import DcpSameWriter, dcp_same_layout, verify_dcp_same
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import SameLayoutWriter
@@ -59,6 +61,8 @@ def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) ->
     """The output's `layout` (kind, one file?), refused when the plan cannot be written so (an adapter as one
     file, a dtype .pt cannot hold)."""
     kind, single_file = layout
+    if kind == "same" and (dcp := dcp_same_layout(plan.inputs[-1])) is not None:
+        return dcp
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,
@@ -92,7 +96,9 @@ class OutputFiles:
         self.kind, self.single_file, self.specs, self.recipe = kind, single_file, specs, recipe
         self.files: TensorFiles | None = None
         self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
-        if kind == "same":
+        if kind == SAME_DCP:
+            report.output_files = []  # the newest input's .distcp files kept, listed once written
+        elif kind == "same":
             report.output_files = [out_path.name]
         elif kind == "pt":
             report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
@@ -105,6 +111,9 @@ class OutputFiles:
         safetensors files."""
         if self.files is not None:
             return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
+        if self.kind == SAME_DCP:
+            newest = self.plan.inputs[-1]
+            return DcpSameWriter(self.tmp, self.specs, newest, options.training_state, self.out_path, durable=options.fsync)
         if self.kind == "same":
             return SameLayoutWriter(
                 self.tmp, self.specs, self.plan.inputs[-1], options.training_state, self.recipe, durable=options.fsync
@@ -125,6 +134,21 @@ class OutputFiles:
     ) -> None:
         """Once the weights are written: a folder's index, model files, card and recipe; --verify's read-back."""
         plan, report, tmp, out_path, recipe = self.plan, self.report, self.tmp, self.out_path, self.recipe
+        if self.kind == SAME_DCP:  # a DCP save: its files, the recipe beside (no model card, no model files)
+            report.output_files = sorted(p.name for p in tmp.iterdir())
+            if options.verify:
+                started = time.perf_counter()
+                report.sha256 = verify_dcp_same(tmp, out_path, self.specs, crcs, options.read_back.key)
+                report.verified, report.verify_seconds = True, time.perf_counter() - started
+                recipe["verified"] = True
+                recipe["files"] = {
+                    name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()
+                }
+            recipe["training_state"] = options.training_state
+            recipe["written"] = list(report.output_files)
+            write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+            report.output_files.append(RECIPE_FILE)
+            return
         if self.single_file:
             if options.verify:
                 verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)

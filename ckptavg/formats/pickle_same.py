@@ -28,6 +28,7 @@ import torch
 
 from ckptavg.errors import InputError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import FILES, Checkpoint, contiguous_strides
+from ckptavg.formats.dcp_same import check_dcp_same, is_dcp_save
 from ckptavg.formats.detect import TRAINING_STATE_KEYS
 from ckptavg.formats.dtypes import dtype_name, itemsize, to_torch
 from ckptavg.formats.torch_writer import STORAGE_CLASSES, TorchWriter, _Storage, check_pt_dtypes
@@ -49,6 +50,8 @@ def _layout(ckpt: Checkpoint) -> str:
     """An input's layout in words, for the message that says it is not written back."""
     if ckpt.adapter is not None:
         return "a PEFT adapter"
+    if ckpt.format.startswith("dcp-hf"):
+        return "a DCP save of safetensors shards (HuggingFaceStorageWriter)"
     if ckpt.format.startswith("dcp"):
         return "a torch.distributed.checkpoint (DCP) save"
     if ckpt.format.startswith("deepspeed"):
@@ -81,6 +84,8 @@ def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpe
     back yet, inputs of different layouts, an output not named with the newest input's suffix. Returns the notes
     for the report: where the weights go, and the training state left out or kept."""
     newest = inputs[-1]
+    if is_dcp_save(newest):
+        return check_dcp_same(inputs, out, specs, training_state)
     for ckpt in [newest, *inputs[:-1]]:
         if ckpt.pickle is None or ckpt.adapter is not None:
             if ckpt is newest:
