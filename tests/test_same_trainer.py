@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_state, save_layout
 from safetensors.torch import load_file
@@ -188,6 +189,7 @@ def test_mixed_layouts_and_file_names_refused(hf_run, tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers' own, on resuming peft
 def test_adapter_checkpoints_resume_from_the_merged_adapter(lora_plain, peft_base, tmp_path):
     """PEFT checkpoint-N/ folders: the adapter averaged at its rank (adapter_mode="params"), written as `average`
     writes it, with the newest input's Trainer files; the PeftModel resumes from it with the newest optimizer."""
@@ -228,3 +230,13 @@ def test_adapter_checkpoints_resume_from_the_merged_adapter(lora_plain, peft_bas
         assert torch.equal(seen["weights"][name], tensor), name
     assert_optimizer_is_the_newest(seen, inputs[-1])
     assert trainer.state.global_step == LORA_STEPS[-1] + 1
+
+
+def test_hub_checkpoint_refused(tmp_path, cli):
+    """An hf:// input is fetched into the cache without its Trainer files: its folder there is not written back."""
+    snapshot = tmp_path / "hub" / "models--org--run" / "snapshots" / "0123abcd"
+    folders = [save_layout(make_state(seed), snapshot, "hf-trainer", step=seed) for seed in (1, 2)]
+    result = cli("average", *folders, "-o", tmp_path / "out", "--format", "same")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "a Hub checkpoint is fetched without its Trainer files" in result.err
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from ckptavg.errors import InputError, UsageError, option
+from ckptavg.errors import InputError, UnsupportedError, UsageError, option
 from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.output import NOT_WRITTEN, PT_SUFFIXES
@@ -90,6 +90,12 @@ def check_trainer_same(inputs: list[Checkpoint], out: Path, specs: list[TensorSp
         )
     if newest.adapter is not None:
         _check_adapter(newest, specs, training_state)
+    if _in_hub_cache(newest.folder or newest.path):
+        raise UnsupportedError(
+            newest.path,
+            f"{option('out_format', 'same')}: a Hub checkpoint is fetched without its Trainer files (trainer_state.json, "
+            "optimizer.pt, ...), so it is not written back in its own layout; download its folder and pass that",
+        )
     folder = newest.folder or newest.path
     state, trainer = training_files(folder)
     merged = "adapter as `average` writes it" if newest.adapter is not None else "weights as `average` writes them"
@@ -109,6 +115,12 @@ def check_trainer_same(inputs: list[Checkpoint], out: Path, specs: list[TensorSp
     if training_state == "newest" and "trainer_state.json" not in trainer:
         notes.append(f"not resumable by the Trainer: {newest.path.name} has no trainer_state.json, which it needs")
     return notes
+
+
+def _in_hub_cache(folder: Path) -> bool:
+    """A folder of the Hugging Face cache (`models--ORG--NAME/snapshots/<commit>/...`): what an hf:// input
+    became, holding only the files ckptavg fetched for it."""
+    return any(p.name == "snapshots" and p.parent.name.startswith("models--") for p in folder.parents)
 
 
 def _check_adapter(newest: Checkpoint, specs: list[TensorSpec], training_state: str) -> None:
