@@ -19,6 +19,9 @@ from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import SameLayoutWriter
 from ckptavg.formats.quantized import DequantizedSource, Fp8Requantizer
 from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
+from ckptavg.formats.trainer_same import KIND as TRAINER_SAME
+from ckptavg.formats.trainer_same import copy_training_files
+from ckptavg.formats.trainer_same import output_layout as trainer_same_layout
 from ckptavg.formats.writer import (
     SafetensorsWriter,
     TensorSpec,
@@ -63,6 +66,8 @@ def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) ->
     kind, single_file = layout
     if kind == "same" and (dcp := dcp_same_layout(plan.inputs[-1])) is not None:
         return dcp
+    if kind == "same" and (trainer := trainer_same_layout(plan.inputs[-1])) is not None:
+        return trainer
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,
@@ -154,6 +159,9 @@ class OutputFiles:
                 verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
             return
         finish_folder(plan, report, tmp, self.files, options)
+        if self.kind == TRAINER_SAME:  # the newest input's Trainer files beside the weights (formats/trainer_same.py)
+            report.copied_files += copy_training_files(plan.inputs[-1], tmp, options.training_state, durable=options.fsync)
+            recipe["training_state"] = options.training_state
         report.output_files.append(
             write_card(tmp, recipe, out_path.name, verified=options.verify)
         )  # README.md; --verify covers it

@@ -32,6 +32,7 @@ from ckptavg.formats.dcp_same import check_dcp_same, is_dcp_save
 from ckptavg.formats.detect import TRAINING_STATE_KEYS
 from ckptavg.formats.dtypes import dtype_name, itemsize, to_torch
 from ckptavg.formats.torch_writer import STORAGE_CLASSES, TorchWriter, _Storage, check_pt_dtypes
+from ckptavg.formats.trainer_same import check_trainer_same, is_trainer_folder
 from ckptavg.formats.unpickle import DTypeRef, Opaque, QuantizedTensorRef, StorageRef, TensorRef
 from ckptavg.formats.writer import TensorSpec
 
@@ -83,6 +84,8 @@ def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpe
     """Refuse, before anything is written, what cannot be written back in the inputs' layout: a layout not written
     back yet, inputs of different layouts, an output not named with the newest input's suffix. Returns the notes
     for the report: where the weights go, and the training state left out or kept."""
+    if is_trainer_folder(inputs[-1]):
+        return check_trainer_same(inputs, out, specs, training_state)
     newest = inputs[-1]
     if is_dcp_save(newest):
         return check_dcp_same(inputs, out, specs, training_state)
