@@ -19,6 +19,7 @@ from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.dtypes import dtype_name
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import check_same_layout
+from ckptavg.formats.trainer_same import is_trainer_folder
 from ckptavg.formats.writer import (
     lay_out_files,
 )
@@ -124,8 +125,9 @@ def average(
         dry_run: build and check the plan, write nothing.
         out_format: "auto" (by the output's name: .safetensors, .pt/.pth/.bin, else a safetensors folder),
             "safetensors", "pt" (a folder then holds pytorch_model.bin), or "same": the newest input's own layout,
-            for PyTorch pickles (fairseq .pt, Lightning .ckpt, timm .pth.tar, ...): its entries kept, its weights
-            replaced by the merged ones (formats/pickle_same.py); the output is a file named with its suffix.
+            for PyTorch pickles (fairseq .pt, Lightning .ckpt, timm .pth.tar, ...: its entries kept, its weights
+            replaced by the merged ones; formats/pickle_same.py; a file named with its suffix), Trainer
+            checkpoint-N/ and model folders (formats/trainer_same.py) and DCP saves (formats/dcp_same.py).
         memory_budget: bytes (or "64MB") of buffers the engine may use; None: 64 MiB on a CPU, 512 MiB of
             pinned memory with CUDA. Larger budgets make larger chunks, not faster CPU folds.
         fsync: make the output durable before it is renamed into place (the default). False leaves the
@@ -261,7 +263,7 @@ def check_inputs_and_output(
         raise UsageError(None, f"no output given: pass {option('out', 'OUT')} (or {option('dry_run', True)})")
     layout = output_layout(out_path, options.out_format) if out_path is not None else None
     if out_path is not None and layout is not None:
-        if layout[1] and options.max_shard_size is not None:
+        if layout[1] and layout[0] != "same" and options.max_shard_size is not None:  # "same": once the inputs are open
             raise UsageError(
                 None,
                 f"{out_path.name} is one file, never sharded: {option('max_shard_size')} applies to an output folder "
@@ -344,6 +346,12 @@ def plan_run(
         raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
     if options.out_format == "same" and out_path is not None:
         report.notes.extend(check_same_layout(plan.inputs, out_path, output_specs(plan), options.training_state))
+        if options.max_shard_size is not None and not is_trainer_folder(plan.inputs[-1]):
+            raise UsageError(
+                None,
+                f"{option('max_shard_size')} applies to a folder of safetensors shards; {option('out_format', 'same')} writes "
+                "this layout as the newest input holds it (leave it out)",
+            )
     if out_path is not None and not options.dry_run and leader:
         check_space(out_path, plan.output_bytes)
     return plan, report

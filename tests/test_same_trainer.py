@@ -18,6 +18,7 @@ from conftest import make_state, save_layout
 from safetensors.torch import load_file
 
 import ckptavg
+from ckptavg.errors import UsageError
 
 STEPS = (6, 8, 10)
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
@@ -172,6 +173,12 @@ def test_model_folders_without_training_state(tmp_path):
         want = (states[0][name].double() + newest.double()) / 2 if newest.is_floating_point() else newest
         assert torch.equal(got[name], want.to(newest.dtype)), name
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "ckptavg.json", "model.safetensors"]
+    sharded = ckptavg.average(folders, tmp_path / "sharded", out_format="same", order="given", max_shard_size=2000)
+    assert "model.safetensors.index.json" in sharded.output_files  # a folder is sharded as average shards one
+    pickles = [save_layout(state, tmp_path / f"p{k}", "pt", step=k + 1) for k, state in enumerate(states)]
+    with pytest.raises(UsageError, match="applies to a folder of safetensors shards"):
+        ckptavg.average(pickles, tmp_path / "one.pt", out_format="same", max_shard_size=2000)
+    assert not (tmp_path / "one.pt").exists()
 
 
 def test_mixed_layouts_and_file_names_refused(hf_run, tmp_path, cli):
