@@ -29,6 +29,7 @@ from ckptavg.averaging import (
 from ckptavg.distributed import World, job, join
 from ckptavg.errors import OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import Checkpoint
+from ckptavg.formats.pickle_same import check_same_layout
 from ckptavg.formats.writer import lay_out_files
 from ckptavg.merge.engine import Engine, ProgressFn, plans_differ, rows_of
 from ckptavg.merge.plan import Plan, output_specs
@@ -122,6 +123,7 @@ def sweep(
     adapter_rank: int | None = None,
     requantize: bool = False,
     rank_timeout: float = 120.0,
+    training_state: str = "drop",
     on_progress: ProgressFn | None = None,
     on_plan: Callable[[SweepReport], None] | None = None,
 ) -> SweepReport:
@@ -133,7 +135,9 @@ def sweep(
             `out/sweep.json` (each candidate's recipe, inputs and weights). None only with dry_run.
         recipes: the weightings to try, e.g. ["mean", "last:2,4", "ema:0.9,0.99", "wsm:linear"]; a list of
             values makes one candidate per value (see ckptavg/recipes.py).
-        out_format: "auto" or "safetensors" (each candidate a safetensors folder), or "pt" (pytorch_model.bin).
+        out_format: "auto" or "safetensors" (each candidate a safetensors folder), "pt" (pytorch_model.bin), or
+            "same": each candidate in the newest input's own layout, as `average` writes it (a PyTorch pickle as
+            the file of that name in the candidate's folder), with `training_state` as for `average`.
         memory_budget: as for `average`; the candidates' output chunks share it, so memory does not grow with
             their number.
         rank_timeout: under torchrun (as for `average`): each rank writes its share of every candidate from one
@@ -170,6 +174,7 @@ def sweep(
         adapter_rank=adapter_rank,
         requantize=requantize,
         rank_timeout=rank_timeout,
+        training_state=training_state,
     ).check()
     return sweep_candidates(paths, out, lambda steps: candidates(asked, steps), options, on_progress, on_plan)
 
@@ -187,7 +192,7 @@ def sweep_candidates(
     candidates (`tune` asks for windows the recipe grammar does not spell) written the same way, from one read."""
     started = time.perf_counter()
     paths, out_path, layout = check_inputs_and_output(paths, out, options)
-    if out_path is not None and layout is not None and layout[1]:
+    if out_path is not None and layout is not None and layout[1] and layout[0] != "same":
         raise UsageError(None, f"{option('out', out_path.name)}: a sweep writes a folder per candidate; name a folder")
     world = join(options.rank_timeout)
     leader = world is None or world.leader
@@ -196,6 +201,11 @@ def sweep_candidates(
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
         chosen = choose([c.step for c in checkpoints])
         plans, reports = _plan_candidates(inputs, checkpoints, chosen, options, world)
+        if options.out_format == "same" and out_path is not None and layout is not None:
+            for candidate, plan, candidate_report in zip(chosen, plans, reports):
+                own = check_output_layout(plan, out_path / candidate.name, layout)
+                target = candidate_output(plan, out_path / candidate.name, own)
+                candidate_report.notes.extend(check_same_layout(plan.inputs, target, output_specs(plan), options.training_state))
         report = _sweep_report(checkpoints, ordered_by, notes, out_path, chosen, plans, reports, inputs)
         report.dry_run = options.dry_run
         if world is not None:
@@ -316,8 +326,8 @@ def _write_sweep(
     In a job of several ranks (`world`), rank 0 stages DIR and lays out every candidate's files, each rank
     writes its share of all of them from one read of its units, and rank 0 finishes (and verifies) them; the
     other ranks have no share of a .pt output."""
-    kinds = [check_output_layout(plan, out_path, layout)[0] for plan in plans]
-    shared = world is not None and all(kind == "safetensors" for kind in kinds)
+    layouts = [check_output_layout(plan, out_path / c.name, layout) for plan, c in zip(plans, chosen)]
+    shared = world is not None and all(kind == "safetensors" for kind, _ in layouts)
     try:
         if world is not None and not world.leader:
             files = [
@@ -328,18 +338,18 @@ def _write_sweep(
             return
         with staged(out_path, options.overwrite, is_dir=True, notes=report.notes) as tmp:
             outputs = []
-            for candidate, plan, candidate_report, kind in zip(chosen, plans, reports, kinds):
-                folder = tmp / candidate.name
-                folder.mkdir()
+            for candidate, plan, candidate_report, (kind, single_file) in zip(chosen, plans, reports, layouts):
+                (tmp / candidate.name).mkdir()
+                target = candidate_output(plan, out_path / candidate.name, (kind, single_file))
                 recipe = _candidate_recipe(candidate_report, candidate)
                 outputs.append(
                     OutputFiles(
                         plan,
                         candidate_report,
-                        out_path / candidate.name,
-                        folder,
+                        target,
+                        tmp / target.relative_to(out_path),
                         kind,
-                        False,
+                        single_file,
                         output_specs(plan),
                         recipe,
                         options,
@@ -368,6 +378,13 @@ def _write_sweep(
             (tmp / SWEEP_FILE).write_text(json.dumps(_sweep_record(report, written), indent=2) + "\n")
     except OSError as e:
         raise OutputError(e.filename or out_path, f"cannot write the output: {e.strerror or e}") from e
+
+
+def candidate_output(plan: Plan, folder: Path, layout: tuple[str, bool]) -> Path:
+    """Where a candidate's output goes: its folder, or (a PyTorch pickle written in its own layout) the file in
+    its folder named as the newest input's."""
+    kind, single_file = layout
+    return folder / plan.inputs[-1].files[0].name if kind == "same" and single_file else folder
 
 
 def _write_shares(

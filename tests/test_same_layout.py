@@ -351,3 +351,28 @@ def test_hostile_global_refused_nothing_written(tmp_path, cli):
     assert result.code != 0 and len(result.err.strip().splitlines()) == 1
     assert "hostile pickle: it calls os.system" in result.err or "posix.system" in result.err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no output, no partial file, no marker
+
+
+def test_sweep_writes_each_candidate_in_the_inputs_layout(lightning_ckpts, hf_run, tmp_path, cli):
+    """sweep --format same: each candidate is what `average --format same` writes with its weighting: a Lightning
+    .ckpt in its folder (weights as average gives them, training state kept with newest), a Trainer folder with
+    the newest input's training files."""
+    paths = _epochs(lightning_ckpts)[-3:]
+    result = cli("sweep", *paths, "-o", tmp_path / "sweep", "--recipe", "mean", "--recipe", "last:2", "--format", "same",
+                 "--training-state", "newest", "--verify")  # fmt: skip
+    assert result.code == 0, result.err
+    for name, chosen in (("mean", paths), ("last-2", paths[-2:])):
+        ckpt = tmp_path / "sweep" / name / paths[-1].name
+        alone = tmp_path / f"{name}.ckpt"
+        assert cli("average", *chosen, "-o", alone, "--format", "same", "--training-state", "newest").code == 0
+        got, want = load(ckpt), load(alone)
+        assert_same_tensors(got["state_dict"], mean_of([load(p)["state_dict"] for p in chosen]))
+        assert_same_tensors(got["state_dict"], want["state_dict"])
+        for key in ("optimizer_states", "lr_schedulers", "hyper_parameters", "loops"):
+            assert_equal_nested(got[key], load(paths[-1])[key], key)
+    folders = sorted(hf_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:]
+    swept = ckptavg.sweep(folders, tmp_path / "trainer", recipes=["mean"], out_format="same", training_state="newest")
+    ckptavg.average(folders, tmp_path / "alone", out_format="same", training_state="newest")
+    assert any("optimizer.pt" in n for n in swept.notes)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (tmp_path / "trainer" / "mean" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name

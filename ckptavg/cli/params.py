@@ -203,3 +203,12 @@ StrictOpt = Annotated[
         ),
     ),
 ]
+OutFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        metavar="FORMAT",
+        help="auto (by OUT's name), safetensors, pt, or same (the newest input's own layout).",
+        show_default=False,
+    ),
+]
