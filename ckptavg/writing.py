@@ -12,6 +12,7 @@ from ckptavg.card import write_card
 from ckptavg.checkpoint import LoadOptions
 from ckptavg.distributed import World, job
 from ckptavg.errors import UsageError, option
+from ckptavg.formats.deepspeed_same import DeepSpeedSameWriter, copy_beside, output_files, same_deepspeed_layout, timed_verify
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import SameLayoutWriter
@@ -59,6 +60,8 @@ def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) ->
     """The output's `layout` (kind, one file?), refused when the plan cannot be written so (an adapter as one
     file, a dtype .pt cannot hold)."""
     kind, single_file = layout
+    if kind == "same" and (own := same_deepspeed_layout(plan.inputs[-1])):
+        return own
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,
@@ -94,6 +97,8 @@ class OutputFiles:
         self.crcs: dict[str, int] = {}  # each tensor's CRC-32, kept while writing with --verify
         if kind == "same":
             report.output_files = [out_path.name]
+        elif kind == "same-deepspeed":
+            report.output_files = output_files(plan.inputs[-1])
         elif kind == "pt":
             report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
         else:
@@ -105,6 +110,8 @@ class OutputFiles:
         safetensors files."""
         if self.files is not None:
             return SafetensorsWriter(self.files.paths, self.files.shards, self.files.metadata, durable=options.fsync)
+        if self.kind == "same-deepspeed":
+            return DeepSpeedSameWriter(self.tmp, self.specs, self.plan.inputs[-1], options.training_state, durable=options.fsync)
         if self.kind == "same":
             return SameLayoutWriter(
                 self.tmp, self.specs, self.plan.inputs[-1], options.training_state, self.recipe, durable=options.fsync
@@ -129,12 +136,18 @@ class OutputFiles:
             if options.verify:
                 verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
             return
-        finish_folder(plan, report, tmp, self.files, options)
-        report.output_files.append(
-            write_card(tmp, recipe, out_path.name, verified=options.verify)
-        )  # README.md; --verify covers it
+        if self.kind == "same-deepspeed":
+            report.copied_files = copy_beside(plan.inputs[-1], tmp, options.training_state)
+        else:
+            finish_folder(plan, report, tmp, self.files, options)
+            report.output_files.append(
+                write_card(tmp, recipe, out_path.name, verified=options.verify)
+            )  # README.md; --verify covers it
         if options.verify:  # after the copies, so that the recipe records every file's sha256
-            verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, world)
+            if self.kind == "same-deepspeed":
+                timed_verify(tmp, out_path, self.specs, crcs, report, options.read_back)
+            else:
+                verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, world)
             recipe["verified"] = True
             recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
         recipe["written"] = report.output_files + report.copied_files

@@ -81,6 +81,10 @@ def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpe
     back yet, inputs of different layouts, an output not named with the newest input's suffix. Returns the notes
     for the report: where the weights go, and the training state left out or kept."""
     newest = inputs[-1]
+    if newest.format.startswith("deepspeed"):
+        from ckptavg.formats.deepspeed_same import check_deepspeed_same  # it builds on this module
+
+        return check_deepspeed_same(inputs, out, specs, training_state)
     for ckpt in [newest, *inputs[:-1]]:
         if ckpt.pickle is None or ckpt.adapter is not None:
             if ckpt is newest:
