@@ -137,7 +137,7 @@ class OutputFiles:
                 verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
             return
         if self.kind == "same-deepspeed":
-            report.copied_files = copy_beside(plan.inputs[-1], tmp, options.training_state)
+            report.copied_files = copy_beside(plan.inputs[-1], tmp, options.training_state, report.notes)
         else:
             finish_folder(plan, report, tmp, self.files, options)
             report.output_files.append(

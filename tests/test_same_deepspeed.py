@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,6 +182,33 @@ def test_drop_loads_the_weights_without_training_state(loaded, kind):
         assert torch.equal(got["fp32"][name], got["module"][name].float()), name
     assert not got["moments_in_files"] and got["lr_scheduler_in_file"] is None
     assert any("training state left out" in note for note in reports[kind, "drop"].notes)
+
+
+def test_trainer_checkpoint_and_tag_folder_shapes(deepspeed_2rank_zero2_bf16_ckpts, tmp_path):
+    """A Trainer checkpoint-N/ gives checkpoint-N/'s shape back, less the newest input's 16-bit weights (and, with
+    drop, its training state); a global_stepN/ folder given itself gives its files."""
+    run = deepspeed_2rank_zero2_bf16_ckpts
+    checkpoints = []
+    for step in STEPS:
+        folder = tmp_path / f"checkpoint-{step}"
+        shutil.copytree(run / f"global_step{step}", folder / f"global_step{step}")
+        (folder / "latest").write_text(f"global_step{step}")
+        for name in ("config.json", "trainer_state.json", "rng_state_0.pth", "model.safetensors"):
+            (folder / name).write_text("{}")
+        checkpoints.append(folder)
+    report = ckptavg.average(checkpoints, tmp_path / "out", out_format="same", training_state="drop")
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    tag = "global_step6"
+    states = [f"{tag}/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)] + [f"{tag}/mp_rank_00_model_states.pt"]
+    assert names == sorted(["ckptavg.json", "config.json", "latest", *states])
+    assert (tmp_path / "out" / "latest").read_text() == tag
+    assert any("not copied: model.safetensors" in note for note in report.notes)
+    kept = ckptavg.average(checkpoints, tmp_path / "kept", out_format="same", training_state="newest")
+    assert {"trainer_state.json", "rng_state_0.pth"} <= set(kept.copied_files)
+    ckptavg.average([run / f"global_step{s}" for s in STEPS], tmp_path / "tag", out_format="same")
+    assert sorted(p.name for p in (tmp_path / "tag").iterdir()) == sorted(["ckptavg.json", *(Path(n).name for n in states)])
+    for name in states:  # the same bytes, whichever shape the inputs had
+        assert (tmp_path / "tag" / Path(name).name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import time
@@ -136,20 +137,13 @@ def _module_placements(ds_name: str, numel: int, pickles: dict[Path, PickleFile]
     for path in model_files:
         module = as_dict((as_dict(pickles[path].obj) or {}).get("module")) or {}
         ref = module.get(ds_name)
-        if not isinstance(ref, TensorRef) or numel == 0 or _numel(ref.shape) != numel:
+        if not isinstance(ref, TensorRef) or numel == 0 or math.prod(ref.shape) != numel:
             continue
         src = pickles[path].source(ref, ds_name)
         if not src.contiguous:
             raise UnsupportedError(path, f"holds {ds_name} as a strided view; not written back in this layout")
         placements.append(Placement(path, ref.storage.key, ref.offset * src.itemsize, ref.dtype_name, 0, numel))
     return placements
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def zero_layout(newest: Checkpoint, specs: list[TensorSpec]) -> ZeroLayout:
@@ -485,11 +479,11 @@ class DeepSpeedSameWriter:
             file.abort()
 
 
-def copy_beside(newest: Checkpoint, folder: Path, training_state: str) -> list[str]:
+def copy_beside(newest: Checkpoint, folder: Path, training_state: str, notes: list[str]) -> list[str]:
     """What goes beside the save's files: the other files of its tag folder and, from a run folder or Trainer
     checkpoint, `latest` and its other files but the model weights (the newest input's 16-bit weights, not the
     merge) and, with training_state="drop", its training state (scheduler, RNG, trainer state). Returns their paths
-    in `folder`."""
+    in `folder`; what was not copied is told in `notes`."""
     tag = save_folder(newest.path)
     assert tag is not None
     sub = _relative_tag(newest)
@@ -503,16 +497,20 @@ def copy_beside(newest: Checkpoint, folder: Path, training_state: str) -> list[s
         return copied
     top = [p for p in sorted(newest.path.iterdir()) if p.is_file()]
     weights = set(weight_names(p.name for p in top))
+    left = []
     for p in top:
         if (
             p.name in weights
             or p.name.endswith((".safetensors", ".safetensors.index.json"))
             or p.name.startswith("pytorch_model")
         ):
+            left.append(p.name)
+        elif training_state == "drop" and is_training_file(p.name) and p.name not in ("latest", *SCRIPTS):
             continue
-        if training_state == "drop" and is_training_file(p.name) and p.name not in ("latest", *SCRIPTS):
-            continue
-        copied.append(_copy(p, folder, p.name))
+        else:
+            copied.append(_copy(p, folder, p.name))
+    if left:
+        notes.append(f"not copied: {', '.join(left)} (the newest input's weights, not the merge: that is in {sub}/)")
     return copied
 
 
