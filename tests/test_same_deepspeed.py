@@ -1,9 +1,10 @@
 """out_format="same" for DeepSpeed ZeRO saves (formats/deepspeed_same.py): the merge written back as the newest save.
 
-Each output is loaded back by DeepSpeed itself, engine.load_checkpoint at the world size of the run, in a child
-process (DeepSpeed is never imported into the test session; one child per world size loads every output). The
-reference is computed here, in float64, from DeepSpeed's own zero_to_fp32 of each input
-(get_fp32_state_dict_from_zero_checkpoint, run in the child for the 1-rank runs; <root>-fp32/ for the 2-rank runs).
+Every 2-rank run of tests/dist_runs.py (ZeRO-2 and ZeRO-3, fp32 and bf16) is merged with both training states, and
+each output is loaded back by DeepSpeed itself, engine.load_checkpoint at 2 ranks into the run's model and optimizer,
+in one launch of two child processes (this file run as a script: DeepSpeed is never imported into the test session).
+The reference is computed here, in float64, from DeepSpeed's own zero_to_fp32 of each input (<root>-fp32/, written
+by get_fp32_state_dict_from_zero_checkpoint when the run was made).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_runs import DEEPSPEED_KINDS as KINDS
 from dist_runs import fp32_reference
 
 import ckptavg
@@ -96,46 +98,25 @@ def _mean64(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: sum(s[name].double() for s in states) / len(states) for name in states[-1]}
 
 
-# ------------------------------------------------------------------------------------------- 1 rank (_Tiny)
-
-
-def _load_job(model: str, stage: int, bf16: bool, load: Path, mode: str, result: Path) -> dict:
+def _load_job(stage: int, bf16: bool, load: Path, mode: str, result: Path) -> dict:
     """A child's job: engine.load_checkpoint(load) (training state too with mode "newest"), what it got to `result`."""
-    return {"model": model, "stage": stage, "bf16": bf16, "load": str(load), "mode": mode, "result": str(result)}
-
-
-KINDS = {"zero2": (2, False), "zero3": (3, False), "zero2_bf16": (2, True), "zero3_bf16": (3, True)}  # dist_runs' runs
+    return {"stage": stage, "bf16": bf16, "load": str(load), "mode": mode, "result": str(result)}
 
 
 @pytest.fixture(scope="module")
-def loaded(
-    deepspeed_2rank_zero2_ckpts,
-    deepspeed_2rank_zero3_ckpts,
-    deepspeed_2rank_zero2_bf16_ckpts,
-    deepspeed_2rank_zero3_bf16_ckpts,
-    tmp_path_factory,
-):
-    """(folder, {(kind, training_state): report}): every 2-rank run merged with both training states, and what two
-    DeepSpeed ranks loaded from each output (in the folder: {kind}_{state}.pt) and from the newest input ({kind}.pt)."""
+def loaded(request, tmp_path_factory):
+    """(folder, {(kind, training_state): report}, {kind: run root}): every 2-rank run merged with both training states,
+    and what two DeepSpeed ranks loaded from each output (in the folder: {kind}_{state}.pt) and from the newest input
+    ({kind}.pt)."""
     tmp = tmp_path_factory.mktemp("same_deepspeed")
-    roots = dict(
-        zip(
-            KINDS,
-            (
-                deepspeed_2rank_zero2_ckpts,
-                deepspeed_2rank_zero3_ckpts,
-                deepspeed_2rank_zero2_bf16_ckpts,
-                deepspeed_2rank_zero3_bf16_ckpts,
-            ),
-        )
-    )
+    roots = {kind: request.getfixturevalue(f"deepspeed_2rank_{kind}_ckpts") for kind in KINDS}
     jobs, reports = [], {}
     for kind, root in roots.items():
         stage, bf16 = KINDS[kind]
         for state in ("newest", "drop"):
             reports[kind, state] = _merge(root, tmp / f"{kind}_{state}", state)
-            jobs.append(_load_job("dsnet", stage, bf16, tmp / f"{kind}_{state}", state, tmp / f"{kind}_{state}.pt"))
-        jobs.append(_load_job("dsnet", stage, bf16, root, "newest", tmp / f"{kind}.pt"))
+            jobs.append(_load_job(stage, bf16, tmp / f"{kind}_{state}", state, tmp / f"{kind}_{state}.pt"))
+        jobs.append(_load_job(stage, bf16, root, "newest", tmp / f"{kind}.pt"))
     _launch(2, jobs, tmp)
     return tmp, reports, roots
 
@@ -242,10 +223,10 @@ def test_world_size_mismatch_refused(deepspeed_zero2_ckpts, tmp_path):
 # ------------------------------------------------------------------------------- the child: DeepSpeed loads
 
 
-def _config(stage: int, bf16: bool, model: str) -> dict:
-    """The runs' configs (trainer_runs._deepspeed_train, dist_runs._deepspeed_child)."""
+def _config(stage: int, bf16: bool) -> dict:
+    """The runs' config (dist_runs._deepspeed_child)."""
     return {
-        "train_micro_batch_size_per_gpu": 16 if model == "tiny" else 8,
+        "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 2}},
@@ -257,24 +238,19 @@ def _config(stage: int, bf16: bool, model: str) -> dict:
 
 
 def _child(jobs_file: Path) -> None:
+    """One rank: each job's save loaded into a fresh engine, what it holds saved (by rank 0; each rank its moments)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from dist_runs import _DSNet
-    from runs import _Tiny
     from trainer_runs import start_deepspeed_without_ops
 
     start_deepspeed_without_ops()
     rank = deepspeed.comm.get_rank()
     for job in json.loads(jobs_file.read_text()):
-        if "zero_to_fp32" in job:
-            root, tag = job["zero_to_fp32"]
-            torch.save(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag), job["result"])
-            continue
         torch.manual_seed(0)
-        model = _Tiny() if job["model"] == "tiny" else _DSNet()
+        model = _DSNet()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        config = _config(job["stage"], job["bf16"], job["model"])
+        config = _config(job["stage"], job["bf16"])
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
         newest = job["mode"] == "newest"
         path, _ = engine.load_checkpoint(job["load"], load_optimizer_states=newest, load_lr_scheduler_states=newest)
@@ -287,8 +263,8 @@ def _child(jobs_file: Path) -> None:
                 got["fp32"][name] = safe_get_full_fp32_param(p).detach().clone()
         # this rank's Adam moments: the base optimizer's state of its flat FP32 partitions (ZeRO-3 empties its
         # param_groups between steps: the state is read in its own order)
-        states = engine.optimizer.optimizer.state.values()
-        moments = [{k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")} for state in states]
+        base_state = engine.optimizer.optimizer.state.values()
+        moments = [{k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")} for state in base_state]
         torch.save(moments, f"{job['result']}.rank{rank}")
         got["buffers"] = {name: b.detach().clone() for name, b in engine.module.named_buffers()}
         got["lr_scheduler"] = engine.lr_scheduler.state_dict()

@@ -11,7 +11,9 @@ module copies (ZeRO-1/2: the merged FP32 value rounded to the module's dtype, as
 masters), the frozen parameters and the buffers (ZeRO-3: in every rank's file). With training_state="newest" the
 Adam moments, loss scaler and scheduler of the newest input are kept, so `engine.load_checkpoint(OUT)` resumes
 from the merge at the same world size; "drop" leaves out the moments and the scheduler state: the output then
-loads with `engine.load_checkpoint(OUT, load_optimizer_states=False, load_lr_scheduler_states=False)`.
+loads with `engine.load_checkpoint(OUT, load_optimizer_states=False, load_lr_scheduler_states=False)`. "drop" keeps
+the optimizer states files with their masters: under ZeRO-3 they are the only place of the weights (DeepSpeed's
+weights-only load reads them through zero_to_fp32), and zero_to_fp32 and ckptavg read the output as any save.
 
 Each output file is a zip written record by record. A storage that holds weights is written while the engine hands
 the merged tensors over: the bytes before a parameter's slice are copied from the input, then the merged values,
@@ -161,6 +163,12 @@ def zero_layout(newest: Checkpoint, specs: list[TensorSpec]) -> ZeroLayout:
     for ds_name, src in raw.tensors.items():
         names.setdefault(src.alias_key, []).append(ds_name)
     layout = ZeroLayout(tag, int(raw.format.rsplit("-", 1)[1]), files)
+    if len(model_files) != (layout.world if layout.stage == 3 else 1):
+        raise UnsupportedError(
+            tag,
+            f"holds {len(model_files)} model states files for ZeRO-{layout.stage} on {layout.world} rank(s) (tensor or "
+            f"pipeline parallel): not written back in its layout; leave out {option('out_format', 'same')}",
+        )
     claimed: dict[tuple[Path, str], list[tuple[int, int, Placement]]] = {}
     for spec in specs:
         src = newest.tensors[spec.name]
