@@ -43,7 +43,7 @@ from ckptavg.formats.base import FILES, Checkpoint, ExtentSource, TensorSource, 
 from ckptavg.formats.deepspeed import MODEL_STATES, OPTIM_STATES, natural_key, open_deepspeed, save_folder
 from ckptavg.formats.detect import is_training_file, weight_names
 from ckptavg.formats.dtypes import dtype_name, itemsize, to_torch
-from ckptavg.formats.pickle_same import _InertPickler
+from ckptavg.formats.inert_pickler import InertPickler
 from ckptavg.formats.torch_io import PickleFile, as_dict
 from ckptavg.formats.torch_writer import TorchWriter
 from ckptavg.formats.unpickle import TensorRef
@@ -402,8 +402,8 @@ SHAPES = {("param_shapes",): lambda groups: [_sizes(g) for g in groups] if isins
 SHAPES[("frozen_param_shapes",)] = _sizes
 
 
-class _RewritingPickler(_InertPickler):
-    """_InertPickler whose storages written already (the weights') keep their output records."""
+class _RewritingPickler(InertPickler):
+    """InertPickler whose storages written already (the weights') keep their output records."""
 
     def __init__(self, file: io.BytesIO, path: Path, written: dict[str, str]) -> None:
         super().__init__(file, path, {}, len(written))
