@@ -14,6 +14,7 @@ from ckptavg.distributed import World, job
 from ckptavg.errors import UsageError, option
 from ckptavg.formats.dcp_same import KIND as SAME_DCP
 from ckptavg.formats.dcp_same import DcpSameWriter, dcp_same_layout, verify_dcp_same
+from ckptavg.formats.deepspeed_same import DeepSpeedSameWriter, copy_beside, output_files, same_deepspeed_layout, timed_verify
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
 from ckptavg.formats.pickle_same import SameLayoutWriter
@@ -68,6 +69,8 @@ def check_output_layout(plan: Plan, out_path: Path, layout: tuple[str, bool]) ->
         return dcp
     if kind == "same" and (trainer := trainer_same_layout(plan.inputs[-1])) is not None:
         return trainer
+    if kind == "same" and (own := same_deepspeed_layout(plan.inputs[-1])):
+        return own
     if plan.output_kind == "adapter" and (single_file or kind != "safetensors"):
         raise UsageError(
             None,
@@ -105,6 +108,8 @@ class OutputFiles:
             report.output_files = []  # the newest input's .distcp files kept, listed once written
         elif kind == "same":
             report.output_files = [out_path.name]
+        elif kind == "same-deepspeed":
+            report.output_files = output_files(plan.inputs[-1])
         elif kind == "pt":
             report.output_files = [out_path.name] if single_file else ["pytorch_model.bin"]
         else:
@@ -119,6 +124,8 @@ class OutputFiles:
         if self.kind == SAME_DCP:
             newest = self.plan.inputs[-1]
             return DcpSameWriter(self.tmp, self.specs, newest, options.training_state, self.out_path, durable=options.fsync)
+        if self.kind == "same-deepspeed":
+            return DeepSpeedSameWriter(self.tmp, self.specs, self.plan.inputs[-1], options.training_state, durable=options.fsync)
         if self.kind == "same":
             return SameLayoutWriter(
                 self.tmp, self.specs, self.plan.inputs[-1], options.training_state, self.recipe, durable=options.fsync
@@ -158,15 +165,21 @@ class OutputFiles:
             if options.verify:
                 verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, read_back=options.read_back)
             return
-        finish_folder(plan, report, tmp, self.files, options)
-        if self.kind == TRAINER_SAME:  # the newest input's Trainer files beside the weights (formats/trainer_same.py)
-            report.copied_files += copy_training_files(plan.inputs[-1], tmp, options.training_state, durable=options.fsync)
-            recipe["training_state"] = options.training_state
-        report.output_files.append(
-            write_card(tmp, recipe, out_path.name, verified=options.verify)
-        )  # README.md; --verify covers it
+        if self.kind == "same-deepspeed":
+            report.copied_files = copy_beside(plan.inputs[-1], tmp, options.training_state, report.notes)
+        else:
+            finish_folder(plan, report, tmp, self.files, options)
+            if self.kind == TRAINER_SAME:  # the newest input's Trainer files beside the weights (formats/trainer_same.py)
+                report.copied_files += copy_training_files(plan.inputs[-1], tmp, options.training_state, durable=options.fsync)
+                recipe["training_state"] = options.training_state
+            report.output_files.append(
+                write_card(tmp, recipe, out_path.name, verified=options.verify)
+            )  # README.md; --verify covers it
         if options.verify:  # after the copies, so that the recipe records every file's sha256
-            verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, world)
+            if self.kind == "same-deepspeed":
+                timed_verify(tmp, out_path, self.specs, crcs, report, options.read_back)
+            else:
+                verify_staged(tmp, out_path, self.specs, crcs, report, on_progress, world)
             recipe["verified"] = True
             recipe["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha} for name, sha in report.sha256.items()}
         recipe["written"] = report.output_files + report.copied_files

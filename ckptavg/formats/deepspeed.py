@@ -26,7 +26,7 @@ MODEL_STATES = "*model_states.pt"
 OPTIM_STATES = "*optim_states.pt"
 
 
-def _natural(path: Path) -> list:
+def natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
@@ -41,7 +41,7 @@ def save_folder(path: Path) -> Path | None:
         if (path / tag).is_dir() and any((path / tag).glob(MODEL_STATES)):
             return path / tag
         raise InputError(latest, f"names the tag {tag!r}, but {path / tag} holds no *model_states.pt")
-    tags = sorted((p for p in path.iterdir() if p.is_dir() and any(p.glob(MODEL_STATES))), key=_natural)
+    tags = sorted((p for p in path.iterdir() if p.is_dir() and any(p.glob(MODEL_STATES))), key=natural_key)
     if len(tags) > 1:
         raise InputError(
             path,
@@ -94,8 +94,8 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 def open_deepspeed(path: Path, folder: Path, key: str | None = None) -> Checkpoint:
     """One ZeRO save as a checkpoint: FP32 masters by default; `key="module"` takes the model states' 16-bit module."""
-    model_files = sorted(folder.glob(MODEL_STATES), key=_natural)
-    optim_files = sorted(folder.glob(OPTIM_STATES), key=_natural)
+    model_files = sorted(folder.glob(MODEL_STATES), key=natural_key)
+    optim_files = sorted(folder.glob(OPTIM_STATES), key=natural_key)
     states = PickleFile(model_files[0])
     top = as_dict(states.obj) or {}
     if "param_shapes" not in top or "module" not in top:

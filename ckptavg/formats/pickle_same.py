@@ -16,24 +16,20 @@ one chunk plus the pickle's structure, and torch.load reads it, with mmap too.
 from __future__ import annotations
 
 import collections
-import copyreg
 import io
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckptavg.errors import InputError, UnsupportedError, UsageError, option
-from ckptavg.formats.base import FILES, Checkpoint, contiguous_strides
+from ckptavg.formats.base import FILES, Checkpoint
 from ckptavg.formats.dcp_same import check_dcp_same, is_dcp_save
 from ckptavg.formats.detect import TRAINING_STATE_KEYS
-from ckptavg.formats.dtypes import dtype_name, itemsize, to_torch
-from ckptavg.formats.torch_writer import STORAGE_CLASSES, TorchWriter, _Storage, check_pt_dtypes
+from ckptavg.formats.inert_pickler import InertPickler
+from ckptavg.formats.torch_writer import TorchWriter, check_pt_dtypes
 from ckptavg.formats.trainer_same import check_trainer_same, is_trainer_folder
-from ckptavg.formats.unpickle import DTypeRef, Opaque, QuantizedTensorRef, StorageRef, TensorRef
+from ckptavg.formats.unpickle import Opaque, StorageRef
 from ckptavg.formats.writer import TensorSpec
 
 TRAINING_STATES = ("drop", "newest")
@@ -89,6 +85,10 @@ def check_same_layout(inputs: list[Checkpoint], out: Path, specs: list[TensorSpe
     newest = inputs[-1]
     if is_dcp_save(newest):
         return check_dcp_same(inputs, out, specs, training_state)
+    if newest.format.startswith("deepspeed"):
+        from ckptavg.formats.deepspeed_same import check_deepspeed_same  # it builds on this module
+
+        return check_deepspeed_same(inputs, out, specs, training_state)
     for ckpt in [newest, *inputs[:-1]]:
         if ckpt.pickle is None or ckpt.adapter is not None:
             if ckpt is newest:
@@ -197,7 +197,7 @@ class SameLayoutWriter(TorchWriter):
                 )
             weights[ref_id] = self._storages[names[0]]
         buffer = io.BytesIO()
-        pickler = _InertPickler(buffer, self.newest.path, weights, len(self._storages))
+        pickler = InertPickler(buffer, self.newest.path, weights, len(self._storages))
         pickler.dump(top)
         for key, ref in pickler.copied:
             self._copy_storage(key, ref)
@@ -221,75 +221,3 @@ class SameLayoutWriter(TorchWriter):
                 stream.write(piece)
                 done += len(piece)
         self.bytes_written += size
-
-
-class _InertPickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Pickles the inert view of a checkpoint back (protocol 2, as torch.save).
-
-    An Opaque placeholder is written as the call (REDUCE) or construction (NEWOBJ) it recorded, with its items and
-    state; its class or function as a GLOBAL opcode written from the recorded module and name, so nothing is
-    imported (pickle's own save_global imports the module to check the name) and nothing from the file runs. A
-    TensorRef is written as torch.save writes a tensor: a weight over the merged tensor's record, any other over
-    its own storage, copied (`copied`: the new record key and the input's storage)."""
-
-    def __init__(self, file: io.BytesIO, path: Path, weights: dict[int, _Storage], first_key: int) -> None:
-        super().__init__(file, protocol=2)
-        self.path = path
-        self.weights = weights  # id of a weight's TensorRef -> the record of its merged tensor
-        self.copied: list[tuple[str, StorageRef]] = []
-        self._keys: dict[str, str] = {}
-        self._next_key = first_key
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _Storage):
-            spec = obj.spec
-            return ("storage", getattr(torch, STORAGE_CLASSES[spec.dtype]), obj.key, "cpu", spec.nbytes // spec.dtype.itemsize)
-        if isinstance(obj, StorageRef):
-            if obj.key not in self._keys:
-                self._keys[obj.key] = str(self._next_key)
-                self._next_key += 1
-                self.copied.append((self._keys[obj.key], obj))
-            numel = obj.nbytes // itemsize(obj.dtype_name)
-            storage_class = STORAGE_CLASSES[to_torch(obj.dtype_name)]
-            return ("storage", getattr(torch, storage_class), self._keys[obj.key], "cpu", numel)
-        return None
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, TensorRef):
-            storage = self.weights.get(id(obj))
-            if storage is not None:  # a tied weight shares its twin's record (the same shape and dtype)
-                shape = tuple(storage.spec.shape)
-                return (
-                    torch._utils._rebuild_tensor_v2,
-                    (storage, 0, shape, contiguous_strides(shape), False, collections.OrderedDict()),
-                )
-            args = (obj.storage, obj.offset, obj.shape, obj.stride, False, collections.OrderedDict())
-            if obj.dtype_name != obj.storage.dtype_name:
-                return (torch._utils._rebuild_tensor_v3, (*args, to_torch(obj.dtype_name)))
-            return (torch._utils._rebuild_tensor_v2, args)
-        if isinstance(obj, Opaque):
-            items = obj._opaque_items
-            listitems = iter(list(items.values())) if obj._opaque_appended else None
-            dictitems = iter(list(items.items())) if items and not obj._opaque_appended else None
-            if obj._opaque_called:
-                return (type(obj), obj._opaque_args, obj._opaque_state, listitems, dictitems)
-            return (copyreg.__newobj__, (type(obj), *obj._opaque_args), obj._opaque_state, listitems, dictitems)
-        if isinstance(obj, DTypeRef):
-            return obj.name  # written as the global torch.NAME (save_global)
-        if isinstance(obj, QuantizedTensorRef):
-            raise UnsupportedError(self.path, "holds torch.quantization tensors beside its weights; not written back")
-        return NotImplemented
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        if isinstance(obj, type) and issubclass(obj, Opaque):
-            self.write(pickle.GLOBAL + f"{obj._module}\n{obj._name}\n".encode())
-            self.memoize(obj)
-            return
-        if isinstance(obj, (torch.dtype, DTypeRef)):  # as torch names it, not found by a search of the loaded modules
-            self.write(pickle.GLOBAL + f"torch\n{obj.name if isinstance(obj, DTypeRef) else dtype_name(obj)}\n".encode())
-            self.memoize(obj)
-            return
-        if str(getattr(obj, "__module__", "")).startswith("ckptavg"):
-            # a stand-in of the restricted unpickler (its storage types, its tensor rebuilders) held as a value
-            raise UnsupportedError(self.path, f"holds {getattr(obj, '__name__', obj)!r} as a value; not written back")
-        super().save_global(obj, name)
