@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import types
@@ -376,3 +377,26 @@ def test_sweep_writes_each_candidate_in_the_inputs_layout(lightning_ckpts, hf_ru
     assert any("optimizer.pt" in n for n in swept.notes)
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
         assert (tmp_path / "trainer" / "mean" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
+
+
+def test_tune_writes_the_winner_in_the_inputs_layout(lightning_ckpts, tmp_path, cli):
+    """tune --format same: each candidate is written as a Lightning .ckpt in its folder for the evaluation to read,
+    and the winner's .ckpt lands in OUT with the table in ckptavg.json beside it."""
+    paths = _epochs(lightning_ckpts)[-3:]
+    script = tmp_path / "score.py"
+    script.write_text(
+        "import os, sys\n"
+        f"assert os.listdir(sys.argv[1]) == [{paths[-1].name!r}], os.listdir(sys.argv[1])\n"
+        "print({'last-1': 3.0, 'last-2': 1.0, 'mean': 2.0}[os.path.basename(sys.argv[1])])\n"
+    )
+    out = tmp_path / "best"
+    result = cli("tune", *paths, "-o", out, "--eval", f"{sys.executable} {script} {{model}}", "--mode", "min",
+                 "--recipe", "last:2", "--recipe", "mean", "--format", "same", "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["winner"] == "last-2" and [c["failure"] for c in report["candidates"]] == [None] * 3
+    assert sorted(p.name for p in out.iterdir()) == sorted([paths[-1].name, "ckptavg.json"])
+    got = load(out / paths[-1].name)
+    assert_same_tensors(got["state_dict"], mean_of([load(p)["state_dict"] for p in paths[-2:]]))
+    assert "optimizer_states" not in got  # --training-state drop, the default
+    assert json.loads((out / "ckptavg.json").read_text())["tune"]["winner"] == "last-2"

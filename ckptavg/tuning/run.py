@@ -419,6 +419,7 @@ def _publish(tuner: Tuner, report: TuneReport, winner: CandidateResult, candidat
     from ckptavg.card import CARD_FILE, write_card
     from ckptavg.formats.writer import write_text
     from ckptavg.output import RECIPE_FILE, staged
+    from ckptavg.version import __version__
 
     assert tuner.out is not None
     if tuner.retained is not None and tuner.retained[0] == winner.name:
@@ -432,10 +433,13 @@ def _publish(tuner: Tuner, report: TuneReport, winner: CandidateResult, candidat
         else:
             for entry in folder.iterdir():
                 os.rename(entry, tmp / entry.name)
-        recipe = json.loads((tmp / RECIPE_FILE).read_text())
+        # A pickle written in its own layout holds its recipe inside: ckptavg.json beside it then holds the table.
+        has_recipe, has_card = (tmp / RECIPE_FILE).exists(), (tmp / CARD_FILE).exists()
+        recipe = json.loads((tmp / RECIPE_FILE).read_text()) if has_recipe else {"tool": "ckptavg", "version": __version__}
         recipe.pop("sweep", None)
         recipe["tune"] = report.record()
-        write_card(tmp, recipe, tuner.out.name, verified=bool(recipe.get("verified")))
+        if has_card:
+            write_card(tmp, recipe, tuner.out.name, verified=bool(recipe.get("verified")))
         if CARD_FILE in recipe.get("files", {}):
             recipe["files"][CARD_FILE] = {"bytes": (tmp / CARD_FILE).stat().st_size, "sha256": _sha256(tmp / CARD_FILE)}
         write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
@@ -506,6 +510,8 @@ def tune(
     verify: bool = False,
     strict: bool = False,
     rank_timeout: float = 120.0,
+    out_format: str = "auto",
+    training_state: str = "drop",
     on_candidate: Callable[[CandidateResult], None] | None = None,
     on_progress: Callable | None = None,
 ) -> TuneReport:
@@ -528,6 +534,8 @@ def tune(
             ("max") is better; said by the metric's name when it can be.
         guards: "METRIC:TOL[:min|max]": a candidate losing more than TOL on METRIC against the baseline cannot win.
         keep_candidates: a folder to keep every candidate in (else each is removed once scored).
+        out_format, training_state: as for `sweep`: with "same", each candidate (and OUT) in the newest input's own
+            layout (a PyTorch pickle as the file of its name in the folder), for an evaluation that reads it.
         plot: an .svg, .png or .pdf file: score per candidate (needs matplotlib: ckptavg[plot]).
         rank_timeout: under torchrun, every rank writes its share of the candidates and rank 0 alone evaluates
             them; a rank silent this long while writing fails the job (the others wait for rank 0's evaluations
@@ -586,6 +594,8 @@ def tune(
         strict=strict,
         dry_run=dry_run,
         rank_timeout=rank_timeout,
+        out_format=out_format,
+        training_state=training_state,
     ).check()
     paths, out_path, _ = check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
