@@ -400,3 +400,17 @@ def test_tune_writes_the_winner_in_the_inputs_layout(lightning_ckpts, tmp_path, 
     assert_same_tensors(got["state_dict"], mean_of([load(p)["state_dict"] for p in paths[-2:]]))
     assert "optimizer_states" not in got  # --training-state drop, the default
     assert json.loads((out / "ckptavg.json").read_text())["tune"]["winner"] == "last-2"
+
+
+def test_a_torch_size_is_written_back_as_a_torch_size(tmp_path):
+    """The restricted unpickler reads a torch.Size as a tuple; the rewritten pickle has a torch.Size again (loaders
+    such as DeepSpeed's call .numel() on them), and a plain tuple stays a tuple."""
+    paths = []
+    for seed in (1, 2):
+        state = make_state(seed)
+        paths.append(tmp_path / f"c{seed}.pt")
+        torch.save({"model_state_dict": state, "shapes": {k: v.shape for k, v in state.items()}, "pair": (1, 2)}, paths[-1])
+    ckptavg.average(paths, tmp_path / "out.pt", out_format="same", order="given")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert all(type(shape) is torch.Size for shape in got["shapes"].values())
+    assert got["shapes"] == {k: v.shape for k, v in make_state(2).items()} and type(got["pair"]) is tuple

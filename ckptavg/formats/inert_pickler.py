@@ -16,7 +16,7 @@ from ckptavg.errors import UnsupportedError
 from ckptavg.formats.base import contiguous_strides
 from ckptavg.formats.dtypes import dtype_name, itemsize, to_torch
 from ckptavg.formats.torch_writer import STORAGE_CLASSES, _Storage
-from ckptavg.formats.unpickle import DTypeRef, Opaque, QuantizedTensorRef, StorageRef, TensorRef
+from ckptavg.formats.unpickle import DTypeRef, Opaque, QuantizedTensorRef, SizeTuple, StorageRef, TensorRef
 
 
 class InertPickler(pickle._Pickler):  # type: ignore[name-defined]
@@ -72,6 +72,8 @@ class InertPickler(pickle._Pickler):  # type: ignore[name-defined]
             return (copyreg.__newobj__, (type(obj), *obj._opaque_args), obj._opaque_state, listitems, dictitems)
         if isinstance(obj, DTypeRef):
             return obj.name  # written as the global torch.NAME (save_global)
+        if isinstance(obj, SizeTuple):
+            return (torch.Size, (tuple(obj),))
         if isinstance(obj, QuantizedTensorRef):
             raise UnsupportedError(self.path, "holds torch.quantization tensors beside its weights; not written back")
         return NotImplemented

@@ -149,6 +149,11 @@ def _sized_bytes(kind: type) -> Callable:
     return build
 
 
+class SizeTuple(tuple):
+    """A torch.Size, read as the tuple it is (no torch object is made) but kept apart from plain tuples, so that
+    a pickle rewritten from this view (formats/inert_pickler.py) writes it back as a torch.Size."""
+
+
 def _rebuild_qtensor(*_: Any) -> QuantizedTensorRef:
     return QuantizedTensorRef()
 
@@ -162,7 +167,7 @@ _TORCH_FUNCTIONS: dict[tuple[str, str], Callable] = {
     ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): tuple,
+    ("torch", "Size"): SizeTuple,
     ("builtins", "bytes"): _sized_bytes(bytes),
     ("builtins", "bytearray"): _sized_bytes(bytearray),
 }
