@@ -17,8 +17,6 @@ per-rank `.metadata` files (use_collectives=False), items serialized as safetens
 
 from __future__ import annotations
 
-import copyreg
-import hashlib
 import io
 import math
 import os
@@ -49,9 +47,11 @@ from ckptavg.formats.dcp import (
     tensor_source,
 )
 from ckptavg.formats.dtypes import dtype_name
+from ckptavg.formats.inert_pickler import inert_reduction
 from ckptavg.formats.torch_writer import ALIGNMENT, _Pickler, _Storage, _Tensor, check_pt_dtypes
-from ckptavg.formats.unpickle import DTypeRef, HostilePickleError, Opaque
+from ckptavg.formats.unpickle import DTypeRef, HostilePickleError, Opaque, SizeTuple
 from ckptavg.formats.writer import TensorSpec
+from ckptavg.verify import sha256_of
 
 KIND = "same-dcp"
 COPY_PIECE = 16 << 20
@@ -66,13 +66,9 @@ def dcp_same_layout(newest: Checkpoint) -> tuple[str, bool] | None:
     return (KIND, False) if is_dcp_save(newest) else None
 
 
-class _Size(tuple):
-    """A torch.Size of the `.metadata` (offsets, sizes), kept apart from plain tuples so that it is written back as one."""
-
-
 class _MetadataView(MetadataUnpickler):
     def find_class(self, module: str, name: str) -> Any:
-        return _Size if (module, name) == ("torch", "Size") else super().find_class(module, name)
+        return SizeTuple if (module, name) == ("torch", "Size") else super().find_class(module, name)
 
 
 @dataclass
@@ -223,18 +219,8 @@ class _MetadataPickler(pickle._Pickler):  # type: ignore[name-defined]
     own save_global imports the module to check the name); offsets and sizes as torch.Size, dtypes as torch names."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, _Size):
-            return (torch.Size, (tuple(obj),))
-        if isinstance(obj, Opaque):
-            items = obj._opaque_items
-            listitems = iter(list(items.values())) if obj._opaque_appended else None
-            dictitems = iter(list(items.items())) if items and not obj._opaque_appended else None
-            if obj._opaque_called:
-                return (type(obj), obj._opaque_args, obj._opaque_state, listitems, dictitems)
-            return (copyreg.__newobj__, (type(obj), *obj._opaque_args), obj._opaque_state, listitems, dictitems)
-        if isinstance(obj, DTypeRef):
-            return obj.name  # written by save_global as the global torch.NAME
-        return NotImplemented
+        reduced = inert_reduction(obj)
+        return NotImplemented if reduced is None else reduced
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         if isinstance(obj, type) and issubclass(obj, Opaque):
@@ -583,11 +569,3 @@ def _crc_of(source: TensorSource) -> int:
         crc = zlib.crc32(piece, crc)
         done += len(piece)
     return crc
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(COPY_PIECE):
-            digest.update(piece)
-    return digest.hexdigest()

@@ -25,7 +25,6 @@ before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -49,6 +48,7 @@ from ckptavg.formats.torch_writer import TorchWriter
 from ckptavg.formats.unpickle import TensorRef
 from ckptavg.formats.writer import TensorSpec
 from ckptavg.merge.plan import short_dtype_name
+from ckptavg.verify import sha256_of
 
 KIND = "same-deepspeed"
 COPY_PIECE = 4 << 20
@@ -570,15 +570,7 @@ def verify_deepspeed_same(
             done += len(view)
         if crc != crcs[name]:
             raise OutputError(out, f"verification failed: {name} reads back different bytes than were written")
-    return {str(p.relative_to(staged)): _sha256(p) for p in files}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(COPY_PIECE):
-            digest.update(piece)
-    return digest.hexdigest()
+    return {str(p.relative_to(staged)): sha256_of(p) for p in files}
 
 
 def timed_verify(staged: Path, out: Path, specs: list[TensorSpec], crcs: dict[str, int], report: Any, read_back: Any) -> None:

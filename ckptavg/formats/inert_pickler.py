@@ -19,6 +19,24 @@ from ckptavg.formats.torch_writer import STORAGE_CLASSES, _Storage
 from ckptavg.formats.unpickle import DTypeRef, Opaque, QuantizedTensorRef, SizeTuple, StorageRef, TensorRef
 
 
+def inert_reduction(obj: Any) -> Any:
+    """How a value of the restricted unpickler's inert view is pickled again (None for any other value): a
+    placeholder as the construction (NEWOBJ) or call (REDUCE) it was read from, its class a GLOBAL of the recorded
+    module and name; a dtype as the global torch.NAME (the pickler's save_global writes it); a torch.Size as one."""
+    if isinstance(obj, Opaque):
+        items = obj._opaque_items
+        listitems = iter(list(items.values())) if obj._opaque_appended else None
+        dictitems = iter(list(items.items())) if items and not obj._opaque_appended else None
+        if obj._opaque_called:
+            return (type(obj), obj._opaque_args, obj._opaque_state, listitems, dictitems)
+        return (copyreg.__newobj__, (type(obj), *obj._opaque_args), obj._opaque_state, listitems, dictitems)
+    if isinstance(obj, DTypeRef):
+        return obj.name
+    if isinstance(obj, SizeTuple):
+        return (torch.Size, (tuple(obj),))
+    return None
+
+
 class InertPickler(pickle._Pickler):  # type: ignore[name-defined]
     """Pickles the inert view of a checkpoint back (protocol 2, as torch.save).
 
@@ -63,17 +81,8 @@ class InertPickler(pickle._Pickler):  # type: ignore[name-defined]
             if obj.dtype_name != obj.storage.dtype_name:
                 return (torch._utils._rebuild_tensor_v3, (*args, to_torch(obj.dtype_name)))
             return (torch._utils._rebuild_tensor_v2, args)
-        if isinstance(obj, Opaque):
-            items = obj._opaque_items
-            listitems = iter(list(items.values())) if obj._opaque_appended else None
-            dictitems = iter(list(items.items())) if items and not obj._opaque_appended else None
-            if obj._opaque_called:
-                return (type(obj), obj._opaque_args, obj._opaque_state, listitems, dictitems)
-            return (copyreg.__newobj__, (type(obj), *obj._opaque_args), obj._opaque_state, listitems, dictitems)
-        if isinstance(obj, DTypeRef):
-            return obj.name  # written as the global torch.NAME (save_global)
-        if isinstance(obj, SizeTuple):
-            return (torch.Size, (tuple(obj),))
+        if (reduced := inert_reduction(obj)) is not None:
+            return reduced
         if isinstance(obj, QuantizedTensorRef):
             raise UnsupportedError(self.path, "holds torch.quantization tensors beside its weights; not written back")
         return NotImplemented

@@ -419,6 +419,7 @@ def _publish(tuner: Tuner, report: TuneReport, winner: CandidateResult, candidat
     from ckptavg.card import CARD_FILE, write_card
     from ckptavg.formats.writer import write_text
     from ckptavg.output import RECIPE_FILE, staged
+    from ckptavg.verify import sha256_of
     from ckptavg.version import __version__
 
     assert tuner.out is not None
@@ -441,20 +442,10 @@ def _publish(tuner: Tuner, report: TuneReport, winner: CandidateResult, candidat
         if has_card:
             write_card(tmp, recipe, tuner.out.name, verified=bool(recipe.get("verified")))
         if CARD_FILE in recipe.get("files", {}):
-            recipe["files"][CARD_FILE] = {"bytes": (tmp / CARD_FILE).stat().st_size, "sha256": _sha256(tmp / CARD_FILE)}
+            recipe["files"][CARD_FILE] = {"bytes": (tmp / CARD_FILE).stat().st_size, "sha256": sha256_of(tmp / CARD_FILE)}
         write_text(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
         report.output_files = sorted(p.name for p in tmp.iterdir())
     report.output = str(tuner.out)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_mode(metric: str | None, mode: str | None, from_text: bool) -> tuple[str, str]:
