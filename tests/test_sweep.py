@@ -305,7 +305,7 @@ def test_memory_budget_is_shared_by_the_candidates(run):
         plans = [build_plan(inputs, uniform(len(inputs))) for _ in range(k)]
         engine = Engine(plans, torch.device("cpu"), budget, workers=2)
         width = len(inputs)
-        blocks = 2 * engine.sizes.block_elements * (width * 2 + width * 4 + 4)  # read, widened to fp32, accumulator
+        blocks = 2 * engine.sizes.block_elements * (width * 2 + 2 * 4)
         assert OUTPUT_SLOTS * k * engine.sizes.chunk_bytes + blocks <= budget
         assert engine.read_bytes == plans[0].read_bytes  # each input once, not k times
 

@@ -216,10 +216,9 @@ class Sizes:
             if chunk < MIN_BLOCK_ELEMENTS * in_size:
                 raise _too_small(budget, (slots + 2 * width) * MIN_BLOCK_ELEMENTS * in_size, width, outputs)
             return Sizes(_align(min(chunk, MAX_CHUNK_BYTES)), 0)
-        # Each worker's input blocks (as read, and widened) and accumulator come first (their size sets the fold's speed),
+        # Each worker's input blocks, accumulator and scratch come first (their size sets the fold's speed),
         # up to a cache-sized block; output chunks in flight get the rest.
-        widened = width * acc_size if acc_size != in_size else 0  # the input blocks widened to the accumulator's dtype
-        per_element = workers * (width * in_size + widened + acc_size)
+        per_element = workers * (width * in_size + 2 * acc_size)
         block = min(CACHE_BLOCK_ELEMENTS, budget // 2 // per_element)
         chunk = (budget - block * per_element) // slots
         if block < MIN_BLOCK_ELEMENTS or chunk < MIN_BLOCK_ELEMENTS * 8:
@@ -440,19 +439,11 @@ class Engine:
             return [True] * len(outs)
         block = self.sizes.block_elements
         buffers, views = self._worker_views(len(row.sources), row.entry.input_dtype)
-        # Each input block is widened to the accumulator's dtype once, for every output that folds it: the same
-        # values the mixed-dtype arithmetic would widen, so the sums are bit for bit the same, but K outputs do
-        # not convert the block K times (and a plain same-dtype add is faster than a mixed one).
-        wide: dict[torch.dtype, list[torch.Tensor]] = {}
         folds = []
         for entry, out_buffer, picked, weights in zip(row.entries, outs, row.picks, row.weights):
             assert entry.accum_dtype is not None
             out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
-            folded = views
-            if entry.accum_dtype != row.entry.input_dtype:
-                folded = wide.setdefault(entry.accum_dtype, self._worker_wide(len(row.sources), entry.accum_dtype))
-            folds.append((entry, out, [folded[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype)))
-        used = sorted({j for picked in row.picks for j in picked})
+            folds.append((entry, out, [views[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype)))
         readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in row.sources]
         finite = [True] * len(outs)
         for start in range(lo, hi, block):
@@ -463,14 +454,13 @@ class Engine:
                     read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
                 else:
                     source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
-            for widened in wide.values():
-                for j in used:
-                    widened[j][:count].copy_(views[j][:count])
             for k, (entry, out, picked_views, picked, weights, acc) in enumerate(folds):
                 if count == block:
                     fold_block(picked_views, weights, entry.divisor, acc, out[start : start + count])
                 else:
-                    fold_block([x[:count] for x in picked_views], weights, entry.divisor, acc[:count], out[start : start + count])
+                    fold_block(
+                        [views[j][:count] for j in picked], weights, entry.divisor, acc[:count], out[start : start + count]
+                    )
                 finite[k] = finite[k] and all_finite(out[start : start + count])
         return finite
 
@@ -489,14 +479,6 @@ class Engine:
                 [t[:nbytes].view(dtype) for t in tensors[:width]],
             )
         return local["views"][key]
-
-    def _worker_wide(self, width: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """This thread's input blocks widened to the accumulator's `dtype`, reused from chunk to chunk."""
-        wide = self._local.__dict__.setdefault("wide", {})
-        blocks = wide.setdefault(dtype, [])
-        while len(blocks) < width:
-            blocks.append(torch.empty(self.sizes.block_elements, dtype=dtype))
-        return blocks
 
     def _worker_accumulator(self, dtype: torch.dtype) -> torch.Tensor:
         accumulators = self._local.__dict__.setdefault("accumulators", {})
