@@ -135,6 +135,25 @@ def save_layout(state: dict[str, torch.Tensor], root: Path, layout: str, step: i
     raise ValueError(layout)
 
 
+def assert_equal_nested(got: object, want: object, where: str = "") -> None:
+    """The same structure and types, tensors equal value for value."""
+    assert type(got) is type(want), (where, type(got), type(want))
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_equal_nested(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_equal_nested(a, b, f"{where}[{i}]")
+    elif type(want).__module__ == "numpy":
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), where
+    else:
+        assert got == want, where
+
+
 def read_output(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an output folder or file, loaded with the safetensors library itself."""
     from safetensors.torch import load_file

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_state, save_layout
+from conftest import assert_equal_nested, make_state, save_layout
 from torch import nn
 
 import ckptavg
@@ -38,25 +38,6 @@ def assert_same_tensors(got: dict, want: dict) -> None:
     assert list(got) == list(want)
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-
-
-def assert_equal_nested(got: object, want: object, where: str = "") -> None:
-    """The same structure and types, tensors equal value for value."""
-    assert type(got) is type(want), (where, type(got), type(want))
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert list(got) == list(want), where
-        for key in want:
-            assert_equal_nested(got[key], want[key], f"{where}/{key}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_equal_nested(a, b, f"{where}[{i}]")
-    elif type(want).__module__ == "numpy":
-        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), where
-    else:
-        assert got == want, where
 
 
 def load(path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_state, save_layout
+from conftest import assert_equal_nested, make_state, save_layout
 from safetensors.torch import load_file
 
 import ckptavg
@@ -39,21 +39,6 @@ def mean_of(folders: list[Path], weights_file: str = "model.safetensors") -> dic
         else:
             out[name] = newest
     return out
-
-
-def assert_equal_nested(got: object, want: object, where: str = "") -> None:
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert list(got) == list(want), where
-        for key in want:
-            assert_equal_nested(got[key], want[key], f"{where}/{key}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_equal_nested(a, b, f"{where}[{i}]")
-    else:
-        assert got == want, where
 
 
 def resume(folder: Path, tmp_path: Path, model, data: list[dict], max_steps: int, weights_of=None, **args) -> tuple[dict, object]:
