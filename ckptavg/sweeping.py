@@ -31,7 +31,7 @@ from ckptavg.errors import OutputError, StrictError, UsageError, option
 from ckptavg.formats.base import Checkpoint
 from ckptavg.formats.pickle_same import check_same_layout
 from ckptavg.formats.writer import lay_out_files
-from ckptavg.merge.engine import Engine, ProgressFn, plans_differ, rows_of
+from ckptavg.merge.engine import Engine, ProgressFn, plans_differ
 from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.merge.weights import oldest_weight_warning
 from ckptavg.options import AverageOptions
@@ -201,9 +201,11 @@ def sweep_candidates(
         checkpoints, ordered_by, notes = order_inputs(inputs.checkpoints, options.order)
         chosen = choose([c.step for c in checkpoints])
         plans, reports = _plan_candidates(inputs, checkpoints, chosen, options, world)
-        if options.out_format == "same" and out_path is not None and layout is not None:
-            for candidate, plan, candidate_report in zip(chosen, plans, reports):
-                own = check_output_layout(plan, out_path / candidate.name, layout)
+        layouts = []  # each candidate's (kind, one file?), refused here when it cannot be written so
+        if out_path is not None and layout is not None:
+            layouts = [check_output_layout(plan, out_path / c.name, layout) for plan, c in zip(plans, chosen)]
+        if options.out_format == "same" and layouts:
+            for candidate, plan, candidate_report, own in zip(chosen, plans, reports, layouts):
                 target = candidate_output(plan, out_path / candidate.name, own)
                 candidate_report.notes.extend(check_same_layout(plan.inputs, target, output_specs(plan), options.training_state))
         report = _sweep_report(checkpoints, ordered_by, notes, out_path, chosen, plans, reports, inputs)
@@ -227,9 +229,9 @@ def sweep_candidates(
             report.seconds = time.perf_counter() - started
             report.peak_rss_bytes = peak_rss()
             return report
-        assert out_path is not None and layout is not None
+        assert out_path is not None
         write_options = options.write_options(inputs.device)
-        _write_sweep(plans, reports, report, chosen, out_path, layout, write_options, on_progress, world)
+        _write_sweep(plans, reports, report, chosen, out_path, layouts, write_options, on_progress, world)
         report.output_disk_bytes = disk_size(out_path) if leader else 0
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = max(peak_rss(), world.peak_rss if world else 0)  # of the largest rank
@@ -299,7 +301,7 @@ def _sweep_report(
     for summary in made:
         report.warnings.extend(f"{summary.name}: {w}" for w in summary.warnings)
     if one_pass:
-        report.bytes_to_read = sum(r.read_bytes for r in rows_of(plans) if r.entry.alias_of is None)
+        report.bytes_to_read = job.read_bytes(plans)
     else:
         report.bytes_to_read = sum(p.read_bytes for p in plans)
         report.notes.append(
@@ -315,18 +317,17 @@ def _write_sweep(
     report: SweepReport,
     chosen: list[Candidate],
     out_path: Path,
-    layout: tuple[str, bool],
+    layouts: list[tuple[str, bool]],
     options: WriteOptions,
     on_progress: ProgressFn | None,
     world: World | None = None,
 ) -> None:
     """Every candidate into its folder under the staged DIR, in one pass when the plans allow it, then
-    sweep.json; DIR is renamed into place once all are complete.
+    sweep.json; DIR is renamed into place once all are complete. `layouts`: each candidate's (kind, one file?).
 
     In a job of several ranks (`world`), rank 0 stages DIR and lays out every candidate's files, each rank
     writes its share of all of them from one read of its units, and rank 0 finishes (and verifies) them; the
     other ranks have no share of a .pt output."""
-    layouts = [check_output_layout(plan, out_path / c.name, layout) for plan, c in zip(plans, chosen)]
     shared = world is not None and all(kind == "safetensors" for kind, _ in layouts)
     try:
         if world is not None and not world.leader:

@@ -15,7 +15,7 @@ from ckptavg.distributed.world import World, rank_progress
 from ckptavg.errors import EXIT_SIGINT, Interrupted, UsageError
 from ckptavg.formats.base import FILES
 from ckptavg.formats.writer import RangeWriter, TensorSpec, tensor_offsets
-from ckptavg.merge.engine import Engine, rows_of
+from ckptavg.merge.engine import Engine, pass_read_bytes, rows_of
 from ckptavg.merge.plan import Plan, output_specs
 from ckptavg.output import TensorFiles, WriteOptions
 from ckptavg.progress import Progress, ProgressFn
@@ -62,9 +62,7 @@ def agree(world: World, plans: list[Plan], out: Path | None, out_format: str, sh
 
 def read_bytes(plans: list[Plan]) -> int:
     """The bytes one pass over the plans reads: each input tensor once, however many outputs fold it."""
-    if len(plans) == 1:
-        return plans[0].read_bytes
-    return sum(row.read_bytes for row in rows_of(plans) if row.entry.alias_of is None)
+    return pass_read_bytes(rows_of(plans))
 
 
 def write_share(

@@ -145,6 +145,11 @@ def rows_of(plans: Sequence[Plan]) -> list[Row]:
     return rows
 
 
+def pass_read_bytes(rows: list[Row]) -> int:
+    """The bytes one pass over `rows` reads: each input tensor once, however many outputs fold it."""
+    return sum(r.read_bytes for r in rows if r.entry.alias_of is None)
+
+
 def plans_differ(plans: Sequence[Plan]) -> str | None:
     """Why these plans cannot be run in one pass (None when they can): each must list the same output tensors in
     the same order, each of the same length and input dtype, copied or folded, tied alike (their output and
@@ -276,7 +281,7 @@ class Engine:
         budget = memory_budget or (CUDA_MEMORY_BUDGET if self.cuda else CPU_MEMORY_BUDGET)
         self.sizes = Sizes.for_rows(self.rows, budget, self.workers, self.staged)
         self._block_bytes = self.sizes.block_elements * max([r.entry.input_dtype.itemsize for r in self.rows] or [1])
-        self.read_bytes = sum(r.read_bytes for r in self.rows if r.entry.alias_of is None)  # what run() reads
+        self.read_bytes = pass_read_bytes(self.rows)  # what run() reads
         self.bytes_read = 0
         self._stop = threading.Event()
         self._out_free: queue.Queue = queue.Queue()
