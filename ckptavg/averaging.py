@@ -158,34 +158,7 @@ def average(
     Raises:
         CkptavgError: bad inputs (InputError...), bad options (UsageError), unwritable output (OutputError).
     """
-    options = AverageOptions(
-        weights=weights,
-        ema=ema,
-        ema_half_life=ema_half_life,
-        ema_sigma_rel=ema_sigma_rel,
-        order=order,
-        dtype=dtype,
-        accum=accum,
-        device=device,
-        max_shard_size=max_shard_size,
-        key=key,
-        use_ema=use_ema,
-        strip_prefixes=strip_prefixes,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        out_format=out_format,
-        memory_budget=memory_budget,
-        fsync=fsync,
-        verify=verify,
-        strict=strict,
-        check_same_run=check_same_run,
-        adapter_mode=adapter_mode,
-        base=base,
-        adapter_rank=adapter_rank,
-        rank_timeout=rank_timeout,
-        requantize=requantize,
-        training_state=training_state,
-    )
+    options = AverageOptions.pick(locals())
     return average_with(paths, out, options, on_progress=on_progress, on_plan=on_plan, make_weights=make_weights)
 
 

@@ -4,8 +4,9 @@ passed down whole."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -51,6 +52,14 @@ class AverageOptions:
     rank_timeout: float | None = None
     requantize: bool = False
     training_state: str = "drop"
+
+    @classmethod
+    def pick(cls, keywords: Mapping[str, Any]) -> AverageOptions:
+        """The options among a function's keyword arguments (`locals()` of `average`, `sweep`, `tune`), the
+        others left out: each public entry point lists its options once, in its signature, and passes them on
+        without naming each again."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in keywords.items() if name in names})
 
     def check(self) -> AverageOptions:
         """Each option's type and value (a UsageError naming its flag), before any input is opened or the output

@@ -152,30 +152,7 @@ def sweep(
     """
     asked = parse_recipes(recipes)
     paths = check_paths(paths, out, base)
-    options = AverageOptions(
-        order=order,
-        dtype=dtype,
-        accum=accum,
-        device=device,
-        max_shard_size=max_shard_size,
-        key=key,
-        use_ema=use_ema,
-        strip_prefixes=strip_prefixes,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        out_format=out_format,
-        memory_budget=memory_budget,
-        fsync=fsync,
-        verify=verify,
-        strict=strict,
-        check_same_run=check_same_run,
-        adapter_mode=adapter_mode,
-        base=base,
-        adapter_rank=adapter_rank,
-        requantize=requantize,
-        rank_timeout=rank_timeout,
-        training_state=training_state,
-    ).check()
+    options = AverageOptions.pick(locals()).check()
     return sweep_candidates(paths, out, lambda steps: candidates(asked, steps), options, on_progress, on_plan)
 
 

@@ -180,6 +180,41 @@ def test_the_options_object_checks_every_value_and_returns_a_normalised_copy():
         AverageOptions(ema=1.5).check()
 
 
+def test_every_option_of_average_reaches_the_options_object_and_each_command_calls_its_function_with_its_own():
+    """`average`, `sweep` and `tune` pass their options on as AverageOptions.pick(locals()), and each command its
+    parameters as library_keywords(locals()): a parameter the other side does not know would be lost, or fail."""
+    import dataclasses
+    import inspect
+
+    from ckptavg.cli import average as cli_average
+    from ckptavg.cli import export as cli_export
+    from ckptavg.cli import sweep as cli_sweep
+    from ckptavg.cli import tune as cli_tune
+    from ckptavg.cli.params import library_keywords
+
+    fields = {f.name for f in dataclasses.fields(AverageOptions)}
+    assert fields <= set(inspect.signature(ckptavg.average).parameters)
+    options = AverageOptions.pick({**{name: None for name in fields}, "paths": [], "on_progress": print})
+    assert dataclasses.asdict(options) == {name: None for name in fields}
+    for function in (ckptavg.sweep, ckptavg.tune):
+        taken = set(inspect.signature(function).parameters) & fields
+        assert taken >= {"order", "dtype", "device", "key", "strip_prefixes", "memory_budget", "out_format", "training_state"}
+    for command, function, callbacks in (
+        (cli_average.average, ckptavg.average, {"on_progress", "on_plan"}),
+        (cli_sweep.sweep, ckptavg.sweep, {"on_progress", "on_plan"}),
+        (cli_tune.tune, ckptavg.tune, {"on_candidate", "on_progress"}),
+        (cli_export.export, ckptavg.average, {"on_progress", "on_plan"}),  # export passes its keywords on to average
+    ):
+        keywords = library_keywords(dict.fromkeys(inspect.signature(command).parameters))
+        accepted = set(inspect.signature(function).parameters) | ({"merge"} if command is cli_export.export else set())
+        assert set(keywords) <= accepted - callbacks, (command.__name__, set(keywords) - accepted)
+    assert library_keywords({"strip_prefix": None, "accum_dtype": "fp64", "no_fsync": True, "quiet": True}) == {
+        "strip_prefixes": (),
+        "accum": "fp64",
+        "fsync": False,
+    }
+
+
 def test_a_bad_value_comes_before_the_inputs_and_the_output_on_the_command_line(tmp_path, cli):
     (tmp_path / "out").mkdir()
     result = cli("average", tmp_path / "missing-a", tmp_path / "missing-b", "--ema", "1.5", "-o", tmp_path / "out")

@@ -35,8 +35,9 @@ from ckptavg.cli.params import (
     TrainingStateOpt,
     UseEmaOpt,
     VerifyOpt,
+    library_keywords,
 )
-from ckptavg.cli.running import app, push_after, run_and_render
+from ckptavg.cli.running import app, deferred, push_after, run_and_render
 from ckptavg.render import (
     print_summary,
 )
@@ -144,40 +145,12 @@ def average(
 
         ckptavg average hf://org/run/checkpoint-{800,900} -o m --push-to-hub org/m
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
+    keywords = library_keywords(locals())
+    average_checkpoints = deferred("ckptavg.averaging", "average")  # imported under the progress display
     pushed = push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     def run(**callbacks: Any) -> Any:
-        from ckptavg.averaging import average_with  # imported under the progress display: torch takes a while
-        from ckptavg.options import AverageOptions
-
-        options = AverageOptions(
-            weights=weights,
-            ema=ema,
-            ema_half_life=ema_half_life,
-            ema_sigma_rel=ema_sigma_rel,
-            order=order,
-            dtype=dtype,
-            accum=accum_dtype,
-            device=device,
-            max_shard_size=max_shard_size,
-            key=key,
-            use_ema=use_ema,
-            strip_prefixes=strip_prefix or (),
-            overwrite=overwrite,
-            dry_run=dry_run,
-            out_format=out_format,
-            memory_budget=memory_budget,
-            fsync=not no_fsync,
-            verify=verify,
-            strict=strict,
-            adapter_mode=adapter_mode,
-            base=base,
-            adapter_rank=adapter_rank,
-            rank_timeout=rank_timeout,
-            requantize=requantize,
-            training_state=training_state,
-        )
-        return pushed(average_with(inputs, output, options, **callbacks))
+        return pushed(average_checkpoints(inputs, output, **keywords, **callbacks))
 
     run_and_render(
         run,

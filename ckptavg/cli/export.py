@@ -28,6 +28,7 @@ from ckptavg.cli.params import (
     TrainingStateOpt,
     UseEmaOpt,
     VerifyOpt,
+    library_keywords,
 )
 from ckptavg.cli.running import app, deferred, push_after, run_and_render
 from ckptavg.render import (
@@ -112,34 +113,12 @@ def export(
 
         ckptavg export last.ckpt --use-ema --strip-prefix model. -o m.safetensors
     """  # noqa: E501  (one line per paragraph: typer keeps the line breaks, in the command list too)
+    keywords = library_keywords(locals())
     export_checkpoint = deferred("ckptavg.exporting", "export")
     pushed = push_after(push_to_hub, output, out_format, dry_run, private, revision, commit_message)
 
     run_and_render(
-        lambda **callbacks: pushed(
-            export_checkpoint(
-                checkpoint,
-                output,
-                merge=merge,
-                base=base,
-                dtype=dtype,
-                key=key,
-                use_ema=use_ema,
-                strip_prefixes=strip_prefix or (),
-                max_shard_size=max_shard_size,
-                device=device,
-                overwrite=overwrite,
-                dry_run=dry_run,
-                out_format=out_format,
-                memory_budget=memory_budget,
-                fsync=not no_fsync,
-                verify=verify,
-                rank_timeout=rank_timeout,
-                requantize=requantize,
-                training_state=training_state,
-                **callbacks,
-            )
-        ),
+        lambda **callbacks: pushed(export_checkpoint(checkpoint, output, **keywords, **callbacks)),
         print_export,
         json_output,
         quiet,

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+# A command's parameters that are the CLI's own: rendering, the Hub upload, and the inputs and output (passed by position).
+CLI_ONLY = frozenset(
+    {"inputs", "checkpoint", "output", "json_output", "quiet", "debug", "push_to_hub", "private", "revision", "commit_message"}
+)
+
+
+def library_keywords(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A command's parameters (its `locals()` on entry) as the keyword arguments of the library function it calls:
+    the CLI's own left out, and the three named for their flag's sake renamed (--strip-prefix, --accum-dtype,
+    --no-fsync)."""
+    keywords = {name: value for name, value in parameters.items() if name not in CLI_ONLY}
+    if "strip_prefix" in keywords:
+        keywords["strip_prefixes"] = tuple(keywords.pop("strip_prefix") or ())
+    if "accum_dtype" in keywords:
+        keywords["accum"] = keywords.pop("accum_dtype")
+    if "no_fsync" in keywords:
+        keywords["fsync"] = not keywords.pop("no_fsync")
+    return keywords
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors only.")]

@@ -31,6 +31,7 @@ from ckptavg.cli.params import (
     TrainingStateOpt,
     UseEmaOpt,
     VerifyOpt,
+    library_keywords,
 )
 from ckptavg.cli.running import app, deferred, run_and_render
 from ckptavg.render import (
@@ -106,35 +107,10 @@ def sweep(
 
         ckptavg sweep ckpt_*.pt -o sweep --recipe linear --recipe ema-half-life:500 --json
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
+    keywords = library_keywords(locals())
     sweep_checkpoints = deferred("ckptavg.sweeping", "sweep")
     run_and_render(
-        lambda **callbacks: sweep_checkpoints(
-            inputs,
-            output,
-            recipes=recipes or [],
-            order=order,
-            dtype=dtype,
-            accum=accum_dtype,
-            device=device,
-            max_shard_size=max_shard_size,
-            key=key,
-            use_ema=use_ema,
-            strip_prefixes=strip_prefix or (),
-            overwrite=overwrite,
-            dry_run=dry_run,
-            memory_budget=memory_budget,
-            fsync=not no_fsync,
-            verify=verify,
-            strict=strict,
-            adapter_mode=adapter_mode,
-            base=base,
-            adapter_rank=adapter_rank,
-            rank_timeout=rank_timeout,
-            out_format=out_format,
-            training_state=training_state,
-            requantize=requantize,
-            **callbacks,
-        ),
+        lambda **callbacks: sweep_checkpoints(inputs, output, **keywords, **callbacks),
         print_sweep,
         json_output,
         quiet,

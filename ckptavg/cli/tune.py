@@ -25,6 +25,7 @@ from ckptavg.cli.params import (
     TrainingStateOpt,
     UseEmaOpt,
     VerifyOpt,
+    library_keywords,
 )
 from ckptavg.cli.running import app, deferred, run_and_render
 from ckptavg.render import (
@@ -150,6 +151,7 @@ def tune(
 
         ckptavg tune ckpt-* -o best --eval 'python eval.py {model}' --metric acc
     """  # noqa: E501  (typer keeps a docstring's line breaks in --help: a paragraph stays on one line)
+    keywords = library_keywords(locals())
     tune_checkpoints = deferred("ckptavg.tuning.run", "tune")
 
     def on_candidate(row: Any) -> None:
@@ -158,36 +160,7 @@ def tune(
 
     run_and_render(
         lambda on_progress, on_plan: tune_checkpoints(
-            inputs,
-            output,
-            eval_command=eval_command,
-            eval_text=eval_text,
-            eval_tokens=eval_tokens,
-            eval_timeout=eval_timeout,
-            recipes=recipes,
-            greedy_soup=greedy_soup,
-            metric=metric,
-            mode=mode,
-            guards=guards or (),
-            keep_candidates=keep_candidates,
-            plot=plot,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            order=order,
-            dtype=dtype,
-            device=device,
-            max_shard_size=max_shard_size,
-            key=key,
-            use_ema=use_ema,
-            strip_prefixes=strip_prefix or (),
-            memory_budget=memory_budget,
-            verify=verify,
-            strict=strict,
-            rank_timeout=rank_timeout,
-            out_format=out_format,
-            training_state=training_state,
-            on_candidate=on_candidate,
-            on_progress=on_progress,
+            inputs, output, **keywords, on_candidate=on_candidate, on_progress=on_progress
         ),
         print_tune,
         json_output,

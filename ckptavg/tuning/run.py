@@ -63,7 +63,6 @@ class Tuner:
         self.choose, self.soup_asked, self.keep = choose, soup, keep
         self.on_candidate, self.on_progress = on_candidate, on_progress
         self.staging: Path | None = None
-        self.overwrite = False
         self.written = 0
         self.bytes_read = 0
         self.retained: tuple[str, Path] | None = None  # the best eligible candidate's folder, kept for OUT
@@ -85,7 +84,7 @@ class Tuner:
 
         # With OUT: it is refused here, before any work, when it is an input, inside one, or exists (without
         # overwrite, or not written by ckptavg).
-        planned = sweep_candidates(self.paths, self.out, choose, replace(self.options, dry_run=True, overwrite=self.overwrite))
+        planned = sweep_candidates(self.paths, self.out, choose, replace(self.options, dry_run=True))
         self.bytes_read += planned.bytes_read
         table, alone = made["table"], made["alone"]
         summaries = {s.name: s for s in planned.candidates}
@@ -234,30 +233,29 @@ def best_of(rows: Sequence[CandidateResult], mode: str) -> CandidateResult | Non
     return best
 
 
-def run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -> TuneReport:
+def run_tune(tuner: Tuner, plot: Path | None) -> TuneReport:
     """The whole run (see the module's docstring). Under torchrun every rank plans and writes the candidates
     (each its share, as `sweep` does), and rank 0 alone evaluates them, keeps the state and writes OUT; the
     other ranks follow its orders."""
     from ckptavg.distributed import job, join
 
-    world = None if dry_run or tuner.out is None else join(tuner.options.rank_timeout)
+    world = None if tuner.options.dry_run or tuner.out is None else join(tuner.options.rank_timeout)
     if world is not None:
         world.agreed = True  # each step agrees on its own plans; a failure now is posted for all to see
     tuner.world = world
     with job.failures_shared(world):
-        report = _run_tune(tuner, overwrite, dry_run, plot)
+        report = _run_tune(tuner, plot)
         if world is not None and world.leader:
             world.post(f"order/{tuner.written + 1}", {"end": True})
         return report
 
 
-def _run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -> TuneReport:
+def _run_tune(tuner: Tuner, plot: Path | None) -> TuneReport:
     from ckptavg.output import output_lock, remove_leftovers, tmp_name
 
     started = time.perf_counter()
-    tuner.overwrite = overwrite
     report, table, alone = tuner.plan()
-    if dry_run or tuner.out is None:
+    if tuner.options.dry_run or tuner.out is None:
         report.dry_run = True
         report.seconds = time.perf_counter() - started
         return report
@@ -286,7 +284,7 @@ def _run_tune(tuner: Tuner, overwrite: bool, dry_run: bool, plot: Path | None) -
 
                 plot_scores(report, plot)
                 report.plot = str(plot)
-            _publish(tuner, report, winner, [*table, *_soup_candidates(report)], overwrite)
+            _publish(tuner, report, winner, [*table, *_soup_candidates(report)], tuner.options.overwrite)
         finally:
             shutil.rmtree(tuner.staging, ignore_errors=True)
     state.remove()
@@ -571,29 +569,13 @@ def tune(
     keep = Path(check_path("keep_candidates", keep_candidates)) if keep_candidates is not None else None
     scoring = _scoring(eval_command, eval_text, eval_tokens, eval_timeout, device, metric, mode, checked_guards)
     paths = check_paths(paths, out, None)
-    options = AverageOptions(
-        order=order,
-        dtype=dtype,
-        accum=accum,
-        device=device,
-        max_shard_size=max_shard_size,
-        key=key,
-        use_ema=use_ema,
-        strip_prefixes=strip_prefixes,
-        memory_budget=memory_budget,
-        verify=verify,
-        strict=strict,
-        dry_run=dry_run,
-        rank_timeout=rank_timeout,
-        out_format=out_format,
-        training_state=training_state,
-    ).check()
+    options = AverageOptions.pick(locals()).check()
     paths, out_path, _ = check_inputs_and_output(paths, out, options)
     if out_path is not None and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(None, f"{option('out', out_path.name)}: tune writes the winner as a folder; name a folder")
     choose = (lambda steps: asked_candidates(texts, steps)) if recipes is not None else default_candidates
     tuner = Tuner(paths, out_path, options, scoring, choose, greedy_soup, keep, on_candidate, on_progress)
-    return run_tune(tuner, overwrite, dry_run, plot_path)
+    return run_tune(tuner, plot_path)
 
 
 def _scoring(
