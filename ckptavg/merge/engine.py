@@ -197,9 +197,9 @@ class Sizes:
 
     With K outputs (a sweep's candidates) every chunk in flight is K output chunks, so the chunk is K times
     smaller and the total stays within the budget whatever K. On a CPU the input blocks and the accumulator
-    are not multiplied: a worker widens each input block to the accumulator's dtype once, then folds the
-    wide blocks into the K outputs one after another, reusing one accumulator block, while they are still in
-    its cache. The inputs counted are the distinct ones any output reads (each read once)."""
+    are not multiplied: a worker folds its blocks into the K outputs one after another, reusing one
+    accumulator block, while the blocks are still in its cache. The inputs counted are the distinct ones
+    any output reads (each read once)."""
 
     chunk_bytes: int  # bytes of one output chunk (and, on CUDA, of one input's staging buffer)
     block_elements: int  # elements folded at once by a CPU worker
@@ -222,21 +222,15 @@ class Sizes:
             if chunk < MIN_BLOCK_ELEMENTS * in_size:
                 raise _too_small(budget, (slots + 2 * width) * MIN_BLOCK_ELEMENTS * in_size, width, outputs)
             return Sizes(_align(min(chunk, MAX_CHUNK_BYTES)), 0)
-        # Each worker's input blocks (and, for K outputs, their wide copies), accumulator and scratch come first
-        # (their size sets the fold's speed), up to a cache-sized block; output chunks in flight get the rest.
-        wide_size = max([_wide_bytes(r) for r in folded] or [0]) if outputs > 1 else 0
-        per_element = workers * (width * (in_size + wide_size) + 2 * acc_size)
+        # Each worker's input blocks, accumulator and scratch come first (their size sets the fold's speed),
+        # up to a cache-sized block; output chunks in flight get the rest.
+        per_element = workers * (width * in_size + 2 * acc_size)
         block = min(CACHE_BLOCK_ELEMENTS, budget // 2 // per_element)
         chunk = (budget - block * per_element) // slots
         if block < MIN_BLOCK_ELEMENTS or chunk < MIN_BLOCK_ELEMENTS * 8:
             raise _too_small(budget, MIN_BLOCK_ELEMENTS * (per_element + 8 * slots) * 2, width, outputs)
         chunk = _align(min(MAX_CHUNK_BYTES, chunk))
         return Sizes(chunk, block - block % 64)
-
-
-def _wide_bytes(row: Row) -> int:
-    """Bytes per input element of a row's wide copies: one per accumulator dtype other than the input's."""
-    return sum(d.itemsize for d in {e.accum_dtype for e in row.entries} - {row.entry.input_dtype} if d is not None)
 
 
 def _align(n: int) -> int:
@@ -476,15 +470,11 @@ class Engine:
             return [True] * len(outs)
         block = self.sizes.block_elements
         buffers, views = self._worker_views(len(row.sources), row.entry.input_dtype)
-        wide = self._worker_wide(row) if len(row.entries) > 1 else {}
         folds = []
         for entry, out_buffer, picked, weights in zip(row.entries, outs, row.picks, row.weights):
             assert entry.accum_dtype is not None
             out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
-            inputs = wide.get(entry.accum_dtype, views)
-            folds.append(
-                (entry, out, inputs, [inputs[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype))
-            )
+            folds.append((entry, out, [views[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype)))
         readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in row.sources]
         finite = [True] * len(outs)
         for start in range(lo, hi, block):
@@ -495,18 +485,12 @@ class Engine:
                     read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
                 else:
                     source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
-            for blocks in wide.values():  # exact: every input dtype widens to its accumulator's without rounding
-                for view, widened in zip(views, blocks):
-                    if count == block:
-                        widened.copy_(view)
-                    else:
-                        widened[:count].copy_(view[:count])
-            for k, (entry, out, inputs, picked_inputs, picked, weights, acc) in enumerate(folds):
+            for k, (entry, out, picked_views, picked, weights, acc) in enumerate(folds):
                 if count == block:
-                    fold_block(picked_inputs, weights, entry.divisor, acc, out[start : start + count])
+                    fold_block(picked_views, weights, entry.divisor, acc, out[start : start + count])
                 else:
                     fold_block(
-                        [inputs[j][:count] for j in picked], weights, entry.divisor, acc[:count], out[start : start + count]
+                        [views[j][:count] for j in picked], weights, entry.divisor, acc[:count], out[start : start + count]
                     )
                 finite[k] = finite[k] and all_finite(out[start : start + count])
         return finite
@@ -526,20 +510,6 @@ class Engine:
                 [t[:nbytes].view(dtype) for t in tensors[:width]],
             )
         return local["views"][key]
-
-    def _worker_wide(self, row: Row) -> dict[torch.dtype, list[torch.Tensor]]:
-        """This thread's copies of a row's input blocks in each accumulator dtype its outputs fold in (other than
-        the input's own), reused from chunk to chunk: with K outputs an input block is widened once, not K times
-        inside each fold's mixed-dtype arithmetic (the same values, so the same bits)."""
-        wide = self._local.__dict__.setdefault("wide", {})
-        blocks = {}
-        for dtype in {e.accum_dtype for e in row.entries} - {row.entry.input_dtype}:
-            assert dtype is not None
-            mine = wide.setdefault(dtype, [])
-            while len(mine) < len(row.sources):
-                mine.append(torch.empty(self.sizes.block_elements, dtype=dtype))
-            blocks[dtype] = mine[: len(row.sources)]
-        return blocks
 
     def _worker_accumulator(self, dtype: torch.dtype) -> torch.Tensor:
         accumulators = self._local.__dict__.setdefault("accumulators", {})
