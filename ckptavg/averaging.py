@@ -45,7 +45,7 @@ from ckptavg.same_run import different_runs
 from ckptavg.same_weights import refuse_copies
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
-from ckptavg.writing import OutputFiles, check_output_layout, disk_size, run_engine, tensor_files
+from ckptavg.writing import OutputFiles, check_output_layout, disk_size, output_disk_bytes, run_engine, tensor_files
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 
@@ -326,7 +326,7 @@ def plan_run(
                 "this layout as the newest input holds it (leave it out)",
             )
     if out_path is not None and not options.dry_run and leader:
-        check_space(out_path, plan.output_bytes)
+        check_space(out_path, output_disk_bytes(plan, options.out_format, options.training_state))
     return plan, report
 
 

@@ -40,7 +40,7 @@ from ckptavg.output import SWEEP_FILE, WriteOptions, check_space, staged, tmp_na
 from ckptavg.recipes import Candidate, candidates, parse_recipes
 from ckptavg.sizes import peak_rss
 from ckptavg.version import __version__
-from ckptavg.writing import OutputFiles, check_output_layout, disk_size, engine_target, tensor_files
+from ckptavg.writing import OutputFiles, check_output_layout, disk_size, engine_target, output_disk_bytes, tensor_files
 
 
 @dataclass
@@ -199,7 +199,7 @@ def sweep_candidates(
         if options.strict and report.warnings:
             raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
         if out_path is not None and not options.dry_run and leader:
-            check_space(out_path, sum(p.output_bytes for p in plans))
+            check_space(out_path, sum(output_disk_bytes(p, options.out_format, options.training_state) for p in plans))
         if on_plan and leader:
             on_plan(report)
         if options.dry_run:

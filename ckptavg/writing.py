@@ -260,3 +260,11 @@ def disk_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def output_disk_bytes(plan: Plan, out_format: str, training_state: str) -> int:
+    """The room an output needs: its tensors; with --format same keeping the newest training state, at least the
+    newest input's own size, whose optimizer, scheduler and RNG state is written beside the merged weights."""
+    if out_format == "same" and training_state == "newest":
+        return max(plan.output_bytes, disk_size(plan.inputs[-1].path))
+    return plan.output_bytes

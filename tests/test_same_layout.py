@@ -111,6 +111,28 @@ def test_fairseq_args_kept_and_model_is_the_mean(tmp_path):
     assert_same_tensors(mapped["model"], got["model"])
 
 
+def test_room_for_the_newest_training_state_is_checked_before_writing(tmp_path, monkeypatch):
+    """With training_state="newest" the output holds the newest input's optimizer state too: the room checked is at
+    least the newest input's size, not the merged weights' alone."""
+    import shutil
+    from collections import namedtuple
+
+    from ckptavg.errors import OutputError
+    from ckptavg.output import SPACE_MARGIN
+
+    paths = fairseq_run(tmp_path / "run")
+    free = SPACE_MARGIN + paths[-1].stat().st_size - 1
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+    with pytest.raises(OutputError, match="not enough free space"):
+        ckptavg.average(paths, tmp_path / "kept.pt", out_format="same", training_state="newest")
+    assert not (tmp_path / "kept.pt").exists()
+    with pytest.raises(OutputError, match="not enough free space"):
+        ckptavg.sweep(paths, tmp_path / "sweep", recipes=["mean"], out_format="same", training_state="newest")
+    ckptavg.average(paths, tmp_path / "dropped.pt", out_format="same")  # the merged weights alone fit
+    assert (tmp_path / "dropped.pt").exists()
+
+
 def test_fairseq_cfg_is_a_dictconfig_again(tmp_path):
     omegaconf = pytest.importorskip("omegaconf")
     cfg = omegaconf.OmegaConf.create(
