@@ -326,7 +326,7 @@ def plan_run(
                 "this layout as the newest input holds it (leave it out)",
             )
     if out_path is not None and not options.dry_run and leader:
-        check_space(out_path, output_disk_bytes(plan, options.out_format, options.training_state))
+        check_space(out_path, output_disk_bytes([plan], options.out_format, options.training_state))
     return plan, report
 
 

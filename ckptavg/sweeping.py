@@ -199,7 +199,7 @@ def sweep_candidates(
         if options.strict and report.warnings:
             raise StrictError(None, f"warning treated as an error ({option('strict', True)}): {report.warnings[0]}")
         if out_path is not None and not options.dry_run and leader:
-            check_space(out_path, sum(output_disk_bytes(p, options.out_format, options.training_state) for p in plans))
+            check_space(out_path, output_disk_bytes(plans, options.out_format, options.training_state))
         if on_plan and leader:
             on_plan(report)
         if options.dry_run:

@@ -262,9 +262,15 @@ def disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def output_disk_bytes(plan: Plan, out_format: str, training_state: str) -> int:
-    """The room an output needs: its tensors; with --format same keeping the newest training state, at least the
-    newest input's own size, whose optimizer, scheduler and RNG state is written beside the merged weights."""
-    if out_format == "same" and training_state == "newest":
-        return max(plan.output_bytes, disk_size(plan.inputs[-1].path))
-    return plan.output_bytes
+def output_disk_bytes(plans: list[Plan], out_format: str, training_state: str) -> int:
+    """The room the outputs of `plans` need: their tensors; with --format same keeping the newest training state,
+    each at least its newest input's own size, whose optimizer, scheduler and RNG state is written beside the
+    merged weights (each input's size measured once, however many candidates share it)."""
+    if out_format != "same" or training_state != "newest":
+        return sum(plan.output_bytes for plan in plans)
+    sizes: dict[Path, int] = {}
+    for plan in plans:
+        newest = plan.inputs[-1].path
+        if newest not in sizes:
+            sizes[newest] = disk_size(newest)
+    return sum(max(plan.output_bytes, sizes[plan.inputs[-1].path]) for plan in plans)
