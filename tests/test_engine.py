@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -80,3 +81,121 @@ def test_write_behind_without_sync_file_range_falls_back_to_fdatasync(tmp_path, 
         for _ in range(5):
             flush.wrote(50)
     assert len(synced) == 2
+
+
+def _pieces(seed: int) -> list[bytes]:
+    """Byte strings of awkward lengths: around the block size, the staging buffer's size, and odd ones."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [13, 1, 4083, 4096, 4097, 3 * writer_module.DIRECT_STAGING + 7, 0, 65_537, 5]
+    return [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in lengths]
+
+
+def _direct_supported(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | writer_module.O_DIRECT, 0o644))
+        return True
+    except OSError:
+        return False
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not writer_module.O_DIRECT, reason="no O_DIRECT on this platform")
+def test_a_direct_output_file_writes_aligned_blocks_and_exactly_the_bytes_given(tmp_path, monkeypatch):
+    if not _direct_supported(tmp_path / "probe"):
+        pytest.skip("this file system refuses O_DIRECT")
+    import ctypes
+    import fcntl
+
+    calls = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, data, offset):
+        view = memoryview(data)
+        calls.append((offset, len(view), ctypes.addressof(ctypes.c_char.from_buffer(view))))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    pieces = _pieces(0)
+    out = writer_module.create_output_file(tmp_path / "f", durable=True)
+    assert isinstance(out, writer_module.DirectFile) and fcntl.fcntl(out.fd, fcntl.F_GETFL) & writer_module.O_DIRECT
+    for piece in pieces:
+        out.write(memoryview(piece))
+    out.finish()
+    os.close(out.fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces) and out.size == sum(map(len, pieces))
+    align = writer_module.DIRECT_ALIGN
+    assert calls and all(
+        offset % align == 0 and length % align == 0 and address % align == 0 for offset, length, address in calls
+    )
+
+
+def test_a_direct_output_file_can_be_read_back_mid_write(tmp_path):
+    """flush() puts the partial last block on disk (padded), so the bytes so far read back; writing goes on after it."""
+    pieces = _pieces(1)
+    out = writer_module.create_output_file(tmp_path / "f", durable=True)
+    for i, piece in enumerate(pieces):
+        out.write(memoryview(piece))
+        out.flush()
+        with open(tmp_path / "f", "rb") as f:
+            assert f.read(out.size) == b"".join(pieces[: i + 1])
+    out.finish()
+    os.close(out.fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_a_file_system_refusing_direct_writes_gets_the_bytes_through_the_page_cache(tmp_path, monkeypatch, refused_at):
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_refusing_direct(path, flags, *args):
+        if flags & writer_module.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, *args)
+
+    def pwrite_refusing_direct(fd, data, offset):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(
+        os,
+        refused_at if refused_at == "open" else "pwrite",
+        open_refusing_direct if refused_at == "open" else pwrite_refusing_direct,
+    )
+    pieces = _pieces(2)
+    out = writer_module.create_output_file(tmp_path / "f", durable=True)
+    for piece in pieces:
+        out.write(memoryview(piece))
+    out.flush()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    out.finish()
+    os.close(out.fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+def test_no_fsync_writes_through_the_page_cache(tmp_path):
+    out = writer_module.create_output_file(tmp_path / "f", durable=False)
+    assert isinstance(out, writer_module.BufferedFile)
+    os.close(out.fd)
+
+
+def test_a_tied_tensor_repeated_from_a_direct_file_reads_back_its_bytes(tmp_path):
+    """repeat() reads the tensor already written back from the file: bytes still in the staging buffer must be on
+    disk by then."""
+    from safetensors.torch import load_file
+
+    from ckptavg.formats.base import tensor_buffer
+    from ckptavg.formats.writer import SafetensorsWriter, TensorSpec
+
+    a, c = torch.randn(1000), torch.randn(3)
+    specs = [
+        TensorSpec("a", torch.float32, (1000,)),
+        TensorSpec("b", torch.float32, (1000,)),
+        TensorSpec("c", torch.float32, (3,)),
+    ]
+    writer = SafetensorsWriter([tmp_path / "m.safetensors"], [specs], {"format": "pt"})
+    writer.write(tensor_buffer(a))
+    writer.repeat("a")
+    writer.write(tensor_buffer(c))
+    writer.finish()
+    got = load_file(tmp_path / "m.safetensors")
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], a) and torch.equal(got["c"], c)

@@ -149,15 +149,20 @@ def test_runs_started_together_one_wins_the_other_fails_clearly(tmp_path, inputs
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
 def test_a_write_error_mid_run_leaves_nothing(cli, tmp_path, inputs, monkeypatch, error):
-    real_write, written = os.write, [0]
+    """The output is written with os.write (through the page cache) or os.pwrite (O_DIRECT): both fail."""
+    written = [0]
 
-    def failing_write(fd, data):
-        written[0] += len(data)
-        if written[0] > 30_000_000:
-            raise OSError(error, os.strerror(error))
-        return real_write(fd, data)
+    def failing(real):
+        def write(fd, data, *offset):
+            written[0] += len(data)
+            if written[0] > 30_000_000:
+                raise OSError(error, os.strerror(error))
+            return real(fd, data, *offset)
 
-    monkeypatch.setattr(os, "write", failing_write)
+        return write
+
+    monkeypatch.setattr(os, "write", failing(os.write))
+    monkeypatch.setattr(os, "pwrite", failing(os.pwrite))
     result = cli("average", *inputs, "-o", tmp_path / "merged")
     monkeypatch.undo()
     assert result.code == 3
@@ -191,11 +196,10 @@ def test_the_disk_filling_up_mid_write_fails_cleanly(tmp_path, inputs):
     """Another process fills the disk while ckptavg writes: ENOSPC, one line, the partial output removed."""
     with tmpfs(tmp_path / "disk", "130m") as disk:
         process = frozen_mid_write(inputs, disk / "merged")
-        with open(disk / "filler", "wb") as filler:
+        with open(disk / "filler", "wb", buffering=0) as filler:  # unbuffered: closing it has nothing left to write
             try:
                 while True:
                     filler.write(b"\0" * (1 << 20))
-                    filler.flush()
             except OSError as e:
                 assert e.errno == errno.ENOSPC
         process.send_signal(signal.SIGCONT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -64,16 +65,25 @@ def assert_nothing_written(result, tmp_path) -> None:
 
 def test_bytes_corrupted_on_their_way_to_the_disk_are_caught(cli, tmp_path, monkeypatch):
     paths = [save_layout(make_state(s), tmp_path / f"in{s}", "safetensors") for s in range(2)]
-    real_write, calls = os.write, [0]
+    reference = ckptavg.average(paths, tmp_path / "reference")
+    corrupt_at = (tmp_path / "reference" / "model.safetensors").stat().st_size - 5  # a byte of the last tensor
+    shutil.rmtree(tmp_path / "reference")
+    assert reference.bytes_written
 
-    def corrupting_write(fd, data):
-        calls[0] += 1
-        if calls[0] == 3:  # a data write, after the header
-            data = bytearray(data)
-            data[len(data) // 2] ^= 0x10
-        return real_write(fd, data)
+    def corrupting(real, positioned):
+        """os.write (through the page cache) or os.pwrite (O_DIRECT), flipping a bit of the byte at corrupt_at."""
 
-    monkeypatch.setattr(os, "write", corrupting_write)
+        def write(fd, data, *offset):
+            at = offset[0] if positioned else os.lseek(fd, 0, os.SEEK_CUR)
+            if at <= corrupt_at < at + len(data):
+                data = bytearray(data)
+                data[corrupt_at - at] ^= 0x10
+            return real(fd, data, *offset)
+
+        return write
+
+    monkeypatch.setattr(os, "write", corrupting(os.write, False))
+    monkeypatch.setattr(os, "pwrite", corrupting(os.pwrite, True))
     result = cli("average", *paths, "-o", tmp_path / "merged", "--verify")
     monkeypatch.undo()
     assert_nothing_written(result, tmp_path)
