@@ -408,3 +408,44 @@ def test_strict_refuses_a_candidate_that_warns(cli, run, tmp_path):
     assert result.code == 1
     assert "warning treated as an error (--strict): ema-0.9: the EMA gives the oldest input 73% of the weight" in result.err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "dtype,spread", [(torch.bfloat16, 20), (torch.float16, 6), (torch.float32, 20), (torch.float8_e4m3fn, 3)]
+)
+def test_nested_windows_from_one_running_sum_are_each_window_alone(dtype, spread):
+    """fold_nested makes the means of the newest 1, 2, 5 and 8 inputs from one sum; each is bit for bit the
+    uniform mean of that window folded alone, and within the FP32 sum's error and one rounding of a float64
+    reference."""
+    from ckptavg.merge.engine import fold_block, fold_nested
+
+    g = torch.Generator().manual_seed(3)
+    # magnitudes spread over 2^-spread..2^spread, so that the order of the sum shows in the low bits
+    scale = torch.exp2(torch.randint(-spread, spread, (8, 5000), generator=g).float())
+    inputs = list((torch.randn(8, 5000, generator=g) * scale).to(dtype))
+    windows = [1, 2, 5, 8]
+    outs = [torch.empty(5000) for _ in windows]  # FP32 outputs: a bf16 rounding would hide the order of the sum
+    fold_nested(inputs, windows, [float(w) for w in windows], torch.empty(5000), outs)
+    for window, out in zip(windows, outs):
+        alone = torch.empty(5000)
+        fold_block(inputs[8 - window :], [1.0] * window, float(window), torch.empty(5000), alone)
+        assert torch.equal(out.view(torch.int32), alone.view(torch.int32)), window
+        terms = torch.stack([x.double() for x in inputs[8 - window :]])
+        reference = terms.sum(0) / window
+        bound = 2**-23 * reference.abs() + window * 2**-24 * terms.abs().sum(0)
+        assert bool(((out.double() - reference).abs() <= bound).all()), window
+
+
+def test_fold_groups_chain_uniform_means_of_nested_windows_only():
+    from ckptavg.merge.engine import Row, fold_groups
+    from ckptavg.merge.plan import PlanEntry
+
+    def entry(accum):
+        return PlanEntry(name="w", dtype=torch.bfloat16, shape=(4,), sources=[], weights=[], accum_dtype=accum)
+
+    picks = [[0, 1, 2, 3], [2, 3], [0, 1], [1, 2, 3], [0, 1, 2, 3], [3], [2, 3]]
+    weights = [[1.0] * 4, [1.0] * 2, [1.0] * 2, [0.2, 0.3, 0.5], [0.1, 0.2, 0.3, 0.4], [1.0], [1.0] * 2]
+    accums = [torch.float32] * 6 + [torch.float64]
+    row = Row([entry(a) for a in accums], [], picks, weights)
+    # last-1 (5) < last-2 (1) < mean (0) chain; the first two (2) and the weighted ones (3, 4) alone; the FP64 last-2 (6) alone
+    assert sorted(fold_groups(row)) == sorted([[5, 1, 0], [2], [6], [3], [4]])

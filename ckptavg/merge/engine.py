@@ -16,7 +16,9 @@ input order, so both devices produce the same bits for the same accumulation dty
 One pass can make several outputs (`ckptavg sweep`): given K plans over the same inputs (one per candidate
 weighting), each chunk of every input any of them reads is read once and folded K times, each candidate's
 fold over its own inputs in its own order, into its own output chunk and writer. A candidate's bytes are
-therefore those a run of its plan alone writes. K = 1 is `average`.
+therefore those a run of its plan alone writes. K = 1 is `average`. Uniform means are summed newest first,
+so the means of nested windows of the newest inputs (`last:2,4,8`) are made from one running sum
+(`fold_nested`), each window's sum the start of the next's, with the same operations as each alone.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ WRITE_THREADS = 2  # with several outputs (a sweep), two threads write them: a d
 
 
 def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: torch.Tensor, out: torch.Tensor) -> None:
-    """out = sum_i weights[i] * inputs[i] / divisor, accumulated in acc.dtype in input order, rounded once to out.dtype.
+    """out = sum_i weights[i] * inputs[i] / divisor, accumulated in acc.dtype, rounded once to out.dtype: in input
+    order, or newest first for a uniform sum (every weight 1; see fold_nested).
 
     `acc` is a 1-D buffer whose length sets the block: small enough to stay in cache on a CPU, the whole
     chunk on a GPU. The arithmetic per element is the same either way, so CPU and CUDA agree.
@@ -63,19 +66,46 @@ def fold(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: 
 
 def fold_block(inputs: list[torch.Tensor], weights: list[float], divisor: float, acc: torch.Tensor, out: torch.Tensor) -> None:
     """fold() for inputs, accumulator and output of the same length."""
+    if all(w == 1 for w in weights):
+        fold_nested(inputs, [len(inputs)], [divisor], acc, [out])
+        return
     acc.copy_(inputs[0])
     if weights[0] != 1:
         acc.mul_(weights[0])
-    if inputs[0].dtype.itemsize == 1:  # float8 does not promote in mixed-dtype arithmetic: widen a copy
-        scratch = torch.empty_like(acc)
-        for x, w in zip(inputs[1:], weights[1:]):
-            acc.add_(scratch.copy_(x), alpha=w)
-    else:
-        for x, w in zip(inputs[1:], weights[1:]):
-            acc.add_(x, alpha=w)
+    scratch = torch.empty_like(acc) if inputs[0].dtype.itemsize == 1 else None
+    for x, w in zip(inputs[1:], weights[1:]):
+        _add(acc, x, w, scratch)
+    _round(acc, divisor, out)
+
+
+def fold_nested(
+    inputs: list[torch.Tensor], windows: list[int], divisors: list[float], acc: torch.Tensor, outs: list[torch.Tensor]
+) -> None:
+    """outs[k] = the sum of the newest windows[k] of `inputs` (oldest first) / divisors[k], for windows in
+    increasing order, from one running sum taken newest first: each window's sum is where the next one's
+    starts. A window alone (fold_block of a uniform sum) takes the same steps, so the bits are the same; a
+    sweep of last:2,4,8 adds each input block once instead of 2 + 4 + 8 times."""
+    acc.copy_(inputs[-1])
+    scratch = torch.empty_like(acc) if inputs[0].dtype.itemsize == 1 else None
+    added = 1
+    for window, divisor, out in zip(windows, divisors, outs):
+        for x in reversed(inputs[len(inputs) - window : len(inputs) - added]):
+            _add(acc, x, 1.0, scratch)
+        added = window
+        _round(acc, divisor, out)
+
+
+def _add(acc: torch.Tensor, x: torch.Tensor, w: float, scratch: torch.Tensor | None) -> None:
+    """acc += w * x; float8 does not promote in mixed-dtype arithmetic, so it is widened into `scratch` first."""
+    acc.add_(x if scratch is None else scratch.copy_(x), alpha=w)
+
+
+def _round(acc: torch.Tensor, divisor: float, out: torch.Tensor) -> None:
+    """out = acc / divisor, computed in acc's dtype and rounded once to out's; acc is left as it was."""
     if divisor != 1:
-        acc.div_(divisor)
-    out.copy_(acc)
+        torch.div(acc, divisor, out=out)
+    else:
+        out.copy_(acc)
 
 
 def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
@@ -117,6 +147,11 @@ class Row:
         return self.entry.weights is None
 
     @property
+    def uniform(self) -> list[bool]:
+        """For each plan, whether it is a uniform sum (every weight 1), which fold_block sums newest first."""
+        return [all(w == 1 for w in weights) for weights in self.weights]
+
+    @property
     def read_bytes(self) -> int:
         return sum(s.nbytes for s in self.sources)
 
@@ -143,6 +178,24 @@ def rows_of(plans: Sequence[Plan]) -> list[Row]:
             weights.append([w for _, w in active_inputs(entry)])
         rows.append(Row(list(entries), sources, picks, weights))
     return rows
+
+
+def fold_groups(row: Row) -> list[list[int]]:
+    """The row's plans, as groups folded together: each uniform sum whose inputs are the newest of a longer
+    uniform sum's, in the same accumulator dtype, joins that one's chain (fold_nested, shortest window
+    first); every other plan is a group of its own."""
+    uniform = sorted((k for k, u in enumerate(row.uniform) if u), key=lambda k: len(row.picks[k]))
+    chains: list[list[int]] = []
+    for k in uniform:
+        for chain in chains:
+            shorter = row.picks[chain[-1]]
+            same_dtype = row.entries[chain[-1]].accum_dtype == row.entries[k].accum_dtype
+            if same_dtype and row.picks[k][len(row.picks[k]) - len(shorter) :] == shorter:
+                chain.append(k)
+                break
+        else:
+            chains.append([k])
+    return chains + [[k] for k, u in enumerate(row.uniform) if not u]
 
 
 def pass_read_bytes(rows: list[Row]) -> int:
@@ -470,11 +523,14 @@ class Engine:
             return [True] * len(outs)
         block = self.sizes.block_elements
         buffers, views = self._worker_views(len(row.sources), row.entry.input_dtype)
+        results = [out_buffer[: chunk.count * e.dtype.itemsize].view(e.dtype) for e, out_buffer in zip(row.entries, outs)]
         folds = []
-        for entry, out_buffer, picked, weights in zip(row.entries, outs, row.picks, row.weights):
-            assert entry.accum_dtype is not None
-            out = out_buffer[: chunk.count * entry.dtype.itemsize].view(entry.dtype)
-            folds.append((entry, out, [views[j] for j in picked], picked, weights, self._worker_accumulator(entry.accum_dtype)))
+        for group in fold_groups(row):
+            longest = row.picks[group[-1]]
+            accum_dtype = row.entries[group[-1]].accum_dtype
+            assert accum_dtype is not None
+            nested = len(group) > 1 or row.uniform[group[0]]
+            folds.append((group, nested, longest, [views[j] for j in longest], self._worker_accumulator(accum_dtype)))
         readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in row.sources]
         finite = [True] * len(outs)
         for start in range(lo, hi, block):
@@ -485,14 +541,17 @@ class Engine:
                     read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
                 else:
                     source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
-            for k, (entry, out, picked_views, picked, weights, acc) in enumerate(folds):
-                if count == block:
-                    fold_block(picked_views, weights, entry.divisor, acc, out[start : start + count])
+            for group, nested, picked, picked_views, acc in folds:
+                inputs = picked_views if count == block else [views[j][:count] for j in picked]
+                results_here = [results[k][start : start + count] for k in group]
+                if nested:
+                    windows = [len(row.picks[k]) for k in group]
+                    fold_nested(inputs, windows, [row.entries[k].divisor for k in group], acc[:count], results_here)
                 else:
-                    fold_block(
-                        [views[j][:count] for j in picked], weights, entry.divisor, acc[:count], out[start : start + count]
-                    )
-                finite[k] = finite[k] and all_finite(out[start : start + count])
+                    k = group[0]
+                    fold_block(inputs, row.weights[k], row.entries[k].divisor, acc[:count], results_here[0])
+                for k, result in zip(group, results_here):
+                    finite[k] = finite[k] and all_finite(result)
         return finite
 
     def _worker_views(self, width: int, dtype: torch.dtype) -> tuple[list[memoryview], list[torch.Tensor]]:
