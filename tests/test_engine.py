@@ -199,3 +199,34 @@ def test_a_tied_tensor_repeated_from_a_direct_file_reads_back_its_bytes(tmp_path
     writer.finish()
     got = load_file(tmp_path / "m.safetensors")
     assert torch.equal(got["a"], a) and torch.equal(got["b"], a) and torch.equal(got["c"], c)
+
+
+def test_tensor_bytes_start_on_a_block_and_aligned_chunks_are_written_without_a_copy(tmp_path, monkeypatch):
+    """The header is padded (with the spaces the format allows) so the tensors start on a 4 KiB block; a chunk
+    that starts a block in the file and a page in memory goes to pwrite as it is, not through the staging buffer."""
+    import ctypes
+    import mmap
+
+    from ckptavg.formats.writer import TensorSpec, encode_header
+
+    header = encode_header([TensorSpec("w", torch.bfloat16, (3, 5))], {"format": "pt"})
+    assert len(header) % writer_module.DIRECT_ALIGN == 0 and header.rstrip(b" ").endswith(b"}")
+    if not _direct_supported(tmp_path / "probe"):
+        pytest.skip("this file system refuses O_DIRECT")
+    chunk = memoryview(mmap.mmap(-1, 3 * writer_module.DIRECT_ALIGN))  # page-aligned, as the engine's chunks are
+    chunk[:] = bytes(range(256)) * (len(chunk) // 256)
+    sources = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, data, offset):
+        sources.append(ctypes.addressof(ctypes.c_char.from_buffer(memoryview(data))))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    out = writer_module.create_output_file(tmp_path / "f", durable=True)
+    out.write(memoryview(header))
+    out.write(chunk[: 2 * writer_module.DIRECT_ALIGN + 100])
+    out.finish()
+    os.close(out.fd)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(chunk)) in sources
+    assert (tmp_path / "f").read_bytes() == header + bytes(chunk[: 2 * writer_module.DIRECT_ALIGN + 100])

@@ -123,6 +123,14 @@ class BufferedFile:
 _staging = threading.local()
 
 
+def _address(data: memoryview) -> int:
+    """Where a buffer's bytes start in memory; -1 where that cannot be known (a read-only buffer)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return -1
+
+
 def _staging_buffer() -> memoryview:
     """This thread's aligned staging buffer (anonymous mmap memory is page-aligned), made once and reused."""
     if not hasattr(_staging, "view"):
@@ -161,6 +169,11 @@ class DirectFile:
             self._buffered.write(data)
             self.size = self._buffered.size
             return
+        if not self._tail and _address(data) % DIRECT_ALIGN == 0:
+            whole = len(data) - len(data) % DIRECT_ALIGN  # on a block in the file and in memory: no copy
+            if whole and not self._write_blocks(data[:whole], data[:whole], data[whole:]):
+                return
+            data = data[whole:]
         staging = _staging_buffer()
         filled = len(self._tail)
         staging[:filled] = self._tail
@@ -300,7 +313,9 @@ def encode_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
         }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
+    # Spaces (which the format allows after the JSON) up to a DIRECT_ALIGN boundary: the tensors' bytes then
+    # start on a block, so a DirectFile writes them straight from the engine's page-aligned chunks.
+    raw += b" " * (-(len(raw) + 8) % DIRECT_ALIGN)
     return len(raw).to_bytes(8, "little") + raw
 
 
