@@ -14,6 +14,7 @@ from ckptavg.distributed import World, job
 from ckptavg.errors import UsageError, option
 from ckptavg.formats.dcp_same import KIND as SAME_DCP
 from ckptavg.formats.dcp_same import DcpSameWriter, dcp_same_layout, verify_dcp_same
+from ckptavg.formats.deepspeed import save_folder
 from ckptavg.formats.deepspeed_same import DeepSpeedSameWriter, copy_beside, output_files, same_deepspeed_layout, timed_verify
 from ckptavg.formats.peft import CONFIG_FILE as ADAPTER_CONFIG
 from ckptavg.formats.peft import WEIGHT_FILES
@@ -263,14 +264,28 @@ def disk_size(path: Path) -> int:
 
 
 def output_disk_bytes(plans: list[Plan], out_format: str, training_state: str) -> int:
-    """The room the outputs of `plans` need: their tensors; with --format same keeping the newest training state,
-    each at least its newest input's own size, whose optimizer, scheduler and RNG state is written beside the
-    merged weights (each input's size measured once, however many candidates share it)."""
-    if out_format != "same" or training_state != "newest":
-        return sum(plan.output_bytes for plan in plans)
+    """The room the outputs of `plans` need: their tensors. With --format same the output is the newest input's
+    save again: keeping its training state, at least its size (optimizer, scheduler and RNG state beside the
+    merged weights); a DeepSpeed save (its tag folder alone) whatever the training state, as its optimizer
+    partitions hold the merged FP32 masters, less the Adam moments (8 bytes an averaged element) with "drop".
+    Each input's size is measured once, however many candidates share it."""
     sizes: dict[Path, int] = {}
+
+    def size(path: Path) -> int:
+        if path not in sizes:
+            sizes[path] = disk_size(path)
+        return sizes[path]
+
+    total = 0
     for plan in plans:
-        newest = plan.inputs[-1].path
-        if newest not in sizes:
-            sizes[newest] = disk_size(newest)
-    return sum(max(plan.output_bytes, sizes[plan.inputs[-1].path]) for plan in plans)
+        needed = plan.output_bytes
+        newest = plan.inputs[-1]
+        if out_format == "same" and same_deepspeed_layout(newest) is not None:
+            averaged = sum(entry.numel for entry in plan.entries if entry.weights is not None)
+            tag = save_folder(newest.path) or newest.path
+            moments = 8 * averaged if training_state == "drop" else 0
+            needed = max(needed + 4 * averaged, size(tag) - moments)
+        elif out_format == "same" and training_state == "newest":
+            needed = max(needed, size(newest.path))
+        total += needed
+    return total
