@@ -99,8 +99,6 @@ class WriteBehind:
 class BufferedFile:
     """A new file written front to back through the page cache, with WriteBehind."""
 
-    direct = False
-
     def __init__(self, fd: int, durable: bool) -> None:
         self.fd = fd
         self.size = 0
@@ -153,8 +151,6 @@ class DirectFile:
     A file system that takes the flag at open but refuses an aligned write (EINVAL) gets the rest of the file
     through the page cache instead.
     """
-
-    direct = True
 
     def __init__(self, fd: int, durable: bool) -> None:
         self.fd = fd

@@ -36,7 +36,7 @@ import torch
 from ckptavg.errors import CkptavgError, NonFiniteError, OutputError, UsageError, option
 from ckptavg.formats.base import FILES, TensorSource, read_exact, tensor_buffer
 from ckptavg.formats.dtypes import dtype_name
-from ckptavg.formats.writer import TensorWriter
+from ckptavg.formats.writer import DIRECT_ALIGN, TensorWriter
 from ckptavg.merge.plan import Plan, PlanEntry
 from ckptavg.progress import Progress, ProgressFn
 from ckptavg.sizes import format_size
@@ -47,7 +47,6 @@ CACHE_BLOCK_ELEMENTS = 1 << 18  # a 1 MiB FP32 accumulator block: it and the inp
 MIN_BLOCK_ELEMENTS = 1 << 12
 MAX_CHUNK_BYTES = 64 << 20
 OUTPUT_SLOTS = 3
-PAGE = 4096
 WRITE_THREADS = 2  # with several outputs (a sweep), two threads write them: a disk takes two streams faster than one
 
 
@@ -290,14 +289,14 @@ class Sizes:
 def _align(n: int) -> int:
     """A chunk size: a whole number of 4 KiB pages when there is room for one, so that chunks written one after
     another stay on the blocks a DirectFile writes without copying; else of 64 bytes."""
-    unit = PAGE if n >= PAGE else 64
+    unit = DIRECT_ALIGN if n >= DIRECT_ALIGN else 64
     return max(64, n - n % unit)
 
 
 def _page_aligned(nbytes: int, pinned: bool) -> torch.Tensor:
     """An output chunk buffer whose first byte starts a page: O_DIRECT writes it as it is."""
-    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pinned)
-    skip = -raw.data_ptr() % PAGE
+    raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pinned)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
     return raw[skip : skip + nbytes]
 
 
@@ -538,8 +537,7 @@ class Engine:
             longest = row.picks[group[-1]]
             accum_dtype = row.entries[group[-1]].accum_dtype
             assert accum_dtype is not None
-            nested = len(group) > 1 or row.uniform[group[0]]
-            folds.append((group, nested, longest, [views[j] for j in longest], self._worker_accumulator(accum_dtype)))
+            folds.append((group, longest, [views[j] for j in longest], self._worker_accumulator(accum_dtype)))
         readers = [(source, FILES.fd(source.path) if source.contiguous else -1) for source in row.sources]
         finite = [True] * len(outs)
         for start in range(lo, hi, block):
@@ -550,10 +548,10 @@ class Engine:
                     read_exact(source.path, source.offset + at, buffer if count == block else buffer[: count * itemsize], fd)
                 else:
                     source.read_into(at, torch.frombuffer(buffer, dtype=torch.uint8, count=count * itemsize))
-            for group, nested, picked, picked_views, acc in folds:
+            for group, picked, picked_views, acc in folds:
                 inputs = picked_views if count == block else [views[j][:count] for j in picked]
                 results_here = [results[k][start : start + count] for k in group]
-                if nested:
+                if len(group) > 1:  # a chain of nested windows
                     windows = [len(row.picks[k]) for k in group]
                     fold_nested(inputs, windows, [row.entries[k].divisor for k in group], acc[:count], results_here)
                 else:
